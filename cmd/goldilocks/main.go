@@ -1,0 +1,101 @@
+// Command goldilocks is the storage-tier security gateway: an NBD server
+// for VM disks and the tools to manage its volumes. This package only
+// wires: flags, configuration and output. The work is done in gateway/,
+// internal/volume, crypto/, policy/ and audit/.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/spf13/cobra"
+)
+
+// usageError marks a command-line mistake: exit status 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+// app holds the global flags shared by every command.
+type app struct {
+	dataDir string
+	config  string
+	json    bool
+	stdout  io.Writer
+	stderr  io.Writer
+}
+
+func defaultDataDir() string {
+	if d := os.Getenv("GOLDILOCKS_DATA_DIR"); d != "" {
+		return d
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/goldilocks"
+	}
+	return "./goldilocks-data"
+}
+
+func newRoot(a *app) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "goldilocks",
+		Short:         "Storage-tier security gateway for virtual disks (NBD)",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	pf := root.PersistentFlags()
+	pf.StringVar(&a.dataDir, "data-dir", defaultDataDir(), "volumes, keystore, audit log and state (env GOLDILOCKS_DATA_DIR; /var/lib/goldilocks for root, ./goldilocks-data otherwise)")
+	pf.StringVar(&a.config, "config", os.Getenv("GOLDILOCKS_CONFIG"), "configuration file (env GOLDILOCKS_CONFIG); every setting also has a flag or a default")
+	pf.BoolVar(&a.json, "json", false, "print the result as one JSON document on stdout")
+	root.AddCommand(newServeCmd(a), newVolumeCmd(a))
+	return root
+}
+
+// args wraps a cobra argument check so that its failure is a usage error.
+func args(check cobra.PositionalArgs) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, a []string) error {
+		if err := check(cmd, a); err != nil {
+			return usageError{err}
+		}
+		return nil
+	}
+}
+
+func (a *app) printJSON(v any) error {
+	enc := json.NewEncoder(a.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func main() {
+	a := &app{stdout: os.Stdout, stderr: os.Stderr}
+	os.Exit(run(a, os.Args[1:]))
+}
+
+func run(a *app, argv []string) int {
+	root := newRoot(a)
+	root.SetArgs(argv)
+	err := root.Execute()
+	if err == nil {
+		return 0
+	}
+	msg := strings.ReplaceAll(err.Error(), "\n", "; ")
+	fmt.Fprintf(a.stderr, "%s: %s\n", filepath.Base(os.Args[0]), msg)
+	var ue usageError
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") {
+		return 2
+	}
+	return 1
+}

@@ -1,0 +1,247 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+
+	"goldilocks/gateway"
+	"goldilocks/internal/volume"
+)
+
+type serveFlags struct {
+	listen, unix, metrics, policy string
+	tlsCert, tlsKey, tlsCA        string
+	tlsRequired                   bool
+	logLevel, logFormat           string
+	maxInflight                   int
+	shutdownTimeout               time.Duration
+}
+
+func newServeCmd(a *app) *cobra.Command {
+	var sf serveFlags
+	c := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the NBD gateway",
+		Long: `Run the NBD gateway. Export names are volume names:
+  nbd://127.0.0.1:10809/NAME   or   nbd+unix:///NAME?socket=DATA_DIR/nbd.sock
+With no volume in the data dir, a 1 GiB volume named "demo" is created.
+SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exits 0.`,
+		Args: args(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error { return serve(a, sf) },
+	}
+	f := c.Flags()
+	f.StringVar(&sf.listen, "listen", "127.0.0.1:10809", "TCP address for NBD (empty: none)")
+	f.StringVar(&sf.unix, "unix", "", "Unix socket for NBD (default DATA_DIR/nbd.sock; \"none\": none)")
+	f.StringVar(&sf.metrics, "metrics", "127.0.0.1:9810", "address for Prometheus /metrics, /healthz, /readyz (empty: none)")
+	f.StringVar(&sf.policy, "policy", "", "access policy file (YAML)")
+	f.StringVar(&sf.tlsCert, "tls-cert", "", "server certificate (PEM)")
+	f.StringVar(&sf.tlsKey, "tls-key", "", "server private key (PEM)")
+	f.StringVar(&sf.tlsCA, "tls-ca", "", "CA that signs client certificates (PEM)")
+	f.BoolVar(&sf.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
+	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
+	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
+	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
+	return c
+}
+
+func newLogger(a *app, level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(a.stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(a.stderr, opts)), nil
+	}
+	return nil, usagef("--log-format %q: want text or json", format)
+}
+
+func serve(a *app, sf serveFlags) error {
+	log, err := newLogger(a, sf.logLevel, sf.logFormat)
+	if err != nil {
+		return err
+	}
+	switch {
+	case sf.policy != "":
+		return usagef("--policy: access policy is not available in this build yet")
+	case sf.tlsCert != "" || sf.tlsKey != "" || sf.tlsCA != "" || sf.tlsRequired:
+		return usagef("--tls-*: TLS is not available in this build yet")
+	}
+	reg, err := volume.Open(a.dataDir)
+	if err != nil {
+		return err
+	}
+	vols, err := reg.List()
+	if err != nil {
+		return err
+	}
+	if len(vols) == 0 {
+		v, err := reg.Create(volume.CreateOptions{Name: "demo", Size: 1 << 30})
+		if errors.Is(err, volume.ErrExists) {
+			err = nil
+		}
+		if err != nil {
+			return fmt.Errorf("creating the demo volume: %w", err)
+		}
+		log.Warn("created the demo volume; it is PLAIN (unencrypted) until volume encryption lands", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
+	}
+	log.Warn("no --policy: every volume is served to any client that can reach the listeners")
+
+	registry := prometheus.NewRegistry()
+	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	srv := gateway.New(gateway.Config{
+		Exports:     volume.NewExports(reg),
+		Logger:      log,
+		Metrics:     gateway.NewMetrics(registry),
+		MaxInflight: sf.maxInflight,
+	})
+
+	var listeners []net.Listener
+	closeAll := func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}
+	if sf.listen != "" {
+		l, err := net.Listen("tcp", sf.listen)
+		if err != nil {
+			return fmt.Errorf("--listen: %w", err)
+		}
+		listeners = append(listeners, l)
+	}
+	sock := sf.unix
+	if sock == "" {
+		sock = filepath.Join(reg.Dir(), "nbd.sock")
+	}
+	if sock != "none" {
+		if err := removeStaleSocket(sock); err != nil {
+			closeAll()
+			return fmt.Errorf("--unix %s: %w", sock, err)
+		}
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("--unix: %w", err)
+		}
+		listeners = append(listeners, l)
+	}
+	if len(listeners) == 0 {
+		return usagef("nothing to listen on: give --listen or --unix")
+	}
+
+	var ready atomic.Bool
+	if sf.metrics != "" {
+		ml, err := net.Listen("tcp", sf.metrics)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("--metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+			if !ready.Load() {
+				http.Error(w, "not ready", http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ready")
+		})
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go hs.Serve(ml)
+		defer hs.Close()
+	}
+
+	errc := make(chan error, len(listeners))
+	for _, l := range listeners {
+		log.Info("listening", "addr", l.Addr().String(), "network", l.Addr().Network())
+		go func() { errc <- srv.Serve(l) }()
+	}
+	ready.Store(true)
+	printAttachHelp(a, sf.listen, sock, listeners)
+
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	select {
+	case s := <-sigs:
+		log.Info("stopping: finishing in-flight requests", "signal", s.String())
+	case err := <-errc:
+		closeAll()
+		srv.Shutdown(context.Background())
+		return fmt.Errorf("serving: %w", err)
+	}
+	ready.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), sf.shutdownTimeout)
+	defer cancel()
+	go func() {
+		<-sigs
+		log.Warn("second signal: closing connections now")
+		cancel()
+	}()
+	if err := srv.Shutdown(ctx); err != nil {
+		return fmt.Errorf("stop: connections cut after %s: %w", sf.shutdownTimeout, err)
+	}
+	if sock != "none" {
+		os.Remove(sock)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// removeStaleSocket removes a socket file nobody listens on any more.
+func removeStaleSocket(path string) error {
+	st, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if st.Mode()&os.ModeSocket == 0 {
+		return errors.New("exists and is not a socket")
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return errors.New("another server is listening on it")
+	}
+	return os.Remove(path)
+}
+
+func printAttachHelp(a *app, listen, sock string, ls []net.Listener) {
+	tcp := ""
+	for _, l := range ls {
+		if l.Addr().Network() == "tcp" {
+			tcp = l.Addr().String()
+		}
+	}
+	w := a.stderr
+	fmt.Fprintln(w, "Goldilocks is serving. Attach the demo volume with:")
+	if tcp != "" {
+		host, port, _ := net.SplitHostPort(tcp)
+		fmt.Fprintf(w, "  qemu-img info nbd://%s/demo\n", tcp)
+		fmt.Fprintf(w, "  qemu-io -f raw -c 'write -P 0x5a 0 64k' -c 'read -P 0x5a 0 64k' nbd://%s/demo\n", tcp)
+		fmt.Fprintf(w, "  qemu-system-x86_64 ... -drive driver=nbd,host=%s,port=%s,export=demo,if=virtio,cache=none\n", host, port)
+	}
+	if sock != "none" {
+		fmt.Fprintf(w, "  nbdinfo 'nbd+unix:///demo?socket=%s'\n", sock)
+	}
+	fmt.Fprintln(w, "Stop with Ctrl-C.")
+}

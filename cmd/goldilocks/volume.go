@@ -1,0 +1,156 @@
+package main
+
+import (
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"goldilocks/internal/volume"
+)
+
+func newVolumeCmd(a *app) *cobra.Command {
+	c := &cobra.Command{Use: "volume", Short: "Create, list and inspect volumes"}
+	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a))
+	return c
+}
+
+// volumeJSON is what `volume info --json` and `volume list --json` print.
+type volumeJSON struct {
+	Name      string         `json:"name"`
+	UUID      string         `json:"uuid"`
+	Size      int64          `json:"size"`
+	Encrypted bool           `json:"encrypted"`
+	Backing   string         `json:"backing"`
+	ReadOnly  bool           `json:"read_only"`
+	Created   string         `json:"created"`
+	KEK       *volume.KEKRef `json:"kek"`
+}
+
+func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
+	return volumeJSON{
+		Name: v.Name, UUID: v.UUID, Size: v.Size, Encrypted: v.Encrypted,
+		Backing: reg.BackingPath(v), ReadOnly: v.ReadOnly,
+		Created: v.Created.Format("2006-01-02T15:04:05.000Z07:00"), KEK: v.KEK,
+	}
+}
+
+func newVolumeCreateCmd(a *app) *cobra.Command {
+	var (
+		sizeStr, kek, backing string
+		plain, readOnly       bool
+	)
+	c := &cobra.Command{
+		Use:   "create NAME --size SIZE [--plain] [--backing PATH]",
+		Short: "Create a volume (its NBD export name is NAME)",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			var size int64
+			if sizeStr != "" {
+				s, err := parseSize(sizeStr)
+				if err != nil {
+					return usageError{err}
+				}
+				size = s
+			} else if backing == "" {
+				return usagef("volume create: --size is required unless --backing names an existing store")
+			}
+			if kek != "" && plain {
+				return usagef("volume create: --kek and --plain exclude each other")
+			}
+			reg, err := volume.Open(a.dataDir)
+			if err != nil {
+				return err
+			}
+			v, err := reg.Create(volume.CreateOptions{
+				Name: argv[0], Size: size, Backing: backing, Encrypted: !plain, ReadOnly: readOnly,
+			})
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(toJSON(reg, v))
+			}
+			fmt.Fprintf(a.stdout, "created volume %s: %d bytes, %s, backing %s\n", v.Name, v.Size, kind(v), reg.BackingPath(v))
+			return nil
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&sizeStr, "size", "", "logical size (bytes, or with K, M, G, T suffix); a multiple of 4 KiB")
+	f.BoolVar(&plain, "plain", false, "store the guest's bytes unencrypted")
+	f.StringVar(&kek, "kek", "", "key-encryption key: local or vault:KEYNAME")
+	f.StringVar(&backing, "backing", "", "existing file or block device to hold the volume (default: a sparse file in the data dir)")
+	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
+	return c
+}
+
+func kind(v volume.Volume) string {
+	if v.Encrypted {
+		return "encrypted"
+	}
+	return "plain"
+}
+
+func newVolumeListCmd(a *app) *cobra.Command {
+	return &cobra.Command{
+		Use:   "list",
+		Short: "List volumes",
+		Args:  args(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			reg, err := volume.Open(a.dataDir)
+			if err != nil {
+				return err
+			}
+			vols, err := reg.List()
+			if err != nil {
+				return err
+			}
+			if a.json {
+				out := make([]volumeJSON, 0, len(vols))
+				for _, v := range vols {
+					out = append(out, toJSON(reg, v))
+				}
+				return a.printJSON(out)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 8, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tSIZE\tKIND\tACCESS\tBACKING")
+			for _, v := range vols {
+				access := "read-write"
+				if v.ReadOnly {
+					access = "read-only"
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", v.Name, v.Size, kind(v), access, reg.BackingPath(v))
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func newVolumeInfoCmd(a *app) *cobra.Command {
+	return &cobra.Command{
+		Use:   "info NAME",
+		Short: "Show a volume (never key material)",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			reg, err := volume.Open(a.dataDir)
+			if err != nil {
+				return err
+			}
+			v, err := reg.Get(argv[0])
+			if err != nil {
+				return err
+			}
+			j := toJSON(reg, v)
+			if a.json {
+				return a.printJSON(j)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 8, 2, ' ', 0)
+			fmt.Fprintf(tw, "name:\t%s\nuuid:\t%s\nsize:\t%d\nencrypted:\t%v\nbacking:\t%s\nread-only:\t%v\ncreated:\t%s\n",
+				j.Name, j.UUID, j.Size, j.Encrypted, j.Backing, j.ReadOnly, j.Created)
+			if j.KEK != nil {
+				fmt.Fprintf(tw, "kek:\t%s:%s version %d\n", j.KEK.Provider, j.KEK.Key, j.KEK.Version)
+			}
+			return tw.Flush()
+		},
+	}
+}

@@ -1,0 +1,624 @@
+package gateway
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"goldilocks/internal/block"
+)
+
+// conn is one client connection. The reader goroutine (serve) reads
+// requests and hands them to a fixed set of workers; workers run them and
+// write replies under wmu, each reply as soon as it is ready.
+type conn struct {
+	srv  *Server
+	nc   net.Conn
+	rd   *bufio.Reader
+	log  *slog.Logger
+	peer string
+
+	// Negotiated in the handshake; read-only in transmission.
+	noZeroes   bool
+	tls        bool
+	structured bool
+	metaAlloc  bool   // base:allocation selected
+	metaExport string // export named in SET_META_CONTEXT
+	exp        *Export
+	release    func()
+	flags      uint16 // transmission flags sent to the client
+
+	// Optional capabilities of exp.Device, found once.
+	trimmer  block.Trimmer
+	zeroer   block.Zeroer
+	extenter block.Extenter
+	cacher   block.Cacher
+	sendFD   int // file to sendfile plain reads from, or -1
+	raw      syscall.RawConn
+
+	stopping atomic.Bool
+	wmu      sync.Mutex // serialises writes to nc; guards broken
+	broken   bool       // a reply was cut short: the stream is unusable
+
+	free  chan *request // idle request slots
+	work  chan *request // requests for workers
+	wrote atomic.Bool   // any write-type command ran since the last flush
+}
+
+func (s *Server) newConn(nc net.Conn) *conn {
+	if tc, ok := nc.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+	}
+	peer := nc.RemoteAddr().String()
+	if peer == "" || peer == "@" {
+		peer = "unix:" + nc.LocalAddr().String()
+	}
+	return &conn{
+		srv:    s,
+		nc:     nc,
+		rd:     bufio.NewReaderSize(nc, 64<<10),
+		peer:   peer,
+		log:    s.log.With("peer", peer),
+		sendFD: -1,
+	}
+}
+
+// stop asks the connection to finish: no new requests are read.
+func (c *conn) stop() {
+	c.stopping.Store(true)
+	c.nc.SetReadDeadline(time.Now())
+}
+
+func (c *conn) serve() {
+	defer c.nc.Close()
+	m := c.srv.cfg.Metrics
+	m.connOpened()
+	defer m.connClosed()
+	err := c.handshake()
+	if err != nil {
+		c.closeExport()
+		var pe *protocolError
+		switch {
+		case errors.Is(err, errHandshakeDone), errors.Is(err, io.EOF), c.stopping.Load():
+			c.log.Debug("handshake ended", "err", err)
+		case errors.As(err, &pe):
+			c.log.Warn("closing connection", "err", err)
+		default:
+			c.log.Info("handshake failed", "err", err)
+		}
+		return
+	}
+	defer c.closeExport()
+	c.log.Info("attached", "export", c.exp.Name, "structured", c.structured, "tls", c.tls, "flags", c.flags)
+	c.transmit()
+	c.log.Info("detached", "export", c.exp.Name)
+}
+
+func (c *conn) openExport(name string) error {
+	c.closeExport()
+	exp, release, err := c.srv.cfg.Exports.Open(name)
+	if err != nil {
+		return err
+	}
+	c.exp, c.release = exp, release
+	c.flags = c.transmissionFlags()
+	return nil
+}
+
+func (c *conn) closeExport() {
+	if c.release != nil {
+		c.release()
+	}
+	c.exp, c.release = nil, nil
+}
+
+// transmissionFlags advertises exactly what the export can do.
+func (c *conn) transmissionFlags() uint16 {
+	dev := c.exp.Device
+	f := tfHasFlags | tfSendFlush
+	if c.structured {
+		f |= tfSendDF
+	}
+	if _, ok := dev.(block.Cacher); ok {
+		f |= tfSendCache
+	}
+	if c.exp.MultiConn {
+		f |= tfCanMultiConn
+	}
+	if c.exp.ReadOnly {
+		return f | tfReadOnly
+	}
+	f |= tfSendFUA
+	if _, ok := dev.(block.Trimmer); ok {
+		f |= tfSendTrim
+	}
+	if _, ok := dev.(block.Zeroer); ok {
+		f |= tfSendZeroes | tfSendFastZero
+	}
+	return f
+}
+
+// request is a reusable slot for one request in flight. Its function
+// fields are bound once so that the hot path allocates nothing.
+type request struct {
+	c      *conn
+	typ    uint16
+	flags  uint16
+	cookie uint64
+	off    uint64
+	length uint32
+	buf    *buffer // payload (WRITE in, READ out)
+
+	hdr     [requestSize + 4]byte // request in; reply header out
+	bufs    net.Buffers
+	vec     [3][]byte
+	extents []block.Extent
+	bsReply []byte
+
+	// sendfile state, used under c.wmu by sendfileFn.
+	sfHdr    []byte
+	sfOff    int64
+	sfRemain int
+	sfErr    error
+	sendfn   func(fd uintptr) bool
+}
+
+func (c *conn) transmit() {
+	dev := c.exp.Device
+	c.trimmer, _ = dev.(block.Trimmer)
+	c.zeroer, _ = dev.(block.Zeroer)
+	c.extenter, _ = dev.(block.Extenter)
+	c.cacher, _ = dev.(block.Cacher)
+	if f, ok := dev.(block.Filer); ok && !c.tls {
+		if sc, ok := c.nc.(syscall.Conn); ok {
+			if raw, err := sc.SyscallConn(); err == nil {
+				c.raw, c.sendFD = raw, int(f.File().Fd())
+			}
+		}
+	}
+
+	n := c.srv.cfg.MaxInflight
+	slots := make([]request, n)
+	c.free = make(chan *request, n)
+	c.work = make(chan *request, n)
+	for i := range slots {
+		r := &slots[i]
+		r.c = c
+		r.sendfn = r.sendfile
+		c.free <- r
+	}
+	var workers sync.WaitGroup
+	workers.Add(n)
+	for range n {
+		go func() {
+			defer workers.Done()
+			for r := range c.work {
+				c.handle(r)
+				c.done(r)
+			}
+		}()
+	}
+
+	c.readLoop()
+
+	close(c.work)
+	workers.Wait()
+	if !c.exp.ReadOnly && c.wrote.Load() {
+		if err := dev.Flush(); err != nil {
+			c.log.Error("flush at detach failed", "export", c.exp.Name, "err", err)
+		}
+	}
+}
+
+// readLoop reads requests until the client disconnects, violates the
+// protocol, or the server stops.
+func (c *conn) readLoop() {
+	for {
+		r := <-c.free
+		if _, err := io.ReadFull(c.rd, r.hdr[:requestSize]); err != nil {
+			c.free <- r
+			c.readEnded(err)
+			return
+		}
+		h := r.hdr[:]
+		if magic := binary.BigEndian.Uint32(h[0:]); magic != requestMagic {
+			c.free <- r
+			c.log.Warn("closing connection", "err", violation("bad request magic %#x", magic))
+			return
+		}
+		r.flags = binary.BigEndian.Uint16(h[4:])
+		r.typ = binary.BigEndian.Uint16(h[6:])
+		r.cookie = binary.BigEndian.Uint64(h[8:])
+		r.off = binary.BigEndian.Uint64(h[16:])
+		r.length = binary.BigEndian.Uint32(h[24:])
+
+		if r.typ == cmdDisc {
+			c.free <- r
+			c.log.Debug("client sent NBD_CMD_DISC")
+			return
+		}
+		errno := c.validate(r)
+		if r.typ == cmdWrite {
+			if errno == 0 {
+				r.buf = c.srv.pool.get(int(r.length))
+				if _, err := io.ReadFull(c.rd, r.buf.b[:r.length]); err != nil {
+					c.srv.pool.put(r.buf)
+					r.buf = nil
+					c.free <- r
+					c.readEnded(err)
+					return
+				}
+			} else if _, err := c.rd.Discard(int(r.length)); err != nil {
+				c.free <- r
+				c.readEnded(err)
+				return
+			}
+		}
+		if errno != 0 {
+			c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
+			c.srv.cfg.Metrics.request(r.typ, 0, true)
+			c.replyError(r, errno)
+			c.done(r)
+			continue
+		}
+		c.work <- r
+	}
+}
+
+func (c *conn) readEnded(err error) {
+	switch {
+	case c.stopping.Load():
+		c.log.Info("server stopping: no new requests read")
+	case errors.Is(err, io.EOF):
+		c.log.Info("client closed the connection without NBD_CMD_DISC")
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed), errors.Is(err, syscall.ECONNRESET):
+		c.log.Warn("connection lost mid-request", "err", err)
+	default:
+		c.log.Warn("read failed", "err", err)
+	}
+}
+
+// done returns r to the free slots.
+func (c *conn) done(r *request) {
+	if r.buf != nil {
+		c.srv.pool.put(r.buf)
+		r.buf = nil
+	}
+	c.free <- r
+}
+
+// validate is the one place that checks a request's command, flags and
+// range before any backend sees it (nbdkit's validate_request). It returns
+// 0 or the NBD error to reply with.
+func (c *conn) validate(r *request) uint32 {
+	size := uint64(c.exp.Device.Size())
+	ro := c.exp.ReadOnly
+	known := cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
+	if r.flags&^known != 0 {
+		return errInval
+	}
+	switch r.typ {
+	case cmdRead, cmdWrite, cmdTrim, cmdWriteZeroes, cmdCache, cmdBlockStatus:
+	case cmdFlush:
+		if r.flags != 0 {
+			return errInval
+		}
+		return 0
+	default:
+		return errInval
+	}
+	// Flags only where the protocol allows them.
+	if r.flags&cmdFlagFUA != 0 && (r.typ != cmdWrite && r.typ != cmdTrim && r.typ != cmdWriteZeroes || ro) {
+		return errInval
+	}
+	if r.flags&(cmdFlagNoHole|cmdFlagFastZero) != 0 && r.typ != cmdWriteZeroes {
+		return errInval
+	}
+	if r.flags&cmdFlagDF != 0 && (r.typ != cmdRead || !c.structured) {
+		return errInval
+	}
+	if r.flags&cmdFlagReqOne != 0 && r.typ != cmdBlockStatus {
+		return errInval
+	}
+	// Lengths.
+	if r.length == 0 {
+		return errInval
+	}
+	if (r.typ == cmdRead || r.typ == cmdWrite) && r.length > MaxRequestSize {
+		return errInval
+	}
+	// Capabilities.
+	switch r.typ {
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		if ro {
+			return errPerm
+		}
+	}
+	switch {
+	case r.typ == cmdTrim && c.trimmer == nil,
+		r.typ == cmdWriteZeroes && c.zeroer == nil,
+		r.typ == cmdCache && c.cacher == nil:
+		return errNotSup
+	case r.typ == cmdBlockStatus && !c.metaAlloc:
+		return errInval
+	}
+	// Range.
+	if r.off > size || uint64(r.length) > size-r.off {
+		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
+			return errNoSpc
+		}
+		return errInval
+	}
+	return 0
+}
+
+// handle runs one validated request and sends its reply.
+func (c *conn) handle(r *request) {
+	dev := c.exp.Device
+	off, n := int64(r.off), int64(r.length)
+	var err error
+	switch r.typ {
+	case cmdRead:
+		c.srv.cfg.Metrics.request(cmdRead, n, false)
+		c.read(r)
+		return
+	case cmdWrite:
+		c.wrote.Store(true)
+		if _, err = dev.WriteAt(r.buf.b[:n], off); err == nil && r.flags&cmdFlagFUA != 0 {
+			err = dev.Flush()
+		}
+	case cmdFlush:
+		c.wrote.Store(false)
+		err = dev.Flush()
+	case cmdTrim:
+		c.wrote.Store(true)
+		if err = c.trimmer.Trim(off, n); err == nil && r.flags&cmdFlagFUA != 0 {
+			err = dev.Flush()
+		}
+	case cmdWriteZeroes:
+		c.wrote.Store(true)
+		err = c.zeroer.Zero(off, n, r.flags&cmdFlagNoHole == 0, r.flags&cmdFlagFastZero != 0)
+		if err == nil && r.flags&cmdFlagFUA != 0 {
+			err = dev.Flush()
+		}
+	case cmdCache:
+		err = c.cacher.Cache(off, n)
+	case cmdBlockStatus:
+		c.blockStatus(r)
+		return
+	}
+	c.finish(r, n, err)
+}
+
+// finish logs a failed request and sends the simple reply.
+func (c *conn) finish(r *request, n int64, err error) {
+	errno := uint32(0)
+	if err != nil {
+		errno = errnoOf(err)
+		if !(r.typ == cmdWriteZeroes && errno == errNotSup) { // FAST_ZERO refusal is routine
+			c.log.Error("request failed", "cmd", commandName(r.typ), "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		}
+	}
+	c.srv.cfg.Metrics.request(r.typ, n, err != nil)
+	c.replySimple(r, errno, nil)
+}
+
+func (c *conn) read(r *request) {
+	if c.sendFD >= 0 {
+		c.sendfileRead(r)
+		return
+	}
+	r.buf = c.srv.pool.get(int(r.length))
+	data := r.buf.b[:r.length]
+	if _, err := c.exp.Device.ReadAt(data, int64(r.off)); err != nil {
+		errno := errnoOf(err)
+		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.srv.cfg.Metrics.request(cmdRead, 0, true)
+		c.replyError(r, errno)
+		return
+	}
+	if c.structured {
+		h := c.structuredHeader(r, replyFlagDone, replyOffsetData, 8+r.length)
+		binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
+		c.writeVec(r, h[:structuredHdrSize+8], data)
+		return
+	}
+	c.replySimple(r, 0, data)
+}
+
+// sendfileRead sends a plain read straight from the page cache: the reply
+// header with MSG_MORE, then sendfile. An error after the header is out
+// cannot be reported in-band, so it ends the connection.
+func (c *conn) sendfileRead(r *request) {
+	var h []byte
+	if c.structured {
+		h = c.structuredHeader(r, replyFlagDone, replyOffsetData, 8+r.length)
+		binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
+		h = h[:structuredHdrSize+8]
+	} else {
+		h = c.simpleHeader(r, 0)
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.broken {
+		return
+	}
+	r.sfHdr, r.sfOff, r.sfRemain, r.sfErr = h, int64(r.off), int(r.length), nil
+	err := c.raw.Write(r.sendfn)
+	if err == nil {
+		err = r.sfErr
+	}
+	if err != nil {
+		c.broken = true
+		c.log.Error("zero-copy read failed; closing connection", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.nc.Close()
+	}
+}
+
+// sendfile is called by RawConn.Write with the socket; false means "wait
+// until writable and call again".
+func (r *request) sendfile(fd uintptr) bool {
+	sock := int(fd)
+	for len(r.sfHdr) > 0 {
+		n, err := sendMore(sock, r.sfHdr)
+		switch err {
+		case nil:
+			r.sfHdr = r.sfHdr[n:]
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.sfErr = err
+			return true
+		}
+	}
+	for r.sfRemain > 0 {
+		n, err := syscall.Sendfile(sock, r.c.sendFD, &r.sfOff, r.sfRemain)
+		if n > 0 {
+			r.sfRemain -= n
+		}
+		switch err {
+		case nil:
+			if n == 0 {
+				r.sfErr = io.ErrUnexpectedEOF // the file shrank under us
+				return true
+			}
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.sfErr = err
+			return true
+		}
+	}
+	return true
+}
+
+// blockStatus answers base:allocation with one BLOCK_STATUS chunk.
+func (c *conn) blockStatus(r *request) {
+	off, n := int64(r.off), int64(r.length)
+	max := 1024
+	if r.flags&cmdFlagReqOne != 0 {
+		max = 1
+	}
+	r.extents = r.extents[:0]
+	var err error
+	if c.extenter != nil {
+		r.extents, err = c.extenter.Extents(r.extents, off, n, max)
+	} else {
+		r.extents = append(r.extents, block.Extent{Length: n})
+	}
+	if err == nil && len(r.extents) == 0 {
+		err = errors.New("backend returned no extents")
+	}
+	if err != nil {
+		c.log.Error("request failed", "cmd", "block_status", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.srv.cfg.Metrics.request(cmdBlockStatus, 0, true)
+		c.replyError(r, errnoOf(err))
+		return
+	}
+	b := binary.BigEndian.AppendUint32(r.bsReply[:0], metaBaseAllocID)
+	for _, e := range r.extents {
+		b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
+		b = binary.BigEndian.AppendUint32(b, e.Flags)
+	}
+	r.bsReply = b
+	c.srv.cfg.Metrics.request(cmdBlockStatus, 0, false)
+	h := c.structuredHeader(r, replyFlagDone, replyBlockStatus, uint32(len(b)))
+	c.writeVec(r, h[:structuredHdrSize], b)
+}
+
+func (c *conn) simpleHeader(r *request, errno uint32) []byte {
+	h := r.hdr[:simpleReplySize]
+	binary.BigEndian.PutUint32(h[0:], simpleMagic)
+	binary.BigEndian.PutUint32(h[4:], errno)
+	binary.BigEndian.PutUint64(h[8:], r.cookie)
+	return h
+}
+
+func (c *conn) structuredHeader(r *request, flags, typ uint16, length uint32) []byte {
+	h := r.hdr[:]
+	binary.BigEndian.PutUint32(h[0:], structuredMagic)
+	binary.BigEndian.PutUint16(h[4:], flags)
+	binary.BigEndian.PutUint16(h[6:], typ)
+	binary.BigEndian.PutUint64(h[8:], r.cookie)
+	binary.BigEndian.PutUint32(h[16:], length)
+	return h
+}
+
+func (c *conn) replySimple(r *request, errno uint32, data []byte) {
+	c.writeVec(r, c.simpleHeader(r, errno), data)
+}
+
+// replyError answers with an error: a structured error chunk where the
+// command's success reply would be structured, else a simple reply.
+func (c *conn) replyError(r *request, errno uint32) {
+	if c.structured && (r.typ == cmdRead || r.typ == cmdBlockStatus) {
+		h := c.structuredHeader(r, replyFlagDone, replyError, 6)
+		binary.BigEndian.PutUint32(h[structuredHdrSize:], errno)
+		binary.BigEndian.PutUint16(h[structuredHdrSize+4:], 0) // no message
+		c.writeVec(r, h[:structuredHdrSize+6], nil)
+		return
+	}
+	c.replySimple(r, errno, nil)
+}
+
+// writeVec sends header and payload as one vectored write.
+func (c *conn) writeVec(r *request, hdr, data []byte) {
+	r.vec[0], r.vec[1] = hdr, data
+	r.bufs = r.vec[:2]
+	if data == nil {
+		r.bufs = r.vec[:1]
+	}
+	c.wmu.Lock()
+	if !c.broken {
+		if _, err := r.bufs.WriteTo(c.nc); err != nil {
+			c.broken = true
+			if !errors.Is(err, net.ErrClosed) {
+				c.log.Warn("reply failed; closing connection", "err", err)
+			}
+			c.nc.Close()
+		}
+	}
+	c.wmu.Unlock()
+	r.vec[0], r.vec[1] = nil, nil
+}
+
+// errnoOf is the one place that maps internal errors to NBD errors.
+func errnoOf(err error) uint32 {
+	var en syscall.Errno
+	switch {
+	case errors.Is(err, block.ErrOutOfRange):
+		return errInval
+	case errors.Is(err, block.ErrReadOnly):
+		return errPerm
+	case errors.Is(err, block.ErrNotSupported):
+		return errNotSup
+	case errors.Is(err, os.ErrPermission):
+		return errPerm
+	case errors.As(err, &en):
+		switch en {
+		case syscall.ENOSPC, syscall.EDQUOT:
+			return errNoSpc
+		case syscall.EPERM, syscall.EACCES, syscall.EROFS:
+			return errPerm
+		case syscall.EOVERFLOW:
+			return errOverflow
+		case syscall.ENOMEM:
+			return errNoMem
+		case syscall.EOPNOTSUPP:
+			return errNotSup
+		case syscall.EINVAL:
+			return errInval
+		}
+	}
+	return errIO
+}

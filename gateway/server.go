@@ -1,0 +1,199 @@
+// Package gateway owns the NBD wire protocol: the fixed-newstyle handshake,
+// option haggling, and the per-connection transmission loop that validates
+// every request in one place, runs requests concurrently and serialises
+// replies on the socket.
+//
+// It serves block.Devices it is handed through the Exports interface and
+// may not touch what is behind them: it never opens files, never sees keys,
+// and never decides policy itself.
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"goldilocks/internal/block"
+)
+
+// Protocol limits advertised to clients (NBD_INFO_BLOCK_SIZE).
+const (
+	MinBlockSize       = 1
+	PreferredBlockSize = 4096
+	MaxRequestSize     = 32 << 20
+)
+
+// Export is one attachable disk as the gateway sees it.
+type Export struct {
+	Name        string
+	Description string
+	Device      block.Device
+	ReadOnly    bool
+	// MultiConn says that every connection to this export shares one
+	// Device, so a flush on one connection covers writes of all of them.
+	MultiConn bool
+}
+
+// ExportInfo is an export as listed by NBD_OPT_LIST.
+type ExportInfo struct {
+	Name        string
+	Description string
+}
+
+// Exports is the set of disks the server offers. The volume registry
+// implements it. Open is called once per attach; release once per Open
+// when the connection ends.
+type Exports interface {
+	Open(name string) (exp *Export, release func(), err error)
+	List() ([]ExportInfo, error)
+}
+
+// ErrUnknownExport is returned by Exports.Open for a name it does not serve.
+var ErrUnknownExport = errors.New("gateway: no such export")
+
+// Config configures a Server.
+type Config struct {
+	Exports Exports
+	Logger  *slog.Logger
+	Metrics *Metrics // optional
+	// TLS, when set, is offered through NBD_OPT_STARTTLS.
+	TLS *tls.Config
+	// TLSRequired refuses every option but STARTTLS before TLS is up.
+	TLSRequired bool
+	// MaxInflight bounds the requests one connection runs at once.
+	MaxInflight int
+	// HandshakeTimeout bounds the option haggling phase.
+	HandshakeTimeout time.Duration
+}
+
+// Server is an NBD server. Its zero value is not usable; call New.
+type Server struct {
+	cfg  Config
+	log  *slog.Logger
+	pool *bufferPool
+
+	shutting atomic.Bool
+	conns    sync.WaitGroup
+
+	mu        sync.Mutex // guards listeners and live
+	listeners map[net.Listener]struct{}
+	live      map[*conn]struct{}
+}
+
+// New returns a server for cfg.
+func New(cfg Config) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.MaxInflight <= 0 {
+		cfg.MaxInflight = 32
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	return &Server{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		pool:      newBufferPool(),
+		listeners: make(map[net.Listener]struct{}),
+		live:      make(map[*conn]struct{}),
+	}
+}
+
+// ErrServerClosed is returned by Serve after Shutdown.
+var ErrServerClosed = errors.New("gateway: server closed")
+
+// Serve accepts connections on l until Shutdown. It always returns a
+// non-nil error.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.shutting.Load() {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+	var delay time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.shutting.Load() {
+				return ErrServerClosed
+			}
+			if retryableAccept(err) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "listener", l.Addr().String(), "err", err, "delay", delay)
+				time.Sleep(delay)
+				continue
+			}
+			return err
+		}
+		delay = 0
+		c := s.newConn(nc)
+		s.mu.Lock()
+		if s.shutting.Load() {
+			s.mu.Unlock()
+			nc.Close()
+			continue
+		}
+		s.live[c] = struct{}{}
+		s.conns.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.conns.Done()
+			c.serve()
+			s.mu.Lock()
+			delete(s.live, c)
+			s.mu.Unlock()
+		}()
+	}
+}
+
+// retryableAccept reports accept errors that pass: out of descriptors, a
+// connection aborted before it was accepted.
+func retryableAccept(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ENOBUFS)
+}
+
+// Shutdown stops accepting, lets every connection finish the requests it
+// has read, flushes, and closes. It returns when all connections are gone
+// or ctx ends; then it closes what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.shutting.Store(true)
+	for l := range s.listeners {
+		l.Close()
+	}
+	for c := range s.live {
+		c.stop()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { s.conns.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.live {
+			c.nc.Close()
+		}
+		s.mu.Unlock()
+		<-done
+		return ctx.Err()
+	}
+}

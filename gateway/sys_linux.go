@@ -1,0 +1,21 @@
+package gateway
+
+import (
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// sendMore sends p with MSG_MORE, so that the reply header and the
+// sendfile payload that follows leave in the same segment.
+func sendMore(fd int, p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), unix.MSG_MORE|unix.MSG_NOSIGNAL, 0, 0)
+	if e != 0 {
+		return 0, syscall.Errno(e)
+	}
+	return int(n), nil
+}

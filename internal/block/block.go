@@ -1,0 +1,91 @@
+// Package block defines the block device that every stage of the data path
+// implements: a few methods in the manner of io.ReaderAt and io.WriterAt,
+// plus optional interfaces (trim, zero, extents, zero-copy) that a stage
+// advertises by implementing them and that callers find by type assertion.
+//
+// It owns the Device contract and the file backend. It knows nothing of
+// NBD, encryption, policy or audit; those wrap a Device, one file each.
+package block
+
+import (
+	"errors"
+	"os"
+)
+
+// Device is a fixed-size, byte-addressed block store.
+//
+// Concurrency: every method may be called from many goroutines at once.
+// Overlapping concurrent writes land in an unspecified order, as on a disk.
+//
+// Partial I/O: ReadAt and WriteAt either transfer all of len(p) bytes or
+// return a non-nil error. Callers validate ranges before calling; a range
+// outside [0, Size()) returns ErrOutOfRange.
+type Device interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Size is the logical size in bytes; it does not change while open.
+	Size() int64
+	// Flush makes every completed write durable (fdatasync).
+	Flush() error
+	Close() error
+}
+
+// Trimmer is implemented by devices that can discard a range. After a
+// Trim the range reads as unspecified data (zeros for the file backend).
+type Trimmer interface {
+	Trim(off, length int64) error
+}
+
+// Zeroer is implemented by devices that can write zeros without a data
+// transfer. With mayUnmap the device may deallocate the range; with fast it
+// must return ErrNotSupported rather than fall back to writing zeros.
+type Zeroer interface {
+	Zero(off, length int64, mayUnmap, fast bool) error
+}
+
+// Extent flags, the same bits as NBD's base:allocation context.
+const (
+	ExtentHole uint32 = 1 << 0 // not allocated in the backing store
+	ExtentZero uint32 = 1 << 1 // reads as zeros
+)
+
+// Extent is a run of bytes with the same allocation state.
+type Extent struct {
+	Length int64
+	Flags  uint32
+}
+
+// Extenter is implemented by devices that know which ranges are allocated.
+// Extents appends at most max extents describing [off, off+length) to dst
+// and returns it; the extents are contiguous, start at off and never extend
+// past off+length.
+type Extenter interface {
+	Extents(dst []Extent, off, length int64, max int) ([]Extent, error)
+}
+
+// Filer is implemented by devices whose bytes are the bytes of a file at
+// the same offsets, with no transformation. The transport may then send
+// them with sendfile. Stages that change bytes (encryption) must not
+// implement it.
+type Filer interface {
+	File() *os.File
+}
+
+// Cacher is implemented by devices that can prefetch a range.
+type Cacher interface {
+	Cache(off, length int64) error
+}
+
+// Sentinel errors callers branch on.
+var (
+	ErrOutOfRange   = errors.New("block: range outside device")
+	ErrNotSupported = errors.New("block: operation not supported")
+	ErrReadOnly     = errors.New("block: device is read-only")
+	ErrClosed       = errors.New("block: device is closed")
+)
+
+// CheckRange reports whether [off, off+length) lies inside a device of the
+// given size, without overflowing.
+func CheckRange(size, off, length int64) bool {
+	return off >= 0 && length >= 0 && off <= size && length <= size-off
+}

@@ -1,0 +1,249 @@
+package block
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// File is a Device over a regular file or a block device. Regular files
+// may be sparse: Trim punches holes, Zero uses fallocate, and Extents uses
+// SEEK_DATA/SEEK_HOLE. Flush is fdatasync. All I/O is positional (pread,
+// pwrite), so one File serves any number of connections.
+type File struct {
+	f        *os.File
+	fd       int
+	size     int64
+	readOnly bool
+	blockDev bool
+
+	zeroOnce sync.Once
+	zeros    []byte // shared zero buffer for fallback zeroing; read-only
+}
+
+var (
+	_ Device   = (*File)(nil)
+	_ Trimmer  = (*File)(nil)
+	_ Zeroer   = (*File)(nil)
+	_ Extenter = (*File)(nil)
+	_ Filer    = (*File)(nil)
+	_ Cacher   = (*File)(nil)
+)
+
+// OpenFile opens path as a Device. A regular file's size is its length; a
+// block device's size is the device's.
+func OpenFile(path string, readOnly bool) (*File, error) {
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	d := &File{f: f, fd: int(f.Fd()), readOnly: readOnly}
+	switch {
+	case st.Mode().IsRegular():
+		d.size = st.Size()
+	case st.Mode()&os.ModeDevice != 0:
+		end, err := f.Seek(0, io.SeekEnd)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("size of block device %s: %w", path, err)
+		}
+		d.size, d.blockDev = end, true
+	default:
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file or block device", path)
+	}
+	return d, nil
+}
+
+// Limit serves only the first size bytes of a larger backing store. It
+// must be called before the File is shared.
+func (d *File) Limit(size int64) {
+	if size >= 0 && size < d.size {
+		d.size = size
+	}
+}
+
+// Size returns the size in bytes.
+func (d *File) Size() int64 { return d.size }
+
+// File returns the underlying file for zero-copy sends.
+func (d *File) File() *os.File { return d.f }
+
+// ReadAt reads len(p) bytes at off. Bytes past the end of a file that
+// shrank underneath us read as an error, not as zeros.
+func (d *File) ReadAt(p []byte, off int64) (int, error) {
+	if !CheckRange(d.size, off, int64(len(p))) {
+		return 0, ErrOutOfRange
+	}
+	n := 0
+	for n < len(p) {
+		m, err := unix.Pread(d.fd, p[n:], off+int64(n))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		if m == 0 {
+			return n, io.ErrUnexpectedEOF
+		}
+		n += m
+	}
+	return n, nil
+}
+
+// WriteAt writes p at off.
+func (d *File) WriteAt(p []byte, off int64) (int, error) {
+	if d.readOnly {
+		return 0, ErrReadOnly
+	}
+	if !CheckRange(d.size, off, int64(len(p))) {
+		return 0, ErrOutOfRange
+	}
+	n := 0
+	for n < len(p) {
+		m, err := unix.Pwrite(d.fd, p[n:], off+int64(n))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		n += m
+	}
+	return n, nil
+}
+
+// Flush makes completed writes durable.
+func (d *File) Flush() error {
+	if d.readOnly {
+		return nil
+	}
+	for {
+		err := unix.Fdatasync(d.fd)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// Trim deallocates the range; it then reads as zeros. A filesystem without
+// hole punching makes Trim a no-op, which NBD permits.
+func (d *File) Trim(off, length int64) error {
+	if d.readOnly {
+		return ErrReadOnly
+	}
+	if !CheckRange(d.size, off, length) {
+		return ErrOutOfRange
+	}
+	err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if errors.Is(err, ErrNotSupported) {
+		return nil
+	}
+	return err
+}
+
+// Zero makes the range read as zeros.
+func (d *File) Zero(off, length int64, mayUnmap, fast bool) error {
+	if d.readOnly {
+		return ErrReadOnly
+	}
+	if !CheckRange(d.size, off, length) {
+		return ErrOutOfRange
+	}
+	if mayUnmap {
+		if err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length); !errors.Is(err, ErrNotSupported) {
+			return err
+		}
+	}
+	if err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length); !errors.Is(err, ErrNotSupported) {
+		return err
+	}
+	if fast {
+		return ErrNotSupported
+	}
+	d.zeroOnce.Do(func() { d.zeros = make([]byte, 1<<20) })
+	for length > 0 {
+		n := min(length, int64(len(d.zeros)))
+		if _, err := d.WriteAt(d.zeros[:n], off); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+func (d *File) fallocate(mode uint32, off, length int64) error {
+	for {
+		err := unix.Fallocate(d.fd, mode, off, length)
+		switch err {
+		case nil:
+			return nil
+		case unix.EINTR:
+			continue
+		case unix.EOPNOTSUPP, unix.ENOSYS, unix.EINVAL:
+			return ErrNotSupported
+		default:
+			return err
+		}
+	}
+}
+
+// Extents reports data and holes with SEEK_DATA and SEEK_HOLE. A block
+// device, or a filesystem without them, reports everything as data.
+func (d *File) Extents(dst []Extent, off, length int64, max int) ([]Extent, error) {
+	if !CheckRange(d.size, off, length) {
+		return dst, ErrOutOfRange
+	}
+	end := off + length
+	if d.blockDev {
+		return append(dst, Extent{Length: length}), nil
+	}
+	for n := 0; off < end && n < max; n++ {
+		data, err := unix.Seek(d.fd, off, unix.SEEK_DATA)
+		if err == unix.ENXIO || (err == nil && data >= end) {
+			// Only a hole remains before end.
+			return append(dst, Extent{Length: end - off, Flags: ExtentHole | ExtentZero}), nil
+		}
+		if err != nil {
+			return append(dst, Extent{Length: end - off}), nil
+		}
+		if data > off {
+			dst = append(dst, Extent{Length: data - off, Flags: ExtentHole | ExtentZero})
+			off = data
+			continue
+		}
+		hole, err := unix.Seek(d.fd, off, unix.SEEK_HOLE)
+		if err != nil || hole > end {
+			hole = end
+		}
+		dst = append(dst, Extent{Length: hole - off})
+		off = hole
+	}
+	return dst, nil
+}
+
+// Cache asks the kernel to read the range ahead.
+func (d *File) Cache(off, length int64) error {
+	if !CheckRange(d.size, off, length) {
+		return ErrOutOfRange
+	}
+	return unix.Fadvise(d.fd, off, length, unix.FADV_WILLNEED)
+}
+
+// Close closes the file.
+func (d *File) Close() error { return d.f.Close() }

@@ -1,0 +1,377 @@
+// Package volume owns the volume registry of a data dir (FORMAT.md): which
+// volumes exist, their sizes, backing stores and key references, and the
+// creation of their backing files. It opens backing stores as block
+// devices for the gateway; it does not speak NBD and holds no keys.
+package volume
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Format constants of volumes.json (FORMAT.md). Part of the on-disk format.
+const (
+	Magic         = "goldilocks-volumes"
+	FormatVersion = 1
+	registryFile  = "volumes.json"
+	lockFile      = "volumes.lock"
+	volumesDir    = "volumes"
+	// Alignment of volume sizes.
+	SizeAlign = 4096
+)
+
+// Sentinel errors.
+var (
+	ErrNotFound    = errors.New("no such volume")
+	ErrExists      = errors.New("volume already exists")
+	ErrInvalidName = errors.New("invalid volume name: use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+	ErrBadRegistry = errors.New("volume registry is damaged")
+)
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// KEKRef names the key that wraps an encrypted volume's data key.
+type KEKRef struct {
+	Provider string `json:"provider"`
+	Key      string `json:"key"`
+	Version  int    `json:"version"`
+}
+
+// Volume is one entry of the registry.
+type Volume struct {
+	Name      string    `json:"name"`
+	UUID      string    `json:"uuid"`
+	Size      int64     `json:"size"`
+	Encrypted bool      `json:"encrypted"`
+	Backing   string    `json:"backing"`
+	ReadOnly  bool      `json:"read_only,omitempty"`
+	Created   time.Time `json:"created"`
+	KEK       *KEKRef   `json:"kek,omitempty"`
+}
+
+type registryDoc struct {
+	Magic   string   `json:"magic"`
+	Version int      `json:"version"`
+	Volumes []Volume `json:"volumes"`
+}
+
+// stamp identifies one version of the registry file on disk.
+type stamp struct {
+	ino   uint64
+	size  int64
+	mtime int64
+}
+
+// Registry is the volume registry of one data dir. It is safe for
+// concurrent use, and other processes may change the file underneath it.
+type Registry struct {
+	dir string
+
+	mu      sync.Mutex // guards stamp, volumes
+	stamp   stamp
+	volumes []Volume
+}
+
+// Open opens (creating if needed) the registry of dataDir.
+func Open(dataDir string) (*Registry, error) {
+	if err := os.MkdirAll(filepath.Join(dataDir, volumesDir), 0o700); err != nil {
+		return nil, fmt.Errorf("data dir %s: %w", dataDir, err)
+	}
+	abs, err := filepath.Abs(dataDir)
+	if err != nil {
+		return nil, err
+	}
+	r := &Registry{dir: abs}
+	if _, err := r.List(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// Dir is the data dir.
+func (r *Registry) Dir() string { return r.dir }
+
+// BackingPath resolves a volume's backing store to a path.
+func (r *Registry) BackingPath(v Volume) string {
+	if filepath.IsAbs(v.Backing) {
+		return v.Backing
+	}
+	return filepath.Join(r.dir, v.Backing)
+}
+
+// List returns every volume, sorted by name, re-reading the file if it
+// changed.
+func (r *Registry) List() ([]Volume, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.refreshLocked(); err != nil {
+		return nil, err
+	}
+	return slices.Clone(r.volumes), nil
+}
+
+// Get returns the named volume.
+func (r *Registry) Get(name string) (Volume, error) {
+	vols, err := r.List()
+	if err != nil {
+		return Volume{}, err
+	}
+	for _, v := range vols {
+		if v.Name == name {
+			return v, nil
+		}
+	}
+	return Volume{}, fmt.Errorf("volume %s: %w", name, ErrNotFound)
+}
+
+func (r *Registry) path() string { return filepath.Join(r.dir, registryFile) }
+
+func (r *Registry) refreshLocked() error {
+	st, err := os.Stat(r.path())
+	if errors.Is(err, os.ErrNotExist) {
+		r.stamp, r.volumes = stamp{}, nil
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("volume registry: %w", err)
+	}
+	s := stamp{size: st.Size(), mtime: st.ModTime().UnixNano()}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		s.ino = sys.Ino
+	}
+	if s == r.stamp && r.stamp != (stamp{}) {
+		return nil
+	}
+	vols, err := readRegistry(r.path())
+	if err != nil {
+		return err
+	}
+	r.stamp, r.volumes = s, vols
+	return nil
+}
+
+// readRegistry parses and checks a registry file.
+func readRegistry(path string) ([]Volume, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("volume registry: %w", err)
+	}
+	return parseRegistry(b, path)
+}
+
+func parseRegistry(b []byte, path string) ([]Volume, error) {
+	var doc registryDoc
+	if err := json.Unmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("%s: %w: %v", path, ErrBadRegistry, err)
+	}
+	if doc.Magic != Magic {
+		return nil, fmt.Errorf("%s: %w: magic %q is not %q", path, ErrBadRegistry, doc.Magic, Magic)
+	}
+	if doc.Version != FormatVersion {
+		return nil, fmt.Errorf("%s: %w: format version %d, this build reads %d", path, ErrBadRegistry, doc.Version, FormatVersion)
+	}
+	seen := map[string]bool{}
+	for _, v := range doc.Volumes {
+		switch {
+		case !nameRE.MatchString(v.Name):
+			return nil, fmt.Errorf("%s: %w: volume name %q", path, ErrBadRegistry, v.Name)
+		case seen[v.Name]:
+			return nil, fmt.Errorf("%s: %w: volume %s listed twice", path, ErrBadRegistry, v.Name)
+		case v.Size <= 0 || v.Size%SizeAlign != 0:
+			return nil, fmt.Errorf("%s: %w: volume %s: size %d", path, ErrBadRegistry, v.Name, v.Size)
+		case v.Backing == "":
+			return nil, fmt.Errorf("%s: %w: volume %s has no backing store", path, ErrBadRegistry, v.Name)
+		}
+		seen[v.Name] = true
+	}
+	return doc.Volumes, nil
+}
+
+// update runs fn on the current volumes under the registry lock and writes
+// the result atomically.
+func (r *Registry) update(fn func([]Volume) ([]Volume, error)) error {
+	lf, err := os.OpenFile(filepath.Join(r.dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("volume registry lock: %w", err)
+	}
+	defer lf.Close()
+	if err := syscall.Flock(int(lf.Fd()), syscall.LOCK_EX); err != nil {
+		return fmt.Errorf("volume registry lock: %w", err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.stamp = stamp{} // force a re-read under the lock
+	if err := r.refreshLocked(); err != nil {
+		return err
+	}
+	vols, err := fn(slices.Clone(r.volumes))
+	if err != nil {
+		return err
+	}
+	slices.SortFunc(vols, func(a, b Volume) int {
+		switch {
+		case a.Name < b.Name:
+			return -1
+		case a.Name > b.Name:
+			return 1
+		}
+		return 0
+	})
+	b, err := json.MarshalIndent(registryDoc{Magic: Magic, Version: FormatVersion, Volumes: vols}, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeAtomic(r.path(), append(b, '\n')); err != nil {
+		return fmt.Errorf("volume registry: %w", err)
+	}
+	r.stamp = stamp{}
+	return r.refreshLocked()
+}
+
+// writeAtomic replaces path with data: temp file, fsync, rename, fsync dir.
+func writeAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// CreateOptions describe a new volume.
+type CreateOptions struct {
+	Name string
+	// Size in bytes, a multiple of 4096. Zero with Backing takes the
+	// backing store's size.
+	Size int64
+	// Backing is an existing file or block device; empty creates a sparse
+	// file under DATA_DIR/volumes.
+	Backing   string
+	Encrypted bool
+	ReadOnly  bool
+}
+
+// Create adds a plain volume and creates its backing file. Encrypted
+// volumes need the crypto package, which formats the backing store; until
+// then Create refuses them.
+func (r *Registry) Create(o CreateOptions) (Volume, error) {
+	if !nameRE.MatchString(o.Name) {
+		return Volume{}, fmt.Errorf("volume %q: %w", o.Name, ErrInvalidName)
+	}
+	if o.Encrypted {
+		return Volume{}, fmt.Errorf("volume %s: encrypted volumes are not available in this build; pass --plain", o.Name)
+	}
+	if o.Size < 0 || o.Size%SizeAlign != 0 {
+		return Volume{}, fmt.Errorf("volume %s: size %d is not a positive multiple of %d", o.Name, o.Size, SizeAlign)
+	}
+	v := Volume{
+		Name:     o.Name,
+		UUID:     uuid.NewString(),
+		Size:     o.Size,
+		ReadOnly: o.ReadOnly,
+		Created:  time.Now().UTC().Truncate(time.Millisecond),
+	}
+	var created string
+	err := r.update(func(vols []Volume) ([]Volume, error) {
+		for _, e := range vols {
+			if e.Name == o.Name {
+				return nil, fmt.Errorf("volume %s: %w", o.Name, ErrExists)
+			}
+		}
+		if o.Backing != "" {
+			abs, err := filepath.Abs(o.Backing)
+			if err != nil {
+				return nil, err
+			}
+			size, err := backingSize(abs)
+			if err != nil {
+				return nil, fmt.Errorf("volume %s: backing %s: %w", o.Name, abs, err)
+			}
+			if v.Size == 0 {
+				v.Size = size &^ (SizeAlign - 1)
+			}
+			if v.Size == 0 || v.Size > size {
+				return nil, fmt.Errorf("volume %s: backing %s holds %d bytes, volume needs %d", o.Name, abs, size, v.Size)
+			}
+			v.Backing = abs
+		} else {
+			if v.Size == 0 {
+				return nil, fmt.Errorf("volume %s: --size is required", o.Name)
+			}
+			v.Backing = filepath.Join(volumesDir, o.Name+".img")
+			p := r.BackingPath(v)
+			f, err := os.OpenFile(p, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+			if err != nil {
+				return nil, fmt.Errorf("volume %s: %w", o.Name, err)
+			}
+			created = p
+			err = f.Truncate(v.Size)
+			if err == nil {
+				err = f.Sync()
+			}
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return nil, fmt.Errorf("volume %s: backing file: %w", o.Name, err)
+			}
+		}
+		return append(vols, v), nil
+	})
+	if err != nil {
+		if created != "" {
+			os.Remove(created)
+		}
+		return Volume{}, err
+	}
+	return v, nil
+}
+
+// backingSize is the size of a regular file or block device.
+func backingSize(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	if st.Mode().IsRegular() {
+		return st.Size(), nil
+	}
+	if st.Mode()&os.ModeDevice == 0 {
+		return 0, errors.New("not a regular file or block device")
+	}
+	return f.Seek(0, 2)
+}
