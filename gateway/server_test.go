@@ -1,0 +1,335 @@
+package gateway_test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"goldilocks/gateway"
+	"goldilocks/internal/block"
+)
+
+// fileExports serves temp files as exports, in process.
+type fileExports struct {
+	devs map[string]*gateway.Export
+}
+
+func (f *fileExports) Open(name string) (*gateway.Export, func(), error) {
+	e, ok := f.devs[name]
+	if !ok {
+		return nil, nil, gateway.ErrUnknownExport
+	}
+	return e, func() {}, nil
+}
+
+func (f *fileExports) List() ([]gateway.ExportInfo, error) {
+	var out []gateway.ExportInfo
+	for n := range f.devs {
+		out = append(out, gateway.ExportInfo{Name: n})
+	}
+	return out, nil
+}
+
+func newFileDevice(tb testing.TB, size int64) *block.File {
+	tb.Helper()
+	p := filepath.Join(tb.TempDir(), "dev.img")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.Truncate(p, size); err != nil {
+		tb.Fatal(err)
+	}
+	d, err := block.OpenFile(p, false)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { d.Close() })
+	return d
+}
+
+// startServer serves dev as export "disk" (and read-only as "ro") on a
+// Unix socket and returns a dialer.
+func startServer(tb testing.TB, dev block.Device) (dial func() net.Conn) {
+	tb.Helper()
+	exp := &fileExports{devs: map[string]*gateway.Export{
+		"disk": {Name: "disk", Device: dev, MultiConn: true},
+		"ro":   {Name: "ro", Device: dev, ReadOnly: true},
+	}}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	srv := gateway.New(gateway.Config{Exports: exp, Logger: log})
+	sock := filepath.Join(tb.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	go srv.Serve(l)
+	tb.Cleanup(func() { srv.Shutdown(tb.Context()) })
+	return func() net.Conn {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { c.Close() })
+		return c
+	}
+}
+
+// client is a minimal raw NBD client, for requests no real client sends.
+type client struct {
+	tb testing.TB
+	c  net.Conn
+	r  *bufio.Reader
+}
+
+func newClient(tb testing.TB, c net.Conn) *client {
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	cl := &client{tb: tb, c: c, r: bufio.NewReader(c)}
+	var hello [18]byte
+	cl.read(hello[:])
+	if binary.BigEndian.Uint64(hello[:]) != 0x4e42444d41474943 || binary.BigEndian.Uint64(hello[8:]) != 0x49484156454F5054 {
+		tb.Fatalf("bad greeting % x", hello)
+	}
+	cl.write(binary.BigEndian.AppendUint32(nil, 3)) // fixed newstyle, no zeroes
+	return cl
+}
+
+func (cl *client) read(b []byte) {
+	cl.tb.Helper()
+	if _, err := io.ReadFull(cl.r, b); err != nil {
+		cl.tb.Fatalf("read: %v", err)
+	}
+}
+
+func (cl *client) write(b []byte) {
+	cl.tb.Helper()
+	if _, err := cl.c.Write(b); err != nil {
+		cl.tb.Fatalf("write: %v", err)
+	}
+}
+
+func (cl *client) option(opt uint32, data []byte) {
+	b := binary.BigEndian.AppendUint64(nil, 0x49484156454F5054)
+	b = binary.BigEndian.AppendUint32(b, opt)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	cl.write(append(b, data...))
+}
+
+// optReply reads one option reply.
+func (cl *client) optReply() (opt, typ uint32, data []byte) {
+	cl.tb.Helper()
+	var h [20]byte
+	cl.read(h[:])
+	if binary.BigEndian.Uint64(h[:]) != 0x3e889045565a9 {
+		cl.tb.Fatalf("bad option reply magic % x", h)
+	}
+	data = make([]byte, binary.BigEndian.Uint32(h[16:]))
+	cl.read(data)
+	return binary.BigEndian.Uint32(h[8:]), binary.BigEndian.Uint32(h[12:]), data
+}
+
+func goData(name string, infos ...uint16) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	b = append(b, name...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(infos)))
+	for _, i := range infos {
+		b = binary.BigEndian.AppendUint16(b, i)
+	}
+	return b
+}
+
+// attach negotiates structured replies (optional) and GO.
+func (cl *client) attach(name string, structured bool) (size uint64, flags uint16) {
+	cl.tb.Helper()
+	if structured {
+		cl.option(8, nil)
+		if _, typ, _ := cl.optReply(); typ != 1 {
+			cl.tb.Fatalf("structured reply refused: %d", typ)
+		}
+		q := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+		q = append(q, name...)
+		q = binary.BigEndian.AppendUint32(q, 1)
+		q = binary.BigEndian.AppendUint32(q, uint32(len("base:allocation")))
+		q = append(q, "base:allocation"...)
+		cl.option(10, q)
+		for {
+			_, typ, _ := cl.optReply()
+			if typ == 1 {
+				break
+			}
+		}
+	}
+	cl.option(7, goData(name))
+	for {
+		_, typ, data := cl.optReply()
+		switch {
+		case typ == 1:
+			return size, flags
+		case typ == 3 && binary.BigEndian.Uint16(data) == 0:
+			size, flags = binary.BigEndian.Uint64(data[2:]), binary.BigEndian.Uint16(data[10:])
+		case typ&(1<<31) != 0:
+			cl.tb.Fatalf("GO refused: %#x %s", typ, data[:])
+		}
+	}
+}
+
+func (cl *client) request(flags, typ uint16, cookie, off uint64, length uint32, payload []byte) {
+	b := binary.BigEndian.AppendUint32(nil, 0x25609513)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	b = binary.BigEndian.AppendUint64(b, off)
+	b = binary.BigEndian.AppendUint32(b, length)
+	cl.write(append(b, payload...))
+}
+
+// simpleReply reads a simple reply and returns its error and cookie.
+func (cl *client) simpleReply(data []byte) (errno uint32, cookie uint64) {
+	cl.tb.Helper()
+	var h [16]byte
+	cl.read(h[:])
+	if m := binary.BigEndian.Uint32(h[:]); m != 0x67446698 {
+		cl.tb.Fatalf("reply magic %#x, want simple", m)
+	}
+	errno, cookie = binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
+	if errno == 0 && data != nil {
+		cl.read(data)
+	}
+	return errno, cookie
+}
+
+func TestRawProtocolErrors(t *testing.T) {
+	dial := startServer(t, newFileDevice(t, 1<<20))
+
+	t.Run("unknown command gets EINVAL and the connection lives", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.attach("disk", false)
+		cl.request(0, 42, 7, 0, 4096, nil)
+		if e, ck := cl.simpleReply(nil); e != 22 || ck != 7 {
+			t.Fatalf("unknown command: errno %d cookie %d", e, ck)
+		}
+		cl.request(0, 1, 8, 4096, 4, []byte("abcd"))
+		if e, _ := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("write after error: errno %d", e)
+		}
+		got := make([]byte, 4)
+		cl.request(0, 0, 9, 4096, 4, nil)
+		if e, _ := cl.simpleReply(got); e != 0 || string(got) != "abcd" {
+			t.Fatalf("read back %q errno %d", got, e)
+		}
+	})
+	t.Run("unknown flags", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.attach("disk", false)
+		cl.request(1<<9, 0, 1, 0, 512, nil)
+		if e, _ := cl.simpleReply(nil); e != 22 {
+			t.Fatalf("errno %d", e)
+		}
+	})
+	t.Run("oversized write is refused and its payload skipped", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.attach("disk", false)
+		cl.request(0, 1, 1, 0, 2<<20, make([]byte, 2<<20)) // past the 1 MiB end
+		if e, _ := cl.simpleReply(nil); e != 28 {
+			t.Fatalf("write past end: errno %d, want ENOSPC", e)
+		}
+		cl.request(0, 3, 2, 0, 0, nil) // flush still works
+		if e, ck := cl.simpleReply(nil); e != 0 || ck != 2 {
+			t.Fatalf("flush: errno %d cookie %d", e, ck)
+		}
+	})
+	t.Run("bad request magic ends the connection", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.attach("disk", false)
+		cl.write(make([]byte, 28))
+		if _, err := cl.r.ReadByte(); !errors.Is(err, io.EOF) {
+			t.Fatalf("connection not closed: %v", err)
+		}
+	})
+	t.Run("unknown option and malformed GO", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.option(99, []byte("xyz"))
+		if _, typ, _ := cl.optReply(); typ != 1<<31|1 {
+			t.Fatalf("unknown option: %#x", typ)
+		}
+		cl.option(7, []byte{0, 0, 0, 50, 'a'})
+		if _, typ, _ := cl.optReply(); typ != 1<<31|3 {
+			t.Fatalf("malformed GO: %#x", typ)
+		}
+		cl.option(7, goData("nope"))
+		if _, typ, msg := cl.optReply(); typ != 1<<31|6 || !bytes.Contains(msg, []byte("nope")) {
+			t.Fatalf("unknown export: %#x %s", typ, msg)
+		}
+		cl.option(5, nil) // STARTTLS without TLS configured
+		if _, typ, _ := cl.optReply(); typ != 1<<31|1 {
+			t.Fatalf("STARTTLS: %#x", typ)
+		}
+		cl.option(10, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 0, 0, 0}) // SET before STRUCTURED
+		if _, typ, _ := cl.optReply(); typ != 1<<31|3 {
+			t.Fatalf("SET_META_CONTEXT before structured: %#x", typ)
+		}
+		size, flags := cl.attach("disk", false)
+		if size != 1<<20 || flags&1 == 0 {
+			t.Fatalf("size %d flags %#x", size, flags)
+		}
+	})
+	t.Run("EXPORT_NAME of an unknown export hangs up", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.option(1, []byte("nope"))
+		if _, err := cl.r.ReadByte(); !errors.Is(err, io.EOF) {
+			t.Fatalf("connection not closed: %v", err)
+		}
+	})
+	t.Run("EXPORT_NAME attaches", func(t *testing.T) {
+		cl := newClient(t, dial())
+		cl.option(1, []byte("ro"))
+		var b [10]byte
+		cl.read(b[:])
+		if size, fl := binary.BigEndian.Uint64(b[:]), binary.BigEndian.Uint16(b[8:]); size != 1<<20 || fl&3 != 3 {
+			t.Fatalf("size %d flags %#x", size, fl)
+		}
+		cl.request(0, 1, 5, 0, 1, []byte{1})
+		if e, _ := cl.simpleReply(nil); e != 1 {
+			t.Fatalf("write to read-only: errno %d, want EPERM", e)
+		}
+	})
+	t.Run("structured read, error chunk and block status", func(t *testing.T) {
+		cl := newClient(t, startServer(t, newFileDevice(t, 1<<20))()) // a fresh, empty device
+		_, flags := cl.attach("disk", true)
+		if flags&(1<<7) == 0 {
+			t.Fatalf("SEND_DF not advertised with structured replies: %#x", flags)
+		}
+		cl.request(0, 0, 11, 0, 8, nil)
+		var h [20]byte
+		cl.read(h[:])
+		if m, fl, typ, ln := binary.BigEndian.Uint32(h[:]), binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:]); m != 0x668e33ef || fl != 1 || typ != 1 || ln != 16 {
+			t.Fatalf("read chunk header % x", h)
+		}
+		cl.read(make([]byte, 16))
+		cl.request(0, 0, 12, 1<<20, 1, nil) // past the end: an error chunk
+		cl.read(h[:])
+		e := make([]byte, 6)
+		cl.read(e)
+		if typ := binary.BigEndian.Uint16(h[6:]); typ != 1<<15+1 || binary.BigEndian.Uint32(e) != 22 {
+			t.Fatalf("error chunk % x % x", h, e)
+		}
+		cl.request(0, 7, 13, 0, 1<<20, nil)
+		cl.read(h[:])
+		body := make([]byte, binary.BigEndian.Uint32(h[16:]))
+		cl.read(body)
+		if typ := binary.BigEndian.Uint16(h[6:]); typ != 5 || len(body) != 12 ||
+			binary.BigEndian.Uint32(body[4:]) != 1<<20 || binary.BigEndian.Uint32(body[8:]) != 3 {
+			t.Fatalf("block status % x % x", h, body)
+		}
+	})
+}
