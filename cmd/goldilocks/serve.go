@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -30,6 +31,7 @@ type serveFlags struct {
 	logLevel, logFormat           string
 	maxInflight                   int
 	shutdownTimeout               time.Duration
+	cpuProfile                    string
 }
 
 func newServeCmd(a *app) *cobra.Command {
@@ -57,6 +59,8 @@ SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exit
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
 	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
+	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
+	f.MarkHidden("cpuprofile")
 	return c
 }
 
@@ -85,6 +89,16 @@ func serve(a *app, sf serveFlags) error {
 		return usagef("--policy: access policy is not available in this build yet")
 	case sf.tlsCert != "" || sf.tlsKey != "" || sf.tlsCA != "" || sf.tlsRequired:
 		return usagef("--tls-*: TLS is not available in this build yet")
+	}
+	if sf.cpuProfile != "" {
+		pf, err := os.Create(sf.cpuProfile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	reg, err := volume.Open(a.dataDir)
 	if err != nil {
