@@ -29,7 +29,7 @@ func BenchmarkServer(b *testing.B) {
 			const devSize = 64 << 20
 			const depth = 8
 			dial := startServer(b, newFileDevice(b, devSize))
-			cl := newClient(b, dial())
+			cl := newClient(b, dial(b))
 			cl.attach("disk", bc.structured)
 			c := cl.c.(*net.UnixConn)
 			c.SetDeadline(time.Time{})

@@ -57,7 +57,7 @@ func newFileDevice(tb testing.TB, size int64) *block.File {
 
 // startServer serves dev as export "disk" (and read-only as "ro") on a
 // Unix socket and returns a dialer.
-func startServer(tb testing.TB, dev block.Device) (dial func() net.Conn) {
+func startServer(tb testing.TB, dev block.Device) (dial func(testing.TB) net.Conn) {
 	tb.Helper()
 	exp := &fileExports{devs: map[string]*gateway.Export{
 		"disk": {Name: "disk", Device: dev, MultiConn: true},
@@ -75,7 +75,7 @@ func startServer(tb testing.TB, dev block.Device) (dial func() net.Conn) {
 	}
 	go srv.Serve(l)
 	tb.Cleanup(func() { srv.Shutdown(tb.Context()) })
-	return func() net.Conn {
+	return func(tb testing.TB) net.Conn {
 		c, err := net.Dial("unix", sock)
 		if err != nil {
 			tb.Fatal(err)
@@ -212,7 +212,7 @@ func TestRawProtocolErrors(t *testing.T) {
 	dial := startServer(t, newFileDevice(t, 1<<20))
 
 	t.Run("unknown command gets EINVAL and the connection lives", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.attach("disk", false)
 		cl.request(0, 42, 7, 0, 4096, nil)
 		if e, ck := cl.simpleReply(nil); e != 22 || ck != 7 {
@@ -229,7 +229,7 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 	t.Run("unknown flags", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.attach("disk", false)
 		cl.request(1<<9, 0, 1, 0, 512, nil)
 		if e, _ := cl.simpleReply(nil); e != 22 {
@@ -237,7 +237,7 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 	t.Run("oversized write is refused and its payload skipped", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.attach("disk", false)
 		cl.request(0, 1, 1, 0, 2<<20, make([]byte, 2<<20)) // past the 1 MiB end
 		if e, _ := cl.simpleReply(nil); e != 28 {
@@ -249,7 +249,7 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 	t.Run("bad request magic ends the connection", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.attach("disk", false)
 		cl.write(make([]byte, 28))
 		if _, err := cl.r.ReadByte(); !errors.Is(err, io.EOF) {
@@ -257,7 +257,7 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 	t.Run("unknown option and malformed GO", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.option(99, []byte("xyz"))
 		if _, typ, _ := cl.optReply(); typ != 1<<31|1 {
 			t.Fatalf("unknown option: %#x", typ)
@@ -284,14 +284,14 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 	t.Run("EXPORT_NAME of an unknown export hangs up", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.option(1, []byte("nope"))
 		if _, err := cl.r.ReadByte(); !errors.Is(err, io.EOF) {
 			t.Fatalf("connection not closed: %v", err)
 		}
 	})
 	t.Run("EXPORT_NAME attaches", func(t *testing.T) {
-		cl := newClient(t, dial())
+		cl := newClient(t, dial(t))
 		cl.option(1, []byte("ro"))
 		var b [10]byte
 		cl.read(b[:])
@@ -304,7 +304,7 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 	t.Run("structured read, error chunk and block status", func(t *testing.T) {
-		cl := newClient(t, startServer(t, newFileDevice(t, 1<<20))()) // a fresh, empty device
+		cl := newClient(t, startServer(t, newFileDevice(t, 1<<20))(t)) // a fresh, empty device
 		_, flags := cl.attach("disk", true)
 		if flags&(1<<7) == 0 {
 			t.Fatalf("SEND_DF not advertised with structured replies: %#x", flags)
