@@ -1,0 +1,78 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var o, e bytes.Buffer
+	code = run(&app{stdout: &o, stderr: &e}, args)
+	return code, o.String(), e.String()
+}
+
+func TestVolumeCommands(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		args    []string
+		code    int
+		errPart string
+	}{
+		{[]string{"volume", "create", "a", "--size", "64M", "--plain"}, 0, ""},
+		{[]string{"volume", "create", "a", "--size", "64M", "--plain"}, 1, "already exists"},
+		{[]string{"volume", "create", "b", "--size", "lots", "--plain"}, 2, "size"},
+		{[]string{"volume", "create", "b", "--plain"}, 2, "--size is required"},
+		{[]string{"volume", "create", "b", "--size", "1M", "--bogus"}, 2, "unknown flag"},
+		{[]string{"volume", "create", "b", "--size", "1M"}, 1, "--plain"},
+		{[]string{"volume", "create", "b/c", "--size", "1M", "--plain"}, 1, "invalid volume name"},
+		{[]string{"volume", "info"}, 2, "accepts 1 arg"},
+		{[]string{"volume", "info", "zzz"}, 1, "no such volume"},
+		{[]string{"nonsense"}, 2, "unknown command"},
+	} {
+		code, _, stderr := runCLI(t, append(tc.args, "--data-dir", dir)...)
+		if code != tc.code || !strings.Contains(stderr, tc.errPart) {
+			t.Errorf("%v: exit %d stderr %q; want exit %d mentioning %q", tc.args, code, stderr, tc.code, tc.errPart)
+		}
+		if code != 0 && strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+			t.Errorf("%v: error is not one line: %q", tc.args, stderr)
+		}
+	}
+	code, out, _ := runCLI(t, "volume", "info", "a", "--json", "--data-dir", dir)
+	var v map[string]any
+	if err := json.Unmarshal([]byte(out), &v); code != 0 || err != nil {
+		t.Fatalf("info --json: %d %v %s", code, err, out)
+	}
+	for k, want := range map[string]any{"name": "a", "size": float64(64 << 20), "encrypted": false, "kek": nil} {
+		if v[k] != want {
+			t.Errorf("info %s = %v, want %v", k, v[k], want)
+		}
+	}
+	if b, _ := v["backing"].(string); !strings.HasSuffix(b, "/volumes/a.img") {
+		t.Errorf("backing = %v", v["backing"])
+	}
+	code, out, _ = runCLI(t, "volume", "list", "--json", "--data-dir", dir)
+	var l []map[string]any
+	if err := json.Unmarshal([]byte(out), &l); code != 0 || err != nil || len(l) != 1 {
+		t.Fatalf("list --json: %d %v %s", code, err, out)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"4096", 4096, true}, {"1K", 1024, true}, {"1KiB", 1024, true}, {"64M", 64 << 20, true},
+		{"2G", 2 << 30, true}, {"1T", 1 << 40, true}, {"1g", 1 << 30, true},
+		{"", 0, false}, {"0", 0, false}, {"-1", 0, false}, {"1X", 0, false}, {"99999999P", 0, false},
+	} {
+		got, err := parseSize(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v", tc.in, got, err)
+		}
+	}
+}

@@ -1,0 +1,128 @@
+package block
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func newFile(t *testing.T, size int64, ro bool) *File {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(p, size)
+	d, err := OpenFile(p, ro)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestFileRanges(t *testing.T) {
+	d := newFile(t, 1<<20, false)
+	for _, tc := range []struct {
+		off  int64
+		n    int
+		want error
+	}{
+		{0, 1, nil}, {1<<20 - 1, 1, nil}, {0, 1 << 20, nil},
+		{1 << 20, 1, ErrOutOfRange}, {1<<20 - 1, 2, ErrOutOfRange}, {-1, 1, ErrOutOfRange},
+		{1<<62 + 1<<61, 1 << 10, ErrOutOfRange},
+	} {
+		p := bytes.Repeat([]byte{0xab}, tc.n)
+		if _, err := d.WriteAt(p, tc.off); !errors.Is(err, tc.want) {
+			t.Errorf("WriteAt(%d, %d) = %v, want %v", tc.off, tc.n, err, tc.want)
+		}
+		q := make([]byte, tc.n)
+		if _, err := d.ReadAt(q, tc.off); !errors.Is(err, tc.want) {
+			t.Errorf("ReadAt(%d, %d) = %v, want %v", tc.off, tc.n, err, tc.want)
+		}
+		if tc.want == nil && !bytes.Equal(p, q) {
+			t.Errorf("ReadAt(%d, %d) read other bytes", tc.off, tc.n)
+		}
+	}
+}
+
+func TestFileTrimZeroExtents(t *testing.T) {
+	const mib = 1 << 20
+	d := newFile(t, 4*mib, false)
+	fill := bytes.Repeat([]byte{7}, 2*mib)
+	if _, err := d.WriteAt(fill, mib); err != nil {
+		t.Fatal(err)
+	}
+	ext, err := d.Extents(nil, 0, 4*mib, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Extent{{mib, ExtentHole | ExtentZero}, {2 * mib, 0}, {mib, ExtentHole | ExtentZero}}
+	if !equalExtents(ext, want) {
+		t.Fatalf("extents %v, want %v", ext, want)
+	}
+	if ext, _ := d.Extents(nil, 0, 4*mib, 1); len(ext) != 1 || ext[0] != want[0] {
+		t.Fatalf("max 1: %v", ext)
+	}
+	if err := d.Trim(mib, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Zero(2*mib, 64<<10, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Zero(2*mib+128<<10, 4096, true, true); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2*mib)
+	d.ReadAt(got, mib)
+	for i, b := range got {
+		trimmed := i < 64<<10 || (i >= mib && i < mib+64<<10) || (i >= mib+128<<10 && i < mib+128<<10+4096)
+		if trimmed && b != 0 || !trimmed && b != 7 {
+			t.Fatalf("byte %d = %d after trim/zero", mib+i, b)
+		}
+	}
+	ext, _ = d.Extents(nil, mib, 128<<10, 100)
+	if len(ext) == 0 || ext[0].Flags&ExtentHole == 0 || ext[0].Length != 64<<10 {
+		t.Fatalf("trimmed range is not a hole: %v", ext)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFileReadOnlyAndLimit(t *testing.T) {
+	d := newFile(t, 1<<20, true)
+	for name, err := range map[string]error{
+		"write": func() error { _, err := d.WriteAt([]byte{1}, 0); return err }(),
+		"trim":  d.Trim(0, 4096),
+		"zero":  d.Zero(0, 4096, true, false),
+	} {
+		if !errors.Is(err, ErrReadOnly) {
+			t.Errorf("%s on read-only: %v", name, err)
+		}
+	}
+	d.Limit(8192)
+	if d.Size() != 8192 {
+		t.Fatalf("size %d after Limit", d.Size())
+	}
+	if _, err := d.ReadAt(make([]byte, 1), 8192); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("read past limit: %v", err)
+	}
+	if _, err := OpenFile(t.TempDir(), false); err == nil {
+		t.Fatal("a directory opened as a device")
+	}
+}
+
+func equalExtents(a, b []Extent) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,161 @@
+package volume
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestRegistryVectorV1(t *testing.T) {
+	b, err := os.ReadFile("testdata/volumes.v1.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vols, err := parseRegistry(b, "volumes.v1.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Volume{
+		{Name: "demo", UUID: "3f2c1a5e-8d4b-4c7a-9e21-0b6f5d7c8a90", Size: 1 << 30, Backing: "volumes/demo.img",
+			Created: time.Date(2026, 11, 26, 7, 30, 0, 0, time.UTC)},
+		{Name: "vm-a.root", UUID: "a1b2c3d4-e5f6-4711-8899-aabbccddeeff", Size: 2 << 30, Backing: "/dev/vg0/vm-a-root",
+			ReadOnly: true, Created: time.Date(2026, 11, 26, 7, 31, 2, 5e8, time.UTC)},
+	}
+	if len(vols) != len(want) {
+		t.Fatalf("%d volumes, want %d", len(vols), len(want))
+	}
+	for i := range want {
+		g, w := vols[i], want[i]
+		if g.Name != w.Name || g.UUID != w.UUID || g.Size != w.Size || g.Backing != w.Backing ||
+			g.ReadOnly != w.ReadOnly || g.Encrypted != w.Encrypted || !g.Created.Equal(w.Created) || g.KEK != nil {
+			t.Errorf("volume %d = %+v, want %+v", i, g, w)
+		}
+	}
+}
+
+func TestRegistryRejectsDamage(t *testing.T) {
+	for _, tc := range []struct{ name, doc, want string }{
+		{"not json", `{`, "damaged"},
+		{"bad magic", `{"magic":"x","version":1,"volumes":[]}`, "magic"},
+		{"future version", `{"magic":"goldilocks-volumes","version":2,"volumes":[]}`, "format version 2"},
+		{"bad name", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"../x","size":4096,"backing":"b"}]}`, "volume name"},
+		{"duplicate", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","size":4096,"backing":"b"},{"name":"a","size":4096,"backing":"b"}]}`, "twice"},
+		{"unaligned size", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","size":4097,"backing":"b"}]}`, "size 4097"},
+		{"no backing", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","size":4096}]}`, "no backing"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseRegistry([]byte(tc.doc), "volumes.json")
+			if !errors.Is(err, ErrBadRegistry) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want ErrBadRegistry mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestCreateListGet(t *testing.T) {
+	dir := t.TempDir()
+	r, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := r.Create(CreateOptions{Name: "a", Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(r.BackingPath(v))
+	if err != nil || st.Size() != 1<<20 {
+		t.Fatalf("backing file: %v %v", st, err)
+	}
+	if _, err := r.Create(CreateOptions{Name: "a", Size: 4096}); !errors.Is(err, ErrExists) {
+		t.Fatalf("duplicate create: %v", err)
+	}
+	for _, bad := range []CreateOptions{
+		{Name: "", Size: 4096}, {Name: "-x", Size: 4096}, {Name: strings.Repeat("n", 65), Size: 4096},
+		{Name: "b", Size: 4095}, {Name: "b"}, {Name: "c", Size: 4096, Encrypted: true},
+	} {
+		if _, err := r.Create(bad); err == nil {
+			t.Errorf("create %+v succeeded", bad)
+		}
+	}
+	// An existing backing file, its size taken when none is given.
+	ext := filepath.Join(t.TempDir(), "ext.raw")
+	os.WriteFile(ext, make([]byte, 3*4096+100), 0o600)
+	v2, err := r.Create(CreateOptions{Name: "ext", Backing: ext})
+	if err != nil || v2.Size != 3*4096 || r.BackingPath(v2) != ext {
+		t.Fatalf("create with backing: %+v %v", v2, err)
+	}
+	// A second registry on the same dir sees both (another process).
+	r2, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vols, _ := r2.List()
+	if len(vols) != 2 || vols[0].Name != "a" || vols[1].Name != "ext" {
+		t.Fatalf("list = %+v", vols)
+	}
+	if _, err := r2.Get("zzz"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get missing: %v", err)
+	}
+	// No failed create left a backing file behind.
+	ents, _ := os.ReadDir(filepath.Join(dir, volumesDir))
+	if len(ents) != 1 {
+		t.Fatalf("volumes dir holds %d files, want 1", len(ents))
+	}
+}
+
+func TestConcurrentCreates(t *testing.T) {
+	dir := t.TempDir()
+	var wg sync.WaitGroup
+	for i := 0; i < 16; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			r, err := Open(dir) // one registry each, as separate processes would
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if _, err := r.Create(CreateOptions{Name: "v" + string(rune('a'+i)), Size: 4096}); err != nil {
+				t.Error(err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	r, _ := Open(dir)
+	vols, err := r.List()
+	if err != nil || len(vols) != 16 {
+		t.Fatalf("%d volumes after 16 concurrent creates (err %v)", len(vols), err)
+	}
+}
+
+func TestExportsShareOneDevice(t *testing.T) {
+	r, _ := Open(t.TempDir())
+	if _, err := r.Create(CreateOptions{Name: "a", Size: 8192}); err != nil {
+		t.Fatal(err)
+	}
+	e := NewExports(r)
+	x1, rel1, err := e.Open("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	x2, rel2, err := e.Open("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x1.Device != x2.Device || !x1.MultiConn {
+		t.Fatal("two connections to one volume must share its device")
+	}
+	rel1()
+	rel1() // idempotent
+	if _, err := x2.Device.ReadAt(make([]byte, 10), 0); err != nil {
+		t.Fatalf("device closed while still attached: %v", err)
+	}
+	rel2()
+	if _, _, err := e.Open("nope"); err == nil || !strings.Contains(err.Error(), "no such export") {
+		t.Fatalf("unknown volume: %v", err)
+	}
+}
