@@ -27,7 +27,12 @@ func violation(format string, args ...any) error {
 // export to serve in transmission.
 func (c *conn) handshake() error {
 	c.nc.SetDeadline(time.Now().Add(c.srv.cfg.HandshakeTimeout))
-	defer c.nc.SetDeadline(time.Time{})
+	defer func() {
+		c.nc.SetDeadline(time.Time{})
+		if c.stopping.Load() { // a stop during the handshake must still stop us
+			c.nc.SetReadDeadline(time.Now())
+		}
+	}()
 
 	w := bufio.NewWriter(c.nc)
 	var hello [18]byte
