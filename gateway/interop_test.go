@@ -3,9 +3,12 @@ package gateway_test
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -346,4 +349,35 @@ func TestGracefulShutdown(t *testing.T) {
 			t.Fatalf("byte %d is %#x after stop", i, b[i])
 		}
 	}
+}
+
+func TestMetricsEndpoint(t *testing.T) {
+	need(t, "qemu-io")
+	dir := newDataDir(t, "disk:4M")
+	g := startGateway(t, dir, "--metrics", "127.0.0.1:0")
+	m := regexp.MustCompile(`msg="metrics listening" addr=(\S+)`).FindStringSubmatch(g.logText())
+	if m == nil {
+		t.Fatalf("no metrics address logged:\n%s", g.logText())
+	}
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", "-c", "read -P 1 0 64k", g.uri("disk"))
+	get := func(path string) string {
+		resp, err := http.Get("http://" + m[1] + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %s", path, resp.Status)
+		}
+		return string(b)
+	}
+	body := get("/metrics")
+	for _, want := range []string{`goldilocks_nbd_bytes_total{command="write"} 65536`, `goldilocks_nbd_bytes_total{command="read"} 65536`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	get("/healthz")
+	get("/readyz")
 }

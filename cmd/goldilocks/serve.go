@@ -179,6 +179,7 @@ func serve(a *app, sf serveFlags) error {
 			}
 			fmt.Fprintln(w, "ready")
 		})
+		log.Info("metrics listening", "addr", ml.Addr().String())
 		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ml)
 		defer hs.Close()
