@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -79,6 +80,7 @@ func (c *conn) stop() {
 
 func (c *conn) serve() {
 	defer c.nc.Close()
+	defer c.recoverPanic()
 	m := c.srv.cfg.Metrics
 	m.connOpened()
 	defer m.connClosed()
@@ -201,7 +203,7 @@ func (c *conn) transmit() {
 		go func() {
 			defer workers.Done()
 			for r := range c.work {
-				c.handle(r)
+				c.handleSafely(r)
 				c.done(r)
 			}
 		}()
@@ -215,6 +217,20 @@ func (c *conn) transmit() {
 		if err := dev.Flush(); err != nil {
 			c.log.Error("flush at detach failed", "export", c.exp.Name, "err", err)
 		}
+	}
+}
+
+// handleSafely runs a request; a panic (a bug, never a client's doing)
+// costs this connection, not the process.
+func (c *conn) handleSafely(r *request) {
+	defer c.recoverPanic()
+	c.handle(r)
+}
+
+func (c *conn) recoverPanic() {
+	if p := recover(); p != nil {
+		c.log.Error("BUG: panic serving connection; closing it", "panic", p, "stack", string(debug.Stack()))
+		c.nc.Close()
 	}
 }
 
