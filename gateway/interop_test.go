@@ -381,3 +381,17 @@ func TestMetricsEndpoint(t *testing.T) {
 	get("/healthz")
 	get("/readyz")
 }
+
+func TestVolumeCreatedWhileServing(t *testing.T) {
+	need(t, "nbdinfo")
+	dir := newDataDir(t, "first:1M")
+	g := startGateway(t, dir)
+	if _, err := runErr("nbdinfo", g.uri("later")); err == nil {
+		t.Fatal("a volume that does not exist yet attached")
+	}
+	goldilocks(t, dir, "volume", "create", "later", "--size", "2M", "--plain")
+	out := run(t, "nbdinfo", "--size", g.uri("later"))
+	if strings.TrimSpace(out) != "2097152" {
+		t.Fatalf("new volume size %q", out)
+	}
+}
