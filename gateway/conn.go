@@ -331,8 +331,15 @@ func (c *conn) validate(r *request) uint32 {
 	default:
 		return errInval
 	}
+	// Writes to a read-only export are EPERM whatever else is wrong.
+	switch r.typ {
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		if ro {
+			return errPerm
+		}
+	}
 	// Flags only where the protocol allows them.
-	if r.flags&cmdFlagFUA != 0 && (r.typ != cmdWrite && r.typ != cmdTrim && r.typ != cmdWriteZeroes || ro) {
+	if r.flags&cmdFlagFUA != 0 && r.typ != cmdWrite && r.typ != cmdTrim && r.typ != cmdWriteZeroes {
 		return errInval
 	}
 	if r.flags&(cmdFlagNoHole|cmdFlagFastZero) != 0 && r.typ != cmdWriteZeroes {
@@ -352,12 +359,6 @@ func (c *conn) validate(r *request) uint32 {
 		return errInval
 	}
 	// Capabilities.
-	switch r.typ {
-	case cmdWrite, cmdTrim, cmdWriteZeroes:
-		if ro {
-			return errPerm
-		}
-	}
 	switch {
 	case r.typ == cmdTrim && c.trimmer == nil,
 		r.typ == cmdWriteZeroes && c.zeroer == nil,
