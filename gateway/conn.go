@@ -18,8 +18,9 @@ import (
 )
 
 // conn is one client connection. The reader goroutine (serve) reads
-// requests and hands them to a fixed set of workers; workers run them and
-// write replies under wmu, each reply as soon as it is ready.
+// requests, runs small ones that cannot block itself, and hands the rest
+// to a fixed set of workers. Replies go out through send (reply.go) as
+// soon as they are ready.
 type conn struct {
 	srv  *Server
 	nc   net.Conn
@@ -42,12 +43,25 @@ type conn struct {
 	zeroer   block.Zeroer
 	extenter block.Extenter
 	cacher   block.Cacher
+	tryRead  block.TryReader
 	sendFD   int // file to sendfile plain reads from, or -1
-	raw      syscall.RawConn
+
+	// noInlineUntil, used by the reader goroutine only, pauses inline
+	// writes after one was slow (the backend blocked).
+	noInlineUntil time.Time
+	raw           syscall.RawConn
 
 	stopping atomic.Bool
-	wmu      sync.Mutex // serialises writes to nc; guards broken
-	broken   bool       // a reply was cut short: the stream is unusable
+
+	wmu     sync.Mutex // guards queue, spare and writing
+	queue   []*request // replies waiting for the writer, cap MaxInflight
+	spare   []*request // the other half of the queue's double buffer
+	writing bool       // a goroutine is sending replies
+
+	// Owned by the goroutine that is sending replies (writing == true).
+	broken bool        // a reply was cut short: the stream is unusable
+	iovArr [][]byte    // backing array for iov, cap 2*MaxInflight
+	iov    net.Buffers // the batch being sent
 
 	free  chan *request // idle request slots
 	work  chan *request // requests for workers
@@ -159,13 +173,13 @@ type request struct {
 	length uint32
 	buf    *buffer // payload (WRITE in, READ out)
 
-	hdr     [requestSize + 4]byte // request in; reply header out
-	bufs    net.Buffers
-	vec     [3][]byte
-	extents []block.Extent
-	bsReply []byte
+	hdr      [requestSize + 4]byte // request in; reply header out
+	vec      [2][]byte             // the reply: header and payload (or nil)
+	zeroCopy bool                  // the payload goes by sendfile
+	extents  []block.Extent
+	bsReply  []byte
 
-	// sendfile state, used under c.wmu by sendfileFn.
+	// sendfile state, used by the reply writer through sendfn.
 	sfHdr    []byte
 	sfOff    int64
 	sfRemain int
@@ -179,6 +193,7 @@ func (c *conn) transmit() {
 	c.zeroer, _ = dev.(block.Zeroer)
 	c.extenter, _ = dev.(block.Extenter)
 	c.cacher, _ = dev.(block.Cacher)
+	c.tryRead, _ = dev.(block.TryReader)
 	if f, ok := dev.(block.Filer); ok && !c.tls {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
@@ -191,6 +206,9 @@ func (c *conn) transmit() {
 	slots := make([]request, n)
 	c.free = make(chan *request, n)
 	c.work = make(chan *request, n)
+	c.queue = make([]*request, 0, n)
+	c.spare = make([]*request, 0, n)
+	c.iovArr = make([][]byte, 0, 2*n)
 	for i := range slots {
 		r := &slots[i]
 		r.c = c
@@ -203,8 +221,7 @@ func (c *conn) transmit() {
 		go func() {
 			defer workers.Done()
 			for r := range c.work {
-				c.handleSafely(r)
-				c.done(r)
+				c.handleSafely(r) // the reply writer releases r
 			}
 		}()
 	}
@@ -213,9 +230,11 @@ func (c *conn) transmit() {
 
 	close(c.work)
 	workers.Wait()
-	if !c.exp.ReadOnly && c.wrote.Load() {
+	// A client that leaves flushes first if it wants durability (as with
+	// nbdkit and qemu-nbd); a server that stops flushes for its clients.
+	if c.stopping.Load() && !c.exp.ReadOnly && c.wrote.Load() {
 		if err := dev.Flush(); err != nil {
-			c.log.Error("flush at detach failed", "export", c.exp.Name, "err", err)
+			c.log.Error("flush at stop failed", "export", c.exp.Name, "err", err)
 		}
 	}
 }
@@ -265,7 +284,7 @@ func (c *conn) readLoop() {
 		if r.typ == cmdWrite {
 			if errno == 0 {
 				r.buf = c.srv.pool.get(int(r.length))
-				if _, err := io.ReadFull(c.rd, r.buf.b[:r.length]); err != nil {
+				if err := c.readPayload(r.buf.b[:r.length]); err != nil {
 					c.srv.pool.put(r.buf)
 					r.buf = nil
 					c.free <- r
@@ -282,11 +301,74 @@ func (c *conn) readLoop() {
 			c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
 			c.srv.cfg.Metrics.request(r.typ, 0, true)
 			c.replyError(r, errno)
-			c.done(r)
+			continue
+		}
+		if c.inline(r) {
 			continue
 		}
 		c.work <- r
 	}
+}
+
+// Small requests that will not block run on the reader goroutine itself:
+// a hop to a worker costs more than the I/O. Everything else, and anything
+// that might wait for a disk, goes to the workers.
+const (
+	inlineMax      = 64 << 10
+	inlineSlow     = time.Millisecond // an inline write this slow...
+	inlinePauseFor = time.Second      // ...pauses inline writes this long
+)
+
+// inline runs r on the reader goroutine if it is cheap, and reports
+// whether it did.
+func (c *conn) inline(r *request) bool {
+	if r.length > inlineMax {
+		return false
+	}
+	switch r.typ {
+	case cmdRead:
+		if c.tryRead == nil {
+			return false
+		}
+		r.buf = c.srv.pool.get(int(r.length))
+		data := r.buf.b[:r.length]
+		if _, err := c.tryRead.TryReadAt(data, int64(r.off)); err != nil {
+			c.srv.pool.put(r.buf) // not cached (or an error): a worker reads it
+			r.buf = nil
+			return false
+		}
+		c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
+		c.sendRead(r, data)
+		return true
+	case cmdWrite:
+		if r.flags&cmdFlagFUA != 0 {
+			return false
+		}
+		now := time.Now()
+		if now.Before(c.noInlineUntil) {
+			return false
+		}
+		c.handle(r)
+		if time.Since(now) > inlineSlow {
+			c.noInlineUntil = now.Add(inlinePauseFor)
+		}
+		return true
+	}
+	return false
+}
+
+// readPayload fills p: what the read buffer already holds is copied, the
+// rest is read from the socket straight into p.
+func (c *conn) readPayload(p []byte) error {
+	n := 0
+	if b := c.rd.Buffered(); b > 0 {
+		n, _ = c.rd.Read(p[:min(b, len(p))])
+	}
+	if n == len(p) {
+		return nil
+	}
+	_, err := io.ReadFull(c.nc, p[n:])
+	return err
 }
 
 func (c *conn) readEnded(err error) {
@@ -302,7 +384,8 @@ func (c *conn) readEnded(err error) {
 	}
 }
 
-// done returns r to the free slots.
+// done returns r to the free slots. The reply writer calls it once r's
+// reply is out; nobody touches r after send.
 func (c *conn) done(r *request) {
 	if r.buf != nil {
 		c.srv.pool.put(r.buf)
@@ -430,7 +513,8 @@ func (c *conn) finish(r *request, n int64, err error) {
 
 func (c *conn) read(r *request) {
 	if c.sendFD >= 0 {
-		c.sendfileRead(r)
+		r.zeroCopy = true
+		c.sendRead(r, nil)
 		return
 	}
 	r.buf = c.srv.pool.get(int(r.length))
@@ -442,81 +526,19 @@ func (c *conn) read(r *request) {
 		c.replyError(r, errno)
 		return
 	}
+	c.sendRead(r, data)
+}
+
+// sendRead sends a successful read's data: one structured OFFSET_DATA
+// chunk, or a simple reply.
+func (c *conn) sendRead(r *request, data []byte) {
 	if c.structured {
 		h := c.structuredHeader(r, replyFlagDone, replyOffsetData, 8+r.length)
 		binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
-		c.writeVec(r, h[:structuredHdrSize+8], data)
+		c.send(r, h[:structuredHdrSize+8], data)
 		return
 	}
-	c.replySimple(r, 0, data)
-}
-
-// sendfileRead sends a plain read straight from the page cache: the reply
-// header with MSG_MORE, then sendfile. An error after the header is out
-// cannot be reported in-band, so it ends the connection.
-func (c *conn) sendfileRead(r *request) {
-	var h []byte
-	if c.structured {
-		h = c.structuredHeader(r, replyFlagDone, replyOffsetData, 8+r.length)
-		binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
-		h = h[:structuredHdrSize+8]
-	} else {
-		h = c.simpleHeader(r, 0)
-	}
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.broken {
-		return
-	}
-	r.sfHdr, r.sfOff, r.sfRemain, r.sfErr = h, int64(r.off), int(r.length), nil
-	err := c.raw.Write(r.sendfn)
-	if err == nil {
-		err = r.sfErr
-	}
-	if err != nil {
-		c.broken = true
-		c.log.Error("zero-copy read failed; closing connection", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
-		c.nc.Close()
-	}
-}
-
-// sendfile is called by RawConn.Write with the socket; false means "wait
-// until writable and call again".
-func (r *request) sendfile(fd uintptr) bool {
-	sock := int(fd)
-	for len(r.sfHdr) > 0 {
-		n, err := sendMore(sock, r.sfHdr)
-		switch err {
-		case nil:
-			r.sfHdr = r.sfHdr[n:]
-		case syscall.EINTR:
-		case syscall.EAGAIN:
-			return false
-		default:
-			r.sfErr = err
-			return true
-		}
-	}
-	for r.sfRemain > 0 {
-		n, err := syscall.Sendfile(sock, r.c.sendFD, &r.sfOff, r.sfRemain)
-		if n > 0 {
-			r.sfRemain -= n
-		}
-		switch err {
-		case nil:
-			if n == 0 {
-				r.sfErr = io.ErrUnexpectedEOF // the file shrank under us
-				return true
-			}
-		case syscall.EINTR:
-		case syscall.EAGAIN:
-			return false
-		default:
-			r.sfErr = err
-			return true
-		}
-	}
-	return true
+	c.send(r, c.simpleHeader(r, 0), data)
 }
 
 // blockStatus answers base:allocation with one BLOCK_STATUS chunk.
@@ -550,7 +572,7 @@ func (c *conn) blockStatus(r *request) {
 	r.bsReply = b
 	c.srv.cfg.Metrics.request(cmdBlockStatus, 0, false)
 	h := c.structuredHeader(r, replyFlagDone, replyBlockStatus, uint32(len(b)))
-	c.writeVec(r, h[:structuredHdrSize], b)
+	c.send(r, h[:structuredHdrSize], b)
 }
 
 func (c *conn) simpleHeader(r *request, errno uint32) []byte {
@@ -572,7 +594,7 @@ func (c *conn) structuredHeader(r *request, flags, typ uint16, length uint32) []
 }
 
 func (c *conn) replySimple(r *request, errno uint32, data []byte) {
-	c.writeVec(r, c.simpleHeader(r, errno), data)
+	c.send(r, c.simpleHeader(r, errno), data)
 }
 
 // replyError answers with an error: a structured error chunk where the
@@ -582,31 +604,10 @@ func (c *conn) replyError(r *request, errno uint32) {
 		h := c.structuredHeader(r, replyFlagDone, replyError, 6)
 		binary.BigEndian.PutUint32(h[structuredHdrSize:], errno)
 		binary.BigEndian.PutUint16(h[structuredHdrSize+4:], 0) // no message
-		c.writeVec(r, h[:structuredHdrSize+6], nil)
+		c.send(r, h[:structuredHdrSize+6], nil)
 		return
 	}
 	c.replySimple(r, errno, nil)
-}
-
-// writeVec sends header and payload as one vectored write.
-func (c *conn) writeVec(r *request, hdr, data []byte) {
-	r.vec[0], r.vec[1] = hdr, data
-	r.bufs = r.vec[:2]
-	if data == nil {
-		r.bufs = r.vec[:1]
-	}
-	c.wmu.Lock()
-	if !c.broken {
-		if _, err := r.bufs.WriteTo(c.nc); err != nil {
-			c.broken = true
-			if !errors.Is(err, net.ErrClosed) {
-				c.log.Warn("reply failed; closing connection", "err", err)
-			}
-			c.nc.Close()
-		}
-	}
-	c.wmu.Unlock()
-	r.vec[0], r.vec[1] = nil, nil
 }
 
 // errnoOf is the one place that maps internal errors to NBD errors.

@@ -71,6 +71,13 @@ type Filer interface {
 	File() *os.File
 }
 
+// TryReader is implemented by devices that can attempt a read that fails
+// with ErrWouldBlock, at once, instead of waiting for I/O (the data is not
+// in memory). The transport then serves the read without a thread hop.
+type TryReader interface {
+	TryReadAt(p []byte, off int64) (int, error)
+}
+
 // Cacher is implemented by devices that can prefetch a range.
 type Cacher interface {
 	Cache(off, length int64) error
@@ -82,6 +89,7 @@ var (
 	ErrNotSupported = errors.New("block: operation not supported")
 	ErrReadOnly     = errors.New("block: device is read-only")
 	ErrClosed       = errors.New("block: device is closed")
+	ErrWouldBlock   = errors.New("block: operation would block")
 )
 
 // CheckRange reports whether [off, off+length) lies inside a device of the

@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,17 +23,20 @@ type File struct {
 	readOnly bool
 	blockDev bool
 
+	noNowait atomic.Bool // RWF_NOWAIT reads are not supported here
+
 	zeroOnce sync.Once
 	zeros    []byte // shared zero buffer for fallback zeroing; read-only
 }
 
 var (
-	_ Device   = (*File)(nil)
-	_ Trimmer  = (*File)(nil)
-	_ Zeroer   = (*File)(nil)
-	_ Extenter = (*File)(nil)
-	_ Filer    = (*File)(nil)
-	_ Cacher   = (*File)(nil)
+	_ Device    = (*File)(nil)
+	_ Trimmer   = (*File)(nil)
+	_ Zeroer    = (*File)(nil)
+	_ Extenter  = (*File)(nil)
+	_ Filer     = (*File)(nil)
+	_ Cacher    = (*File)(nil)
+	_ TryReader = (*File)(nil)
 )
 
 // OpenFile opens path as a Device. A regular file's size is its length; a
@@ -103,6 +108,31 @@ func (d *File) ReadAt(p []byte, off int64) (int, error) {
 		n += m
 	}
 	return n, nil
+}
+
+// TryReadAt reads len(p) bytes at off if they are in the page cache
+// (preadv2 with RWF_NOWAIT), else returns ErrWouldBlock at once.
+func (d *File) TryReadAt(p []byte, off int64) (int, error) {
+	if !CheckRange(d.size, off, int64(len(p))) {
+		return 0, ErrOutOfRange
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if d.noNowait.Load() {
+		return 0, ErrWouldBlock
+	}
+	iov := unix.Iovec{Base: &p[0]}
+	iov.SetLen(len(p))
+	n, _, e := unix.Syscall6(unix.SYS_PREADV2, uintptr(d.fd), uintptr(unsafe.Pointer(&iov)), 1, uintptr(off), 0, unix.RWF_NOWAIT)
+	switch {
+	case e == unix.EOPNOTSUPP || e == unix.ENOSYS || e == unix.EINVAL:
+		d.noNowait.Store(true)
+		return 0, ErrWouldBlock
+	case e != 0 || int(n) != len(p):
+		return 0, ErrWouldBlock // EAGAIN, or only part is cached
+	}
+	return int(n), nil
 }
 
 // WriteAt writes p at off.

@@ -1,0 +1,138 @@
+package gateway
+
+import (
+	"errors"
+	"io"
+	"net"
+	"syscall"
+)
+
+// Replies leave through one combining writer per connection. A goroutine
+// with a reply queues it; if no goroutine is writing, it becomes the
+// writer and sends everything queued, batching the replies that queued
+// meanwhile into one writev. So a reply never waits for company (QEMU's
+// client stalls against servers that hold replies back), yet under load
+// many replies share one system call. The writer releases each request
+// slot once its reply is out.
+
+// send queues r's reply: header, then payload (nil for none; ignored when
+// r.zeroCopy, whose payload is sent from the backing file). r belongs to
+// the reply writer from here on.
+func (c *conn) send(r *request, hdr, data []byte) {
+	r.vec[0], r.vec[1] = hdr, data
+	c.wmu.Lock()
+	c.queue = append(c.queue, r) // never grows: at most MaxInflight slots exist
+	if c.writing {
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	for len(c.queue) > 0 {
+		batch := c.queue
+		c.queue = c.spare[:0]
+		c.wmu.Unlock()
+		c.writeBatch(batch)
+		c.wmu.Lock()
+		c.spare = batch[:0]
+	}
+	c.writing = false
+	c.wmu.Unlock()
+}
+
+// writeBatch sends the replies of batch in order and releases them.
+func (c *conn) writeBatch(batch []*request) {
+	iov := c.iovArr[:0]
+	for _, r := range batch {
+		if r.zeroCopy {
+			c.writeIov(iov)
+			iov = c.iovArr[:0]
+			c.sendfileReply(r)
+			continue
+		}
+		iov = append(iov, r.vec[0])
+		if r.vec[1] != nil {
+			iov = append(iov, r.vec[1])
+		}
+	}
+	c.writeIov(iov)
+	for _, r := range batch {
+		r.vec[0], r.vec[1], r.zeroCopy = nil, nil, false
+		c.done(r)
+	}
+}
+
+func (c *conn) writeIov(iov [][]byte) {
+	if len(iov) == 0 || c.broken {
+		return
+	}
+	c.iov = iov
+	if _, err := c.iov.WriteTo(c.nc); err != nil {
+		c.fail("reply failed; closing connection", err)
+	}
+}
+
+// fail marks the stream unusable after a reply was cut short.
+func (c *conn) fail(msg string, err error) {
+	c.broken = true
+	if !errors.Is(err, net.ErrClosed) {
+		c.log.Warn(msg, "err", err)
+	}
+	c.nc.Close()
+}
+
+// sendfileReply sends a plain read straight from the page cache: the reply
+// header with MSG_MORE, then sendfile. An error after the header is out
+// cannot be reported in-band, so it ends the connection.
+func (c *conn) sendfileReply(r *request) {
+	if c.broken {
+		return
+	}
+	r.sfHdr, r.sfOff, r.sfRemain, r.sfErr = r.vec[0], int64(r.off), int(r.length), nil
+	err := c.raw.Write(r.sendfn)
+	if err == nil {
+		err = r.sfErr
+	}
+	if err != nil {
+		c.log.Error("zero-copy read failed", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.fail("closing connection", err)
+	}
+}
+
+// sendfile is called by RawConn.Write with the socket; false means "wait
+// until writable and call again".
+func (r *request) sendfile(fd uintptr) bool {
+	sock := int(fd)
+	for len(r.sfHdr) > 0 {
+		n, err := sendMore(sock, r.sfHdr)
+		switch err {
+		case nil:
+			r.sfHdr = r.sfHdr[n:]
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.sfErr = err
+			return true
+		}
+	}
+	for r.sfRemain > 0 {
+		n, err := syscall.Sendfile(sock, r.c.sendFD, &r.sfOff, r.sfRemain)
+		if n > 0 {
+			r.sfRemain -= n
+		}
+		switch err {
+		case nil:
+			if n == 0 {
+				r.sfErr = io.ErrUnexpectedEOF // the file shrank under us
+				return true
+			}
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.sfErr = err
+			return true
+		}
+	}
+	return true
+}
