@@ -44,11 +44,14 @@ type conn struct {
 	extenter block.Extenter
 	cacher   block.Cacher
 	tryRead  block.TryReader
-	sendFD   int // file to sendfile plain reads from, or -1
+	sendFD   int      // file to sendfile plain reads from, or -1
+	splice   *splicer // large plain writes, socket to file; or nil
 
-	// noInlineUntil, used by the reader goroutine only, pauses inline
-	// writes after one was slow (the backend blocked).
+	// Owned by the reader goroutine. noInlineUntil pauses inline writes
+	// after one was slow (the backend blocked); deferred holds the
+	// replies of requests it ran, until flushDeferred.
 	noInlineUntil time.Time
+	deferred      []*request
 	raw           syscall.RawConn
 
 	stopping atomic.Bool
@@ -176,6 +179,7 @@ type request struct {
 	hdr      [requestSize + 4]byte // request in; reply header out
 	vec      [2][]byte             // the reply: header and payload (or nil)
 	zeroCopy bool                  // the payload goes by sendfile
+	deferred bool                  // run on the reader: reply batched by flushDeferred
 	extents  []block.Extent
 	bsReply  []byte
 
@@ -198,6 +202,14 @@ func (c *conn) transmit() {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
 				c.raw, c.sendFD = raw, int(f.File().Fd())
+				if !c.exp.ReadOnly {
+					if sp, err := newSplicer(c.sendFD); err == nil {
+						c.splice = sp
+						defer sp.close()
+					} else {
+						c.log.Warn("no splice for large writes", "err", err)
+					}
+				}
 			}
 		}
 	}
@@ -208,6 +220,7 @@ func (c *conn) transmit() {
 	c.work = make(chan *request, n)
 	c.queue = make([]*request, 0, n)
 	c.spare = make([]*request, 0, n)
+	c.deferred = make([]*request, 0, n)
 	c.iovArr = make([][]byte, 0, 2*n)
 	for i := range slots {
 		r := &slots[i]
@@ -256,7 +269,13 @@ func (c *conn) recoverPanic() {
 // readLoop reads requests until the client disconnects, violates the
 // protocol, or the server stops.
 func (c *conn) readLoop() {
+	defer c.flushDeferred()
 	for {
+		// Replies of requests run here go out in one batch once the
+		// requests already received are done: before we could block.
+		if len(c.free) == 0 || c.rd.Buffered() < requestSize {
+			c.flushDeferred()
+		}
 		r := <-c.free
 		if _, err := io.ReadFull(c.rd, r.hdr[:requestSize]); err != nil {
 			c.free <- r
@@ -282,6 +301,16 @@ func (c *conn) readLoop() {
 		}
 		errno := c.validate(r)
 		if r.typ == cmdWrite {
+			if c.rd.Buffered() < int(r.length) {
+				c.flushDeferred()
+			}
+			if errno == 0 && c.splice != nil && r.length >= spliceMin {
+				if !c.writeSpliced(r) {
+					c.free <- r
+					return
+				}
+				continue
+			}
 			if errno == 0 {
 				r.buf = c.srv.pool.get(int(r.length))
 				if err := c.readPayload(r.buf.b[:r.length]); err != nil {
@@ -300,6 +329,7 @@ func (c *conn) readLoop() {
 		if errno != 0 {
 			c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
 			c.srv.cfg.Metrics.request(r.typ, 0, true)
+			r.deferred = true
 			c.replyError(r, errno)
 			continue
 		}
@@ -330,11 +360,12 @@ func (c *conn) inline(r *request) bool {
 		if c.tryRead == nil {
 			return false
 		}
+		r.deferred = true
 		r.buf = c.srv.pool.get(int(r.length))
 		data := r.buf.b[:r.length]
 		if _, err := c.tryRead.TryReadAt(data, int64(r.off)); err != nil {
 			c.srv.pool.put(r.buf) // not cached (or an error): a worker reads it
-			r.buf = nil
+			r.buf, r.deferred = nil, false
 			return false
 		}
 		c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
@@ -348,6 +379,7 @@ func (c *conn) inline(r *request) bool {
 		if now.Before(c.noInlineUntil) {
 			return false
 		}
+		r.deferred = true
 		c.handle(r)
 		if time.Since(now) > inlineSlow {
 			c.noInlineUntil = now.Add(inlinePauseFor)
@@ -511,8 +543,12 @@ func (c *conn) finish(r *request, n int64, err error) {
 	c.replySimple(r, errno, nil)
 }
 
+// Reads of at least zeroCopyMin bytes go by sendfile when they can; smaller
+// ones are cheaper copied, since their replies share one writev.
+const zeroCopyMin = 64 << 10
+
 func (c *conn) read(r *request) {
-	if c.sendFD >= 0 {
+	if c.sendFD >= 0 && r.length >= zeroCopyMin {
 		r.zeroCopy = true
 		c.sendRead(r, nil)
 		return

@@ -33,7 +33,7 @@ func TestBufferPoolBounded(t *testing.T) {
 	for _, b := range bs {
 		p.put(b)
 	}
-	if n := len(p.free[numClasses-1]); n != minPerClass {
+	if n := len(p.classes[numClasses-1].idle); n != minPerClass {
 		t.Fatalf("32 MiB class keeps %d idle buffers, want %d", n, minPerClass)
 	}
 }

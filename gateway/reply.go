@@ -17,11 +17,35 @@ import (
 
 // send queues r's reply: header, then payload (nil for none; ignored when
 // r.zeroCopy, whose payload is sent from the backing file). r belongs to
-// the reply writer from here on.
+// the reply writer from here on. A request the reader ran itself
+// (r.deferred) waits in c.deferred for flushDeferred instead.
 func (c *conn) send(r *request, hdr, data []byte) {
 	r.vec[0], r.vec[1] = hdr, data
+	if r.deferred {
+		c.deferred = append(c.deferred, r) // never grows: at most MaxInflight slots
+		return
+	}
 	c.wmu.Lock()
 	c.queue = append(c.queue, r) // never grows: at most MaxInflight slots exist
+	c.writeQueueLocked()
+}
+
+// flushDeferred sends the replies the reader held back. The reader calls
+// it before anything that could block it.
+func (c *conn) flushDeferred() {
+	if len(c.deferred) == 0 {
+		return
+	}
+	c.wmu.Lock()
+	c.queue = append(c.queue, c.deferred...)
+	c.deferred = c.deferred[:0]
+	c.writeQueueLocked()
+}
+
+// writeQueueLocked is called with wmu held and releases it. Unless
+// another goroutine is writing, it sends everything queued, including
+// what others queue meanwhile.
+func (c *conn) writeQueueLocked() {
 	if c.writing {
 		c.wmu.Unlock()
 		return
@@ -56,7 +80,7 @@ func (c *conn) writeBatch(batch []*request) {
 	}
 	c.writeIov(iov)
 	for _, r := range batch {
-		r.vec[0], r.vec[1], r.zeroCopy = nil, nil, false
+		r.vec[0], r.vec[1], r.zeroCopy, r.deferred = nil, nil, false, false
 		c.done(r)
 	}
 }
