@@ -44,15 +44,15 @@ type conn struct {
 	extenter block.Extenter
 	cacher   block.Cacher
 	tryRead  block.TryReader
-	sendFD   int      // file to sendfile plain reads from, or -1
-	splice   *splicer // large plain writes, socket to file; or nil
+	raw      syscall.RawConn // the socket, when it is one (not TLS)
+	sendFD   int             // file to sendfile plain reads from, or -1
+	splice   *splicer        // large plain writes, socket to file; or nil
 
 	// Owned by the reader goroutine. noInlineUntil pauses inline writes
 	// after one was slow (the backend blocked); deferred holds the
 	// replies of requests it ran, until flushDeferred.
 	noInlineUntil time.Time
 	deferred      []*request
-	raw           syscall.RawConn
 
 	stopping atomic.Bool
 
@@ -499,7 +499,6 @@ func (c *conn) handle(r *request) {
 	var err error
 	switch r.typ {
 	case cmdRead:
-		c.srv.cfg.Metrics.request(cmdRead, n, false)
 		c.read(r)
 		return
 	case cmdWrite:
@@ -549,6 +548,7 @@ const zeroCopyMin = 64 << 10
 
 func (c *conn) read(r *request) {
 	if c.sendFD >= 0 && r.length >= zeroCopyMin {
+		c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
 		r.zeroCopy = true
 		c.sendRead(r, nil)
 		return
@@ -562,6 +562,7 @@ func (c *conn) read(r *request) {
 		c.replyError(r, errno)
 		return
 	}
+	c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
 	c.sendRead(r, data)
 }
 

@@ -333,3 +333,39 @@ func TestRawProtocolErrors(t *testing.T) {
 		}
 	})
 }
+
+// TestLargeWritesSpliced sends plain writes big enough to be spliced from
+// the socket to the file, at unaligned offsets and with part of each
+// payload already buffered, and reads them back.
+func TestLargeWritesSpliced(t *testing.T) {
+	dev := newFileDevice(t, 8<<20)
+	cl := newClient(t, startServer(t, dev)(t))
+	cl.attach("disk", false)
+	cases := []struct {
+		off uint64
+		n   int
+	}{{0, 256 << 10}, {12345, 1<<20 + 17}, {3 << 20, 4 << 20}, {8<<20 - 300<<10, 300 << 10}}
+	for i, c := range cases {
+		p := make([]byte, c.n)
+		newPRNG(uint64(i)).Read(p)
+		// A small write first, so that the big header lands in the same
+		// segment as part of its payload.
+		cl.request(0, 1, 100, 0, 1, []byte{0xee})
+		cl.request(0, 1, uint64(i), c.off, uint32(c.n), p)
+		for k := 0; k < 2; k++ {
+			if e, _ := cl.simpleReply(nil); e != 0 {
+				t.Fatalf("case %d: write errno %d", i, e)
+			}
+		}
+		got := make([]byte, c.n)
+		if _, err := dev.ReadAt(got, int64(c.off)); err != nil {
+			t.Fatal(err)
+		}
+		if c.off != 0 && !bytes.Equal(got, p) {
+			t.Fatalf("case %d: the file holds other bytes", i)
+		}
+		if c.off == 0 && !bytes.Equal(got[1:], p[1:]) {
+			t.Fatalf("case %d: the file holds other bytes", i)
+		}
+	}
+}

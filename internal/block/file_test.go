@@ -126,3 +126,23 @@ func equalExtents(a, b []Extent) bool {
 	}
 	return true
 }
+
+func TestFileTryReadAt(t *testing.T) {
+	d := newFile(t, 1<<20, false)
+	want := bytes.Repeat([]byte("goldilocks"), 1000)
+	if _, err := d.WriteAt(want, 4096); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(want))
+	switch _, err := d.TryReadAt(got, 4096); {
+	case errors.Is(err, ErrWouldBlock):
+		t.Log("RWF_NOWAIT reads are not available on this filesystem")
+	case err != nil:
+		t.Fatal(err)
+	case !bytes.Equal(got, want):
+		t.Fatal("TryReadAt read other bytes")
+	}
+	if _, err := d.TryReadAt(got, 1<<20-10); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("TryReadAt past the end: %v", err)
+	}
+}
