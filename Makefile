@@ -9,8 +9,10 @@ TEST_DEBS := qemu-utils libnbd-bin python3-libnbd nbdkit fio
 
 all: build
 
+VERSION := $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
 build:
-	$(GO) build -trimpath -o $(BIN) ./cmd/goldilocks
+	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/goldilocks
 
 run: build
 	./$(BIN) serve

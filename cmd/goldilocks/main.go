@@ -16,6 +16,9 @@ import (
 	"github.com/spf13/cobra"
 )
 
+// version is set by the Makefile (-ldflags -X main.version=…).
+var version = "dev"
+
 // usageError marks a command-line mistake: exit status 2.
 type usageError struct{ err error }
 
@@ -51,6 +54,7 @@ func newRoot(a *app) *cobra.Command {
 		Short:         "Storage-tier security gateway for virtual disks (NBD)",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       version,
 	}
 	root.SetOut(a.stdout)
 	root.SetErr(a.stderr)
