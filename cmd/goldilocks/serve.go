@@ -108,7 +108,10 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
-	if len(vols) == 0 {
+	example := "demo"
+	if len(vols) > 0 {
+		example = vols[0].Name
+	} else {
 		v, err := reg.Create(volume.CreateOptions{Name: "demo", Size: 1 << 30})
 		if errors.Is(err, volume.ErrExists) {
 			err = nil
@@ -191,7 +194,7 @@ func serve(a *app, sf serveFlags) error {
 		go func() { errc <- srv.Serve(l) }()
 	}
 	ready.Store(true)
-	printAttachHelp(a, sf.listen, sock, listeners)
+	printAttachHelp(a, example, sock, listeners)
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -240,7 +243,7 @@ func removeStaleSocket(path string) error {
 	return os.Remove(path)
 }
 
-func printAttachHelp(a *app, listen, sock string, ls []net.Listener) {
+func printAttachHelp(a *app, name, sock string, ls []net.Listener) {
 	tcp := ""
 	for _, l := range ls {
 		if l.Addr().Network() == "tcp" {
@@ -248,15 +251,15 @@ func printAttachHelp(a *app, listen, sock string, ls []net.Listener) {
 		}
 	}
 	w := a.stderr
-	fmt.Fprintln(w, "Goldilocks is serving. Attach the demo volume with:")
+	fmt.Fprintf(w, "Goldilocks is serving. Attach volume %s with:\n", name)
 	if tcp != "" {
 		host, port, _ := net.SplitHostPort(tcp)
-		fmt.Fprintf(w, "  qemu-img info nbd://%s/demo\n", tcp)
-		fmt.Fprintf(w, "  qemu-io -f raw -c 'write -P 0x5a 0 64k' -c 'read -P 0x5a 0 64k' nbd://%s/demo\n", tcp)
-		fmt.Fprintf(w, "  qemu-system-x86_64 ... -drive driver=nbd,host=%s,port=%s,export=demo,if=virtio,cache=none\n", host, port)
+		fmt.Fprintf(w, "  qemu-img info nbd://%s/%s\n", tcp, name)
+		fmt.Fprintf(w, "  qemu-io -f raw -c 'write -P 0x5a 0 64k' -c 'read -P 0x5a 0 64k' nbd://%s/%s\n", tcp, name)
+		fmt.Fprintf(w, "  qemu-system-x86_64 ... -drive driver=nbd,host=%s,port=%s,export=%s,if=virtio,cache=none\n", host, port, name)
 	}
 	if sock != "none" {
-		fmt.Fprintf(w, "  nbdinfo 'nbd+unix:///demo?socket=%s'\n", sock)
+		fmt.Fprintf(w, "  nbdinfo 'nbd+unix:///%s?socket=%s'\n", name, sock)
 	}
 	fmt.Fprintln(w, "Stop with Ctrl-C.")
 }
