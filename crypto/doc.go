@@ -1,9 +1,11 @@
-// Package crypto will own the encrypted volume format (FORMAT.md, written
-// before its code): the volume header, chunk sealing as DARE 2.0 packages,
-// the crash-safety scheme, and the KEK providers that wrap data keys.
+// Package crypto owns the encrypted volume format (FORMAT.md): chunk
+// sealing as DARE 2.0 packages and, as the encrypted-volumes issue
+// proceeds, the volume header, the crash-safe chunk map and the KEK
+// providers that wrap data keys.
 //
 // It is a block.Device stage that wraps another; it has no network code,
 // never speaks NBD, and never decides who may attach what.
 //
-// Nothing is implemented here yet: encrypted volumes are the next issue.
+// Today it holds the chunk sealer (chunk.go) only; the format is a draft
+// and no volume is encrypted yet.
 package crypto
