@@ -40,12 +40,13 @@ test: deps check build
 
 # bench: Go hot-path benchmarks, then the peer comparison (bench/README.md).
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./gateway/ ./internal/... | tee bench/go-bench.txt
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./gateway/ ./crypto/ ./internal/... | tee bench/go-bench.txt
 	bash bench/run.sh
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/
 	$(GO) test -run '^$$' -fuzz FuzzTransmission -fuzztime 2m ./gateway/
+	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 2m ./crypto/
 
 torture: build
 	@echo "no crash torture yet: it arrives with the encrypted volume format"
