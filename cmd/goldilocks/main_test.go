@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -26,7 +28,9 @@ func TestVolumeCommands(t *testing.T) {
 		{[]string{"volume", "create", "b", "--size", "lots", "--plain"}, 2, "size"},
 		{[]string{"volume", "create", "b", "--plain"}, 2, "--size is required"},
 		{[]string{"volume", "create", "b", "--size", "1M", "--bogus"}, 2, "unknown flag"},
-		{[]string{"volume", "create", "b", "--size", "1M"}, 1, "--plain"},
+		{[]string{"volume", "create", "enc", "--size", "1M"}, 0, ""},
+		{[]string{"volume", "create", "enc2", "--size", "1M", "--kek", "vault:k"}, 1, "vault"},
+		{[]string{"volume", "create", "enc3", "--size", "1M", "--cipher", "rot13"}, 2, "--cipher"},
 		{[]string{"volume", "create", "b/c", "--size", "1M", "--plain"}, 1, "invalid volume name"},
 		{[]string{"volume", "info"}, 2, "accepts 1 arg"},
 		{[]string{"volume", "info", "zzz"}, 1, "no such volume"},
@@ -53,9 +57,35 @@ func TestVolumeCommands(t *testing.T) {
 	if b, _ := v["backing"].(string); !strings.HasSuffix(b, "/volumes/a.img") {
 		t.Errorf("backing = %v", v["backing"])
 	}
+	code, out, _ = runCLI(t, "volume", "info", "enc", "--json", "--data-dir", dir)
+	v = nil
+	if err := json.Unmarshal([]byte(out), &v); code != 0 || err != nil {
+		t.Fatalf("info --json: %d %v %s", code, err, out)
+	}
+	kek, _ := v["kek"].(map[string]any)
+	if v["encrypted"] != true || v["cipher"] != "aes-256-gcm" || kek["provider"] != "local" || kek["key"] != "default" {
+		t.Errorf("encrypted volume info: %s", out)
+	}
+	// No key material: neither the KEK from the keystore nor a wrapped DEK.
+	ks, err := os.ReadFile(filepath.Join(dir, "keystore.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Keys map[string][]struct{ Key string }
+	}
+	json.Unmarshal(ks, &doc)
+	for _, k := range doc.Keys["default"] {
+		if k.Key == "" || strings.Contains(out, k.Key) {
+			t.Errorf("info shows key material (or the keystore has none): %s", out)
+		}
+	}
+	if strings.Contains(strings.ToLower(out), "wrapped") {
+		t.Errorf("info shows a wrapped key: %s", out)
+	}
 	code, out, _ = runCLI(t, "volume", "list", "--json", "--data-dir", dir)
 	var l []map[string]any
-	if err := json.Unmarshal([]byte(out), &l); code != 0 || err != nil || len(l) != 1 {
+	if err := json.Unmarshal([]byte(out), &l); code != 0 || err != nil || len(l) != 2 {
 		t.Fatalf("list --json: %d %v %s", code, err, out)
 	}
 }

@@ -112,21 +112,21 @@ func serve(a *app, sf serveFlags) error {
 	if len(vols) > 0 {
 		example = vols[0].Name
 	} else {
-		v, err := reg.Create(volume.CreateOptions{Name: "demo", Size: 1 << 30})
+		v, err := reg.Create(volume.CreateOptions{Name: "demo", Size: 1 << 30, Encrypted: true})
 		if errors.Is(err, volume.ErrExists) {
 			err = nil
 		}
 		if err != nil {
 			return fmt.Errorf("creating the demo volume: %w", err)
 		}
-		log.Warn("created the demo volume; it is PLAIN (unencrypted) until volume encryption lands", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
+		log.Info("created the demo volume, encrypted with a key in the local keystore", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
 	}
 	log.Warn("no --policy: every volume is served to any client that can reach the listeners")
 
 	registry := prometheus.NewRegistry()
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv := gateway.New(gateway.Config{
-		Exports:     volume.NewExports(reg),
+		Exports:     volume.NewExports(reg, log),
 		Logger:      log,
 		Metrics:     gateway.NewMetrics(registry),
 		MaxInflight: sf.maxInflight,

@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"goldilocks/crypto"
 	"goldilocks/internal/volume"
 )
 
@@ -25,20 +26,48 @@ type volumeJSON struct {
 	ReadOnly  bool           `json:"read_only"`
 	Created   string         `json:"created"`
 	KEK       *volume.KEKRef `json:"kek"`
+	// Encrypted volumes, read from the volume header (never key material).
+	Cipher string `json:"cipher,omitempty"`
+	// WriteCounter is the header's nonce reservation: an upper bound on
+	// the chunks sealed with the current data key.
+	WriteCounter *uint64 `json:"write_counter,omitempty"`
+	HeaderError  string  `json:"header_error,omitempty"`
 }
 
 func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
-	return volumeJSON{
+	j := volumeJSON{
 		Name: v.Name, UUID: v.UUID, Size: v.Size, Encrypted: v.Encrypted,
 		Backing: reg.BackingPath(v), ReadOnly: v.ReadOnly,
 		Created: v.Created.Format("2006-01-02T15:04:05.000Z07:00"), KEK: v.KEK,
 	}
+	if v.Encrypted {
+		h, err := volume.ReadHeader(reg.BackingPath(v))
+		if err != nil {
+			j.HeaderError = err.Error()
+			return j
+		}
+		j.Cipher = cipherName(h.Suite)
+		n := h.NonceReserved
+		j.WriteCounter = &n
+		j.KEK = &volume.KEKRef{Provider: h.KEK.Provider, Key: h.KEK.Name, Version: int(h.KEK.Version)}
+	}
+	return j
+}
+
+func cipherName(s byte) string {
+	switch s {
+	case crypto.AES256GCM:
+		return "aes-256-gcm"
+	case crypto.ChaCha20Poly1305:
+		return "chacha20-poly1305"
+	}
+	return fmt.Sprintf("unknown-%#x", s)
 }
 
 func newVolumeCreateCmd(a *app) *cobra.Command {
 	var (
-		sizeStr, kek, backing string
-		plain, readOnly       bool
+		sizeStr, kek, backing, cipher string
+		plain, readOnly               bool
 	)
 	c := &cobra.Command{
 		Use:   "create NAME --size SIZE [--plain] [--backing PATH]",
@@ -58,12 +87,22 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 			if kek != "" && plain {
 				return usagef("volume create: --kek and --plain exclude each other")
 			}
+			var suite byte
+			switch cipher {
+			case "aes-256-gcm":
+				suite = crypto.AES256GCM
+			case "chacha20-poly1305":
+				suite = crypto.ChaCha20Poly1305
+			default:
+				return usagef("volume create: --cipher %q: want aes-256-gcm or chacha20-poly1305", cipher)
+			}
 			reg, err := volume.Open(a.dataDir)
 			if err != nil {
 				return err
 			}
 			v, err := reg.Create(volume.CreateOptions{
 				Name: argv[0], Size: size, Backing: backing, Encrypted: !plain, ReadOnly: readOnly,
+				KEK: kek, Suite: suite,
 			})
 			if err != nil {
 				return err
@@ -78,7 +117,8 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	f := c.Flags()
 	f.StringVar(&sizeStr, "size", "", "logical size (bytes, or with K, M, G, T suffix); a multiple of 4 KiB")
 	f.BoolVar(&plain, "plain", false, "store the guest's bytes unencrypted")
-	f.StringVar(&kek, "kek", "", "key-encryption key: local or vault:KEYNAME")
+	f.StringVar(&kek, "kek", "", "key-encryption key: local (default) or vault:KEYNAME")
+	f.StringVar(&cipher, "cipher", "aes-256-gcm", "aes-256-gcm or chacha20-poly1305")
 	f.StringVar(&backing, "backing", "", "existing file or block device to hold the volume (default: a sparse file in the data dir)")
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
 	return c
@@ -149,6 +189,15 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 				j.Name, j.UUID, j.Size, j.Encrypted, j.Backing, j.ReadOnly, j.Created)
 			if j.KEK != nil {
 				fmt.Fprintf(tw, "kek:\t%s:%s version %d\n", j.KEK.Provider, j.KEK.Key, j.KEK.Version)
+			}
+			if j.Cipher != "" {
+				fmt.Fprintf(tw, "cipher:\t%s\n", j.Cipher)
+			}
+			if j.WriteCounter != nil {
+				fmt.Fprintf(tw, "write counter:\t≤ %d chunks sealed with this data key (budget 2^32)\n", *j.WriteCounter)
+			}
+			if j.HeaderError != "" {
+				fmt.Fprintf(tw, "header:\t%s\n", j.HeaderError)
 			}
 			return tw.Flush()
 		},

@@ -90,6 +90,7 @@ var (
 	ErrReadOnly     = errors.New("block: device is read-only")
 	ErrClosed       = errors.New("block: device is closed")
 	ErrWouldBlock   = errors.New("block: operation would block")
+	ErrInUse        = errors.New("block: in use by another process (a running gateway?)")
 )
 
 // CheckRange reports whether [off, off+length) lies inside a device of the

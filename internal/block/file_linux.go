@@ -73,6 +73,25 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 	return d, nil
 }
 
+// Lock takes an exclusive advisory lock on the backing store, so that
+// two processes never open one volume for writing at once. It fails at
+// once with ErrInUse if another open file holds it.
+func (d *File) Lock() error {
+	for {
+		err := unix.Flock(d.fd, unix.LOCK_EX|unix.LOCK_NB)
+		switch err {
+		case nil:
+			return nil
+		case unix.EINTR:
+			continue
+		case unix.EWOULDBLOCK:
+			return ErrInUse
+		default:
+			return err
+		}
+	}
+}
+
 // Limit serves only the first size bytes of a larger backing store. It
 // must be called before the File is shared.
 func (d *File) Limit(size int64) {

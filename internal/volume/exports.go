@@ -1,10 +1,13 @@
 package volume
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 
+	"goldilocks/crypto"
 	"goldilocks/gateway"
 	"goldilocks/internal/block"
 )
@@ -14,6 +17,7 @@ import (
 // writes of all of them (NBD's CAN_MULTI_CONN).
 type Exports struct {
 	reg *Registry
+	log *slog.Logger
 
 	mu   sync.Mutex // guards open
 	open map[string]*shared
@@ -28,8 +32,8 @@ type shared struct {
 var _ gateway.Exports = (*Exports)(nil)
 
 // NewExports returns the gateway's view of reg.
-func NewExports(reg *Registry) *Exports {
-	return &Exports{reg: reg, open: make(map[string]*shared)}
+func NewExports(reg *Registry, log *slog.Logger) *Exports {
+	return &Exports{reg: reg, log: log, open: make(map[string]*shared)}
 }
 
 // Open opens the named volume for one connection.
@@ -45,18 +49,11 @@ func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
 	defer e.mu.Unlock()
 	s := e.open[name]
 	if s == nil || s.uuid != v.UUID {
-		if v.Encrypted {
-			return nil, nil, fmt.Errorf("volume %s: encrypted volumes are not served by this build", name)
-		}
-		dev, err := block.OpenFile(e.reg.BackingPath(v), v.ReadOnly)
+		dev, err := e.reg.OpenDevice(v, e.log)
 		if err != nil {
-			return nil, nil, fmt.Errorf("volume %s: %w", name, err)
+			return nil, nil, err
 		}
-		if dev.Size() < v.Size {
-			dev.Close()
-			return nil, nil, fmt.Errorf("volume %s: backing store holds %d bytes, registry says %d", name, dev.Size(), v.Size)
-		}
-		s = &shared{uuid: v.UUID, dev: sized(dev, v.Size)}
+		s = &shared{uuid: v.UUID, dev: dev}
 		if old := e.open[name]; old != nil {
 			// The volume was replaced; connections to the old one keep
 			// their device until they end.
@@ -106,9 +103,46 @@ func (e *Exports) List() ([]gateway.ExportInfo, error) {
 	return out, nil
 }
 
-// sized returns dev limited to the registry's size when the backing store
-// is larger (a block device or file bigger than the volume).
-func sized(dev *block.File, size int64) block.Device {
-	dev.Limit(size)
-	return dev
+// OpenDevice opens a volume's backing store, locked against other
+// processes, as the device the gateway serves: the file itself for a plain
+// volume, the decrypting crypto.Volume for an encrypted one.
+func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) {
+	// Encrypted volumes are opened read-write even when served read-only:
+	// the nonce reservation lives in the header.
+	f, err := block.OpenFile(r.BackingPath(v), v.ReadOnly && !v.Encrypted)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	if err := f.Lock(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	if !v.Encrypted {
+		if f.Size() < v.Size {
+			f.Close()
+			return nil, fmt.Errorf("volume %s: backing store holds %d bytes, registry says %d", v.Name, f.Size(), v.Size)
+		}
+		f.Limit(v.Size) // a larger block device or file serves the volume's size
+		return f, nil
+	}
+	id, err := v.UUIDBytes()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	provider := "local"
+	if v.KEK != nil {
+		provider = v.KEK.Provider
+	}
+	kek, err := r.KEK(provider)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return cv, nil
 }

@@ -5,18 +5,24 @@
 package volume
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/google/uuid"
+
+	"goldilocks/crypto"
+	"goldilocks/internal/block"
 )
 
 // Format constants of volumes.json (FORMAT.md). Part of the on-disk format.
@@ -278,27 +284,71 @@ type CreateOptions struct {
 	Backing   string
 	Encrypted bool
 	ReadOnly  bool
+	// KEK is "local" (the default) or "vault:KEYNAME"; encrypted only.
+	KEK string
+	// Suite is crypto.AES256GCM (default) or crypto.ChaCha20Poly1305.
+	Suite byte
 }
 
-// Create adds a plain volume and creates its backing file. Encrypted
-// volumes need the crypto package, which formats the backing store; until
-// then Create refuses them.
+// DefaultKeyName is the local keystore's key for volumes that name none.
+const DefaultKeyName = "default"
+
+// KEK returns the provider that holds a volume's key-encryption key.
+func (r *Registry) KEK(provider string) (crypto.KEKProvider, error) {
+	switch provider {
+	case "local", "":
+		return crypto.NewLocalKEK(r.dir), nil
+	case "vault":
+		return nil, errors.New("the vault KEK provider is not available in this build yet")
+	}
+	return nil, fmt.Errorf("unknown KEK provider %q (local or vault:KEYNAME)", provider)
+}
+
+// UUIDBytes is a volume's UUID in binary.
+func (v Volume) UUIDBytes() ([16]byte, error) {
+	u, err := uuid.Parse(v.UUID)
+	if err != nil {
+		return [16]byte{}, fmt.Errorf("volume %s: uuid: %w", v.Name, err)
+	}
+	return u, nil
+}
+
+// Create adds a volume and creates its backing file; an encrypted volume's
+// backing store is formatted (crypto/FORMAT.md) with a new data key
+// wrapped by its KEK.
 func (r *Registry) Create(o CreateOptions) (Volume, error) {
 	if !nameRE.MatchString(o.Name) {
 		return Volume{}, fmt.Errorf("volume %q: %w", o.Name, ErrInvalidName)
 	}
+	var kek crypto.KEKProvider
 	if o.Encrypted {
-		return Volume{}, fmt.Errorf("volume %s: encrypted volumes are not available in this build; pass --plain", o.Name)
+		prov, key, _ := strings.Cut(o.KEK, ":")
+		if key == "" {
+			key = DefaultKeyName
+		}
+		var err error
+		if kek, err = r.KEK(prov); err != nil {
+			return Volume{}, fmt.Errorf("volume %s: %w", o.Name, err)
+		}
+		o.KEK = key
+		if o.Size == 0 {
+			return Volume{}, fmt.Errorf("volume %s: --size is required for an encrypted volume", o.Name)
+		}
 	}
 	if o.Size < 0 || o.Size%SizeAlign != 0 {
 		return Volume{}, fmt.Errorf("volume %s: size %d is not a positive multiple of %d", o.Name, o.Size, SizeAlign)
 	}
 	v := Volume{
-		Name:     o.Name,
-		UUID:     uuid.NewString(),
-		Size:     o.Size,
-		ReadOnly: o.ReadOnly,
-		Created:  time.Now().UTC().Truncate(time.Millisecond),
+		Name:      o.Name,
+		UUID:      uuid.NewString(),
+		Size:      o.Size,
+		Encrypted: o.Encrypted,
+		ReadOnly:  o.ReadOnly,
+		Created:   time.Now().UTC().Truncate(time.Millisecond),
+	}
+	storeSize := o.Size
+	if o.Encrypted {
+		storeSize = int64(crypto.LayoutFor(uint64(o.Size)).End)
 	}
 	var created string
 	err := r.update(func(vols []Volume) ([]Volume, error) {
@@ -319,8 +369,8 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 			if v.Size == 0 {
 				v.Size = size &^ (SizeAlign - 1)
 			}
-			if v.Size == 0 || v.Size > size {
-				return nil, fmt.Errorf("volume %s: backing %s holds %d bytes, volume needs %d", o.Name, abs, size, v.Size)
+			if v.Size == 0 || storeSize > size {
+				return nil, fmt.Errorf("volume %s: backing %s holds %d bytes, volume needs %d", o.Name, abs, size, max(v.Size, storeSize))
 			}
 			v.Backing = abs
 		} else {
@@ -334,7 +384,7 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 				return nil, fmt.Errorf("volume %s: %w", o.Name, err)
 			}
 			created = p
-			err = f.Truncate(v.Size)
+			err = f.Truncate(storeSize)
 			if err == nil {
 				err = f.Sync()
 			}
@@ -345,6 +395,13 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 				return nil, fmt.Errorf("volume %s: backing file: %w", o.Name, err)
 			}
 		}
+		if o.Encrypted {
+			ref, err := r.format(v, kek, o.KEK, o.Suite)
+			if err != nil {
+				return nil, err
+			}
+			v.KEK = ref
+		}
 		return append(vols, v), nil
 	})
 	if err != nil {
@@ -354,6 +411,49 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 		return Volume{}, err
 	}
 	return v, nil
+}
+
+// format writes a new encrypted volume onto v's backing store.
+func (r *Registry) format(v Volume, kek crypto.KEKProvider, keyName string, suite byte) (*KEKRef, error) {
+	id, err := v.UUIDBytes()
+	if err != nil {
+		return nil, err
+	}
+	dev, err := block.OpenFile(r.BackingPath(v), false)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	defer dev.Close()
+	if err := dev.Lock(); err != nil {
+		return nil, fmt.Errorf("volume %s: backing store: %w", v.Name, err)
+	}
+	if err := crypto.Format(context.Background(), dev, id, uint64(v.Size), suite, kek, keyName); err != nil {
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	h, err := ReadHeader(r.BackingPath(v))
+	if err != nil {
+		return nil, err
+	}
+	return &KEKRef{Provider: h.KEK.Provider, Key: h.KEK.Name, Version: int(h.KEK.Version)}, nil
+}
+
+// ReadHeader reads an encrypted volume's current header without its key
+// (the MAC is not checked): for `volume info`.
+func ReadHeader(path string) (*crypto.Header, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b := make([]byte, 2*crypto.HeaderBlockSize)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("%s: reading the volume header: %w", path, err)
+	}
+	h, _, err := crypto.PickHeader(b[:crypto.HeaderBlockSize], b[crypto.HeaderBlockSize:])
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return h, nil
 }
 
 // backingSize is the size of a regular file or block device.

@@ -2,6 +2,7 @@ package volume
 
 import (
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -75,7 +76,7 @@ func TestCreateListGet(t *testing.T) {
 	}
 	for _, bad := range []CreateOptions{
 		{Name: "", Size: 4096}, {Name: "-x", Size: 4096}, {Name: strings.Repeat("n", 65), Size: 4096},
-		{Name: "b", Size: 4095}, {Name: "b"}, {Name: "c", Size: 4096, Encrypted: true},
+		{Name: "b", Size: 4095}, {Name: "b"}, {Name: "c", Encrypted: true}, {Name: "d", Size: 4096, Encrypted: true, KEK: "vault:x"},
 	} {
 		if _, err := r.Create(bad); err == nil {
 			t.Errorf("create %+v succeeded", bad)
@@ -137,7 +138,7 @@ func TestExportsShareOneDevice(t *testing.T) {
 	if _, err := r.Create(CreateOptions{Name: "a", Size: 8192}); err != nil {
 		t.Fatal(err)
 	}
-	e := NewExports(r)
+	e := NewExports(r, slog.Default())
 	x1, rel1, err := e.Open("a")
 	if err != nil {
 		t.Fatal(err)
