@@ -12,7 +12,8 @@ import (
 
 func newVolumeCmd(a *app) *cobra.Command {
 	c := &cobra.Command{Use: "volume", Short: "Create, list and inspect volumes"}
-	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a))
+	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a),
+		newVolumeImportCmd(a), newVolumeExportCmd(a), newVolumeShredCmd(a))
 	return c
 }
 

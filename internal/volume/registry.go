@@ -6,6 +6,7 @@ package volume
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -474,4 +475,56 @@ func backingSize(path string) (int64, error) {
 		return 0, errors.New("not a regular file or block device")
 	}
 	return f.Seek(0, 2)
+}
+
+// Remove deletes a volume from the registry (not its backing store).
+func (r *Registry) Remove(name string) error {
+	return r.update(func(vols []Volume) ([]Volume, error) {
+		for i, v := range vols {
+			if v.Name == name {
+				return append(vols[:i], vols[i+1:]...), nil
+			}
+		}
+		return nil, fmt.Errorf("volume %s: %w", name, ErrNotFound)
+	})
+}
+
+// Shred destroys an encrypted volume's wrapped data key — both header
+// copies are overwritten with random bytes and synced — so its data is
+// unreadable at once, then removes the volume from the registry and
+// deletes its backing file if it lives in the data dir.
+func (r *Registry) Shred(name string) error {
+	v, err := r.Get(name)
+	if err != nil {
+		return err
+	}
+	if !v.Encrypted {
+		return fmt.Errorf("volume %s is plain: it has no key to destroy; remove or overwrite its backing store yourself", name)
+	}
+	f, err := os.OpenFile(r.BackingPath(v), os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	junk := make([]byte, 2*crypto.HeaderBlockSize)
+	if _, err := rand.Read(junk); err != nil {
+		f.Close()
+		return err
+	}
+	_, err = f.WriteAt(junk, 0)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("volume %s: destroying the key: %w", name, err)
+	}
+	if err := r.Remove(name); err != nil {
+		return err
+	}
+	if !filepath.IsAbs(v.Backing) {
+		os.Remove(r.BackingPath(v))
+	}
+	return nil
 }

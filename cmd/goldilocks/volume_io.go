@@ -1,0 +1,237 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"goldilocks/internal/block"
+	"goldilocks/internal/volume"
+)
+
+// copyBlock is the unit of import and export.
+const copyBlock = 1 << 20
+
+// progress prints "\rverb NAME: 42% 512 MiB/s" to stderr at most five
+// times a second, and only when stderr is a terminal.
+type progress struct {
+	w     io.Writer
+	on    bool
+	label string
+	total int64
+	start time.Time
+	last  time.Time
+}
+
+func newProgress(a *app, label string, total int64) *progress {
+	p := &progress{w: a.stderr, label: label, total: total, start: time.Now()}
+	if f, ok := a.stderr.(*os.File); ok {
+		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			p.on = true
+		}
+	}
+	return p
+}
+
+func (p *progress) update(done int64) {
+	if !p.on || time.Since(p.last) < 200*time.Millisecond && done < p.total {
+		return
+	}
+	p.last = time.Now()
+	rate := float64(done) / max(time.Since(p.start).Seconds(), 1e-3) / (1 << 20)
+	fmt.Fprintf(p.w, "\r%s: %3d%% %6.0f MiB/s", p.label, done*100/max(p.total, 1), rate)
+	if done >= p.total {
+		fmt.Fprintln(p.w)
+	}
+}
+
+func quietLogger(a *app) *slog.Logger {
+	return slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+func newVolumeExportCmd(a *app) *cobra.Command {
+	var to string
+	c := &cobra.Command{
+		Use:   "export NAME --to RAW_FILE",
+		Short: "Write a volume's plaintext to a raw image (no gateway needed: the disaster-recovery path)",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			if to == "" {
+				return usagef("volume export: --to is required")
+			}
+			reg, err := volume.Open(a.dataDir)
+			if err != nil {
+				return err
+			}
+			v, err := reg.Get(argv[0])
+			if err != nil {
+				return err
+			}
+			dev, err := reg.OpenDevice(v, quietLogger(a))
+			if err != nil {
+				return err
+			}
+			defer dev.Close()
+			out, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+			if err != nil {
+				return err
+			}
+			size := dev.Size()
+			if err := out.Truncate(size); err != nil { // sparse: holes stay holes
+				out.Close()
+				return err
+			}
+			ext, _ := dev.(block.Extenter)
+			buf := make([]byte, copyBlock)
+			pr := newProgress(a, "export "+v.Name, size)
+			for off := int64(0); off < size; {
+				n := min(int64(copyBlock), size-off)
+				if ext != nil {
+					if e, err := ext.Extents(nil, off, n, 1); err == nil && len(e) == 1 && e[0].Flags&block.ExtentZero != 0 {
+						off += e[0].Length
+						pr.update(off)
+						continue
+					}
+				}
+				if _, err := dev.ReadAt(buf[:n], off); err != nil {
+					out.Close()
+					return fmt.Errorf("volume %s at offset %d: %w", v.Name, off, err)
+				}
+				if !isZero(buf[:n]) {
+					if _, err := out.WriteAt(buf[:n], off); err != nil {
+						out.Close()
+						return err
+					}
+				}
+				off += n
+				pr.update(off)
+			}
+			if err := out.Sync(); err != nil {
+				out.Close()
+				return err
+			}
+			return out.Close()
+		},
+	}
+	c.Flags().StringVar(&to, "to", "", "raw image to write")
+	return c
+}
+
+func newVolumeImportCmd(a *app) *cobra.Command {
+	var (
+		from  string
+		plain bool
+	)
+	c := &cobra.Command{
+		Use:   "import NAME --from RAW_FILE",
+		Short: "Copy a raw image into a volume (created, encrypted, if it does not exist)",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			if from == "" {
+				return usagef("volume import: --from is required")
+			}
+			in, err := os.Open(from)
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			st, err := in.Stat()
+			if err != nil {
+				return err
+			}
+			size := st.Size()
+			reg, err := volume.Open(a.dataDir)
+			if err != nil {
+				return err
+			}
+			v, err := reg.Get(argv[0])
+			created := false
+			if errors.Is(err, volume.ErrNotFound) {
+				v, err = reg.Create(volume.CreateOptions{Name: argv[0], Size: (size + 4095) &^ 4095, Encrypted: !plain})
+				created = true
+			}
+			if err != nil {
+				return err
+			}
+			if v.Size < size {
+				return fmt.Errorf("volume %s holds %d bytes, %s has %d", v.Name, v.Size, from, size)
+			}
+			dev, err := reg.OpenDevice(v, quietLogger(a))
+			if err != nil {
+				return err
+			}
+			zeroer, _ := dev.(block.Zeroer)
+			buf := make([]byte, copyBlock)
+			pr := newProgress(a, "import "+v.Name, size)
+			for off := int64(0); off < size; {
+				n, err := io.ReadFull(in, buf)
+				if err == io.ErrUnexpectedEOF || err == io.EOF {
+					err = nil
+				}
+				if err != nil {
+					dev.Close()
+					return err
+				}
+				chunk := buf[:n]
+				switch {
+				case isZero(chunk) && created: // a new volume already reads zeros
+				case isZero(chunk) && zeroer != nil:
+					err = zeroer.Zero(off, int64(n), true, false)
+				default:
+					_, err = dev.WriteAt(chunk, off)
+				}
+				if err != nil {
+					dev.Close()
+					return fmt.Errorf("volume %s at offset %d: %w", v.Name, off, err)
+				}
+				off += int64(n)
+				pr.update(off)
+			}
+			if err := dev.Flush(); err != nil {
+				dev.Close()
+				return err
+			}
+			return dev.Close()
+		},
+	}
+	c.Flags().StringVar(&from, "from", "", "raw image to read")
+	c.Flags().BoolVar(&plain, "plain", false, "create the volume unencrypted (when it does not exist)")
+	return c
+}
+
+func newVolumeShredCmd(a *app) *cobra.Command {
+	return &cobra.Command{
+		Use:   "shred NAME",
+		Short: "Destroy an encrypted volume's wrapped data key: its data is unreadable at once",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			reg, err := volume.Open(a.dataDir)
+			if err != nil {
+				return err
+			}
+			if err := reg.Shred(argv[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "shredded volume %s: its data key is destroyed\n", argv[0])
+			return nil
+		},
+	}
+}
+
+func isZero(b []byte) bool {
+	var z [4096]byte
+	for len(b) > 0 {
+		n := min(len(b), len(z))
+		if !bytes.Equal(b[:n], z[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}
