@@ -48,8 +48,9 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzTransmission -fuzztime 2m ./gateway/
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 2m ./crypto/
 
-torture: build
-	@echo "no crash torture yet: it arrives with the encrypted volume format"
+# torture: the crash model over many more seeds than make test runs.
+torture:
+	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -count=1 -timeout 60m -run TestCrashModel ./crypto/
 
 clean:
 	rm -rf bin

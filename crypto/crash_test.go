@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
 
@@ -117,8 +119,8 @@ func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, n
 // last flushed value or a value written after that flush.
 func TestCrashModel(t *testing.T) {
 	seeds := 300
-	if testing.Short() {
-		seeds = 50
+	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_SEEDS")); err == nil && s > 0 {
+		seeds = s // make torture
 	}
 	kek := NewLocalKEK(t.TempDir())
 	for seed := 0; seed < seeds; seed++ {
