@@ -181,13 +181,17 @@ func TestImportExportShred(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer idle.Process.Kill()
-	time.Sleep(500 * time.Millisecond)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(g.logText(), "export=img"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu-io did not attach:\n%s", g.logText())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if msg, err := runGoldilocks(dir, "volume", "export", "img", "--to", out); err == nil || !strings.Contains(msg, "in use") {
 		t.Fatalf("export of an attached volume: %v %s", err, msg)
 	}
 	idle.Process.Kill()
 	idle.Wait()
-	time.Sleep(300 * time.Millisecond)
 	backing := filepath.Join(dir, "volumes", "img.img")
 	goldilocks(t, dir, "volume", "shred", "img")
 	if _, err := runGoldilocks(dir, "volume", "info", "img"); err == nil {
@@ -203,8 +207,16 @@ func TestImportExportShred(t *testing.T) {
 	os.Truncate(ext, 16<<20)
 	goldilocks(t, dir, "volume", "create", "ext", "--size", "4M", "--backing", ext)
 	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", g.uri("ext"))
-	time.Sleep(300 * time.Millisecond) // the gateway closes the volume after the client leaves
-	goldilocks(t, dir, "volume", "shred", "ext")
+	// The gateway closes the volume just after its last client leaves.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		out, err := runGoldilocks(dir, "volume", "shred", "ext")
+		if err == nil {
+			break
+		}
+		if !strings.Contains(out, "in use") || time.Now().After(deadline) {
+			t.Fatalf("shred: %v %s", err, out)
+		}
+	}
 	b, _ := os.ReadFile(ext)
 	for c := 0; c < 2; c++ {
 		if _, err := crypto.ParseHeader(b[c*crypto.HeaderBlockSize : (c+1)*crypto.HeaderBlockSize]); err == nil {

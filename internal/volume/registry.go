@@ -501,9 +501,16 @@ func (r *Registry) Shred(name string) error {
 	if !v.Encrypted {
 		return fmt.Errorf("volume %s is plain: it has no key to destroy; remove or overwrite its backing store yourself", name)
 	}
-	f, err := os.OpenFile(r.BackingPath(v), os.O_WRONLY, 0)
+	// An attached volume's gateway holds its key in memory and may write
+	// its header again (the nonce reservation): shredding under it would
+	// not stick. Live revocation is the policy issue's quarantine.
+	f, err := block.OpenFile(r.BackingPath(v), false)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	if err := f.Lock(); err != nil {
+		f.Close()
+		return fmt.Errorf("volume %s: %w: detach its clients first", name, err)
 	}
 	junk := make([]byte, 2*crypto.HeaderBlockSize)
 	if _, err := rand.Read(junk); err != nil {
@@ -512,7 +519,7 @@ func (r *Registry) Shred(name string) error {
 	}
 	_, err = f.WriteAt(junk, 0)
 	if err == nil {
-		err = f.Sync()
+		err = f.Flush()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
