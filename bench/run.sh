@@ -8,13 +8,25 @@
 # Prints a Markdown report on stdout: each figure (median of REPS runs) and the
 # ratio Goldilocks / best peer. Progress goes to stderr.
 #
+# The encrypted set does the same with encrypted volumes: Goldilocks serving a
+# default (AES-256-GCM) volume imported from that file, against qemu-nbd serving
+# a QEMU LUKS image (qemu-img create -f luks, aes-256-xts; --image-opts
+# driver=luks) and nbdkit's file plugin with its luks filter on the same image.
+# The LUKS image is made with a PBKDF time of LUKS_ITER_MS: nbdkit's luks filter
+# derives the key again on every connection (about 2.3 s at qemu-img's default
+# of 2000 ms), and nbdcopy's timing includes its connection. The report shows
+# each encrypted server's connection setup time (one nbdinfo --size).
+#
 # Knobs (environment):
 #   GOLDILOCKS  binary to test           (default: REPO/bin/goldilocks)
 #   RUNTIME     seconds per fio job      (default 15; plus a 2 s ramp)
 #   REPS        repetitions per cell     (default 2; the table shows the median)
 #   TRANSPORTS  "tcp unix", "tcp", "unix" (default "tcp unix")
+#   SETS        "plain encrypted", "plain", "encrypted" (default "plain encrypted")
+#   LUKS_ITER_MS  qemu-img luks iter-time in ms (default 10; qemu-img's own is 2000)
 #   PORT_BASE   first TCP port tried     (default 10930; ports PORT_BASE..+9)
 # Quick check: RUNTIME=3 REPS=1 bash bench/run.sh
+# Encrypted only, TCP only: SETS=encrypted TRANSPORTS=tcp RUNTIME=5 REPS=1 bash bench/run.sh
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,12 +34,16 @@ GOLDILOCKS=${GOLDILOCKS:-$REPO/bin/goldilocks}
 RUNTIME=${RUNTIME:-15}
 REPS=${REPS:-2}
 TRANSPORTS=${TRANSPORTS:-"tcp unix"}
+SETS=${SETS:-"plain encrypted"}
+LUKS_ITER_MS=${LUKS_ITER_MS:-10}
 PORT_BASE=${PORT_BASE:-10930}
 RAMP=2
 SIZE_BYTES=$((2 * 1024 * 1024 * 1024))
 PY=/usr/bin/python3 # not a pyenv shim: only the standard library is needed
 
-SERVERS=(goldilocks qemu-nbd nbdkit)
+SERVERS_plain=(goldilocks qemu-nbd nbdkit)
+SERVERS_encrypted=(goldilocks-enc qemu-nbd-luks nbdkit-luks)
+LUKS_PASS=bench-passphrase
 JOBS=(randread4k randwrite4k read1m write1m copyread copywrite)
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -40,9 +56,21 @@ for t in $TRANSPORTS; do
 	[[ $t == tcp || $t == unix ]] || die "TRANSPORTS: unknown transport '$t' (tcp, unix)"
 done
 [[ -n ${TRANSPORTS// /} ]] || die "TRANSPORTS is empty"
+ENCRYPTED=0
+for s in $SETS; do
+	[[ $s == plain || $s == encrypted ]] || die "SETS: unknown set '$s' (plain, encrypted)"
+	[[ $s == encrypted ]] && ENCRYPTED=1
+done
+[[ -n ${SETS// /} ]] || die "SETS is empty"
+[[ $LUKS_ITER_MS =~ ^[1-9][0-9]*$ ]] || die "LUKS_ITER_MS must be a positive integer (got '$LUKS_ITER_MS')"
 for c in qemu-nbd nbdkit fio nbdcopy nbdinfo; do
 	command -v "$c" >/dev/null || die "$c not found (apt-get install qemu-utils nbdkit fio libnbd-bin)"
 done
+if ((ENCRYPTED)); then
+	command -v qemu-img >/dev/null || die "qemu-img not found (apt-get install qemu-utils)"
+	nbdkit --dump-plugin file >/dev/null 2>&1 && nbdkit --filter=luks file --dump-plugin >/dev/null 2>&1 ||
+		die "this nbdkit has no luks filter (nbdkit >= 1.32)"
+fi
 [[ -x $PY ]] || die "$PY not found"
 [[ -x $GOLDILOCKS ]] || die "$GOLDILOCKS not found or not executable (run make build, or set GOLDILOCKS)"
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine"
@@ -106,22 +134,31 @@ free_port() { # sets FREE_PORT to a port in PORT_BASE..PORT_BASE+9 that nobody l
 
 declare -A URI=() # server name -> NBD URI for the current transport
 
+CONNECT=$W/connect.tsv # transport, server, seconds of one nbdinfo --size once ready
 start_server() { # name uri command...
-	local name=$1 uri=$2 i
+	local name=$1 uri=$2 i t0 t1 deadline=$((SECONDS + 60))
 	shift 2
 	"$@" >>"$W/$name.log" 2>&1 &
 	PID[$name]=$!
 	URI[$name]=$uri
-	for ((i = 0; i < 200; i++)); do
+	# Each probe is a full NBD connection (a key derivation for the luks
+	# filter), hence a deadline in seconds rather than a count of probes.
+	while ((SECONDS < deadline)); do
 		if ! kill -0 "${PID[$name]}" 2>/dev/null; then
 			tail -n 20 "$W/$name.log" >&2
 			die "$name exited at start"
 		fi
-		nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+		if nbdinfo --size "$uri" >/dev/null 2>&1; then
+			t0=$(date +%s.%N)
+			nbdinfo --size "$uri" >/dev/null 2>&1 || die "$name: second nbdinfo failed ($uri)"
+			t1=$(date +%s.%N)
+			printf '%s\t%s\t%s\n' "$CUR_T" "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" >>"$CONNECT"
+			return 0
+		fi
 		sleep 0.1
 	done
 	tail -n 20 "$W/$name.log" >&2
-	die "$name not ready after 20 s ($uri)"
+	die "$name not ready after 60 s ($uri)"
 }
 
 stop_servers() {
@@ -130,8 +167,16 @@ stop_servers() {
 	URI=()
 }
 
-start_servers() { # transport
-	local t=$1 p
+LUKS_OPTS=driver=luks,key-secret=sec0 # plus file.filename=
+
+start_servers() { # set transport
+	local set=$1 t=$2
+	CUR_T=$t
+	if [[ $set == encrypted ]]; then
+		start_servers_encrypted "$t"
+		return
+	fi
+	local p
 	if [[ $t == tcp ]]; then
 		free_port
 		p=$FREE_PORT
@@ -153,6 +198,34 @@ start_servers() { # transport
 			qemu-nbd -t -e 4 -f raw -x disk -k "$W/qemu-nbd.sock" "$BASE"
 		start_server nbdkit "nbd+unix:///disk?socket=$W/nbdkit.sock" \
 			nbdkit -f -U "$W/nbdkit.sock" file "$BASE"
+	fi
+}
+
+start_servers_encrypted() { # transport
+	local t=$1 p
+	if [[ $t == tcp ]]; then
+		free_port
+		p=$FREE_PORT
+		start_server goldilocks-enc "nbd://127.0.0.1:$p/disk" \
+			"$GOLDILOCKS" serve --data-dir "$D2" --listen "127.0.0.1:$p" --unix none --metrics "" --log-level warn
+		free_port
+		p=$FREE_PORT
+		start_server qemu-nbd-luks "nbd://127.0.0.1:$p/disk" \
+			qemu-nbd -t -e 4 -x disk -b 127.0.0.1 -p "$p" --object "secret,id=sec0,file=$PASSFILE" \
+			--image-opts "$LUKS_OPTS,file.filename=$LUKS"
+		free_port
+		p=$FREE_PORT
+		start_server nbdkit-luks "nbd://127.0.0.1:$p/disk" \
+			nbdkit -f -i 127.0.0.1 -p "$p" file "$LUKS" --filter=luks "passphrase=+$PASSFILE"
+		NEXT_PORT=$PORT_BASE
+	else
+		start_server goldilocks-enc "nbd+unix:///disk?socket=$D2/nbd.sock" \
+			"$GOLDILOCKS" serve --data-dir "$D2" --listen "" --unix "$D2/nbd.sock" --metrics "" --log-level warn
+		start_server qemu-nbd-luks "nbd+unix:///disk?socket=$W/qemu-nbd-luks.sock" \
+			qemu-nbd -t -e 4 -x disk -k "$W/qemu-nbd-luks.sock" --object "secret,id=sec0,file=$PASSFILE" \
+			--image-opts "$LUKS_OPTS,file.filename=$LUKS"
+		start_server nbdkit-luks "nbd+unix:///disk?socket=$W/nbdkit-luks.sock" \
+			nbdkit -f -U "$W/nbdkit-luks.sock" file "$LUKS" --filter=luks "passphrase=+$PASSFILE"
 	fi
 }
 
@@ -225,56 +298,100 @@ echo "- method: one 2 GiB file of random data in page cache, served by all three
 	"(Goldilocks volume --plain --backing it); fio ioengine=nbd numjobs=1, ${RUNTIME} s + ${RAMP} s ramp;" \
 	"nbdcopy -C 1 of the whole 2 GiB (read to null:, write from a second file);" \
 	"servers alternate job by job, order rotated; each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
+echo "- sets: ${SETS}; transports: ${TRANSPORTS}"
+if ((ENCRYPTED)); then
+	echo "- encrypted set: Goldilocks default volume (AES-256-GCM, local keystore) filled by volume import" \
+		"from the base file; one QEMU LUKS image (qemu-img create -f luks: LUKS1, aes-256-xts-plain64," \
+		"iter-time ${LUKS_ITER_MS} ms) filled by qemu-img convert from the base file, served by" \
+		"qemu-nbd --image-opts driver=luks and by nbdkit file --filter=luks (writes of both go to it);" \
+		"nbdcopy timings include the client's connection setup (shown under each table)"
+fi
 echo
 
 # ---- data -------------------------------------------------------------------
 BASE=$W/base.raw
 SRC=$W/src.raw
 D=$W/gl
+D2=$W/gl-enc
+LUKS=$W/disk.luks
+PASSFILE=$W/luks.pass
 log "temp dir $W; writing the 2 GiB base file (random data)"
 head -c "$SIZE_BYTES" /dev/urandom >"$BASE"
 cp "$BASE" "$SRC"
 cat "$BASE" "$SRC" >/dev/null # page cache
-mkdir -p "$D"
-"$GOLDILOCKS" volume create disk --plain --backing "$BASE" --data-dir "$D" >&2
+if ((ENCRYPTED)); then
+	# Before the plain set's writes land in $BASE (no matter, but tidy).
+	mkdir -p "$D2"
+	log "encrypted set: importing the base file into an encrypted Goldilocks volume"
+	run_child "$W/prep.log" "$GOLDILOCKS" volume import disk --from "$BASE" --data-dir "$D2" ||
+		{ tail -n 20 "$W/prep.log" >&2; die "volume import failed"; }
+	log "encrypted set: creating and filling the LUKS image (iter-time $LUKS_ITER_MS ms)"
+	printf '%s' "$LUKS_PASS" >"$PASSFILE"
+	run_child "$W/prep.log" qemu-img create -f luks --object "secret,id=sec0,file=$PASSFILE" \
+		-o "key-secret=sec0,iter-time=$LUKS_ITER_MS" "$LUKS" "$SIZE_BYTES" ||
+		{ tail -n 20 "$W/prep.log" >&2; die "qemu-img create failed"; }
+	run_child "$W/prep.log" qemu-img convert -n -f raw --object "secret,id=sec0,file=$PASSFILE" \
+		--target-image-opts "$BASE" "$LUKS_OPTS,file.filename=$LUKS" ||
+		{ tail -n 20 "$W/prep.log" >&2; die "qemu-img convert failed"; }
+	cat "$LUKS" "$D2"/volumes/* >/dev/null 2>&1 || true # page cache
+fi
+if [[ " $SETS " == *" plain "* ]]; then
+	mkdir -p "$D"
+	"$GOLDILOCKS" volume create disk --plain --backing "$BASE" --data-dir "$D" >&2
+fi
 
 RESULTS=$W/results.tsv
 : >"$RESULTS"
-nserv=${#SERVERS[@]}
-for t in $TRANSPORTS; do
-	log "transport $t: starting servers"
-	start_servers "$t"
-	for ((r = 0; r < REPS; r++)); do
-		for ((j = 0; j < ${#JOBS[@]}; j++)); do
-			job=${JOBS[$j]}
-			for ((k = 0; k < nserv; k++)); do
-				s=${SERVERS[$(((k + r + j) % nserv))]}
-				if ! kill -0 "${PID[$s]}" 2>/dev/null; then
-					log "$t rep $((r + 1))/$REPS $job $s: server is not running"
-					tail -n 5 "$W/$s.log" >&2 || true
-					v=fail
-				elif rm -f "$VALUE" && measure "$job" "${URI[$s]}" && read -r v <"$VALUE"; then
-					:
-				else
-					log "$t rep $((r + 1))/$REPS $job $s: FAILED"
-					tail -n 5 "$W/fio.log" "$W/nbdcopy.log" >&2 2>/dev/null || true
-					v=fail
-				fi
-				[[ $v == fail ]] && FAILED=1
-				log "$t rep $((r + 1))/$REPS $job $s: $v"
-				printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$job" "$s" "$r" "$v" >>"$RESULTS"
+: >"$CONNECT"
+for set in $SETS; do
+	if [[ $set == encrypted ]]; then
+		SERVERS=("${SERVERS_encrypted[@]}")
+	else
+		SERVERS=("${SERVERS_plain[@]}")
+	fi
+	nserv=${#SERVERS[@]}
+	for t in $TRANSPORTS; do
+		log "$set, transport $t: starting servers"
+		start_servers "$set" "$t"
+		for ((r = 0; r < REPS; r++)); do
+			for ((j = 0; j < ${#JOBS[@]}; j++)); do
+				job=${JOBS[$j]}
+				for ((k = 0; k < nserv; k++)); do
+					s=${SERVERS[$(((k + r + j) % nserv))]}
+					if ! kill -0 "${PID[$s]}" 2>/dev/null; then
+						log "$set $t rep $((r + 1))/$REPS $job $s: server is not running"
+						tail -n 5 "$W/$s.log" >&2 || true
+						v=fail
+					elif rm -f "$VALUE" && measure "$job" "${URI[$s]}" && read -r v <"$VALUE"; then
+						:
+					else
+						log "$set $t rep $((r + 1))/$REPS $job $s: FAILED"
+						tail -n 5 "$W/fio.log" "$W/nbdcopy.log" >&2 2>/dev/null || true
+						v=fail
+					fi
+					[[ $v == fail ]] && FAILED=1
+					log "$set $t rep $((r + 1))/$REPS $job $s: $v"
+					printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$job" "$s" "$r" "$v" >>"$RESULTS"
+				done
 			done
 		done
+		log "$set, transport $t: stopping servers"
+		stop_servers
 	done
-	log "transport $t: stopping servers"
-	stop_servers
 done
 
 # ---- report -----------------------------------------------------------------
-"$PY" - "$RESULTS" "$TRANSPORTS" <<'EOF'
+"$PY" - "$RESULTS" "$CONNECT" "$SETS" "$TRANSPORTS" <<'EOF'
 import statistics, sys
-path, transports = sys.argv[1], sys.argv[2].split()
-servers = ["goldilocks", "qemu-nbd", "nbdkit"]
+path, connect, sets, transports = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+servers = {
+    "plain": ["goldilocks", "qemu-nbd", "nbdkit"],
+    "encrypted": ["goldilocks-enc", "qemu-nbd-luks", "nbdkit-luks"],
+}
+columns = {
+    "plain": ["goldilocks", "qemu-nbd", "nbdkit"],
+    "encrypted": ["goldilocks (encrypted)", "qemu-nbd + LUKS", "nbdkit + luks filter"],
+}
 jobs = [
     ("randread4k", "fio randread 4k qd32 (IOPS)"),
     ("randwrite4k", "fio randwrite 4k qd32 (IOPS)"),
@@ -287,6 +404,10 @@ runs = {}
 for line in open(path):
     t, job, s, r, v = line.rstrip("\n").split("\t")
     runs.setdefault((t, job, s), []).append(None if v == "fail" else float(v))
+conn = {}
+for line in open(connect):
+    t, s, v = line.rstrip("\n").split("\t")
+    conn[(t, s)] = float(v)
 
 def med(key):
     vs = runs.get(key, [])
@@ -297,26 +418,34 @@ def med(key):
 def fmt(v):
     return "fail" if v is None else "{:,.0f}".format(v)
 
-for t in transports:
-    print("## %s" % ("TCP loopback" if t == "tcp" else "Unix socket"))
-    print()
-    print("| job | goldilocks | qemu-nbd | nbdkit | goldilocks / best peer |")
-    print("|---|--:|--:|--:|--:|")
-    for job, label in jobs:
-        g, q, k = (med((t, job, s)) for s in servers)
-        ratio = "n/a" if None in (g, q, k) else "%.2f" % (g / max(q, k))
-        print("| %s | %s | %s | %s | %s |" % (label, fmt(g), fmt(q), fmt(k), ratio))
-    print()
+for st in sets:
+    for t in transports:
+        where = "TCP loopback" if t == "tcp" else "Unix socket"
+        print("## %s" % (where if st == "plain" else "Encrypted, " + where))
+        print()
+        print("| job | %s | goldilocks / best peer |" % " | ".join(columns[st]))
+        print("|---|--:|--:|--:|--:|")
+        for job, label in jobs:
+            g, q, k = (med((t, job, s)) for s in servers[st])
+            ratio = "n/a" if None in (g, q, k) else "%.2f" % (g / max(q, k))
+            print("| %s | %s | %s | %s | %s |" % (label, fmt(g), fmt(q), fmt(k), ratio))
+        print()
+        if st == "encrypted":
+            print("Connection setup (one `nbdinfo --size`, included in nbdcopy timings): %s" % ", ".join(
+                "%s %s" % (c, "%.2f s" % conn[(t, s)] if (t, s) in conn else "n/a")
+                for s, c in zip(servers[st], columns[st])))
+            print()
 
 print("<details><summary>all runs</summary>")
 print()
-for t in transports:
-    for job, label in jobs:
-        cells = []
-        for s in servers:
-            vs = runs.get((t, job, s), [])
-            cells.append("%s %s" % (s, " ".join("fail" if v is None else "%.0f" % v for v in vs)))
-        print("- %s, %s: %s" % (t, label, "; ".join(cells)))
+for st in sets:
+    for t in transports:
+        for job, label in jobs:
+            cells = []
+            for s in servers[st]:
+                vs = runs.get((t, job, s), [])
+                cells.append("%s %s" % (s, " ".join("fail" if v is None else "%.0f" % v for v in vs)))
+            print("- %s%s, %s: %s" % ("" if st == "plain" else "encrypted ", t, label, "; ".join(cells)))
 print()
 print("</details>")
 EOF

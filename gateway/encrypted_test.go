@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -181,7 +182,8 @@ func TestImportExportShred(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer idle.Process.Kill()
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(g.logText(), "export=img"); {
+	attached := regexp.MustCompile(`msg=attached .*export=img `)
+	for deadline := time.Now().Add(10 * time.Second); !attached.MatchString(g.logText()); {
 		if time.Now().After(deadline) {
 			t.Fatalf("qemu-io did not attach:\n%s", g.logText())
 		}
