@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 )
 
@@ -289,10 +290,14 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 	if opt == optSetMetaContext && !c.structured {
 		return replyErr(w, opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
 	}
-	if _, release, err := c.srv.cfg.Exports.Open(name); err != nil {
+	// Existence only: opening a volume (reading its whole chunk map) waits
+	// for NBD_OPT_GO.
+	list, err := c.srv.cfg.Exports.List()
+	if err != nil {
+		return replyErr(w, opt, repErrPlatform, "cannot list exports")
+	}
+	if !slices.ContainsFunc(list, func(e ExportInfo) bool { return e.Name == name }) {
 		return replyErr(w, opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
-	} else {
-		release()
 	}
 	match := false
 	for _, q := range queries {
