@@ -323,6 +323,24 @@ func (v *Volume) Seals() uint64 { return v.seals.Load() }
 
 func (v *Volume) lock(c uint64) *sync.RWMutex { return &v.locks[c%uint64(len(v.locks))] }
 
+// pieces calls fn for each chunk that [off, off+n) touches, in order, with
+// the chunk index, the piece's offset inside the chunk and its bounds in
+// the caller's buffer; it stops at the first error and returns the bytes
+// done before it.
+func pieces(off int64, n int, fn func(c uint64, in, lo, hi int) error) (int, error) {
+	done := 0
+	for done < n {
+		c, in := uint64(off)/ChunkSize, int(uint64(off)%ChunkSize)
+		m := min(n-done, ChunkSize-in)
+		if err := fn(c, in, done, done+m); err != nil {
+			return done, err
+		}
+		done += m
+		off += int64(m)
+	}
+	return done, nil
+}
+
 // ReadAt reads plaintext; a chunk that fails authentication fails the read
 // with ErrChunkAuth, naming the chunk, and is logged.
 func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
@@ -331,26 +349,19 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	}
 	b := v.bufs.Get().(*chunkBuf)
 	defer v.bufs.Put(b)
-	done := 0
-	for done < len(p) {
-		c, in := uint64(off)/ChunkSize, int(uint64(off)%ChunkSize)
-		n := min(len(p)-done, ChunkSize-in)
+	return pieces(off, len(p), func(c uint64, in, lo, hi int) error {
 		l := v.lock(c)
 		l.RLock()
-		var err error
-		if n == ChunkSize {
-			err = v.readChunk(c, p[done:done+ChunkSize], b)
-		} else if err = v.readChunk(c, b.pt[:], b); err == nil {
-			copy(p[done:done+n], b.pt[in:])
+		defer l.RUnlock()
+		if hi-lo == ChunkSize {
+			return v.readChunk(c, p[lo:hi], b)
 		}
-		l.RUnlock()
-		if err != nil {
-			return done, err
+		if err := v.readChunk(c, b.pt[:], b); err != nil {
+			return err
 		}
-		done += n
-		off += int64(n)
-	}
-	return done, nil
+		copy(p[lo:hi], b.pt[in:])
+		return nil
+	})
 }
 
 // readChunk opens chunk c into dst (4096 bytes). Callers hold its lock.
@@ -383,27 +394,19 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	}
 	b := v.bufs.Get().(*chunkBuf)
 	defer v.bufs.Put(b)
-	done := 0
-	for done < len(p) {
-		c, in := uint64(off)/ChunkSize, int(uint64(off)%ChunkSize)
-		n := min(len(p)-done, ChunkSize-in)
+	return pieces(off, len(p), func(c uint64, in, lo, hi int) error {
 		l := v.lock(c)
 		l.Lock()
-		var err error
-		if n == ChunkSize {
-			err = v.writeChunk(c, p[done:done+ChunkSize], b)
-		} else if err = v.readChunk(c, b.pt[:], b); err == nil {
-			copy(b.pt[in:], p[done:done+n])
-			err = v.writeChunk(c, b.pt[:], b)
+		defer l.Unlock()
+		if hi-lo == ChunkSize {
+			return v.writeChunk(c, p[lo:hi], b)
 		}
-		l.Unlock()
-		if err != nil {
-			return done, err
+		if err := v.readChunk(c, b.pt[:], b); err != nil {
+			return err
 		}
-		done += n
-		off += int64(n)
-	}
-	return done, nil
+		copy(b.pt[in:], p[lo:hi])
+		return v.writeChunk(c, b.pt[:], b)
+	})
 }
 
 // writeChunk seals pt as chunk c into a free slot and maps it. Callers

@@ -94,3 +94,31 @@ func TestNonceReservationSurvivesReopen(t *testing.T) {
 		t.Fatalf("opened as another volume: %v", err)
 	}
 }
+
+func BenchmarkVolume4K(b *testing.B) {
+	kek := NewLocalKEK(b.TempDir())
+	const size = 64 << 20
+	dev := newCrashDev(int64(LayoutFor(size).End))
+	id := [16]byte{1}
+	Format(context.Background(), dev, id, size, AES256GCM, kek, "default")
+	dev.Flush()
+	v, err := Open(context.Background(), dev, "b", id, kek, quietLog())
+	if err != nil {
+		b.Fatal(err)
+	}
+	p := make([]byte, ChunkSize)
+	for i := 0; i < 1024; i++ { // map a few chunks
+		v.WriteAt(p, int64(i)*ChunkSize)
+	}
+	v.Flush()
+	dev.Flush()
+	b.Run("read", func(b *testing.B) {
+		b.SetBytes(ChunkSize)
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if _, err := v.ReadAt(p, int64(i%1024)*ChunkSize); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
