@@ -218,6 +218,11 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	if err != nil {
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
+	if _, err := ParseHeader(ab[(1-which)*HeaderBlockSize:][:HeaderBlockSize]); err != nil {
+		// Normal after a crash during a header update; else tampering.
+		log.Warn("integrity warning: a volume header copy is damaged; using the other", "event", "integrity_warning",
+			"volume", name, "copy", "AB"[1-which:2-which], "err", err)
+	}
 	if h.UUID != uuid {
 		return nil, fmt.Errorf("volume %s: %w", name, ErrWrongVolume)
 	}
@@ -272,6 +277,12 @@ func (v *Volume) loadMap() error {
 		}
 		ga, okA := parseMapPage(pair[:mapPageSize], p)
 		gb, okB := parseMapPage(pair[mapPageSize:], p)
+		if okA != okB {
+			// Normal for the pages a crash interrupted in a flush; else
+			// tampering (the older copy's values are legal, but old).
+			v.log.Warn("integrity warning: a chunk map page copy is damaged; using the other", "event", "integrity_warning",
+				"volume", v.name, "page", p)
+		}
 		var pg []byte
 		switch {
 		case okA && (!okB || ga >= gb):
