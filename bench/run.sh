@@ -294,8 +294,8 @@ echo "- nbdkit: $(first_line nbdkit --version)"
 echo "- fio: $(first_line fio --version)"
 echo "- nbdcopy: $(first_line nbdcopy --version)"
 echo "- goldilocks: ${gl_version:-(no --version)}; binary $GOLDILOCKS${gl_commit:+; repo at $gl_commit}"
-echo "- method: one 2 GiB file of random data in page cache, served by all three servers" \
-	"(Goldilocks volume --plain --backing it); fio ioengine=nbd numjobs=1, ${RUNTIME} s + ${RAMP} s ramp;" \
+echo "- method: one 2 GiB file of random data in page cache, served by all three servers of the plain set" \
+	"(Goldilocks volume --plain --backing it) and copied into the encrypted set's volumes; fio ioengine=nbd numjobs=1, ${RUNTIME} s + ${RAMP} s ramp;" \
 	"nbdcopy -C 1 of the whole 2 GiB (read to null:, write from a second file);" \
 	"servers alternate job by job, order rotated; each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
 echo "- sets: ${SETS}; transports: ${TRANSPORTS}"
