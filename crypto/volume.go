@@ -168,6 +168,8 @@ type Volume struct {
 	hdr      *Header
 	hdrWhich int
 
+	bgFlush  atomic.Bool // a background flush is running
+	bgWG     sync.WaitGroup
 	seals    atomic.Uint64 // nonces used, counted from the reservation at open
 	reserved atomic.Uint64 // header's nonce reservation
 	warned   atomic.Bool
@@ -469,13 +471,27 @@ func (v *Volume) replaceLocked(c uint64, e entry) {
 	// else: the durable map still names it; the next flush frees it.
 }
 
+// allocSlot takes a free slot. When the pool runs low it starts a flush in
+// the background, so that superseded slots come back before writers must
+// wait for one.
 func (v *Volume) allocSlot() (uint32, error) {
 	for try := 0; try < 2; try++ {
 		v.mu.Lock()
 		if n := len(v.free); n > 0 {
 			s := v.free[n-1]
 			v.free = v.free[:n-1]
+			low := uint64(n) < (v.lay.Slots-v.lay.Chunks)/2 && !v.flushing
 			v.mu.Unlock()
+			if low && v.bgFlush.CompareAndSwap(false, true) {
+				v.bgWG.Add(1)
+				go func() {
+					defer v.bgWG.Done()
+					defer v.bgFlush.Store(false)
+					if err := v.Flush(); err != nil {
+						v.log.Error("background flush failed", "volume", v.name, "err", err)
+					}
+				}()
+			}
 			return s, nil
 		}
 		v.mu.Unlock()
@@ -702,6 +718,7 @@ func (v *Volume) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 
 // Close flushes, forgets the data key and closes the store.
 func (v *Volume) Close() error {
+	v.bgWG.Wait()
 	err := v.Flush()
 	clear(v.dek)
 	if cerr := v.store.Close(); err == nil {
