@@ -122,7 +122,7 @@ func TestCrashModel(t *testing.T) {
 	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_SEEDS")); err == nil && s > 0 {
 		seeds = s // make torture
 	}
-	kek := NewLocalKEK(t.TempDir())
+	kek := NewLocalKEK(t.TempDir(), nil)
 	for seed := 0; seed < seeds; seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) { crashOnce(t, uint64(seed), kek) })
 	}

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/crypto/argon2"
 )
 
 // KEKProvider wraps and unwraps volume data keys with a key-encryption
@@ -45,27 +47,49 @@ const (
 // LocalKEK is the embedded default provider: key-encryption keys in a
 // 0600 file in the data dir, each name with numbered versions.
 type LocalKEK struct {
-	path string
-	mu   sync.Mutex // serialises read-modify-write of the file in this process
+	path       string
+	passphrase []byte
+
+	mu       sync.Mutex // serialises read-modify-write of the file; guards the fields below
+	sealKey  []byte     // derived from passphrase and sealSalt
+	sealSalt string
 }
 
 type keystoreDoc struct {
 	Magic   string                `json:"magic"`
 	Version int                   `json:"version"`
+	Sealed  *keystoreSeal         `json:"sealed,omitempty"`
 	Keys    map[string][]localKey `json:"keys"`
 }
 
+// keystoreSeal says how the keys are sealed by a passphrase.
+type keystoreSeal struct {
+	KDF       string `json:"kdf"` // "argon2id"
+	Salt      string `json:"salt"`
+	Time      uint32 `json:"time"`
+	MemoryKiB uint32 `json:"memory_kib"`
+	Threads   uint8  `json:"threads"`
+}
+
 type localKey struct {
-	Version uint32    `json:"version"`
-	Key     string    `json:"key"` // base64 of 32 bytes
+	Version uint32 `json:"version"`
+	// Key is base64 of the 32-byte key, or, in a sealed keystore, of
+	// nonce(12) ‖ AES-256-GCM(passphrase key, nonce, key, ad).
+	Key     string    `json:"key"`
 	Created time.Time `json:"created"`
 }
 
+// ErrKeystoreSealed is returned when a sealed keystore is used without its
+// passphrase, or with a wrong one.
+var ErrKeystoreSealed = errors.New("keystore is sealed by a passphrase: set GOLDILOCKS_KEYSTORE_PASSPHRASE or GOLDILOCKS_KEYSTORE_PASSPHRASE_FILE")
+
 var _ KEKProvider = (*LocalKEK)(nil)
 
-// NewLocalKEK returns the local provider of a data dir.
-func NewLocalKEK(dataDir string) *LocalKEK {
-	return &LocalKEK{path: filepath.Join(dataDir, KeystoreFile)}
+// NewLocalKEK returns the local provider of a data dir. With a
+// passphrase, a new keystore is sealed by it (argon2id), and a sealed one
+// is opened with it.
+func NewLocalKEK(dataDir string, passphrase []byte) *LocalKEK {
+	return &LocalKEK{path: filepath.Join(dataDir, KeystoreFile), passphrase: passphrase}
 }
 
 // Name is "local".
@@ -96,6 +120,18 @@ func (l *LocalKEK) withStore(fn func(*keystoreDoc) (changed bool, err error)) er
 		}
 		if doc.Magic != KeystoreMagic || doc.Version != KeystoreVersion {
 			return fmt.Errorf("keystore %s: not a version-%d keystore", l.path, KeystoreVersion)
+		}
+	}
+	if doc.Sealed == nil && len(doc.Keys) == 0 && len(l.passphrase) > 0 {
+		salt := make([]byte, 16)
+		if _, err := rand.Read(salt); err != nil {
+			return err
+		}
+		doc.Sealed = &keystoreSeal{KDF: "argon2id", Salt: base64.StdEncoding.EncodeToString(salt), Time: 3, MemoryKiB: 64 << 10, Threads: 2}
+	}
+	if doc.Sealed != nil {
+		if err := l.deriveLocked(doc.Sealed); err != nil {
+			return err
 		}
 	}
 	changed, err := fn(doc)
@@ -131,12 +167,79 @@ func (l *LocalKEK) withStore(fn func(*keystoreDoc) (changed bool, err error)) er
 	return nil
 }
 
-func newLocalKey(version uint32) (localKey, error) {
+// deriveLocked derives (once) the key that seals the keystore's keys.
+func (l *LocalKEK) deriveLocked(s *keystoreSeal) error {
+	if len(l.passphrase) == 0 {
+		return fmt.Errorf("%s: %w", l.path, ErrKeystoreSealed)
+	}
+	if l.sealKey != nil && l.sealSalt == s.Salt {
+		return nil
+	}
+	salt, err := base64.StdEncoding.DecodeString(s.Salt)
+	if err != nil || s.KDF != "argon2id" || s.Time == 0 || s.MemoryKiB == 0 || s.Threads == 0 {
+		return fmt.Errorf("keystore %s: damaged seal parameters", l.path)
+	}
+	l.sealKey, l.sealSalt = argon2.IDKey(l.passphrase, salt, s.Time, s.MemoryKiB, s.Threads, 32), s.Salt
+	return nil
+}
+
+func sealAD(name string, version uint32) []byte {
+	return binary.LittleEndian.AppendUint32(append([]byte("goldilocks keystore v1"), name...), version)
+}
+
+// newLocalKeyLocked makes a new key version, sealed if the keystore is.
+func (l *LocalKEK) newLocalKeyLocked(doc *keystoreDoc, name string, version uint32) (localKey, error) {
 	k := make([]byte, 32)
+	defer clear(k)
 	if _, err := rand.Read(k); err != nil {
 		return localKey{}, err
 	}
-	return localKey{Version: version, Key: base64.StdEncoding.EncodeToString(k), Created: time.Now().UTC()}, nil
+	enc := k
+	if doc.Sealed != nil {
+		aead, err := gcm(l.sealKey)
+		if err != nil {
+			return localKey{}, err
+		}
+		nonce := make([]byte, aead.NonceSize())
+		if _, err := rand.Read(nonce); err != nil {
+			return localKey{}, err
+		}
+		enc = aead.Seal(nonce, nonce, k, sealAD(name, version))
+	}
+	return localKey{Version: version, Key: base64.StdEncoding.EncodeToString(enc), Created: time.Now().UTC()}, nil
+}
+
+// aeadLocked opens a key version of name as an AEAD.
+func (l *LocalKEK) aeadLocked(doc *keystoreDoc, name string, k localKey) (cipher.AEAD, error) {
+	raw, err := base64.StdEncoding.DecodeString(k.Key)
+	if err != nil {
+		return nil, fmt.Errorf("keystore: key %s version %d is damaged", name, k.Version)
+	}
+	if doc.Sealed != nil {
+		aead, err := gcm(l.sealKey)
+		if err != nil {
+			return nil, err
+		}
+		if len(raw) < aead.NonceSize() {
+			return nil, fmt.Errorf("keystore: key %s version %d is damaged", name, k.Version)
+		}
+		if raw, err = aead.Open(nil, raw[:aead.NonceSize()], raw[aead.NonceSize():], sealAD(name, k.Version)); err != nil {
+			return nil, fmt.Errorf("%s: wrong passphrase: %w", l.path, ErrKeystoreSealed)
+		}
+		defer clear(raw)
+	}
+	if len(raw) != 32 {
+		return nil, fmt.Errorf("keystore: key %s version %d is damaged", name, k.Version)
+	}
+	return gcm(raw)
+}
+
+func gcm(key []byte) (cipher.AEAD, error) {
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(b)
 }
 
 // Rotate adds a new version of key name (creating the key if needed) and
@@ -146,7 +249,7 @@ func (l *LocalKEK) Rotate(name string) (uint32, error) {
 	err := l.withStore(func(doc *keystoreDoc) (bool, error) {
 		vs := doc.Keys[name]
 		v = uint32(len(vs)) + 1
-		k, err := newLocalKey(v)
+		k, err := l.newLocalKeyLocked(doc, name, v)
 		if err != nil {
 			return false, err
 		}
@@ -159,24 +262,23 @@ func (l *LocalKEK) Rotate(name string) (uint32, error) {
 // Wrap wraps dek under the newest version of name, creating version 1 of
 // a key that does not exist yet.
 func (l *LocalKEK) Wrap(_ context.Context, name string, volume [16]byte, dek []byte) ([]byte, uint32, error) {
-	var key localKey
-	err := l.withStore(func(doc *keystoreDoc) (bool, error) {
+	var (
+		key  localKey
+		aead cipher.AEAD
+	)
+	err := l.withStore(func(doc *keystoreDoc) (changed bool, err error) {
 		vs := doc.Keys[name]
 		if len(vs) > 0 {
 			key = vs[len(vs)-1]
-			return false, nil
+		} else {
+			if key, err = l.newLocalKeyLocked(doc, name, 1); err != nil {
+				return false, err
+			}
+			doc.Keys[name], changed = []localKey{key}, true
 		}
-		k, err := newLocalKey(1)
-		if err != nil {
-			return false, err
-		}
-		key, doc.Keys[name] = k, []localKey{k}
-		return true, nil
+		aead, err = l.aeadLocked(doc, name, key)
+		return changed, err
 	})
-	if err != nil {
-		return nil, 0, err
-	}
-	aead, err := key.aead()
 	if err != nil {
 		return nil, 0, err
 	}
@@ -189,23 +291,17 @@ func (l *LocalKEK) Wrap(_ context.Context, name string, volume [16]byte, dek []b
 
 // Unwrap opens a wrapped DEK.
 func (l *LocalKEK) Unwrap(_ context.Context, ref KeyRef, volume [16]byte, wrapped []byte) ([]byte, error) {
-	var key localKey
-	found := false
+	var aead cipher.AEAD
 	err := l.withStore(func(doc *keystoreDoc) (bool, error) {
 		for _, k := range doc.Keys[ref.Name] {
 			if k.Version == ref.Version {
-				key, found = k, true
+				a, err := l.aeadLocked(doc, ref.Name, k)
+				aead = a
+				return false, err
 			}
 		}
-		return false, nil
+		return false, fmt.Errorf("keystore: no key %s version %d", ref.Name, ref.Version)
 	})
-	if err != nil {
-		return nil, err
-	}
-	if !found {
-		return nil, fmt.Errorf("keystore: no key %s version %d", ref.Name, ref.Version)
-	}
-	aead, err := key.aead()
 	if err != nil {
 		return nil, err
 	}
@@ -217,18 +313,6 @@ func (l *LocalKEK) Unwrap(_ context.Context, ref KeyRef, volume [16]byte, wrappe
 		return nil, ErrUnwrap
 	}
 	return dek, nil
-}
-
-func (k localKey) aead() (cipher.AEAD, error) {
-	raw, err := base64.StdEncoding.DecodeString(k.Key)
-	if err != nil || len(raw) != 32 {
-		return nil, fmt.Errorf("keystore: key version %d is damaged", k.Version)
-	}
-	b, err := aes.NewCipher(raw)
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(b)
 }
 
 // wrapAD binds a wrapped DEK to its volume, key name and key version.

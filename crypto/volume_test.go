@@ -11,7 +11,7 @@ import (
 
 func openTestVolume(t *testing.T, size uint64) (*Volume, *crashDev, KEKProvider) {
 	t.Helper()
-	kek := NewLocalKEK(t.TempDir())
+	kek := NewLocalKEK(t.TempDir(), nil)
 	dev := newCrashDev(int64(LayoutFor(size).End))
 	id := [16]byte{0xab}
 	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
@@ -87,7 +87,7 @@ func TestNonceReservationSurvivesReopen(t *testing.T) {
 	if v2.Seals() < used {
 		t.Fatalf("reopened volume counts %d seals, %d were made", v2.Seals(), used)
 	}
-	if _, err := Open(context.Background(), after, "t", [16]byte{0xab}, NewLocalKEK(t.TempDir()), quietLog()); err == nil {
+	if _, err := Open(context.Background(), after, "t", [16]byte{0xab}, NewLocalKEK(t.TempDir(), nil), quietLog()); err == nil {
 		t.Fatal("opened with another keystore")
 	}
 	if _, err := Open(context.Background(), after, "t", [16]byte{0xcd}, kek, quietLog()); !errors.Is(err, ErrWrongVolume) {
@@ -96,7 +96,7 @@ func TestNonceReservationSurvivesReopen(t *testing.T) {
 }
 
 func BenchmarkVolume4K(b *testing.B) {
-	kek := NewLocalKEK(b.TempDir())
+	kek := NewLocalKEK(b.TempDir(), nil)
 	const size = 64 << 20
 	dev := newCrashDev(int64(LayoutFor(size).End))
 	id := [16]byte{1}

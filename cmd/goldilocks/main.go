@@ -5,6 +5,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +15,8 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"goldilocks/internal/volume"
 )
 
 // version is set by the Makefile (-ldflags -X main.version=…).
@@ -75,6 +78,28 @@ func args(check cobra.PositionalArgs) cobra.PositionalArgs {
 		}
 		return nil
 	}
+}
+
+// openRegistry opens the data dir's volume registry, with the keystore
+// passphrase from GOLDILOCKS_KEYSTORE_PASSPHRASE or the file named by
+// GOLDILOCKS_KEYSTORE_PASSPHRASE_FILE, if either is set.
+func (a *app) openRegistry() (*volume.Registry, error) {
+	reg, err := volume.Open(a.dataDir)
+	if err != nil {
+		return nil, err
+	}
+	pass := []byte(os.Getenv("GOLDILOCKS_KEYSTORE_PASSPHRASE"))
+	if f := os.Getenv("GOLDILOCKS_KEYSTORE_PASSPHRASE_FILE"); f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("GOLDILOCKS_KEYSTORE_PASSPHRASE_FILE: %w", err)
+		}
+		pass = bytes.TrimRight(b, "\r\n")
+	}
+	if len(pass) > 0 {
+		reg.SetKeystorePassphrase(pass)
+	}
+	return reg, nil
 }
 
 func (a *app) printJSON(v any) error {

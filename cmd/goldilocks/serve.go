@@ -100,7 +100,7 @@ func serve(a *app, sf serveFlags) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	reg, err := volume.Open(a.dataDir)
+	reg, err := a.openRegistry()
 	if err != nil {
 		return err
 	}

@@ -97,7 +97,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 			default:
 				return usagef("volume create: --cipher %q: want aes-256-gcm or chacha20-poly1305", cipher)
 			}
-			reg, err := volume.Open(a.dataDir)
+			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}
@@ -138,7 +138,7 @@ func newVolumeListCmd(a *app) *cobra.Command {
 		Short: "List volumes",
 		Args:  args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			reg, err := volume.Open(a.dataDir)
+			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}
@@ -173,7 +173,7 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 		Short: "Show a volume (never key material)",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			reg, err := volume.Open(a.dataDir)
+			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}

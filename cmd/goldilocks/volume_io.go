@@ -65,7 +65,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 			if to == "" {
 				return usagef("volume export: --to is required")
 			}
-			reg, err := volume.Open(a.dataDir)
+			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}
@@ -146,7 +146,7 @@ func newVolumeImportCmd(a *app) *cobra.Command {
 				return err
 			}
 			size := st.Size()
-			reg, err := volume.Open(a.dataDir)
+			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}
@@ -211,7 +211,7 @@ func newVolumeShredCmd(a *app) *cobra.Command {
 		Short: "Destroy an encrypted volume's wrapped data key: its data is unreadable at once",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			reg, err := volume.Open(a.dataDir)
+			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}

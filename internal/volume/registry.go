@@ -82,7 +82,8 @@ type stamp struct {
 // Registry is the volume registry of one data dir. It is safe for
 // concurrent use, and other processes may change the file underneath it.
 type Registry struct {
-	dir string
+	dir        string
+	passphrase []byte // seals the local keystore; see SetKeystorePassphrase
 
 	mu      sync.Mutex // guards stamp, volumes
 	stamp   stamp
@@ -104,6 +105,10 @@ func Open(dataDir string) (*Registry, error) {
 	}
 	return r, nil
 }
+
+// SetKeystorePassphrase sets the passphrase that seals the local keystore
+// (a new keystore is sealed by it; a sealed one needs it).
+func (r *Registry) SetKeystorePassphrase(p []byte) { r.passphrase = p }
 
 // Dir is the data dir.
 func (r *Registry) Dir() string { return r.dir }
@@ -298,7 +303,7 @@ const DefaultKeyName = "default"
 func (r *Registry) KEK(provider string) (crypto.KEKProvider, error) {
 	switch provider {
 	case "local", "":
-		return crypto.NewLocalKEK(r.dir), nil
+		return crypto.NewLocalKEK(r.dir, r.passphrase), nil
 	case "vault":
 		return nil, errors.New("the vault KEK provider is not available in this build yet")
 	}
