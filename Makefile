@@ -5,7 +5,7 @@ PKGS    := ./...
 # Debian packages the tests drive: real NBD clients and peers.
 TEST_DEBS := qemu-utils libnbd-bin python3-libnbd nbdkit fio
 
-.PHONY: all build run test deps check unit bench fuzz torture clean
+.PHONY: all build run test deps check unit bench fuzz torture vault clean
 
 all: build
 
@@ -51,6 +51,11 @@ fuzz:
 # torture: the crash model over many more seeds than make test runs.
 torture:
 	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -count=1 -timeout 60m -run TestCrashModel ./crypto/
+
+# vault: a real Vault server at bin/vault for the Transit provider's tests,
+# built once from the Go module proxy and cached outside the repo.
+vault:
+	bash .ci/build-vault.sh bin/vault
 
 clean:
 	rm -rf bin
