@@ -30,19 +30,16 @@ const (
 	optSetMetaContext  = uint32(10)
 
 	// Option replies.
-	repAck          = protocol.NEGOTIATION_TYPE_REPLY_ACK
-	repServer       = protocol.NEGOTIATION_TYPE_REPLY_SERVER
-	repInfo         = protocol.NEGOTIATION_TYPE_REPLY_INFO
-	repMetaContext  = uint32(4)
-	repErrUnsup     = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
-	repErrPolicy    = uint32(2 | 1<<31)
-	repErrInvalid   = uint32(3 | 1<<31)
-	repErrPlatform  = uint32(4 | 1<<31)
-	repErrTLSReqd   = uint32(5 | 1<<31)
-	repErrUnknown   = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
-	repErrShutdown  = uint32(7 | 1<<31)
-	repErrBlockSize = uint32(8 | 1<<31)
-	repErrTooBig    = uint32(9 | 1<<31)
+	repAck         = protocol.NEGOTIATION_TYPE_REPLY_ACK
+	repServer      = protocol.NEGOTIATION_TYPE_REPLY_SERVER
+	repInfo        = protocol.NEGOTIATION_TYPE_REPLY_INFO
+	repMetaContext = uint32(4)
+	repErrUnsup    = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
+	repErrInvalid  = uint32(3 | 1<<31)
+	repErrPlatform = uint32(4 | 1<<31)
+	repErrTLSReqd  = uint32(5 | 1<<31)
+	repErrUnknown  = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
+	repErrShutdown = uint32(7 | 1<<31)
 
 	// Info types.
 	infoExport      = protocol.NEGOTIATION_TYPE_INFO_EXPORT
@@ -82,7 +79,6 @@ const (
 
 	// Structured reply types and flags.
 	replyFlagDone    = uint16(1 << 0)
-	replyNone        = uint16(0)
 	replyOffsetData  = uint16(1)
 	replyBlockStatus = uint16(5)
 	replyError       = uint16(1<<15 + 1)
@@ -95,7 +91,6 @@ const (
 	errNoSpc    = uint32(28)
 	errOverflow = uint32(75)
 	errNotSup   = uint32(95)
-	errShutdown = uint32(108)
 
 	// Sizes.
 	requestSize        = 28

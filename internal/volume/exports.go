@@ -53,12 +53,9 @@ func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
 		if err != nil {
 			return nil, nil, err
 		}
+		// A replaced volume's old connections keep their device (and
+		// their own reference) until they end.
 		s = &shared{uuid: v.UUID, dev: dev}
-		if old := e.open[name]; old != nil {
-			// The volume was replaced; connections to the old one keep
-			// their device until they end.
-			delete(e.open, name)
-		}
 		e.open[name] = s
 	}
 	s.refs++
