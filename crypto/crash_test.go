@@ -3,6 +3,7 @@ package crypto
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -151,7 +152,22 @@ func crashOnce(t *testing.T, seed uint64, kek KEKProvider) {
 	cur := func(c int) []byte { return legal[c][len(legal[c])-1] }
 	ops := 20 + rng.IntN(120)
 	for op := 0; op < ops && dev.image == nil; op++ {
-		switch k := rng.IntN(10); {
+		switch k := rng.IntN(20); {
+		case k == 19: // rekey, walked in small checkpoints, maybe stopped half-way
+			opt := RekeyOptions{every: 1 + uint64(rng.IntN(16))}
+			if rng.IntN(2) == 0 {
+				opt.stopAt = uint64(1 + rng.IntN(chunks-1))
+			}
+			err := v.Rekey(ctx, kek, opt)
+			if err != nil && !(opt.stopAt != 0 && errors.Is(err, context.Canceled)) {
+				t.Fatalf("op %d rekey: %v", op, err)
+			}
+			if err == nil && dev.image == nil { // it flushed everything
+				for c := range legal {
+					legal[c] = [][]byte{cur(c)}
+				}
+			}
+		case k < 12: // write, maybe unaligned, maybe over several chunks
 		case k < 6: // write, maybe unaligned, maybe over several chunks
 			off := rng.Int64N(int64(size) - 1)
 			n := 1 + rng.Int64N(min(3*ChunkSize, int64(size)-off))
@@ -168,7 +184,7 @@ func crashOnce(t *testing.T, seed uint64, kek KEKProvider) {
 				copy(val[lo-c*ChunkSize:], p[lo-off:hi-off])
 				legal[c] = append(legal[c], val)
 			}
-		case k < 8: // zero (unmap whole chunks)
+		case k < 16: // zero (unmap whole chunks)
 			off := rng.Int64N(int64(size) - 1)
 			n := 1 + rng.Int64N(min(4*ChunkSize, int64(size)-off))
 			if err := v.Zero(off, n, true, false); err != nil {
@@ -224,6 +240,25 @@ func crashOnce(t *testing.T, seed uint64, kek KEKProvider) {
 		if !ok {
 			t.Fatalf("chunk %d after crash holds a value it never legally held (%d legal)", c, len(legal[c]))
 		}
+	}
+	// An interrupted rekey resumes (a finished one starts anew) and every
+	// chunk keeps its value.
+	vals := make([]byte, size)
+	if _, err := v2.ReadAt(vals, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v2.Rekey(ctx, kek, RekeyOptions{every: 5}); err != nil {
+		t.Fatalf("rekey after crash: %v", err)
+	}
+	if h := v2.Header(); h.Rekeying() || h.RekeyCursor != 0 {
+		t.Fatalf("after rekey: header still rekeying (cursor %d)", h.RekeyCursor)
+	}
+	after2 := make([]byte, size)
+	if _, err := v2.ReadAt(after2, 0); err != nil {
+		t.Fatalf("read after rekey: %v", err)
+	}
+	if !bytes.Equal(after2, vals) {
+		t.Fatal("the rekey after the crash changed the volume's contents")
 	}
 	// And it keeps working: write, flush, read back.
 	if _, err := v2.WriteAt(bytes.Repeat([]byte{9}, ChunkSize), 0); err != nil {

@@ -52,8 +52,22 @@ type Header struct {
 	NonceReserved uint64
 	RekeyCursor   uint64
 	KEK           KeyRef
-	WrappedDEK    []byte
-	NextDEK       []byte // the new wrapped DEK during a rekey, else empty
+	// Active is the DEK slot (0 or 1) whose DEK is the volume's key and
+	// keys the header MAC; during a rekey the other slot holds the new DEK.
+	Active byte
+	DEK    [2][]byte // wrapped DEKs by slot; empty when unused
+}
+
+// Rekeying reports whether a rekey is in progress: both slots hold a DEK.
+func (h *Header) Rekeying() bool { return len(h.DEK[0]) > 0 && len(h.DEK[1]) > 0 }
+
+// Clone returns a deep copy.
+func (h *Header) Clone() *Header {
+	c := *h
+	for i := range c.DEK {
+		c.DEK[i] = append([]byte(nil), h.DEK[i]...)
+	}
+	return &c
 }
 
 // HeaderMACKey derives the header's MAC key from the volume's data key.
@@ -71,6 +85,7 @@ func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 	binary.LittleEndian.PutUint64(b[36:], h.Size)
 	binary.LittleEndian.PutUint32(b[44:], h.ChunkSize)
 	b[48] = h.Suite
+	b[49] = h.Active
 	binary.LittleEndian.PutUint64(b[56:], h.Slots)
 	binary.LittleEndian.PutUint64(b[64:], h.MapOffset)
 	binary.LittleEndian.PutUint64(b[72:], h.SlotOffset)
@@ -84,7 +99,10 @@ func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 		b = append(b, f...)
 	}
 	b = binary.LittleEndian.AppendUint32(b, h.KEK.Version)
-	for _, f := range [][]byte{h.WrappedDEK, h.NextDEK} {
+	if h.Active > 1 || len(h.DEK[h.Active]) == 0 {
+		return nil, fmt.Errorf("crypto: header's active DEK slot %d is empty", h.Active)
+	}
+	for _, f := range h.DEK {
 		if len(f) > maxFieldLen {
 			return nil, fmt.Errorf("crypto: wrapped key of %d bytes is too long", len(f))
 		}
@@ -126,6 +144,7 @@ func ParseHeader(b []byte) (*Header, error) {
 		Size:          binary.LittleEndian.Uint64(b[36:]),
 		ChunkSize:     binary.LittleEndian.Uint32(b[44:]),
 		Suite:         b[48],
+		Active:        b[49],
 		Slots:         binary.LittleEndian.Uint64(b[56:]),
 		MapOffset:     binary.LittleEndian.Uint64(b[64:]),
 		SlotOffset:    binary.LittleEndian.Uint64(b[72:]),
@@ -153,16 +172,19 @@ func ParseHeader(b []byte) (*Header, error) {
 	}
 	h.KEK = KeyRef{Provider: string(prov), Name: string(name), Version: binary.LittleEndian.Uint32(rest)}
 	rest = rest[4:]
-	dek, ok1 := field()
-	next, ok2 := field()
-	if !ok1 || !ok2 || len(rest) != 0 {
+	for i := range h.DEK {
+		f, ok := field()
+		if !ok {
+			return nil, ErrHeaderCorrupt
+		}
+		if len(f) > 0 {
+			h.DEK[i] = append([]byte(nil), f...)
+		}
+	}
+	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 {
 		return nil, ErrHeaderCorrupt
 	}
-	h.WrappedDEK = append([]byte(nil), dek...)
-	if len(next) > 0 {
-		h.NextDEK = append([]byte(nil), next...)
-	}
-	for _, x := range b[49:56] {
+	for _, x := range b[50:56] {
 		if x != 0 {
 			return nil, ErrHeaderCorrupt
 		}

@@ -15,7 +15,7 @@ func sampleHeader() *Header {
 		Generation: 3, UUID: [16]byte{0x3f, 0x2c, 15: 0x90}, Size: 1 << 30, ChunkSize: ChunkSize,
 		Suite: AES256GCM, Slots: 1<<18 + 8192, MapOffset: 8192, SlotOffset: 8192 + 2*4096*2571,
 		NonceReserved: 1 << 20, KEK: KeyRef{Provider: "local", Name: "default", Version: 2},
-		WrappedDEK: bytes.Repeat([]byte{0xdd}, 60),
+		DEK: [2][]byte{bytes.Repeat([]byte{0xdd}, 60)},
 	}
 }
 

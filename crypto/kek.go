@@ -29,6 +29,22 @@ type KEKProvider interface {
 	Wrap(ctx context.Context, name string, volume [16]byte, dek []byte) (wrapped []byte, version uint32, err error)
 	// Unwrap returns the DEK that Wrap wrapped.
 	Unwrap(ctx context.Context, ref KeyRef, volume [16]byte, wrapped []byte) ([]byte, error)
+	// Rotate makes a new version of key name the one Wrap uses, and
+	// returns its number.
+	Rotate(ctx context.Context, name string) (uint32, error)
+	// Rewrap rewraps each key under version of key name (0: the newest),
+	// in place, without the DEKs leaving the provider where it can keep
+	// them in. A key that fails gets its Err set; the error returned is
+	// for the whole call (the provider unreachable).
+	Rewrap(ctx context.Context, name string, version uint32, keys []WrappedKey) error
+}
+
+// WrappedKey is one DEK to rewrap: in, its wrapping; out, the new one.
+type WrappedKey struct {
+	Volume  [16]byte
+	Version uint32
+	Wrapped []byte
+	Err     error
 }
 
 // ErrUnwrap is returned when a wrapped DEK does not open: another volume's,
@@ -244,7 +260,7 @@ func gcm(key []byte) (cipher.AEAD, error) {
 
 // Rotate adds a new version of key name (creating the key if needed) and
 // returns its number.
-func (l *LocalKEK) Rotate(name string) (uint32, error) {
+func (l *LocalKEK) Rotate(_ context.Context, name string) (uint32, error) {
 	var v uint32
 	err := l.withStore(func(doc *keystoreDoc) (bool, error) {
 		vs := doc.Keys[name]
@@ -287,6 +303,66 @@ func (l *LocalKEK) Wrap(_ context.Context, name string, volume [16]byte, dek []b
 		return nil, 0, err
 	}
 	return aead.Seal(nonce, nonce, dek, wrapAD(name, key.Version, volume)), key.Version, nil
+}
+
+// Rewrap unwraps and wraps again under version (0: the newest) of name,
+// in this process: the local keystore's keys are here anyway.
+func (l *LocalKEK) Rewrap(ctx context.Context, name string, version uint32, keys []WrappedKey) error {
+	var (
+		aeads  = map[uint32]cipher.AEAD{}
+		target uint32
+	)
+	err := l.withStore(func(doc *keystoreDoc) (bool, error) {
+		vs := doc.Keys[name]
+		if len(vs) == 0 {
+			return false, fmt.Errorf("keystore: no key %s", name)
+		}
+		target = version
+		if target == 0 {
+			target = vs[len(vs)-1].Version
+		}
+		for _, k := range vs {
+			a, err := l.aeadLocked(doc, name, k)
+			if err != nil {
+				return false, err
+			}
+			aeads[k.Version] = a
+		}
+		if aeads[target] == nil {
+			return false, fmt.Errorf("keystore: no key %s version %d", name, target)
+		}
+		return false, nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := range keys {
+		k := &keys[i]
+		k.Err = nil
+		a := aeads[k.Version]
+		if a == nil {
+			k.Err = fmt.Errorf("keystore: no key %s version %d", name, k.Version)
+			continue
+		}
+		if len(k.Wrapped) < a.NonceSize() {
+			k.Err = ErrUnwrap
+			continue
+		}
+		dek, err := a.Open(nil, k.Wrapped[:a.NonceSize()], k.Wrapped[a.NonceSize():], wrapAD(name, k.Version, k.Volume))
+		if err != nil {
+			k.Err = ErrUnwrap
+			continue
+		}
+		nonce := make([]byte, 12)
+		if _, err := rand.Read(nonce); err != nil {
+			clear(dek)
+			return err
+		}
+		k.Wrapped = aeads[target].Seal(nonce, nonce, dek, wrapAD(name, target, k.Volume))
+		k.Version = target
+		clear(dek)
+	}
+	return nil
 }
 
 // Unwrap opens a wrapped DEK.

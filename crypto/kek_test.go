@@ -33,7 +33,7 @@ func TestLocalKEK(t *testing.T) {
 	if _, err := l.Unwrap(ctx, KeyRef{"local", "default", 1}, other, w); !errors.Is(err, ErrUnwrap) {
 		t.Fatalf("unwrapped under another volume: %v", err)
 	}
-	if v2, err := l.Rotate("default"); err != nil || v2 != 2 {
+	if v2, err := l.Rotate(ctx, "default"); err != nil || v2 != 2 {
 		t.Fatalf("rotate: %d %v", v2, err)
 	}
 	if _, v, _ := l.Wrap(ctx, "default", vol, dek); v != 2 {

@@ -72,6 +72,7 @@ func (l Layout) slotOffset(slot uint32) int64 {
 // and tag of its package.
 type entry struct {
 	slot uint32
+	key  uint8 // DEK slot that sealed it
 	meta [32]byte
 }
 
@@ -98,7 +99,7 @@ func Format(ctx context.Context, store block.Device, uuid [16]byte, size uint64,
 	h := &Header{
 		Generation: 1, UUID: uuid, Size: size, ChunkSize: ChunkSize, Suite: suite,
 		Slots: l.Slots, MapOffset: l.MapOffset, SlotOffset: l.SlotOffset,
-		KEK: KeyRef{Provider: kek.Name(), Name: keyName, Version: version}, WrappedDEK: wrapped,
+		KEK: KeyRef{Provider: kek.Name(), Name: keyName, Version: version}, DEK: [2][]byte{wrapped},
 	}
 	mac, err := HeaderMACKey(dek, uuid)
 	if err != nil {
@@ -155,18 +156,22 @@ func parseMapPage(pg []byte, index uint64) (uint64, bool) {
 // Volume is an open encrypted volume: a block.Device whose chunks are
 // sealed into a backing store by copy-on-write (FORMAT.md).
 type Volume struct {
-	name   string
-	log    *slog.Logger
-	store  block.Device
-	sealer *Sealer
-	dek    []byte
-	macKey []byte
-	lay    Layout
-	size   int64
+	name  string
+	uuid  [16]byte
+	log   *slog.Logger
+	store block.Device
+	lay   Layout
+	size  int64
 
-	hdrMu    sync.Mutex // guards hdr, hdrWhich; serialises header writes
-	hdr      *Header
-	hdrWhich int
+	// sealers[k] opens chunks whose entry names DEK slot k (nil: empty
+	// slot); sealSlot is the slot new seals use.
+	sealers  [2]atomic.Pointer[Sealer]
+	sealSlot atomic.Uint32
+
+	keyMu sync.Mutex // one rotation or rekey at a time
+
+	h    headerState
+	deks [2]*secret // guarded by h.mu
 
 	bgFlush  atomic.Bool // a background flush is running
 	bgWG     sync.WaitGroup
@@ -209,16 +214,16 @@ var (
 	_ block.Extenter = (*Volume)(nil)
 )
 
-// Open opens the encrypted volume on store, checking that it is the volume
-// with this uuid. name is for errors and logs.
-func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*Volume, error) {
+// headerOf reads and checks a volume's header: the current copy, its
+// UUID, provider and MAC (with the active DEK, which it returns unwrapped).
+func headerOf(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (h *Header, which int, dek []byte, err error) {
 	var ab [2 * HeaderBlockSize]byte
 	if _, err := store.ReadAt(ab[:], 0); err != nil {
-		return nil, fmt.Errorf("volume %s: reading the header: %w", name, err)
+		return nil, 0, nil, fmt.Errorf("volume %s: reading the header: %w", name, err)
 	}
-	h, which, err := PickHeader(ab[:HeaderBlockSize], ab[HeaderBlockSize:])
+	h, which, err = PickHeader(ab[:HeaderBlockSize], ab[HeaderBlockSize:])
 	if err != nil {
-		return nil, fmt.Errorf("volume %s: %w", name, err)
+		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, err)
 	}
 	if _, err := ParseHeader(ab[(1-which)*HeaderBlockSize:][:HeaderBlockSize]); err != nil {
 		// Normal after a crash during a header update; else tampering.
@@ -226,47 +231,91 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 			"volume", name, "copy", "AB"[1-which:2-which], "err", err)
 	}
 	if h.UUID != uuid {
-		return nil, fmt.Errorf("volume %s: %w", name, ErrWrongVolume)
+		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, ErrWrongVolume)
 	}
 	if h.KEK.Provider != kek.Name() {
-		return nil, fmt.Errorf("volume %s: its key is in provider %q, not %q", name, h.KEK.Provider, kek.Name())
+		return nil, 0, nil, fmt.Errorf("volume %s: its key is in provider %q, not %q", name, h.KEK.Provider, kek.Name())
 	}
-	dek, err := kek.Unwrap(ctx, h.KEK, uuid, h.WrappedDEK)
+	dek, err = kek.Unwrap(ctx, h.KEK, uuid, h.DEK[h.Active])
 	if err != nil {
-		return nil, fmt.Errorf("volume %s: unwrapping the data key (%s key %s v%d): %w", name, h.KEK.Provider, h.KEK.Name, h.KEK.Version, err)
+		return nil, 0, nil, fmt.Errorf("volume %s: unwrapping the data key (%s key %s v%d): %w", name, h.KEK.Provider, h.KEK.Name, h.KEK.Version, err)
 	}
 	mac, err := HeaderMACKey(dek, uuid)
-	if err != nil {
-		return nil, err
+	if err == nil {
+		err = VerifyHeaderMAC(ab[which*HeaderBlockSize:][:HeaderBlockSize], mac)
 	}
-	if err := VerifyHeaderMAC(ab[which*HeaderBlockSize:][:HeaderBlockSize], mac); err != nil {
-		clear(dek)
-		return nil, fmt.Errorf("volume %s: %w", name, err)
-	}
-	sealer, err := NewSealer(dek, h.Suite)
 	if err != nil {
 		clear(dek)
+		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, err)
+	}
+	return h, which, dek, nil
+}
+
+// Open opens the encrypted volume on store, checking that it is the volume
+// with this uuid. name is for errors and logs. A volume whose rekey was
+// interrupted opens with both data keys and seals under the new one.
+func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*Volume, error) {
+	h, which, dek, err := headerOf(ctx, store, name, uuid, kek, log)
+	if err != nil {
 		return nil, err
 	}
 	l := layoutOf(h)
-	if uint64(store.Size()) < l.End {
-		clear(dek)
-		return nil, fmt.Errorf("volume %s: %w", name, ErrStoreTooSmall)
-	}
 	v := &Volume{
-		name: name, log: log, store: store, sealer: sealer, dek: dek, macKey: mac, lay: l,
-		size: int64(h.Size), hdr: h, hdrWhich: which,
+		name: name, uuid: uuid, log: log, store: store, lay: l,
+		size: int64(h.Size), h: headerState{store: store, name: name, hdr: h, which: which},
 		cur: make([]entry, l.Chunks), dur: make([]uint32, l.Chunks),
 		pageGen: make([]uint64, l.MapPages), pageCopy: make([]uint8, l.MapPages), dirty: make([]bool, l.MapPages),
 		bufs: sync.Pool{New: func() any { return new(chunkBuf) }},
 	}
-	v.seals.Store(h.NonceReserved) // never undercount: assume every reserved nonce was used
-	v.reserved.Store(h.NonceReserved)
-	if err := v.loadMap(); err != nil {
-		clear(dek)
+	v.h.macKey, err = HeaderMACKey(dek, uuid)
+	if err == nil {
+		err = v.installKey(h.Active, dek, h.Suite)
+	}
+	if err == nil && h.Rekeying() {
+		var next []byte
+		if next, err = kek.Unwrap(ctx, h.KEK, uuid, h.DEK[1-h.Active]); err != nil {
+			err = fmt.Errorf("volume %s: unwrapping the new data key of an interrupted rekey: %w", name, err)
+		} else {
+			err = v.installKey(1-h.Active, next, h.Suite)
+			log.Warn("volume has an interrupted rekey; resume it with goldilocks key rekey", "volume", name,
+				"cursor", h.RekeyCursor, "chunks", l.Chunks)
+		}
+	}
+	if err == nil && uint64(store.Size()) < l.End {
+		err = fmt.Errorf("volume %s: %w", name, ErrStoreTooSmall)
+	}
+	if err == nil {
+		err = v.loadMap()
+	}
+	if err != nil {
+		v.freeKeys()
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
+	v.seals.Store(h.NonceReserved) // never undercount: assume every reserved nonce was used
+	v.reserved.Store(h.NonceReserved)
 	return v, nil
+}
+
+// installKey makes dek (zeroed here) the key of DEK slot k and, since
+// the newest key installed seals, the sealing slot.
+func (v *Volume) installKey(k byte, dek []byte, suite byte) error {
+	s, err := NewSealer(dek, suite)
+	if err != nil {
+		clear(dek)
+		return err
+	}
+	v.deks[k] = newSecret(dek)
+	v.sealers[k].Store(s)
+	v.sealSlot.Store(uint32(k))
+	return nil
+}
+
+func (v *Volume) freeKeys() {
+	for k := range v.deks {
+		v.sealers[k].Store(nil)
+		v.deks[k].free()
+		v.deks[k] = nil
+	}
 }
 
 func (v *Volume) loadMap() error {
@@ -307,8 +356,12 @@ func (v *Volume) loadMap() error {
 			if uint64(slot) > l.Slots || used[slot-1] {
 				return fmt.Errorf("%w: chunk %d names slot %d", ErrMapCorrupt, c, slot-1)
 			}
+			if e[4] > 1 || v.sealers[e[4]].Load() == nil {
+				return fmt.Errorf("%w: chunk %d names DEK slot %d, which holds no key", ErrMapCorrupt, c, e[4])
+			}
 			used[slot-1] = true
 			v.cur[c].slot = slot
+			v.cur[c].key = e[4]
 			copy(v.cur[c].meta[:], e[8:])
 			v.dur[c] = slot
 		}
@@ -326,9 +379,9 @@ func (v *Volume) Size() int64 { return v.size }
 
 // Header returns a copy of the current header (for `volume info`).
 func (v *Volume) Header() Header {
-	v.hdrMu.Lock()
-	defer v.hdrMu.Unlock()
-	return *v.hdr
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	return *v.h.hdr.Clone()
 }
 
 // Seals is the number of nonces counted against the data key.
@@ -391,7 +444,12 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
 	copy(b.pkg[HeaderSize+ChunkSize:], e.meta[16:])
-	if _, err := v.sealer.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
+	s := v.sealers[e.key].Load()
+	if s == nil {
+		clear(dst)
+		return fmt.Errorf("volume %s chunk %d: sealed under DEK slot %d, which holds no key: %w", v.name, c, e.key, ErrChunkAuth)
+	}
+	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
 		clear(dst)
 		v.log.Error("integrity failure: chunk failed authentication", "event", "integrity_failure", "volume", v.name, "chunk", c, "slot", e.slot-1)
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, ErrChunkAuth)
@@ -432,7 +490,8 @@ func (v *Volume) writeChunk(c uint64, pt []byte, b *chunkBuf) error {
 	if err != nil {
 		return err
 	}
-	pkg, err := v.sealer.Seal(b.pkg[:0], uint32(c), pt)
+	k := v.sealSlot.Load()
+	pkg, err := v.sealers[k].Load().Seal(b.pkg[:0], uint32(c), pt)
 	if err == nil {
 		_, err = v.store.WriteAt(pkg[HeaderSize:HeaderSize+ChunkSize], v.lay.slotOffset(slot))
 	}
@@ -442,7 +501,7 @@ func (v *Volume) writeChunk(c uint64, pt []byte, b *chunkBuf) error {
 		v.mu.Unlock()
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
-	e := entry{slot: slot + 1}
+	e := entry{slot: slot + 1, key: uint8(k)}
 	copy(e.meta[:16], pkg[:HeaderSize])
 	copy(e.meta[16:], pkg[HeaderSize+ChunkSize:])
 	v.mu.Lock()
@@ -515,35 +574,46 @@ func (v *Volume) countSeal() error {
 	if n <= v.reserved.Load() {
 		return nil
 	}
-	v.hdrMu.Lock()
-	defer v.hdrMu.Unlock()
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
 	if n <= v.reserved.Load() {
 		return nil
 	}
-	h := *v.hdr
+	h := *v.h.hdr
 	h.NonceReserved = min(n+nonceReserveStep, nonceLimit)
-	if err := v.writeHeaderLocked(&h); err != nil {
+	if err := v.h.writeLocked(&h); err != nil {
 		return err
 	}
 	v.reserved.Store(h.NonceReserved)
 	return nil
 }
 
-// writeHeaderLocked writes h to the older header copy and syncs it.
-func (v *Volume) writeHeaderLocked(h *Header) error {
-	h.Generation = v.hdr.Generation + 1
-	b, err := h.Marshal(v.macKey)
+// headerState is a volume's current header and where the next update
+// goes: the older copy.
+type headerState struct {
+	mu     sync.Mutex // guards the fields below; serialises header writes
+	store  block.Device
+	name   string
+	hdr    *Header
+	which  int
+	macKey []byte
+}
+
+// writeLocked writes h to the older header copy and syncs it.
+func (s *headerState) writeLocked(h *Header) error {
+	h.Generation = s.hdr.Generation + 1
+	b, err := h.Marshal(s.macKey)
 	if err != nil {
 		return err
 	}
-	other := 1 - v.hdrWhich
-	if _, err := v.store.WriteAt(b, int64(other)*HeaderBlockSize); err != nil {
-		return fmt.Errorf("volume %s: writing the header: %w", v.name, err)
+	other := 1 - s.which
+	if _, err := s.store.WriteAt(b, int64(other)*HeaderBlockSize); err != nil {
+		return fmt.Errorf("volume %s: writing the header: %w", s.name, err)
 	}
-	if err := v.store.Flush(); err != nil {
-		return fmt.Errorf("volume %s: syncing the header: %w", v.name, err)
+	if err := s.store.Flush(); err != nil {
+		return fmt.Errorf("volume %s: syncing the header: %w", s.name, err)
 	}
-	v.hdr, v.hdrWhich = h, other
+	s.hdr, s.which = h, other
 	return nil
 }
 
@@ -581,6 +651,7 @@ func (v *Volume) Flush() error {
 			if e.slot != 0 {
 				o := pg[mapPageHdr+i*mapEntrySize:]
 				binary.LittleEndian.PutUint32(o, e.slot)
+				o[4] = e.key
 				copy(o[8:40], e.meta[:])
 			}
 		}
@@ -720,7 +791,9 @@ func (v *Volume) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 func (v *Volume) Close() error {
 	v.bgWG.Wait()
 	err := v.Flush()
-	clear(v.dek)
+	v.h.mu.Lock()
+	v.freeKeys()
+	v.h.mu.Unlock()
 	if cerr := v.store.Close(); err == nil {
 		err = cerr
 	}

@@ -1,0 +1,341 @@
+package crypto
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"goldilocks/internal/block"
+)
+
+// ErrKeysChanged is returned by SetWrapped when the header's wrapped keys
+// are no longer the ones the caller rewrapped (a rekey started or ended
+// meanwhile): read the header again and retry.
+var ErrKeysChanged = errors.New("crypto: the volume's wrapped data keys changed meanwhile")
+
+// KeyHeader is what key rotation needs of a volume: its header, and an
+// atomic update of the wrapping of its data keys. Both an open Volume and
+// a HeaderFile are one.
+type KeyHeader interface {
+	Header() Header
+	SetWrapped(expect *Header, version uint32, deks [2][]byte) error
+}
+
+var (
+	_ KeyHeader = (*Volume)(nil)
+	_ KeyHeader = (*HeaderFile)(nil)
+)
+
+// setWrapped replaces the wrapped DEKs (same keys, new KEK version) if
+// they are still the ones in expect.
+func (s *headerState) setWrapped(expect *Header, version uint32, deks [2][]byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k := range deks {
+		if !bytes.Equal(s.hdr.DEK[k], expect.DEK[k]) || (len(deks[k]) == 0) != (len(expect.DEK[k]) == 0) {
+			return fmt.Errorf("volume %s: %w", s.name, ErrKeysChanged)
+		}
+	}
+	h := s.hdr.Clone()
+	h.KEK.Version = version
+	h.DEK = deks
+	return s.writeLocked(h)
+}
+
+// SetWrapped records a new wrapping of the volume's data keys (rotation):
+// deks[k] must wrap the same key as expect.DEK[k], under KEK version.
+func (v *Volume) SetWrapped(expect *Header, version uint32, deks [2][]byte) error {
+	return v.h.setWrapped(expect, version, deks)
+}
+
+// HeaderFile is an encrypted volume's header opened without its chunk map,
+// for key rotation of a volume nobody has attached: checking the header's
+// MAC needs the data key, which it keeps only until Close.
+type HeaderFile struct {
+	h   headerState
+	dek *secret
+}
+
+// OpenHeader opens the header of the volume on store.
+func OpenHeader(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*HeaderFile, error) {
+	h, which, dek, err := headerOf(ctx, store, name, uuid, kek, log)
+	if err != nil {
+		return nil, err
+	}
+	mac, err := HeaderMACKey(dek, uuid)
+	if err != nil {
+		clear(dek)
+		return nil, err
+	}
+	return &HeaderFile{h: headerState{store: store, name: name, hdr: h, which: which, macKey: mac}, dek: newSecret(dek)}, nil
+}
+
+// Header returns a copy of the header.
+func (f *HeaderFile) Header() Header {
+	f.h.mu.Lock()
+	defer f.h.mu.Unlock()
+	return *f.h.hdr.Clone()
+}
+
+// SetWrapped is Volume.SetWrapped for a volume that is not open.
+func (f *HeaderFile) SetWrapped(expect *Header, version uint32, deks [2][]byte) error {
+	return f.h.setWrapped(expect, version, deks)
+}
+
+// Close forgets the key and closes the store.
+func (f *HeaderFile) Close() error {
+	f.dek.free()
+	clear(f.h.macKey)
+	return f.h.store.Close()
+}
+
+// RekeyOptions tune Volume.Rekey.
+type RekeyOptions struct {
+	// Rate caps re-sealing at this many bytes per second; 0 is no cap.
+	Rate int64
+	// Progress, if set, is called now and then with chunks walked and the
+	// volume's chunk count.
+	Progress func(done, total uint64)
+
+	every  uint64 // tests: chunks between checkpoints (0: rekeyCheckpoint)
+	stopAt uint64 // tests: stop the walk there as a cancel would (0: never)
+}
+
+// rekeyCheckpoint is how far the walk goes between cursor updates: the map
+// is flushed, then the cursor written (FORMAT.md, "Rekey").
+const rekeyCheckpoint = 64 << 20 / ChunkSize
+
+// Rekey gives the volume a new data key and re-seals every chunk under it
+// while the volume keeps serving, resuming an interrupted rekey if there is
+// one; at the end the old key is destroyed (FORMAT.md, "Rekey"). A
+// cancelled ctx stops the walk at a consistent point: a later Rekey
+// resumes it.
+func (v *Volume) Rekey(ctx context.Context, kek KEKProvider, opt RekeyOptions) error {
+	v.keyMu.Lock()
+	defer v.keyMu.Unlock()
+	if err := v.beginRekey(ctx, kek); err != nil {
+		return err
+	}
+	v.h.mu.Lock()
+	from := v.h.hdr.RekeyCursor
+	v.h.mu.Unlock()
+	if err := v.walk(ctx, from, opt); err != nil {
+		return err
+	}
+	return v.finishRekey()
+}
+
+// beginRekey wraps a new DEK into the inactive slot, unless a rekey is
+// already in progress.
+func (v *Volume) beginRekey(ctx context.Context, kek KEKProvider) error {
+	v.h.mu.Lock()
+	h := v.h.hdr.Clone()
+	v.h.mu.Unlock()
+	if h.Rekeying() {
+		return nil
+	}
+	if h.KEK.Provider != kek.Name() {
+		return fmt.Errorf("volume %s: its key is in provider %q, not %q", v.name, h.KEK.Provider, kek.Name())
+	}
+	dek := make([]byte, 32)
+	if _, err := rand.Read(dek); err != nil {
+		return err
+	}
+	wrapped, version, err := kek.Wrap(ctx, h.KEK.Name, v.uuid, dek)
+	if err != nil {
+		clear(dek)
+		return fmt.Errorf("volume %s: wrapping the new data key with %s key %s: %w", v.name, kek.Name(), h.KEK.Name, err)
+	}
+	old := h.Active
+	deks := h.DEK
+	deks[1-old] = wrapped
+	if version != h.KEK.Version { // both slots are wrapped by one version
+		ks := []WrappedKey{{Volume: v.uuid, Version: h.KEK.Version, Wrapped: h.DEK[old]}}
+		if err := kek.Rewrap(ctx, h.KEK.Name, version, ks); err == nil {
+			err = ks[0].Err
+		}
+		if err != nil {
+			clear(dek)
+			return fmt.Errorf("volume %s: rewrapping the data key to %s key %s v%d: %w", v.name, kek.Name(), h.KEK.Name, version, err)
+		}
+		deks[old] = ks[0].Wrapped
+	}
+	sealer, err := NewSealer(dek, h.Suite)
+	if err != nil {
+		clear(dek)
+		return err
+	}
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	if v.h.hdr.Rekeying() || !bytes.Equal(v.h.hdr.DEK[old], h.DEK[old]) { // rotated meanwhile
+
+		clear(dek)
+		return fmt.Errorf("volume %s: %w", v.name, ErrKeysChanged)
+	}
+	nh := v.h.hdr.Clone()
+	nh.KEK.Version, nh.DEK, nh.RekeyCursor = version, deks, 0
+	nh.NonceReserved = nonceReserveStep // the count restarts with the new key
+	if err := v.h.writeLocked(nh); err != nil {
+		clear(dek)
+		return err
+	}
+	v.deks[1-old] = newSecret(dek)
+	v.sealers[1-old].Store(sealer)
+	v.reserved.Store(nonceReserveStep)
+	v.seals.Store(0)
+	v.warned.Store(false)
+	v.sealSlot.Store(uint32(1 - old))
+	v.log.Info("rekey started", "event", "rekey_start", "volume", v.name, "kek", nh.KEK.Name, "kek_version", version)
+	return nil
+}
+
+// walk re-seals under the sealing slot every mapped chunk from chunk from
+// on that names the other slot.
+func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error {
+	target := uint8(v.sealSlot.Load())
+	total := v.lay.Chunks
+	b := v.bufs.Get().(*chunkBuf)
+	defer v.bufs.Put(b)
+	start := time.Now()
+	var resealed int64
+	last := time.Now()
+	every := opt.every
+	if every == 0 {
+		every = rekeyCheckpoint
+	}
+	if opt.Progress != nil {
+		opt.Progress(from, total)
+	}
+	for c := from; c < total; c++ {
+		if c%every == 0 && c > from {
+			if err := v.checkpoint(c); err != nil {
+				return err
+			}
+		}
+		if opt.stopAt != 0 && c == opt.stopAt {
+			return context.Canceled
+		}
+		if c%256 == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if opt.Progress != nil && time.Since(last) > 200*time.Millisecond {
+				opt.Progress(c, total)
+				last = time.Now()
+			}
+			if opt.Rate > 0 {
+				ahead := time.Duration(float64(resealed)/float64(opt.Rate)*float64(time.Second)) - time.Since(start)
+				if ahead > 0 {
+					select {
+					case <-ctx.Done():
+						return ctx.Err()
+					case <-time.After(ahead):
+					}
+				}
+			}
+		}
+		v.mu.Lock()
+		e := v.cur[c]
+		v.mu.Unlock()
+		if e.slot == 0 || e.key == target {
+			continue
+		}
+		done, err := v.reseal(c, target, b)
+		if err != nil {
+			return err
+		}
+		if done {
+			resealed += ChunkSize
+		}
+	}
+	if opt.Progress != nil {
+		opt.Progress(total, total)
+	}
+	return v.checkpoint(total)
+}
+
+// reseal opens chunk c with its key and seals it under slot target.
+func (v *Volume) reseal(c uint64, target uint8, b *chunkBuf) (bool, error) {
+	l := v.lock(c)
+	l.Lock()
+	defer l.Unlock()
+	v.mu.Lock()
+	e := v.cur[c]
+	v.mu.Unlock()
+	if e.slot == 0 || e.key == target { // a write or trim beat us to it
+		return false, nil
+	}
+	if err := v.readChunk(c, b.pt[:], b); err != nil {
+		return false, err
+	}
+	err := v.writeChunk(c, b.pt[:], b)
+	clear(b.pt[:])
+	return err == nil, err
+}
+
+// checkpoint makes the walk so far durable, then records it in the header.
+func (v *Volume) checkpoint(cursor uint64) error {
+	if err := v.Flush(); err != nil {
+		return err
+	}
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	h := v.h.hdr.Clone()
+	h.RekeyCursor = cursor
+	return v.h.writeLocked(h)
+}
+
+// finishRekey makes the new slot active and destroys the old key, once no
+// chunk in the durable map names the old slot.
+func (v *Volume) finishRekey() error {
+	target := uint8(v.sealSlot.Load())
+	v.mu.Lock()
+	for c := range v.cur {
+		if e := v.cur[c]; e.slot != 0 && e.key != target {
+			v.mu.Unlock()
+			return fmt.Errorf("volume %s: chunk %d still under the old key after the walk", v.name, c)
+		}
+	}
+	v.mu.Unlock()
+	if err := v.Flush(); err != nil {
+		return err
+	}
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	old := 1 - target
+	h := v.h.hdr.Clone()
+	h.Active, h.DEK[old], h.RekeyCursor = target, nil, 0
+	mac, err := HeaderMACKey(v.deks[target].bytes(), v.uuid)
+	if err != nil {
+		return err
+	}
+	prev := v.h.macKey
+	v.h.macKey = mac
+	// Both copies, so that neither keeps the old wrapped DEK.
+	for i := 0; i < 2; i++ {
+		if err := v.h.writeLocked(h.Clone()); err != nil {
+			if i == 0 {
+				v.h.macKey = prev
+			}
+			return err
+		}
+	}
+	clear(prev)
+	v.sealers[old].Store(nil)
+	v.deks[old].free()
+	v.deks[old] = nil
+	v.log.Info("rekey finished; the old data key is destroyed", "event", "rekey_finish", "volume", v.name)
+	return nil
+}
+
+// RekeyState reports a rekey in progress: the durable cursor and the
+// chunk count.
+func (v *Volume) RekeyState() (rekeying bool, cursor, total uint64) {
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	return v.h.hdr.Rekeying(), v.h.hdr.RekeyCursor, v.lay.Chunks
+}
