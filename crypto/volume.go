@@ -26,6 +26,10 @@ const (
 	nonceReserveStep = 1 << 20
 	nonceWarnAt      = 1 << 31
 	nonceLimit       = 1 << 32
+
+	// NonceLimit is how many chunks one data key may seal (FORMAT.md,
+	// "Nonce budget").
+	NonceLimit = nonceLimit
 )
 
 // Errors callers branch on.

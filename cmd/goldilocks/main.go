@@ -10,12 +10,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
 
+	"goldilocks/crypto"
 	"goldilocks/internal/volume"
 )
 
@@ -39,6 +41,7 @@ type app struct {
 	json    bool
 	stdout  io.Writer
 	stderr  io.Writer
+	log     *slog.Logger // set by serve from its flags, else made by logger()
 }
 
 func defaultDataDir() string {
@@ -66,7 +69,7 @@ func newRoot(a *app) *cobra.Command {
 	pf.StringVar(&a.dataDir, "data-dir", defaultDataDir(), "volumes, keystore, audit log and state (env GOLDILOCKS_DATA_DIR; /var/lib/goldilocks for root, ./goldilocks-data otherwise)")
 	pf.StringVar(&a.config, "config", os.Getenv("GOLDILOCKS_CONFIG"), "configuration file (env GOLDILOCKS_CONFIG); every setting also has a flag or a default")
 	pf.BoolVar(&a.json, "json", false, "print the result as one JSON document on stdout")
-	root.AddCommand(newServeCmd(a), newVolumeCmd(a))
+	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a))
 	return root
 }
 
@@ -99,7 +102,31 @@ func (a *app) openRegistry() (*volume.Registry, error) {
 	if len(pass) > 0 {
 		reg.SetKeystorePassphrase(pass)
 	}
+	vc := crypto.VaultConfig{
+		Mount:        os.Getenv("GOLDILOCKS_VAULT_TRANSIT_MOUNT"),
+		AppRoleMount: os.Getenv("GOLDILOCKS_VAULT_APPROLE_MOUNT"),
+		RoleID:       os.Getenv("GOLDILOCKS_VAULT_ROLE_ID"),
+		SecretID:     os.Getenv("GOLDILOCKS_VAULT_SECRET_ID"),
+		Log:          a.logger(),
+	}
+	if f := os.Getenv("GOLDILOCKS_VAULT_SECRET_ID_FILE"); f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("GOLDILOCKS_VAULT_SECRET_ID_FILE: %w", err)
+		}
+		vc.SecretID = string(bytes.TrimSpace(b))
+	}
+	reg.SetVaultConfig(vc)
 	return reg, nil
+}
+
+// logger is the process's structured logger: serve's, as its flags say,
+// or warnings and errors on stderr for the other commands.
+func (a *app) logger() *slog.Logger {
+	if a.log == nil {
+		a.log = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	return a.log
 }
 
 func (a *app) printJSON(v any) error {

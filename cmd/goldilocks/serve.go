@@ -20,7 +20,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
+	"goldilocks/crypto"
 	"goldilocks/gateway"
+	"goldilocks/internal/control"
 	"goldilocks/internal/volume"
 )
 
@@ -100,6 +102,7 @@ func serve(a *app, sf serveFlags) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	a.log = log
 	reg, err := a.openRegistry()
 	if err != nil {
 		return err
@@ -125,8 +128,9 @@ func serve(a *app, sf serveFlags) error {
 
 	registry := prometheus.NewRegistry()
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	exports := volume.NewExports(reg, log)
 	srv := gateway.New(gateway.Config{
-		Exports:     volume.NewExports(reg, log),
+		Exports:     exports,
 		Logger:      log,
 		Metrics:     gateway.NewMetrics(registry),
 		MaxInflight: sf.maxInflight,
@@ -186,6 +190,29 @@ func serve(a *app, sf serveFlags) error {
 		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ml)
 		defer hs.Close()
+	}
+
+	// Key commands run here, where attached volumes are open.
+	cl, err := control.Listen(reg.Dir())
+	if err != nil {
+		closeAll()
+		return err
+	}
+	keys := &volume.Keys{Reg: reg, Open: exports, Log: log}
+	cs := &http.Server{Handler: control.Handler(keys, log), ReadHeaderTimeout: 5 * time.Second}
+	go cs.Serve(cl)
+	defer func() {
+		cs.Close()
+		os.Remove(filepath.Join(reg.Dir(), control.SocketName))
+	}()
+	renewCtx, stopRenew := context.WithCancel(context.Background())
+	defer stopRenew()
+	if os.Getenv("VAULT_ADDR") != "" {
+		if kek, err := reg.KEK("vault"); err != nil {
+			log.Warn("vault KEK provider unavailable: volumes with Vault keys will not attach", "err", err)
+		} else {
+			go kek.(*crypto.VaultKEK).Renew(renewCtx)
+		}
 	}
 
 	errc := make(chan error, len(listeners))

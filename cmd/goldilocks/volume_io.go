@@ -25,6 +25,7 @@ type progress struct {
 	on    bool
 	label string
 	total int64
+	count bool // done/total are items, not bytes
 	start time.Time
 	last  time.Time
 }
@@ -44,8 +45,12 @@ func (p *progress) update(done int64) {
 		return
 	}
 	p.last = time.Now()
-	rate := float64(done) / max(time.Since(p.start).Seconds(), 1e-3) / (1 << 20)
-	fmt.Fprintf(p.w, "\r%s: %3d%% %6.0f MiB/s", p.label, done*100/max(p.total, 1), rate)
+	rate := float64(done) / max(time.Since(p.start).Seconds(), 1e-3)
+	if p.count {
+		fmt.Fprintf(p.w, "\r%s: %3d%% %d/%d", p.label, done*100/max(p.total, 1), done, p.total)
+	} else {
+		fmt.Fprintf(p.w, "\r%s: %3d%% %6.0f MiB/s", p.label, done*100/max(p.total, 1), rate/(1<<20))
+	}
 	if done >= p.total {
 		fmt.Fprintln(p.w)
 	}

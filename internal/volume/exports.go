@@ -38,12 +38,36 @@ func NewExports(reg *Registry, log *slog.Logger) *Exports {
 
 // Open opens the named volume for one connection.
 func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
-	v, err := e.reg.Get(name)
-	if errors.Is(err, ErrNotFound) {
-		return nil, nil, gateway.ErrUnknownExport
-	}
+	v, s, release, err := e.acquireVolume(name)
 	if err != nil {
 		return nil, nil, err
+	}
+	exp := &gateway.Export{
+		Name:      v.Name,
+		Device:    s.dev,
+		ReadOnly:  v.ReadOnly,
+		MultiConn: true,
+	}
+	return exp, release, nil
+}
+
+// acquire takes a reference on the named volume's shared device, opening
+// it if nobody has.
+func (e *Exports) acquire(name string) (block.Device, func(), error) {
+	_, s, release, err := e.acquireVolume(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s.dev, release, nil
+}
+
+func (e *Exports) acquireVolume(name string) (Volume, *shared, func(), error) {
+	v, err := e.reg.Get(name)
+	if errors.Is(err, ErrNotFound) {
+		return v, nil, nil, gateway.ErrUnknownExport
+	}
+	if err != nil {
+		return v, nil, nil, err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -51,7 +75,7 @@ func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
 	if s == nil || s.uuid != v.UUID {
 		dev, err := e.reg.OpenDevice(v, e.log)
 		if err != nil {
-			return nil, nil, err
+			return v, nil, nil, err
 		}
 		// A replaced volume's old connections keep their device (and
 		// their own reference) until they end.
@@ -60,14 +84,7 @@ func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
 	}
 	s.refs++
 	var once sync.Once
-	release := func() { once.Do(func() { e.release(name, s) }) }
-	exp := &gateway.Export{
-		Name:      v.Name,
-		Device:    s.dev,
-		ReadOnly:  v.ReadOnly,
-		MultiConn: true,
-	}
-	return exp, release, nil
+	return v, s, func() { once.Do(func() { e.release(name, s) }) }, nil
 }
 
 func (e *Exports) release(name string, s *shared) {

@@ -84,6 +84,10 @@ type stamp struct {
 type Registry struct {
 	dir        string
 	passphrase []byte // seals the local keystore; see SetKeystorePassphrase
+	vaultCfg   crypto.VaultConfig
+
+	kekMu sync.Mutex       // guards vault
+	vault *crypto.VaultKEK // made at first use
 
 	mu      sync.Mutex // guards stamp, volumes
 	stamp   stamp
@@ -109,6 +113,10 @@ func Open(dataDir string) (*Registry, error) {
 // SetKeystorePassphrase sets the passphrase that seals the local keystore
 // (a new keystore is sealed by it; a sealed one needs it).
 func (r *Registry) SetKeystorePassphrase(p []byte) { r.passphrase = p }
+
+// SetVaultConfig sets how the vault provider reaches Vault beyond the
+// VAULT_* environment (Transit mount, AppRole, logger).
+func (r *Registry) SetVaultConfig(c crypto.VaultConfig) { r.vaultCfg = c }
 
 // Dir is the data dir.
 func (r *Registry) Dir() string { return r.dir }
@@ -305,7 +313,16 @@ func (r *Registry) KEK(provider string) (crypto.KEKProvider, error) {
 	case "local", "":
 		return crypto.NewLocalKEK(r.dir, r.passphrase), nil
 	case "vault":
-		return nil, errors.New("the vault KEK provider is not available in this build yet")
+		r.kekMu.Lock()
+		defer r.kekMu.Unlock()
+		if r.vault == nil {
+			v, err := crypto.NewVaultKEK(r.vaultCfg)
+			if err != nil {
+				return nil, err
+			}
+			r.vault = v
+		}
+		return r.vault, nil
 	}
 	return nil, fmt.Errorf("unknown KEK provider %q (local or vault:KEYNAME)", provider)
 }

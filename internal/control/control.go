@@ -1,0 +1,222 @@
+// Package control owns a running gateway's control socket
+// (DATA_DIR/control.sock, mode 0600, so root or the gateway's user only):
+// the HTTP API through which key commands run inside the gateway, where
+// attached volumes are open, instead of beside it. It carries requests and
+// streams progress; the work is internal/volume's. It decides nothing about
+// who may do what beyond the socket's file mode.
+//
+// Protocol: POST a JSON body; the answer is JSON Lines, each one
+// {"progress":{"done":N,"total":M}}, then one {"result":…} or
+// {"error":"…"} last.
+package control
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"goldilocks/internal/volume"
+)
+
+// SocketName is the control socket's file name in the data dir.
+const SocketName = "control.sock"
+
+// ErrNoGateway is returned by Dial when no gateway answers on the socket.
+var ErrNoGateway = errors.New("no gateway is running on this data dir")
+
+type line struct {
+	Progress *progress       `json:"progress,omitempty"`
+	Result   json.RawMessage `json:"result,omitempty"`
+	Error    string          `json:"error,omitempty"`
+}
+
+type progress struct {
+	Done  uint64 `json:"done"`
+	Total uint64 `json:"total"`
+}
+
+type rekeyRequest struct {
+	Volume string `json:"volume"`
+	volume.RekeyOptions
+}
+
+// Handler serves the control API over keys.
+func Handler(keys *volume.Keys, log *slog.Logger) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/keys/rotate", func(w http.ResponseWriter, r *http.Request) {
+		var o volume.RotateOptions
+		if err := json.NewDecoder(r.Body).Decode(&o); err != nil {
+			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		stream(w, func(p func(done, total uint64)) (any, error) {
+			o.Progress = func(d, t int) { p(uint64(d), uint64(t)) }
+			log.Info("control: key rotate", "keys", o.Keys, "all", o.All, "rewrap_only", o.RewrapOnly)
+			return keys.Rotate(r.Context(), o)
+		})
+	})
+	mux.HandleFunc("POST /v1/keys/rekey", func(w http.ResponseWriter, r *http.Request) {
+		var o rekeyRequest
+		if err := json.NewDecoder(r.Body).Decode(&o); err != nil {
+			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		stream(w, func(p func(done, total uint64)) (any, error) {
+			o.Progress = p
+			log.Info("control: key rekey", "volume", o.Volume, "rate", o.Rate)
+			return struct{}{}, keys.Rekey(r.Context(), o.Volume, o.RekeyOptions)
+		})
+	})
+	return mux
+}
+
+// stream runs fn, sending its progress (at most five lines a second) and
+// then its result or error as JSON Lines.
+func stream(w http.ResponseWriter, fn func(progress func(done, total uint64)) (any, error)) {
+	w.Header().Set("Content-Type", "application/jsonl")
+	fl, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	var (
+		mu   sync.Mutex
+		last time.Time
+	)
+	send := func(l line) {
+		mu.Lock()
+		defer mu.Unlock()
+		enc.Encode(l)
+		if fl != nil {
+			fl.Flush()
+		}
+	}
+	res, err := fn(func(done, total uint64) {
+		if time.Since(last) < 200*time.Millisecond && done != total {
+			return
+		}
+		last = time.Now()
+		send(line{Progress: &progress{done, total}})
+	})
+	if err != nil {
+		// A partial result (a rotation with failures) goes with the error.
+		b, _ := json.Marshal(res)
+		send(line{Result: b, Error: err.Error()})
+		return
+	}
+	b, _ := json.Marshal(res)
+	send(line{Result: b})
+}
+
+// Listen opens the control socket of dataDir, replacing a stale one.
+func Listen(dataDir string) (net.Listener, error) {
+	path := filepath.Join(dataDir, SocketName)
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s: another gateway is running on this data dir", path)
+	}
+	os.Remove(path)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return l, nil
+}
+
+// Client talks to a running gateway's control socket.
+type Client struct {
+	hc *http.Client
+}
+
+// Dial connects to the gateway serving dataDir, or returns ErrNoGateway.
+func Dial(dataDir string) (*Client, error) {
+	path := filepath.Join(dataDir, SocketName)
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return nil, ErrNoGateway
+	}
+	c.Close()
+	return &Client{hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}}, nil
+}
+
+// call POSTs body to path and reads the stream, calling p for progress
+// and decoding the result into out.
+func (c *Client) call(ctx context.Context, path string, body any, p func(done, total uint64), out any) error {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://gateway"+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("gateway control socket: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("gateway control socket: %s: %s", resp.Status, msg)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 64<<20)
+	for sc.Scan() {
+		var l line
+		if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+			return fmt.Errorf("gateway control socket: bad answer: %w", err)
+		}
+		if l.Progress != nil {
+			if p != nil {
+				p(l.Progress.Done, l.Progress.Total)
+			}
+			continue
+		}
+		if len(l.Result) > 0 && out != nil {
+			if err := json.Unmarshal(l.Result, out); err != nil {
+				return fmt.Errorf("gateway control socket: bad result: %w", err)
+			}
+		}
+		if l.Error != "" {
+			return errors.New(l.Error)
+		}
+		return nil
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("gateway control socket: %w", err)
+	}
+	return errors.New("gateway control socket: the gateway stopped before answering")
+}
+
+// Rotate runs a rotation in the gateway.
+func (c *Client) Rotate(ctx context.Context, o volume.RotateOptions) (volume.RotateResult, error) {
+	var res volume.RotateResult
+	var p func(done, total uint64)
+	if o.Progress != nil {
+		p = func(d, t uint64) { o.Progress(int(d), int(t)) }
+	}
+	err := c.call(ctx, "/v1/keys/rotate", o, p, &res)
+	return res, err
+}
+
+// Rekey runs a rekey in the gateway; cancelling ctx stops it (resumable).
+func (c *Client) Rekey(ctx context.Context, name string, o volume.RekeyOptions) error {
+	return c.call(ctx, "/v1/keys/rekey", rekeyRequest{Volume: name, RekeyOptions: o}, o.Progress, nil)
+}
