@@ -34,9 +34,10 @@ check:
 	$(GO) vet $(PKGS)
 
 # The interop tests drive bin/goldilocks (built without -race) with real
-# clients; the in-process tests run under the race detector.
-test: deps check build
-	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 20m $(PKGS)
+# clients and a real Vault (bin/vault); the in-process tests run under the
+# race detector. On a fresh machine `vault` builds Vault once (10-20 min).
+test: deps check build vault
+	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -race -count=1 -timeout 20m $(PKGS)
 
 # bench: Go hot-path benchmarks, then the peer comparison (bench/README.md).
 bench: deps build

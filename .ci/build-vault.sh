@@ -35,5 +35,5 @@ if [[ ! -x $CACHED ]]; then
 	cd - >/dev/null
 fi
 mkdir -p "$(dirname "$DEST")"
-cp "$CACHED" "$DEST"
+ln -f "$CACHED" "$DEST" 2>/dev/null || cp "$CACHED" "$DEST"
 "$DEST" version >&2

@@ -199,6 +199,14 @@ func serve(a *app, sf serveFlags) error {
 		return err
 	}
 	keys := &volume.Keys{Reg: reg, Open: exports, Log: log}
+	if st, err := keys.Status(); err == nil {
+		for _, s := range st {
+			if s.Rekeying {
+				log.Warn("volume has an interrupted rekey; it serves meanwhile; resume it with goldilocks key rekey",
+					"volume", s.Volume, "cursor", s.RekeyCursor, "chunks", s.Chunks)
+			}
+		}
+	}
 	cs := &http.Server{Handler: control.Handler(keys, log), ReadHeaderTimeout: 5 * time.Second}
 	go cs.Serve(cl)
 	defer func() {
