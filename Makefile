@@ -40,9 +40,10 @@ test: deps check build vault
 	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -race -count=1 -timeout 20m $(PKGS)
 
 # bench: Go hot-path benchmarks, then the peer comparison (bench/README.md).
-bench: deps build
+bench: deps build vault
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./gateway/ ./crypto/ ./internal/... | tee bench/go-bench.txt
 	bash bench/run.sh
+	bash bench/keys.sh | tee bench/keys.md
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/

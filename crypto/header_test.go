@@ -2,8 +2,10 @@ package crypto
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"hash/crc32"
 	"os"
 	"reflect"
 	"strings"
@@ -19,8 +21,28 @@ func sampleHeader() *Header {
 	}
 }
 
-func TestHeaderRoundTripAndVector(t *testing.T) {
+// rekeyingHeader is a header in the middle of a rekey: slot 1 active, the
+// new DEK in slot 0, the cursor part-way (FORMAT.md, "Rekey").
+func rekeyingHeader() *Header {
 	h := sampleHeader()
+	h.Active, h.RekeyCursor = 1, 12345
+	h.DEK = [2][]byte{bytes.Repeat([]byte{0xee}, 90), bytes.Repeat([]byte{0xdd}, 60)}
+	return h
+}
+
+func TestHeaderRoundTripAndVector(t *testing.T) {
+	for _, tc := range []struct {
+		h    *Header
+		path string
+	}{
+		{sampleHeader(), "testdata/header-v1.hex"},
+		{rekeyingHeader(), "testdata/header-v1-rekeying.hex"},
+	} {
+		t.Run(tc.path, func(t *testing.T) { headerVector(t, tc.h, tc.path) })
+	}
+}
+
+func headerVector(t *testing.T, h *Header, path string) {
 	mac, err := HeaderMACKey(testKey(9), h.UUID)
 	if err != nil {
 		t.Fatal(err)
@@ -43,7 +65,6 @@ func TestHeaderRoundTripAndVector(t *testing.T) {
 	if err := VerifyHeaderMAC(b, other); !errors.Is(err, ErrHeaderAuth) {
 		t.Fatalf("MAC with another key: %v", err)
 	}
-	const path = "testdata/header-v1.hex"
 	if os.Getenv("GOLDILOCKS_UPDATE_VECTORS") != "" {
 		os.WriteFile(path, []byte(hex.EncodeToString(b)+"\n"), 0o644)
 	}
@@ -54,6 +75,26 @@ func TestHeaderRoundTripAndVector(t *testing.T) {
 	want, _ := hex.DecodeString(strings.TrimSpace(string(raw)))
 	if !bytes.Equal(b, want) {
 		t.Fatal("header encoding changed: the format is fixed (FORMAT.md)")
+	}
+}
+
+// A header whose active slot is empty, or out of range, is corrupt.
+func TestHeaderActiveSlot(t *testing.T) {
+	mac, _ := HeaderMACKey(testKey(9), [16]byte{})
+	h := sampleHeader()
+	h.Active = 1 // slot 1 is empty
+	if _, err := h.Marshal(mac); err == nil {
+		t.Fatal("marshalled a header whose active slot is empty")
+	}
+	b, _ := sampleHeader().Marshal(mac)
+	for _, active := range []byte{1, 2} {
+		c := bytes.Clone(b)
+		c[49] = active
+		n := int(c[10]) | int(c[11])<<8
+		binary.LittleEndian.PutUint32(c[n-36:], crc32.Checksum(c[:n-36], castagnoli))
+		if _, err := ParseHeader(c); !errors.Is(err, ErrHeaderCorrupt) {
+			t.Errorf("active slot %d: %v", active, err)
+		}
 	}
 }
 
