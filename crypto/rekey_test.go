@@ -5,9 +5,14 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // A rekey under concurrent writers and readers: every byte reads as
@@ -210,5 +215,36 @@ func TestRotateSetWrapped(t *testing.T) {
 	got := make([]byte, ChunkSize)
 	if _, err := v2.ReadAt(got, 0); err != nil || got[0] != 7 {
 		t.Fatalf("read after rotations: %v", err)
+	}
+}
+
+// An open volume's data key sits in locked memory (VmLck counts it), and
+// the lock is gone once the volume is closed.
+func TestDEKLocked(t *testing.T) {
+	vmlck := func() int {
+		b, err := os.ReadFile("/proc/self/status")
+		if err != nil {
+			t.Skip("no /proc/self/status")
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmLck:" {
+				n, _ := strconv.Atoi(f[1])
+				return n
+			}
+		}
+		return 0
+	}
+	var lim unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_MEMLOCK, &lim) != nil || lim.Cur < 1<<20 {
+		t.Skip("RLIMIT_MEMLOCK too small to lock keys here")
+	}
+	before := vmlck()
+	v, _, _ := openTestVolume(t, 64*ChunkSize)
+	if got := vmlck(); got < before+4 {
+		t.Fatalf("VmLck %d kB with a volume open, %d kB before: the DEK is not locked", got, before)
+	}
+	v.Close()
+	if got := vmlck(); got != before {
+		t.Fatalf("VmLck %d kB after close, %d kB before", got, before)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"goldilocks/internal/vaulttest"
 
@@ -169,5 +170,64 @@ func TestVaultAppRole(t *testing.T) {
 	bad, _ := NewVaultKEK(VaultConfig{RoleID: "nope", SecretID: "nope", Log: quietLog()})
 	if _, _, err := bad.Wrap(ctx, "approle-key", [16]byte{4}, bytes.Repeat([]byte{1}, 32)); err == nil || errors.Is(err, ErrVaultUnavailable) {
 		t.Fatalf("login with bad credentials: %v", err)
+	}
+}
+
+// TLS to Vault: with VAULT_CACERT naming the server's CA it works; without
+// it, the error says why (the certificate), and counts as unavailable.
+func TestVaultTLS(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{TLS: true})
+	srv.Setenv(t)
+	ctx := context.Background()
+	kek, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := kek.Wrap(ctx, "tls", [16]byte{1}, bytes.Repeat([]byte{2}, 32)); err != nil {
+		t.Fatalf("wrap over TLS: %v", err)
+	}
+	t.Setenv("VAULT_CACERT", "")
+	t.Setenv("VAULT_MAX_RETRIES", "0")
+	untrusted, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = untrusted.Wrap(ctx, "tls", [16]byte{1}, bytes.Repeat([]byte{2}, 32))
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("wrap without the CA: %v", err)
+	}
+}
+
+// serve's renewal keeps a short-lived renewable token alive past its TTL.
+func TestVaultTokenRenewal(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{})
+	tok, err := srv.Client().Auth().Token().Create(&vault.TokenCreateRequest{
+		TTL: "3s", ExplicitMaxTTL: "1m", Policies: []string{"root"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VAULT_ADDR", srv.Addr)
+	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
+	kek, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same kind of token, not renewed: expired by the time we check.
+	tok2, err := srv.Client().Auth().Token().Create(&vault.TokenCreateRequest{TTL: "3s", Policies: []string{"root"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go kek.Renew(ctx)
+	time.Sleep(5 * time.Second)
+	if _, _, err := kek.Wrap(ctx, "renewed", [16]byte{1}, bytes.Repeat([]byte{2}, 32)); err != nil {
+		t.Fatalf("wrap 5 s into a 3 s token: %v", err)
+	}
+	c := srv.Client()
+	c.SetToken(tok2.Auth.ClientToken)
+	if _, err := c.Auth().Token().LookupSelf(); err == nil {
+		t.Fatal("an unrenewed 3 s token still works after 5 s: the renewal check proves nothing")
 	}
 }

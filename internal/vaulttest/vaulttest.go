@@ -7,7 +7,6 @@
 package vaulttest
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -15,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -26,8 +26,9 @@ import (
 type Server struct {
 	tb         testing.TB
 	bin, dir   string
-	Addr       string // http://127.0.0.1:PORT
+	Addr       string // http://127.0.0.1:PORT, or https:// with TLS
 	Token      string // root token
+	CACert     string // with TLS: the CA that signed the server's certificate
 	persistent bool
 	unsealKey  string
 	cmd        *exec.Cmd
@@ -70,14 +71,24 @@ type Options struct {
 	// unsealed here), so that Restart keeps its keys; a dev server keeps
 	// them in memory only.
 	Persistent bool
+	// TLS serves HTTPS with a certificate from a CA of its own (a dev
+	// server's -dev-tls); CACert names the CA's file.
+	TLS bool
 }
 
 // Start starts a Vault with the Transit engine mounted at "transit".
 func Start(tb testing.TB, o Options) *Server {
 	tb.Helper()
+	if o.TLS && o.Persistent {
+		tb.Fatal("vaulttest: TLS is for dev servers")
+	}
 	s := &Server{tb: tb, bin: Bin(tb), dir: tb.TempDir(), persistent: o.Persistent}
 	port := freePort(tb)
 	s.Addr = "http://127.0.0.1:" + strconv.Itoa(port)
+	if o.TLS {
+		s.Addr = "https://127.0.0.1:" + strconv.Itoa(port)
+		s.CACert = filepath.Join(s.dir, "vault-ca.pem")
+	}
 	if s.persistent {
 		cfg := fmt.Sprintf(`storage "file" { path = %q }
 listener "tcp" {
@@ -111,7 +122,11 @@ api_addr = %q
 
 func (s *Server) start() {
 	s.tb.Helper()
-	args := []string{"server", "-dev", "-dev-root-token-id=root", "-dev-listen-address=" + s.Addr[len("http://"):], "-dev-no-store-token"}
+	_, hostport, _ := strings.Cut(s.Addr, "://")
+	args := []string{"server", "-dev", "-dev-root-token-id=root", "-dev-listen-address=" + hostport, "-dev-no-store-token"}
+	if s.CACert != "" {
+		args = append(args, "-dev-tls", "-dev-tls-cert-dir="+s.dir)
+	}
 	if s.persistent {
 		args = []string{"server", "-config=" + filepath.Join(s.dir, "vault.hcl")}
 	} else {
@@ -133,9 +148,12 @@ func (s *Server) start() {
 	go func(cmd *exec.Cmd, done chan struct{}) { cmd.Wait(); close(done) }(s.cmd, s.exited)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		_, err := s.Client().Sys().Health()
-		if err == nil || s.persistent && isHTTPAnswer(err) {
-			return
+		var err error
+		if _, err = os.Stat(s.CACert); s.CACert == "" || err == nil { // -dev-tls writes its CA first
+			_, err = s.Client().Sys().Health()
+			if err == nil || s.persistent && isHTTPAnswer(err) {
+				return
+			}
 		}
 		select {
 		case <-s.exited:
@@ -176,6 +194,11 @@ func (s *Server) Client() *vault.Client {
 	cfg := vault.DefaultConfig()
 	cfg.Address = s.Addr
 	cfg.MaxRetries = 0
+	if s.CACert != "" {
+		if err := cfg.ConfigureTLS(&vault.TLSConfig{CACert: s.CACert}); err != nil {
+			s.tb.Fatal(err)
+		}
+	}
 	c, err := vault.NewClient(cfg)
 	if err != nil {
 		s.tb.Fatal(err)
@@ -186,13 +209,14 @@ func (s *Server) Client() *vault.Client {
 
 // Env is the environment a Goldilocks process needs to use this Vault.
 func (s *Server) Env() []string {
-	return []string{"VAULT_ADDR=" + s.Addr, "VAULT_TOKEN=" + s.Token}
+	return []string{"VAULT_ADDR=" + s.Addr, "VAULT_TOKEN=" + s.Token, "VAULT_CACERT=" + s.CACert}
 }
 
 // Setenv sets that environment for the rest of the test.
 func (s *Server) Setenv(tb testing.TB) {
 	tb.Setenv("VAULT_ADDR", s.Addr)
 	tb.Setenv("VAULT_TOKEN", s.Token)
+	tb.Setenv("VAULT_CACERT", s.CACert)
 }
 
 // Stop stops the server by its PID (SIGTERM, then SIGKILL after 10 s).
@@ -219,13 +243,6 @@ func (s *Server) Restart() {
 	}
 	s.start()
 	s.unseal()
-}
-
-// WaitContext is a context for one test step.
-func WaitContext(tb testing.TB, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	tb.Cleanup(cancel)
-	return ctx
 }
 
 func freePort(tb testing.TB) int {
