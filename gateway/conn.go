@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"goldilocks/internal/block"
+	"goldilocks/policy"
 )
 
 // conn is one client connection. The reader goroutine (serve) reads
@@ -26,7 +27,7 @@ type conn struct {
 	nc   net.Conn
 	rd   *bufio.Reader
 	log  *slog.Logger
-	peer string
+	addr string // the peer's address, for logs
 
 	// Negotiated in the handshake; read-only in transmission.
 	noZeroes   bool
@@ -37,6 +38,15 @@ type conn struct {
 	exp        *Export
 	release    func()
 	flags      uint16 // transmission flags sent to the client
+	offer      *grant // the grant exp was opened under (flags follow it)
+
+	// Access (access.go). peer is set at accept and after STARTTLS; grant
+	// is the live grant (nil: no policy), replaced by Reauthorize.
+	peer     policy.Peer
+	grant    atomic.Pointer[grant]
+	counted  string      // identity counted against max_connections
+	attached atomic.Bool // in transmission
+	cutState
 
 	// Optional capabilities of exp.Device, found once.
 	trimmer  block.Trimmer
@@ -79,14 +89,25 @@ func (s *Server) newConn(nc net.Conn) *conn {
 	if peer == "" || peer == "@" {
 		peer = "unix:" + nc.LocalAddr().String()
 	}
-	return &conn{
+	c := &conn{
 		srv:    s,
 		nc:     nc,
 		rd:     bufio.NewReaderSize(nc, 64<<10),
-		peer:   peer,
+		addr:   peer,
 		log:    s.log.With("peer", peer),
 		sendFD: -1,
 	}
+	c.cut = make(chan struct{})
+	if uc, ok := nc.(*net.UnixConn); ok {
+		if cred, err := peerCred(uc); err == nil {
+			c.peer.Unix = true
+			c.peer.UID, c.peer.GID, c.peer.PID = int64(cred.Uid), int64(cred.Gid), int64(cred.Pid)
+			c.log = c.log.With("uid", cred.Uid, "pid", cred.Pid)
+		} else {
+			c.log.Warn("no SO_PEERCRED on a Unix-socket connection", "err", err)
+		}
+	}
+	return c
 }
 
 // stop asks the connection to finish: no new requests are read.
@@ -116,18 +137,28 @@ func (c *conn) serve() {
 		return
 	}
 	defer c.closeExport()
+	defer c.detach()
+	c.attached.Store(true)
+	if g := c.grant.Load(); g != nil {
+		c.log = c.log.With("identity", g.identity)
+	}
 	c.log.Info("attached", "export", c.exp.Name, "structured", c.structured, "tls", c.tls, "flags", c.flags)
 	c.transmit()
 	c.log.Info("detached", "export", c.exp.Name)
 }
 
-func (c *conn) openExport(name string) error {
+// openExport opens export name for this connection under grant g (nil:
+// no policy), which may make it read-only and withhold commands.
+func (c *conn) openExport(name string, g *grant) error {
 	c.closeExport()
 	exp, release, err := c.srv.cfg.Exports.Open(name)
 	if err != nil {
 		return err
 	}
-	c.exp, c.release = exp, release
+	c.exp, c.release, c.offer = exp, release, g
+	if g != nil && g.readOnly {
+		c.exp.ReadOnly = true
+	}
 	c.flags = c.transmissionFlags()
 	return nil
 }
@@ -146,7 +177,11 @@ func (c *conn) transmissionFlags() uint16 {
 	if c.structured {
 		f |= tfSendDF
 	}
-	if _, ok := dev.(block.Cacher); ok {
+	var deny uint16
+	if c.offer != nil {
+		deny = c.offer.deny
+	}
+	if _, ok := dev.(block.Cacher); ok && deny&(1<<cmdCache) == 0 {
 		f |= tfSendCache
 	}
 	if c.exp.MultiConn {
@@ -156,10 +191,10 @@ func (c *conn) transmissionFlags() uint16 {
 		return f | tfReadOnly
 	}
 	f |= tfSendFUA
-	if _, ok := dev.(block.Trimmer); ok {
+	if _, ok := dev.(block.Trimmer); ok && deny&(1<<cmdTrim) == 0 {
 		f |= tfSendTrim
 	}
-	if _, ok := dev.(block.Zeroer); ok {
+	if _, ok := dev.(block.Zeroer); ok && deny&(1<<cmdWriteZeroes) == 0 {
 		f |= tfSendZeroes | tfSendFastZero
 	}
 	return f
@@ -300,6 +335,9 @@ func (c *conn) readLoop() {
 			return
 		}
 		errno := c.validate(r)
+		if errno == 0 {
+			errno = c.admit(r) // policy: read-only, commands, rate (may wait)
+		}
 		if r.typ == cmdWrite {
 			if c.rd.Buffered() < int(r.length) {
 				c.flushDeferred()

@@ -86,7 +86,7 @@ func (c *conn) handshake() error {
 
 // option handles one option. done reports that transmission begins.
 func (c *conn) option(w *bufio.Writer, opt uint32, data []byte) (done bool, err error) {
-	if c.srv.cfg.TLSRequired && !c.tls && opt != optStartTLS && opt != optAbort {
+	if !c.tls && opt != optStartTLS && opt != optAbort && c.tlsRequired() {
 		if opt == optExportName {
 			return false, violation("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
 		}
@@ -122,9 +122,19 @@ func (c *conn) option(w *bufio.Writer, opt uint32, data []byte) (done bool, err 
 }
 
 func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
-	if err := c.openExport(name); err != nil {
-		// The spec leaves no way to refuse but to hang up.
+	// The spec leaves no way to refuse but to hang up.
+	g, code, msg := c.decide(name)
+	if code != 0 {
+		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
+		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, msg)
+	}
+	if err := c.openExport(name, g); err != nil {
 		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
+	}
+	if msg := c.attach(g); msg != "" {
+		c.closeExport()
+		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
+		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, msg)
 	}
 	var b [10 + 124]byte
 	binary.BigEndian.PutUint64(b[0:], uint64(c.exp.Device.Size()))
@@ -143,7 +153,15 @@ func (c *conn) optList(w *bufio.Writer) error {
 		c.log.Error("listing exports", "err", err)
 		return replyErr(w, optList, repErrPlatform, "cannot list exports")
 	}
+	pol := c.srv.policy()
+	var id string
+	if pol != nil {
+		id = pol.Identify(&c.peer)
+	}
 	for _, e := range list {
+		if !c.visible(pol, id, e) {
+			continue // nobody learns the names of volumes they may not attach
+		}
 		b := make([]byte, 4, 4+len(e.Name)+len(e.Description))
 		binary.BigEndian.PutUint32(b, uint32(len(e.Name)))
 		b = append(append(b, e.Name...), e.Description...)
@@ -171,8 +189,10 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	}
 	tc := tls.Server(c.nc, c.srv.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
+		c.log.Warn("TLS handshake failed", "event", "tls_failure", "err", err)
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
+	c.peerTLS(tc)
 	// Option state from before TLS is forgotten (spec: STARTTLS).
 	c.nc, c.tls, c.structured, c.metaAlloc, c.metaExport = tc, true, false, false, ""
 	c.rd.Reset(tc)
@@ -211,7 +231,12 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 	if c.srv.shutting.Load() {
 		return false, replyErr(w, opt, repErrShutdown, "server is shutting down")
 	}
-	if err := c.openExport(name); err != nil {
+	g, code, msg := c.decide(name)
+	if code != 0 {
+		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
+		return false, replyErr(w, opt, code, msg)
+	}
+	if err := c.openExport(name, g); err != nil {
 		if errors.Is(err, ErrUnknownExport) {
 			return false, replyErr(w, opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
 		}
@@ -245,6 +270,11 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 	if opt == optInfo {
 		c.closeExport()
 		return false, nil
+	}
+	if msg := c.attach(g); msg != "" {
+		c.closeExport()
+		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
+		return false, replyErr(w, opt, repErrPolicy, msg)
 	}
 	if c.metaExport != name {
 		c.metaAlloc = false // contexts were negotiated for another export
@@ -289,6 +319,9 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 	}
 	if opt == optSetMetaContext && !c.structured {
 		return replyErr(w, opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
+	}
+	if _, code, msg := c.decide(name); code != 0 {
+		return replyErr(w, opt, code, msg)
 	}
 	// Existence only: opening a volume (reading its whole chunk map) waits
 	// for NBD_OPT_GO.

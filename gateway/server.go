@@ -4,8 +4,9 @@
 // replies on the socket.
 //
 // It serves block.Devices it is handed through the Exports interface and
-// may not touch what is behind them: it never opens files, never sees keys,
-// and never decides policy itself.
+// may not touch what is behind them: it never opens files and never sees
+// keys. It enforces the access policy (access.go) but does not decide it:
+// the policy package does.
 package gateway
 
 import (
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"goldilocks/internal/block"
+	"goldilocks/policy"
 )
 
 // Protocol limits advertised to clients (NBD_INFO_BLOCK_SIZE).
@@ -44,6 +46,7 @@ type Export struct {
 type ExportInfo struct {
 	Name        string
 	Description string
+	Labels      map[string]string // for the policy's label rules
 }
 
 // Exports is the set of disks the server offers. The volume registry
@@ -70,6 +73,9 @@ type Config struct {
 	MaxInflight int
 	// HandshakeTimeout bounds the option haggling phase.
 	HandshakeTimeout time.Duration
+	// Policy returns the access policy in force (policy/FORMAT.md). A nil
+	// func, or a nil policy, serves every export to every client.
+	Policy func() *policy.Policy
 }
 
 // Server is an NBD server. Its zero value is not usable; call New.
@@ -81,9 +87,13 @@ type Server struct {
 	shutting atomic.Bool
 	conns    sync.WaitGroup
 
-	mu        sync.Mutex // guards listeners and live
+	mu        sync.Mutex // guards listeners, live and idConns
 	listeners map[net.Listener]struct{}
 	live      map[*conn]struct{}
+	idConns   map[string]int // attached connections per identity
+
+	limMu    sync.Mutex // guards limiters
+	limiters map[limKey]*bucket
 }
 
 // New returns a server for cfg.
@@ -103,6 +113,8 @@ func New(cfg Config) *Server {
 		pool:      newBufferPool(),
 		listeners: make(map[net.Listener]struct{}),
 		live:      make(map[*conn]struct{}),
+		idConns:   make(map[string]int),
+		limiters:  make(map[limKey]*bucket),
 	}
 }
 

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"net"
 	"syscall"
 	"unsafe"
 
@@ -18,4 +19,21 @@ func sendMore(fd int, p []byte) (int, error) {
 		return 0, syscall.Errno(e)
 	}
 	return int(n), nil
+}
+
+// peerCred is the SO_PEERCRED of a Unix-socket connection: the uid, gid
+// and pid of the process that connected.
+func peerCred(uc *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var (
+		cred *unix.Ucred
+		cerr error
+	)
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return nil, err
+	}
+	return cred, cerr
 }

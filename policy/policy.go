@@ -349,6 +349,11 @@ func yamlError(file string, err error) string {
 	}
 	for i, m := range msgs {
 		m = strings.TrimPrefix(m, "yaml: ")
+		if j := strings.Index(m, " in type policy."); j >= 0 { // Go type names mean nothing to an operator
+			m = m[:j]
+		}
+		m = strings.Replace(m, "field ", "unknown field ", 1)
+		m = strings.TrimSuffix(m, " not found")
 		if rest, ok := strings.CutPrefix(m, "line "); ok {
 			if n, tail, ok := strings.Cut(rest, ": "); ok {
 				msgs[i] = fmt.Sprintf("%s:%s: %s", file, n, tail)

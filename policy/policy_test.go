@@ -107,7 +107,7 @@ func TestParseErrors(t *testing.T) {
 			"testdata/broken.yaml:10: bandwidth: size \"lots\"",
 			"testdata/broken.yaml:10: command \"format_disk\"",
 		}},
-		{"testdata/unknown-field.yaml", []string{"testdata/unknown-field.yaml:7: field acess not found"}},
+		{"testdata/unknown-field.yaml", []string{"testdata/unknown-field.yaml:7: unknown field acess"}},
 		{"testdata/syntax.yaml", []string{"testdata/syntax.yaml:"}},
 	} {
 		_, err := Load(tc.file)

@@ -69,7 +69,7 @@ func newRoot(a *app) *cobra.Command {
 	pf.StringVar(&a.dataDir, "data-dir", defaultDataDir(), "volumes, keystore, audit log and state (env GOLDILOCKS_DATA_DIR; /var/lib/goldilocks for root, ./goldilocks-data otherwise)")
 	pf.StringVar(&a.config, "config", os.Getenv("GOLDILOCKS_CONFIG"), "configuration file (env GOLDILOCKS_CONFIG); every setting also has a flag or a default")
 	pf.BoolVar(&a.json, "json", false, "print the result as one JSON document on stdout")
-	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a))
+	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a))
 	return root
 }
 

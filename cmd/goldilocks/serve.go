@@ -29,6 +29,7 @@ import (
 type serveFlags struct {
 	listen, unix, metrics, policy string
 	tlsCert, tlsKey, tlsCA        string
+	tlsMinVersion                 string
 	tlsRequired                   bool
 	logLevel, logFormat           string
 	maxInflight                   int
@@ -56,7 +57,8 @@ SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exit
 	f.StringVar(&sf.tlsCert, "tls-cert", "", "server certificate (PEM)")
 	f.StringVar(&sf.tlsKey, "tls-key", "", "server private key (PEM)")
 	f.StringVar(&sf.tlsCA, "tls-ca", "", "CA that signs client certificates (PEM)")
-	f.BoolVar(&sf.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
+	f.BoolVar(&sf.tlsRequired, "tls-required", false, "refuse clients that do not start TLS (NBD_REP_ERR_TLS_REQD)")
+	f.StringVar(&sf.tlsMinVersion, "tls-min-version", "1.3", "oldest TLS version accepted: 1.3 or 1.2")
 	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
@@ -86,11 +88,21 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case sf.policy != "":
-		return usagef("--policy: access policy is not available in this build yet")
-	case sf.tlsCert != "" || sf.tlsKey != "" || sf.tlsCA != "" || sf.tlsRequired:
-		return usagef("--tls-*: TLS is not available in this build yet")
+	tlsCfg, err := tlsConfig(sf)
+	if err != nil {
+		return err
+	}
+	if sf.tlsRequired && tlsCfg == nil {
+		return usagef("--tls-required needs --tls-cert and --tls-key")
+	}
+	if err := checkListen(sf); err != nil {
+		return err
+	}
+	var pol *policyHolder
+	if sf.policy != "" {
+		if pol, err = loadPolicy(sf.policy, log); err != nil {
+			return err
+		}
 	}
 	if sf.cpuProfile != "" {
 		pf, err := os.Create(sf.cpuProfile)
@@ -124,17 +136,32 @@ func serve(a *app, sf serveFlags) error {
 		}
 		log.Info("created the demo volume, encrypted with a key in the local keystore", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
 	}
-	log.Warn("no --policy: every volume is served to any client that can reach the listeners")
+	if pol == nil {
+		log.Warn("no --policy: every volume is served to any client that can reach the listeners (loopback and the Unix socket only)")
+	}
 
 	registry := prometheus.NewRegistry()
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	exports := volume.NewExports(reg, log)
-	srv := gateway.New(gateway.Config{
+	gcfg := gateway.Config{
 		Exports:     exports,
 		Logger:      log,
 		Metrics:     gateway.NewMetrics(registry),
 		MaxInflight: sf.maxInflight,
-	})
+		TLS:         tlsCfg,
+		TLSRequired: sf.tlsRequired,
+	}
+	if pol != nil {
+		gcfg.Policy = pol.get
+	}
+	srv := gateway.New(gcfg)
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	if pol != nil {
+		go pol.watch(watchCtx, srv)
+	} else {
+		go ignoreHUP(watchCtx, log)
+	}
 
 	var listeners []net.Listener
 	closeAll := func() {
@@ -160,6 +187,16 @@ func serve(a *app, sf serveFlags) error {
 		}
 		l, err := net.Listen("unix", sock)
 		if err != nil {
+			closeAll()
+			return fmt.Errorf("--unix: %w", err)
+		}
+		// With a policy, any local user may connect and SO_PEERCRED decides;
+		// without one, only the gateway's user.
+		mode := os.FileMode(0o600)
+		if pol != nil {
+			mode = 0o666
+		}
+		if err := os.Chmod(sock, mode); err != nil {
 			closeAll()
 			return fmt.Errorf("--unix: %w", err)
 		}

@@ -19,14 +19,15 @@ func newVolumeCmd(a *app) *cobra.Command {
 
 // volumeJSON is what `volume info --json` and `volume list --json` print.
 type volumeJSON struct {
-	Name      string         `json:"name"`
-	UUID      string         `json:"uuid"`
-	Size      int64          `json:"size"`
-	Encrypted bool           `json:"encrypted"`
-	Backing   string         `json:"backing"`
-	ReadOnly  bool           `json:"read_only"`
-	Created   string         `json:"created"`
-	KEK       *volume.KEKRef `json:"kek"`
+	Name      string            `json:"name"`
+	UUID      string            `json:"uuid"`
+	Size      int64             `json:"size"`
+	Encrypted bool              `json:"encrypted"`
+	Backing   string            `json:"backing"`
+	ReadOnly  bool              `json:"read_only"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	Created   string            `json:"created"`
+	KEK       *volume.KEKRef    `json:"kek"`
 	// Encrypted volumes, read from the volume header (never key material).
 	Cipher string `json:"cipher,omitempty"`
 	// WriteCounter is the header's nonce reservation: an upper bound on
@@ -38,7 +39,7 @@ type volumeJSON struct {
 func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
 	j := volumeJSON{
 		Name: v.Name, UUID: v.UUID, Size: v.Size, Encrypted: v.Encrypted,
-		Backing: reg.BackingPath(v), ReadOnly: v.ReadOnly,
+		Backing: reg.BackingPath(v), ReadOnly: v.ReadOnly, Labels: v.Labels,
 		Created: v.Created.Format("2006-01-02T15:04:05.000Z07:00"), KEK: v.KEK,
 	}
 	if v.Encrypted {
@@ -69,6 +70,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	var (
 		sizeStr, kek, backing, cipher string
 		plain, readOnly               bool
+		labels                        map[string]string
 	)
 	c := &cobra.Command{
 		Use:   "create NAME --size SIZE [--plain] [--backing PATH]",
@@ -102,7 +104,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 				return err
 			}
 			v, err := reg.Create(volume.CreateOptions{
-				Name: argv[0], Size: size, Backing: backing, Encrypted: !plain, ReadOnly: readOnly,
+				Name: argv[0], Size: size, Backing: backing, Encrypted: !plain, ReadOnly: readOnly, Labels: labels,
 				KEK: kek, Suite: suite,
 			})
 			if err != nil {
@@ -122,6 +124,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	f.StringVar(&cipher, "cipher", "aes-256-gcm", "aes-256-gcm or chacha20-poly1305")
 	f.StringVar(&backing, "backing", "", "existing file or block device to hold the volume (default: a sparse file in the data dir)")
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
+	f.StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag the access policy can match (repeatable)")
 	return c
 }
 

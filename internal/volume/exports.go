@@ -112,7 +112,7 @@ func (e *Exports) List() ([]gateway.ExportInfo, error) {
 		if v.Encrypted {
 			kind = "encrypted"
 		}
-		out = append(out, gateway.ExportInfo{Name: v.Name, Description: fmt.Sprintf("%s volume, %d bytes", kind, v.Size)})
+		out = append(out, gateway.ExportInfo{Name: v.Name, Description: fmt.Sprintf("%s volume, %d bytes", kind, v.Size), Labels: v.Labels})
 	}
 	return out, nil
 }

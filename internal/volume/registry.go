@@ -56,14 +56,15 @@ type KEKRef struct {
 
 // Volume is one entry of the registry.
 type Volume struct {
-	Name      string    `json:"name"`
-	UUID      string    `json:"uuid"`
-	Size      int64     `json:"size"`
-	Encrypted bool      `json:"encrypted"`
-	Backing   string    `json:"backing"`
-	ReadOnly  bool      `json:"read_only,omitempty"`
-	Created   time.Time `json:"created"`
-	KEK       *KEKRef   `json:"kek,omitempty"`
+	Name      string            `json:"name"`
+	UUID      string            `json:"uuid"`
+	Size      int64             `json:"size"`
+	Encrypted bool              `json:"encrypted"`
+	Backing   string            `json:"backing"`
+	ReadOnly  bool              `json:"read_only,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	Created   time.Time         `json:"created"`
+	KEK       *KEKRef           `json:"kek,omitempty"`
 }
 
 type registryDoc struct {
@@ -298,6 +299,8 @@ type CreateOptions struct {
 	Backing   string
 	Encrypted bool
 	ReadOnly  bool
+	// Labels are key=value tags the access policy can match.
+	Labels map[string]string
 	// KEK is "local" (the default) or "vault:KEYNAME"; encrypted only.
 	KEK string
 	// Suite is crypto.AES256GCM (default) or crypto.ChaCha20Poly1305.
@@ -367,6 +370,7 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 		Size:      o.Size,
 		Encrypted: o.Encrypted,
 		ReadOnly:  o.ReadOnly,
+		Labels:    o.Labels,
 		Created:   time.Now().UTC().Truncate(time.Millisecond),
 	}
 	storeSize := o.Size
