@@ -243,6 +243,13 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 		c.log.Error("opening export", "export", name, "err", err)
 		return false, replyErr(w, opt, repErrUnknown, fmt.Sprintf("export %q is unavailable: %v", name, err))
 	}
+	if opt == optGo { // counted before anything is sent: a refusal must come instead of the ACK
+		if msg := c.attach(g); msg != "" {
+			c.closeExport()
+			c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
+			return false, replyErr(w, opt, repErrPolicy, msg)
+		}
+	}
 	var b [14]byte
 	binary.BigEndian.PutUint16(b[0:], infoExport)
 	binary.BigEndian.PutUint64(b[2:], uint64(c.exp.Device.Size()))
@@ -270,11 +277,6 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 	if opt == optInfo {
 		c.closeExport()
 		return false, nil
-	}
-	if msg := c.attach(g); msg != "" {
-		c.closeExport()
-		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
-		return false, replyErr(w, opt, repErrPolicy, msg)
 	}
 	if c.metaExport != name {
 		c.metaAlloc = false // contexts were negotiated for another export

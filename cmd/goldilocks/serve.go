@@ -157,10 +157,13 @@ func serve(a *app, sf serveFlags) error {
 	srv := gateway.New(gcfg)
 	watchCtx, stopWatch := context.WithCancel(context.Background())
 	defer stopWatch()
+	hup := make(chan os.Signal, 1) // caught from here on: a SIGHUP never kills the gateway
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	if pol != nil {
-		go pol.watch(watchCtx, srv)
+		go pol.watch(watchCtx, hup, srv)
 	} else {
-		go ignoreHUP(watchCtx, log)
+		go ignoreHUP(watchCtx, hup, log)
 	}
 
 	var listeners []net.Listener

@@ -8,9 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/signal"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"goldilocks/gateway"
@@ -99,10 +97,7 @@ func (h *policyHolder) get() *policy.Policy { return h.p.Load() }
 // a second: it also sees editors that replace the file), until ctx ends.
 // A policy that does not parse is logged and the old one kept; a good one
 // is put in force and every live session decided again.
-func (h *policyHolder) watch(ctx context.Context, srv *gateway.Server) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+func (h *policyHolder) watch(ctx context.Context, hup <-chan os.Signal, srv *gateway.Server) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -133,10 +128,7 @@ func (h *policyHolder) watch(ctx context.Context, srv *gateway.Server) {
 
 // ignoreHUP keeps SIGHUP from killing a gateway that has no policy to
 // reload.
-func ignoreHUP(ctx context.Context, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+func ignoreHUP(ctx context.Context, hup <-chan os.Signal, log *slog.Logger) {
 	for {
 		select {
 		case <-ctx.Done():
