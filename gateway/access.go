@@ -55,7 +55,7 @@ func (s *Server) limiter(key limKey, rate float64, burst time.Duration) *bucket 
 	s.limMu.Lock()
 	defer s.limMu.Unlock()
 	b := s.limiters[key]
-	if b == nil || b.rate != rate || b.burst != max(rate*burst.Seconds(), 1) {
+	if b == nil || b.rate != rate || b.burstDur != burst {
 		b = newBucket(rate, burst)
 		s.limiters[key] = b
 	}
@@ -188,7 +188,7 @@ func (c *conn) admit(r *request) uint32 {
 	if len(g.limits) == 0 {
 		return 0
 	}
-	now := time.Now()
+	now := c.srv.clock.Now()
 	var wait time.Duration
 	for _, l := range g.limits {
 		n := 1.0

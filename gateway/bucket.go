@@ -2,44 +2,91 @@ package gateway
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// bucket is a token bucket in the manner of nbdkit's rate filter
-// (filters/rate/bucket.c): tokens accrue at rate per second up to burst;
-// a request takes what it costs and, if that leaves the bucket in debt,
-// waits until the debt is paid. Debt instead of refusal keeps the long-run
-// rate exact and never starves a large request:
+// bucket is a token bucket kept as GCRA (the generic cell rate algorithm
+// of ATM traffic shaping): instead of a token count it holds tat, the
+// theoretical time at which everything admitted so far would have been
+// paid for at rate. A request of n tokens moves tat on by n/rate; if tat
+// then runs more than burst ahead of now, the request waits the excess.
+// Waiting instead of refusing keeps the long-run rate exact and never
+// starves a large request (as nbdkit's rate filter, filters/rate/bucket.c):
 //
-//	tokens ▲  burst ─────────────╮   refill at rate
-//	       │                      ╲__/‾‾‾‾‾‾‾
-//	     0 ┼───────────────────────┼──────────▶ time
-//	       │          take(n) ─────╯ debt → wait debt/rate
+//	        ├── burst ──┤
+//	now ────┼───────────┼──── tat ──▶ time
+//	                    └─ wait ─┘
+//
+// One compare-and-swap per request, no lock: several connections of one
+// identity share a bucket.
 type bucket struct {
-	rate, burst float64 // per second; at most
-
-	mu     sync.Mutex // guards tokens, last
-	tokens float64
-	last   time.Time
+	rate     float64       // tokens per second
+	burstDur time.Duration // how much time's worth may go at once
+	perToken float64       // ns per token
+	burst    int64         // ns
+	tat      atomic.Int64  // ns on the server's coarse clock
 }
 
 func newBucket(rate float64, burst time.Duration) *bucket {
-	b := &bucket{rate: rate, burst: max(rate*burst.Seconds(), 1)}
-	b.tokens = b.burst
-	return b
+	return &bucket{rate: rate, burstDur: burst, perToken: 1e9 / rate, burst: int64(max(burst, time.Duration(1e9/rate)))}
 }
 
-// take takes n tokens at now and returns how long the caller must wait.
-func (b *bucket) take(n float64, now time.Time) time.Duration {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if !b.last.IsZero() {
-		b.tokens = min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+// take takes n tokens at now (ns) and returns how long the caller must
+// wait before going on.
+func (b *bucket) take(n float64, now int64) time.Duration {
+	cost := int64(n * b.perToken)
+	for {
+		old := b.tat.Load()
+		tat := max(old, now) + cost
+		if b.tat.CompareAndSwap(old, tat) {
+			return time.Duration(max(0, tat-now-b.burst))
+		}
 	}
-	b.last = now
-	b.tokens -= n
-	if b.tokens >= 0 {
-		return 0
+}
+
+// coarseClock is a monotonic clock read with one atomic load: time.Now
+// costs 75 ns on the machines we measured, more than the whole
+// per-request check may. One goroutine advances it every millisecond,
+// started by the first reader; rates stay exact over time because a
+// bucket's tat carries the debt, only the instant of a wait is off by up to
+// a millisecond.
+type coarseClock struct {
+	start time.Time
+	now   atomic.Int64
+	once  sync.Once
+	stop  chan struct{}
+}
+
+func newCoarseClock() *coarseClock { return &coarseClock{start: time.Now(), stop: make(chan struct{})} }
+
+// Now is nanoseconds since the clock was made.
+func (k *coarseClock) Now() int64 {
+	k.once.Do(func() {
+		k.now.Store(int64(time.Since(k.start)))
+		go k.run()
+	})
+	return k.now.Load()
+}
+
+func (k *coarseClock) run() {
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-k.stop:
+			return
+		case now := <-t.C:
+			k.now.Store(int64(now.Sub(k.start)))
+		}
 	}
-	return time.Duration(-b.tokens / b.rate * float64(time.Second))
+}
+
+// Stop ends the clock's goroutine.
+func (k *coarseClock) Stop() {
+	select {
+	case <-k.stop:
+	default:
+		close(k.stop)
+	}
 }

@@ -94,6 +94,7 @@ type Server struct {
 
 	limMu    sync.Mutex // guards limiters
 	limiters map[limKey]*bucket
+	clock    *coarseClock // for the buckets
 }
 
 // New returns a server for cfg.
@@ -115,6 +116,7 @@ func New(cfg Config) *Server {
 		live:      make(map[*conn]struct{}),
 		idConns:   make(map[string]int),
 		limiters:  make(map[limKey]*bucket),
+		clock:     newCoarseClock(),
 	}
 }
 
@@ -184,6 +186,7 @@ func retryableAccept(err error) bool {
 // has read, flushes, and closes. It returns when all connections are gone
 // or ctx ends; then it closes what is left.
 func (s *Server) Shutdown(ctx context.Context) error {
+	defer s.clock.Stop()
 	s.mu.Lock()
 	s.shutting.Store(true)
 	for l := range s.listeners {
