@@ -44,6 +44,7 @@ bench: deps build vault
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./gateway/ ./crypto/ ./internal/... | tee bench/go-bench.txt
 	bash bench/run.sh
 	bash bench/keys.sh | tee bench/keys.md
+	bash bench/tls.sh | tee bench/tls.md
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/

@@ -194,6 +194,13 @@ func TestImportExportShred(t *testing.T) {
 	}
 	idle.Process.Kill()
 	idle.Wait()
+	// The gateway releases the volume once it has seen the client go.
+	for deadline := time.Now().Add(10 * time.Second); strings.Count(g.logText(), "msg=attached") != strings.Count(g.logText(), "msg=detached"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the gateway never saw qemu-io go:\n%s", g.logText())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	backing := filepath.Join(dir, "volumes", "img.img")
 	goldilocks(t, dir, "volume", "shred", "img")
 	if _, err := runGoldilocks(dir, "volume", "info", "img"); err == nil {

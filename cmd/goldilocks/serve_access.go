@@ -32,7 +32,11 @@ func tlsConfig(sf serveFlags) (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
 	}
-	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13,
+		// Full-size records from the first byte: a disk stream is bulk.
+		DynamicRecordSizingDisabled: true,
+	}
 	switch sf.tlsMinVersion {
 	case "1.3":
 	case "1.2":
