@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"sync"
 	"time"
@@ -274,7 +275,20 @@ func (c *conn) peerTLS(tc *tls.Conn) {
 	c.peer.TLS = true
 	if certs := tc.ConnectionState().PeerCertificates; len(certs) > 0 {
 		c.peer.Cert = certs[0]
+		c.log = c.log.With("cert", certName(certs[0]))
 	}
+}
+
+// certName is how logs name a client certificate: its first URI SAN (a
+// SPIFFE ID), else its first DNS SAN, else its common name.
+func certName(c *x509.Certificate) string {
+	switch {
+	case len(c.URIs) > 0:
+		return c.URIs[0].String()
+	case len(c.DNSNames) > 0:
+		return c.DNSNames[0]
+	}
+	return "CN=" + c.Subject.CommonName
 }
 
 // cutState is a session's revocation state.

@@ -106,3 +106,40 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+func TestPolicyCommands(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	os.WriteFile(pol, []byte(`identities:
+  - {name: vm-a, tls: {uri_san: "spiffe://lab/vm-a"}}
+rules:
+  - {identity: vm-a, volumes: ["*"], labels: {tier: gold}, access: read-write, iops: 100}
+`), 0o600)
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("rules:\n  - {identity: ghost, volumes: [x]}\n  - {identity: \"*\", volumes: [y], access: sometimes}\n"), 0o600)
+	if code, out, _ := runCLI(t, "policy", "check", pol); code != 0 || !strings.Contains(out, "ok: 1 identities, 1 rules") {
+		t.Errorf("check of a good file: %d %q", code, out)
+	}
+	code, _, stderr := runCLI(t, "policy", "check", bad)
+	if code != 1 || !strings.Contains(stderr, "bad.yaml:2: rule names identity \"ghost\"") || !strings.Contains(stderr, "bad.yaml:3: access \"sometimes\"") {
+		t.Errorf("check of a bad file: %d\n%s", code, stderr)
+	}
+	// Labels come from the registry.
+	runCLI(t, "volume", "create", "gold1", "--size", "1M", "--plain", "--label", "tier=gold", "--data-dir", dir)
+	runCLI(t, "volume", "create", "plain1", "--size", "1M", "--plain", "--data-dir", dir)
+	for _, tc := range []struct {
+		args []string
+		code int
+		out  string
+	}{
+		{[]string{"--identity", "vm-a", "--volume", "gold1"}, 0, "allow read-write: identity vm-a may attach gold1 read-write (rule at " + pol + ":4)"},
+		{[]string{"--identity", "vm-a", "--volume", "plain1"}, 0, "deny: no rule grants identity vm-a volume plain1 (default deny)"},
+		{[]string{"--identity", "vm-z", "--volume", "gold1"}, 1, ""},
+		{[]string{"--identity", "vm-a"}, 2, ""},
+	} {
+		code, out, _ := runCLI(t, append(append([]string{"policy", "explain", "--policy", pol, "--data-dir", dir}, tc.args...))...)
+		if code != tc.code || !strings.Contains(out, tc.out) {
+			t.Errorf("explain %v: %d %q, want %d %q", tc.args, code, out, tc.code, tc.out)
+		}
+	}
+}
