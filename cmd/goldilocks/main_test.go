@@ -137,7 +137,7 @@ rules:
 		{[]string{"--identity", "vm-z", "--volume", "gold1"}, 1, ""},
 		{[]string{"--identity", "vm-a"}, 2, ""},
 	} {
-		code, out, _ := runCLI(t, append(append([]string{"policy", "explain", "--policy", pol, "--data-dir", dir}, tc.args...))...)
+		code, out, _ := runCLI(t, append([]string{"policy", "explain", "--policy", pol, "--data-dir", dir}, tc.args...)...)
 		if code != tc.code || !strings.Contains(out, tc.out) {
 			t.Errorf("explain %v: %d %q, want %d %q", tc.args, code, out, tc.code, tc.out)
 		}
