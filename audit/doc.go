@@ -1,6 +1,6 @@
-// Package audit will own the tamper-evident audit trail: hash-chained,
-// signed, append-only records, their export and their verification. It
-// never sees key material and is not on the per-request data path.
-//
-// Nothing is implemented here yet (the audit issue).
+// Package audit owns the tamper-evident audit trail (FORMAT.md): an
+// append-only, hash-chained JSON Lines log with signed checkpoints,
+// segments that rotate and compress, verification that names what was
+// changed, and export (JSON Lines, CEF). It records events; it decides
+// nothing, never sees key material, and never touches volumes.
 package audit

@@ -215,6 +215,7 @@ func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error 
 			if err := v.checkpoint(c); err != nil {
 				return err
 			}
+			v.log.Info("rekey progress", "event", "rekey_progress", "volume", v.name, "cursor", c, "chunks", total)
 		}
 		if opt.stopAt != 0 && c == opt.stopAt {
 			return context.Canceled

@@ -47,6 +47,7 @@ type conn struct {
 	counted  string      // identity counted against max_connections
 	attached atomic.Bool // in transmission
 	cutState
+	stats sessionStats
 
 	// Optional capabilities of exp.Device, found once.
 	trimmer  block.Trimmer
@@ -138,6 +139,8 @@ func (c *conn) serve() {
 	}
 	defer c.closeExport()
 	defer c.detach()
+	defer c.recordDetach()
+	c.stats.start = time.Now()
 	c.attached.Store(true)
 	if g := c.grant.Load(); g != nil {
 		c.log = c.log.With("identity", g.identity)
@@ -366,7 +369,7 @@ func (c *conn) readLoop() {
 		}
 		if errno != 0 {
 			c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
-			c.srv.cfg.Metrics.request(r.typ, 0, true)
+			c.count(r.typ, 0, true)
 			r.deferred = true
 			c.replyError(r, errno)
 			continue
@@ -406,7 +409,7 @@ func (c *conn) inline(r *request) bool {
 			r.buf, r.deferred = nil, false
 			return false
 		}
-		c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
+		c.count(cmdRead, int64(r.length), false)
 		c.sendRead(r, data)
 		return true
 	case cmdWrite:
@@ -576,7 +579,7 @@ func (c *conn) finish(r *request, n int64, err error) {
 			c.log.Error("request failed", "cmd", commandName(r.typ), "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
 		}
 	}
-	c.srv.cfg.Metrics.request(r.typ, n, err != nil)
+	c.count(r.typ, n, err != nil)
 	c.replySimple(r, errno, nil)
 }
 
@@ -586,7 +589,7 @@ const zeroCopyMin = 64 << 10
 
 func (c *conn) read(r *request) {
 	if c.sendFD >= 0 && r.length >= zeroCopyMin {
-		c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
+		c.count(cmdRead, int64(r.length), false)
 		r.zeroCopy = true
 		c.sendRead(r, nil)
 		return
@@ -596,11 +599,11 @@ func (c *conn) read(r *request) {
 	if _, err := c.exp.Device.ReadAt(data, int64(r.off)); err != nil {
 		errno := errnoOf(err)
 		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
-		c.srv.cfg.Metrics.request(cmdRead, 0, true)
+		c.count(cmdRead, 0, true)
 		c.replyError(r, errno)
 		return
 	}
-	c.srv.cfg.Metrics.request(cmdRead, int64(r.length), false)
+	c.count(cmdRead, int64(r.length), false)
 	c.sendRead(r, data)
 }
 
@@ -635,7 +638,7 @@ func (c *conn) blockStatus(r *request) {
 	}
 	if err != nil {
 		c.log.Error("request failed", "cmd", "block_status", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
-		c.srv.cfg.Metrics.request(cmdBlockStatus, 0, true)
+		c.count(cmdBlockStatus, 0, true)
 		c.replyError(r, errnoOf(err))
 		return
 	}
@@ -645,7 +648,7 @@ func (c *conn) blockStatus(r *request) {
 		b = binary.BigEndian.AppendUint32(b, e.Flags)
 	}
 	r.bsReply = b
-	c.srv.cfg.Metrics.request(cmdBlockStatus, 0, false)
+	c.count(cmdBlockStatus, 0, false)
 	h := c.structuredHeader(r, replyFlagDone, replyBlockStatus, uint32(len(b)))
 	c.send(r, h[:structuredHdrSize], b)
 }

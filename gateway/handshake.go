@@ -136,6 +136,12 @@ func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
 		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
 		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, msg)
 	}
+	if err := c.recordAttach(g); err != nil {
+		c.detach()
+		c.closeExport()
+		c.log.Error("attach refused: the audit log cannot be written", "export", name, "err", err)
+		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: audit log unavailable: %w", name, err)
+	}
 	var b [10 + 124]byte
 	binary.BigEndian.PutUint64(b[0:], uint64(c.exp.Device.Size()))
 	binary.BigEndian.PutUint16(b[8:], c.transmissionFlags())
@@ -248,6 +254,13 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 			c.closeExport()
 			c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
 			return false, replyErr(w, opt, repErrPolicy, msg)
+		}
+		if err := c.recordAttach(g); err != nil {
+			c.detach()
+			c.grant.Store(nil)
+			c.closeExport()
+			c.log.Error("attach refused: the audit log cannot be written (fail closed)", "export", name, "err", err)
+			return false, replyErr(w, opt, repErrShutdown, "attach refused: the gateway's audit log cannot be written: "+err.Error())
 		}
 	}
 	var b [14]byte

@@ -76,6 +76,12 @@ type Config struct {
 	// Policy returns the access policy in force (policy/FORMAT.md). A nil
 	// func, or a nil policy, serves every export to every client.
 	Policy func() *policy.Policy
+	// Audit, if set, records attaches (before the client is told yes: an
+	// attach that cannot be recorded is refused) and detaches with the
+	// session's totals. AuditContinue attaches anyway (on_failure:
+	// continue).
+	Audit         Recorder
+	AuditContinue bool
 }
 
 // Server is an NBD server. Its zero value is not usable; call New.

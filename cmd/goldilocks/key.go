@@ -36,6 +36,9 @@ func signalContext() (context.Context, context.CancelFunc) {
 // keys returns the control client of a running gateway, or the local
 // key operations when none runs.
 func (a *app) keys() (*control.Client, *volume.Keys, error) {
+	if err := a.openAudit(); err != nil {
+		return nil, nil, err
+	}
 	reg, err := a.openRegistry()
 	if err != nil {
 		return nil, nil, err
@@ -48,7 +51,7 @@ func (a *app) keys() (*control.Client, *volume.Keys, error) {
 		return nil, nil, err
 	}
 	log := a.logger()
-	return nil, &volume.Keys{Reg: reg, Open: volume.LocalOpener{Reg: reg, Log: log}, Log: log}, nil
+	return nil, &volume.Keys{Reg: reg, Open: volume.LocalOpener{Reg: reg, Log: log}, Log: log, Record: a.alog.Append, Who: cliIdentity()}, nil
 }
 
 func newKeyRotateCmd(a *app) *cobra.Command {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"goldilocks/audit"
 	"goldilocks/crypto"
 	"goldilocks/internal/volume"
 )
@@ -42,6 +43,7 @@ type app struct {
 	stdout  io.Writer
 	stderr  io.Writer
 	log     *slog.Logger // set by serve from its flags, else made by logger()
+	alog    *audit.Log   // the audit log, once a command opened it
 }
 
 func defaultDataDir() string {
@@ -69,7 +71,7 @@ func newRoot(a *app) *cobra.Command {
 	pf.StringVar(&a.dataDir, "data-dir", defaultDataDir(), "volumes, keystore, audit log and state (env GOLDILOCKS_DATA_DIR; /var/lib/goldilocks for root, ./goldilocks-data otherwise)")
 	pf.StringVar(&a.config, "config", os.Getenv("GOLDILOCKS_CONFIG"), "configuration file (env GOLDILOCKS_CONFIG); every setting also has a flag or a default")
 	pf.BoolVar(&a.json, "json", false, "print the result as one JSON document on stdout")
-	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a))
+	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a), newAuditCmd(a))
 	return root
 }
 
@@ -124,7 +126,11 @@ func (a *app) openRegistry() (*volume.Registry, error) {
 // or warnings and errors on stderr for the other commands.
 func (a *app) logger() *slog.Logger {
 	if a.log == nil {
-		a.log = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		var h slog.Handler = slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})
+		if a.alog != nil {
+			h = audit.NewHandler(h, a.alog) // events reach the audit trail
+		}
+		a.log = slog.New(h)
 	}
 	return a.log
 }
@@ -144,6 +150,7 @@ func run(a *app, argv []string) int {
 	root := newRoot(a)
 	root.SetArgs(argv)
 	err := root.Execute()
+	a.closeAudit()
 	if err == nil {
 		return 0
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
+	"goldilocks/audit"
 	"goldilocks/crypto"
 	"goldilocks/gateway"
 	"goldilocks/internal/control"
@@ -30,6 +31,7 @@ type serveFlags struct {
 	listen, unix, metrics, policy string
 	tlsCert, tlsKey, tlsCA        string
 	tlsMinVersion                 string
+	auditOnFailure                string
 	tlsRequired                   bool
 	logLevel, logFormat           string
 	maxInflight                   int
@@ -59,6 +61,7 @@ SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exit
 	f.StringVar(&sf.tlsCA, "tls-ca", "", "CA that signs client certificates (PEM)")
 	f.BoolVar(&sf.tlsRequired, "tls-required", false, "refuse clients that do not start TLS (NBD_REP_ERR_TLS_REQD)")
 	f.StringVar(&sf.tlsMinVersion, "tls-min-version", "1.3", "oldest TLS version accepted: 1.3 or 1.2")
+	f.StringVar(&sf.auditOnFailure, "audit-on-failure", "fail", "when the audit log cannot be written: fail (refuse attaches and key operations) or continue")
 	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
@@ -114,7 +117,28 @@ func serve(a *app, sf serveFlags) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	if sf.auditOnFailure != "fail" && sf.auditOnFailure != "continue" {
+		return usagef("--audit-on-failure %q: want fail or continue", sf.auditOnFailure)
+	}
+	// The audit trail: events logged anywhere (event=…) are recorded too.
+	alog, err := audit.Open(a.auditDir(), audit.Options{Logger: log})
+	switch {
+	case err == nil:
+		a.alog = alog
+		log = slog.New(audit.NewHandler(log.Handler(), alog))
+		defer func() {
+			alog.Append(audit.Event{Type: "gateway_stop", Reason: "stopped"})
+			a.closeAudit()
+		}()
+	case sf.auditOnFailure == "continue":
+		log.Error("audit log unavailable; serving without it (--audit-on-failure continue)", "err", err)
+	default:
+		return fmt.Errorf("refused to start: %w (--audit-on-failure continue to serve without it)", err)
+	}
 	a.log = log
+	if pol != nil {
+		pol.log = log // reloads go on the audit trail
+	}
 	reg, err := a.openRegistry()
 	if err != nil {
 		return err
@@ -134,7 +158,7 @@ func serve(a *app, sf serveFlags) error {
 		if err != nil {
 			return fmt.Errorf("creating the demo volume: %w", err)
 		}
-		log.Info("created the demo volume, encrypted with a key in the local keystore", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
+		log.Info("created the demo volume, encrypted with a key in the local keystore", "event", "volume_create", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
 	}
 	if pol == nil {
 		log.Warn("no --policy: every volume is served to any client that can reach the listeners (loopback and the Unix socket only)")
@@ -153,6 +177,9 @@ func serve(a *app, sf serveFlags) error {
 	}
 	if pol != nil {
 		gcfg.Policy = pol.get
+	}
+	if a.alog != nil {
+		gcfg.Audit, gcfg.AuditContinue = a.alog, sf.auditOnFailure == "continue"
 	}
 	srv := gateway.New(gcfg)
 	watchCtx, stopWatch := context.WithCancel(context.Background())
@@ -238,7 +265,18 @@ func serve(a *app, sf serveFlags) error {
 		closeAll()
 		return err
 	}
-	keys := &volume.Keys{Reg: reg, Open: exports, Log: log}
+	keys := &volume.Keys{Reg: reg, Open: exports, Log: log, Who: "control-socket"}
+	if a.alog != nil {
+		keys.Record = a.alog.Append
+		if sf.auditOnFailure == "continue" {
+			keys.Record = func(e audit.Event) error {
+				if err := a.alog.Append(e); err != nil {
+					log.Error("audit log unavailable; key operation goes ahead (--audit-on-failure continue)", "err", err)
+				}
+				return nil
+			}
+		}
+	}
 	if st, err := keys.Status(); err == nil {
 		for _, s := range st {
 			if s.Rekeying {
@@ -267,6 +305,12 @@ func serve(a *app, sf serveFlags) error {
 	for _, l := range listeners {
 		log.Info("listening", "addr", l.Addr().String(), "network", l.Addr().Network())
 		go func() { errc <- srv.Serve(l) }()
+	}
+	if a.alog != nil {
+		details := map[string]any{"version": version, "listen": sf.listen, "unix": sock, "policy": sf.policy, "tls": tlsCfg != nil}
+		if err := a.alog.Append(audit.Event{Type: "gateway_start", Reason: "started", Details: details}); err != nil {
+			log.Error("audit log unavailable at start: attaches will be refused until it is writable", "err", err)
+		}
 	}
 	ready.Store(true)
 	printAttachHelp(a, example, sock, listeners)

@@ -76,7 +76,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 		Use:   "create NAME --size SIZE [--plain] [--backing PATH]",
 		Short: "Create a volume (its NBD export name is NAME)",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, "volume_create", func(cmd *cobra.Command, argv []string) error {
 			var size int64
 			if sizeStr != "" {
 				s, err := parseSize(sizeStr)
@@ -115,7 +115,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 			}
 			fmt.Fprintf(a.stdout, "created volume %s: %d bytes, %s, backing %s\n", v.Name, v.Size, kind(v), reg.BackingPath(v))
 			return nil
-		},
+		}),
 	}
 	f := c.Flags()
 	f.StringVar(&sizeStr, "size", "", "logical size (bytes, or with K, M, G, T suffix); a multiple of 4 KiB")

@@ -66,7 +66,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 		Use:   "export NAME --to RAW_FILE",
 		Short: "Write a volume's plaintext to a raw image (no gateway needed: the disaster-recovery path)",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, "volume_export", func(cmd *cobra.Command, argv []string) error {
 			if to == "" {
 				return usagef("volume export: --to is required")
 			}
@@ -122,7 +122,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 				return err
 			}
 			return out.Close()
-		},
+		}),
 	}
 	c.Flags().StringVar(&to, "to", "", "raw image to write")
 	return c
@@ -137,7 +137,7 @@ func newVolumeImportCmd(a *app) *cobra.Command {
 		Use:   "import NAME --from RAW_FILE",
 		Short: "Copy a raw image into a volume (created, encrypted, if it does not exist)",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, "volume_import", func(cmd *cobra.Command, argv []string) error {
 			if from == "" {
 				return usagef("volume import: --from is required")
 			}
@@ -203,7 +203,7 @@ func newVolumeImportCmd(a *app) *cobra.Command {
 				return err
 			}
 			return dev.Close()
-		},
+		}),
 	}
 	c.Flags().StringVar(&from, "from", "", "raw image to read")
 	c.Flags().BoolVar(&plain, "plain", false, "create the volume unencrypted (when it does not exist)")
@@ -215,7 +215,7 @@ func newVolumeShredCmd(a *app) *cobra.Command {
 		Use:   "shred NAME",
 		Short: "Destroy an encrypted volume's wrapped data key: its data is unreadable at once",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, "volume_shred", func(cmd *cobra.Command, argv []string) error {
 			reg, err := a.openRegistry()
 			if err != nil {
 				return err
@@ -225,7 +225,7 @@ func newVolumeShredCmd(a *app) *cobra.Command {
 			}
 			fmt.Fprintf(a.stdout, "shredded volume %s: its data key is destroyed\n", argv[0])
 			return nil
-		},
+		}),
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 
+	"goldilocks/audit"
 	"goldilocks/crypto"
 	"goldilocks/internal/block"
 )
@@ -28,6 +29,23 @@ type Keys struct {
 	Reg  *Registry
 	Open KeyOpener
 	Log  *slog.Logger
+	// Record, if set, puts each key operation on the audit trail before it
+	// starts; if it cannot, the operation is refused (fail closed).
+	Record func(audit.Event) error
+	// Who names the requester on the audit trail.
+	Who string
+}
+
+// record puts a key operation on record, or refuses it.
+func (k *Keys) record(e audit.Event) error {
+	if k.Record == nil {
+		return nil
+	}
+	e.Identity, e.Decision = k.Who, "allow"
+	if err := k.Record(e); err != nil {
+		return fmt.Errorf("refused: the audit log cannot be written (%w)", err)
+	}
+	return nil
 }
 
 // RotateOptions select and tune a rotation.
@@ -150,6 +168,10 @@ func (k *Keys) Rotate(ctx context.Context, o RotateOptions) (RotateResult, error
 	}
 	if len(sel) == 0 {
 		return res, errors.New("no key selected: name one or give --all")
+	}
+	if err := k.record(audit.Event{Type: "key_rotate", Reason: "requested", Details: map[string]any{
+		"keys": strings.Join(o.Keys, ","), "all": o.All, "rewrap_only": o.RewrapOnly, "min_version": int64(o.MinVersion)}}); err != nil {
+		return res, err
 	}
 	slices.SortFunc(sel, func(a, b *keyGroup) int { return strings.Compare(a.provider+":"+a.key, b.provider+":"+b.key) })
 	total := 0
@@ -350,6 +372,10 @@ func (k *Keys) Rekey(ctx context.Context, name string, o RekeyOptions) error {
 	kek, err := k.Reg.KEK(h.KEK.Provider)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	if err := k.record(audit.Event{Type: "rekey_start", Volume: name, Reason: "requested",
+		Details: map[string]any{"rate": o.Rate, "resume": h.Rekeying()}}); err != nil {
+		return err
 	}
 	vol, release, err := k.Open.OpenVolume(v)
 	if err != nil {

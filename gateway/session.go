@@ -1,0 +1,118 @@
+package gateway
+
+import (
+	"sync/atomic"
+	"time"
+
+	"goldilocks/audit"
+)
+
+// Recorder puts events on the audit trail (audit.Log). Append fails when
+// the event cannot be recorded: the gateway then refuses the attach (fail
+// closed) unless Config.AuditContinue.
+type Recorder interface {
+	Append(audit.Event) error
+}
+
+// sessionStats are one connection's totals, for its detach record: per
+// request one atomic add, on the connection's own cache lines.
+type sessionStats struct {
+	start  time.Time
+	ops    [numCommands]atomic.Uint64
+	bytes  [numCommands]atomic.Uint64
+	errors atomic.Uint64
+}
+
+// count records one finished request in the metrics and the session.
+func (c *conn) count(cmd uint16, n int64, failed bool) {
+	c.srv.cfg.Metrics.request(cmd, n, failed)
+	if int(cmd) >= numCommands {
+		return
+	}
+	c.stats.ops[cmd].Add(1)
+	if failed {
+		c.stats.errors.Add(1)
+	} else if n > 0 {
+		c.stats.bytes[cmd].Add(uint64(n))
+	}
+}
+
+// who names the connection's other end for the audit trail: its policy
+// identity, else its certificate or uid, else its address.
+func (c *conn) who() string {
+	if g := c.grant.Load(); g != nil && g.identity != "" {
+		return g.identity
+	}
+	switch {
+	case c.peer.Cert != nil:
+		return certName(c.peer.Cert)
+	case c.peer.Unix:
+		return "uid:" + itoa(c.peer.UID)
+	}
+	return c.addr
+}
+
+func itoa(n int64) string {
+	var b [20]byte
+	i := len(b)
+	neg := n < 0
+	if neg {
+		n = -n
+	}
+	for {
+		i--
+		b[i] = byte('0' + n%10)
+		n /= 10
+		if n == 0 {
+			break
+		}
+	}
+	if neg {
+		i--
+		b[i] = '-'
+	}
+	return string(b[i:])
+}
+
+// recordAttach puts an allowed attach on the audit trail; an error means
+// it could not, and the attach must be refused (fail closed).
+func (c *conn) recordAttach(g *grant) error {
+	rec := c.srv.cfg.Audit
+	if rec == nil {
+		return nil
+	}
+	reason := "no policy: every volume is served"
+	d := map[string]any{"peer": c.addr, "tls": c.tls, "read_only": c.exp.ReadOnly}
+	if g != nil {
+		reason = g.reason
+	}
+	if c.peer.Unix {
+		d["uid"], d["pid"] = c.peer.UID, c.peer.PID
+	}
+	err := rec.Append(audit.Event{Type: "attach", Identity: c.who(), Volume: c.exp.Name, Decision: "allow", Reason: reason, Details: d})
+	if err != nil && c.srv.cfg.AuditContinue {
+		c.log.Error("audit log unavailable; attaching anyway (audit on_failure: continue)", "err", err)
+		return nil
+	}
+	return err
+}
+
+// recordDetach puts the session's totals on the audit trail.
+func (c *conn) recordDetach() {
+	rec := c.srv.cfg.Audit
+	if rec == nil {
+		return
+	}
+	s := &c.stats
+	d := map[string]any{
+		"ops_read": s.ops[cmdRead].Load(), "bytes_read": s.bytes[cmdRead].Load(),
+		"ops_write": s.ops[cmdWrite].Load(), "bytes_write": s.bytes[cmdWrite].Load(),
+		"ops_flush": s.ops[cmdFlush].Load(), "ops_trim": s.ops[cmdTrim].Load(),
+		"ops_zero":  s.ops[cmdWriteZeroes].Load(),
+		"ops_other": s.ops[cmdCache].Load() + s.ops[cmdBlockStatus].Load(),
+		"errors":    s.errors.Load(), "seconds": int64(time.Since(s.start).Seconds()),
+	}
+	if err := rec.Append(audit.Event{Type: "detach", Identity: c.who(), Volume: c.exp.Name, Details: d}); err != nil {
+		c.log.Error("audit log unavailable: the detach is not on record", "err", err)
+	}
+}
