@@ -142,7 +142,9 @@ func editCurrent(t *testing.T, fn func([]string) []string) func(string) {
 	}
 }
 
-func seqOf(line string) string { return regexp.MustCompile(`^\{"seq":(\d+)`).FindStringSubmatch(line)[1] }
+func seqOf(line string) string {
+	return regexp.MustCompile(`^\{"seq":(\d+)`).FindStringSubmatch(line)[1]
+}
 
 func TestTamperDetected(t *testing.T) {
 	for _, tc := range []struct {
@@ -407,7 +409,6 @@ func TestVector(t *testing.T) {
 		t.Fatalf("vector: %+v %v", rep, err)
 	}
 }
-
 
 func BenchmarkAppend(b *testing.B) {
 	l, err := Open(b.TempDir(), Options{})
