@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
@@ -72,7 +73,8 @@ type Log struct {
 	signedAt time.Time // last checkpoint
 	segStart time.Time // first record of current.jsonl
 	buf      []byte
-	st       unix.Stat_t
+	shared   []byte // the lock file's first page, mapped shared: see sharedState
+	gen      uint64 // rotations seen
 	closed   bool
 	stop     chan struct{}
 	bg       sync.WaitGroup
@@ -118,6 +120,11 @@ func Open(dir string, o Options) (*Log, error) {
 	}
 	l := &Log{dir: dir, o: o, key: key, kid: kid, log: o.Logger, lock: lf, stop: make(chan struct{}), buf: make([]byte, 0, 1024), signedAt: o.now()}
 	if err := l.flock(); err != nil {
+		lf.Close()
+		return nil, err
+	}
+	if err := l.mapShared(); err != nil {
+		l.funlock()
 		lf.Close()
 		return nil, err
 	}
@@ -181,6 +188,8 @@ func (l *Log) reopenLocked(recover bool) (cut int64, err error) {
 		cut = st.Size - size
 	}
 	l.f, l.ino, l.size = f, st.Ino, size
+	l.gen = l.sharedGen()
+	l.setSharedSize(size)
 	l.seq, l.prev, l.segStart = 0, zeroPrev, l.o.now()
 	if first != nil {
 		l.segStart = first.Time
@@ -288,10 +297,17 @@ func (l *Log) Append(e Event) error {
 // other processes appended (or a rotation they did), rotates if due, then
 // writes the record and, if due, a checkpoint.
 func (l *Log) appendLocked(e Event) error {
-	path := filepath.Join(l.dir, CurrentFile)
-	if err := unix.Stat(path, &l.st); err != nil || l.st.Ino != l.ino || l.st.Size != l.size {
-		if _, err := l.reopenLocked(false); err != nil {
+	if l.sharedGen() != l.gen || l.sharedSize() != l.size {
+		// Another process appended or rotated: learn the end of the chain
+		// from the file itself.
+		cut, err := l.reopenLocked(false)
+		if err != nil {
 			return err
+		}
+		if cut > 0 { // an appender died mid-write
+			if err := l.writeLocked(Event{Type: "audit_recovered", Reason: "a torn last line (a crash mid-append) was cut off", Details: map[string]any{"bytes": cut}}, l.o.now()); err != nil {
+				return err
+			}
 		}
 	}
 	now := l.o.now()
@@ -314,11 +330,15 @@ func (l *Log) writeLocked(e Event, now time.Time) error {
 	l.buf = r.AppendJSON(l.buf[:0])
 	hash := Hash(l.buf)
 	l.buf = append(l.buf, '\n')
+	// The intent first: if we die mid-write, the next appender sees a size
+	// it does not know and reads the file.
+	l.setSharedSize(l.size + int64(len(l.buf)))
 	n, err := l.f.Write(l.buf)
 	if err != nil {
 		if n > 0 { // a partial record: take it back so the chain stays whole
 			l.f.Truncate(l.size)
 		}
+		l.setSharedSize(l.size)
 		return fmt.Errorf("audit: %w: %w", ErrUnavailable, err)
 	}
 	if l.size == 0 {
@@ -361,7 +381,7 @@ func (l *Log) Checkpoint() error {
 		return err
 	}
 	defer l.funlock()
-	if err := unix.Stat(filepath.Join(l.dir, CurrentFile), &l.st); err != nil || l.st.Ino != l.ino || l.st.Size != l.size {
+	if l.sharedGen() != l.gen || l.sharedSize() != l.size {
 		if _, err := l.reopenLocked(false); err != nil {
 			return err
 		}
@@ -410,9 +430,49 @@ func (l *Log) Close() error {
 	if l.f != nil {
 		l.f.Close()
 	}
+	unix.Munmap(l.shared)
 	l.lock.Close()
 	return err
 }
+
+// The lock file's first page is shared state for appenders (a hint,
+// checked under the flock; the files are the truth): magic, then the
+// rotation count and the size of current.jsonl as the last appender left
+// it. An appender whose own idea differs reads the file again. Part of the
+// format (FORMAT.md, "Files").
+const (
+	sharedMagic = "GLDAUDL1"
+	sharedLen   = 4096
+)
+
+func (l *Log) mapShared() error {
+	fd := int(l.lock.Fd())
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("audit: lock: %w", err)
+	}
+	if st.Size < sharedLen {
+		if err := unix.Ftruncate(fd, sharedLen); err != nil {
+			return fmt.Errorf("audit: lock: %w", err)
+		}
+	}
+	m, err := unix.Mmap(fd, 0, sharedLen, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("audit: lock: %w", err)
+	}
+	if string(m[:8]) != sharedMagic {
+		clear(m[:24])
+		copy(m, sharedMagic)
+		binary.LittleEndian.PutUint64(m[16:], ^uint64(0)) // unknown size: read the file
+	}
+	l.shared = m
+	return nil
+}
+
+func (l *Log) sharedGen() uint64     { return binary.LittleEndian.Uint64(l.shared[8:]) }
+func (l *Log) setSharedGen(g uint64) { binary.LittleEndian.PutUint64(l.shared[8:], g) }
+func (l *Log) sharedSize() int64     { return int64(binary.LittleEndian.Uint64(l.shared[16:])) }
+func (l *Log) setSharedSize(n int64) { binary.LittleEndian.PutUint64(l.shared[16:], uint64(n)) }
 
 // PublicKey is the verifying key.
 func (l *Log) PublicKey() ed25519.PublicKey { return l.key.Public().(ed25519.PublicKey) }
@@ -436,6 +496,7 @@ func (l *Log) rotateLocked() error {
 		return fmt.Errorf("audit: rotating: %w: %w", ErrUnavailable, err)
 	}
 	seq, prev := l.seq, l.prev
+	l.setSharedGen(l.gen + 1) // other appenders reopen current.jsonl
 	if _, err := l.reopenLocked(false); err != nil {
 		return err
 	}
