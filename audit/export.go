@@ -2,12 +2,11 @@ package audit
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
-	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -25,14 +24,110 @@ type ExportOptions struct {
 
 // filterFields are what filters and CEF need of a record.
 type filterFields struct {
-	Seq      uint64                     `json:"seq"`
-	Time     string                     `json:"time"`
-	Type     string                     `json:"type"`
-	Identity string                     `json:"identity"`
-	Volume   string                     `json:"volume"`
-	Decision string                     `json:"decision"`
-	Reason   string                     `json:"reason"`
-	Details  map[string]json.RawMessage `json:"details"`
+	Seq      uint64
+	Time     string
+	Type     string
+	Identity string
+	Volume   string
+	Decision string
+	Reason   string
+	Details  []byte // the details object as written (keys sorted)
+}
+
+// canonicalKeys are the record's keys in their fixed order (FORMAT.md).
+var canonicalKeys = [...]string{`{"seq":`, `,"time":`, `,"type":`, `,"identity":`, `,"volume":`, `,"decision":`, `,"reason":`, `,"details":`}
+
+// fastFields reads a canonical record's fields by walking its fixed key
+// order, without a general JSON decoder: a million records export in
+// seconds. It reports false for a line that is not canonical; the caller
+// then decodes it the slow way.
+func fastFields(line []byte, f *filterFields) bool {
+	rest := line
+	for i, k := range canonicalKeys {
+		if !bytes.HasPrefix(rest, []byte(k)) {
+			return false
+		}
+		rest = rest[len(k):]
+		switch i {
+		case 0:
+			j := 0
+			for j < len(rest) && rest[j] >= '0' && rest[j] <= '9' {
+				j++
+			}
+			n, err := strconv.ParseUint(string(rest[:j]), 10, 64)
+			if err != nil {
+				return false
+			}
+			f.Seq, rest = n, rest[j:]
+		case 7:
+			end := bytes.LastIndex(rest, []byte(`,"prev":"`))
+			if end < 0 {
+				return false
+			}
+			f.Details = rest[:end]
+		default:
+			s, n, ok := jsonString(rest)
+			if !ok {
+				return false
+			}
+			rest = rest[n:]
+			switch i {
+			case 1:
+				f.Time = s
+			case 2:
+				f.Type = s
+			case 3:
+				f.Identity = s
+			case 4:
+				f.Volume = s
+			case 5:
+				f.Decision = s
+			case 6:
+				f.Reason = s
+			}
+		}
+	}
+	return true
+}
+
+// jsonString reads the JSON string at the start of b: its value and its
+// length in b.
+func jsonString(b []byte) (string, int, bool) {
+	if len(b) == 0 || b[0] != '"' {
+		return "", 0, false
+	}
+	esc := false
+	for i := 1; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			esc = true
+			i++
+		case '"':
+			if !esc {
+				return string(b[1:i]), i + 1, true
+			}
+			var s string
+			if json.Unmarshal(b[:i+1], &s) != nil {
+				return "", 0, false
+			}
+			return s, i + 1, true
+		}
+	}
+	return "", 0, false
+}
+
+// slowFields decodes a record that is not canonical (an edited export).
+func slowFields(line []byte, f *filterFields) error {
+	var r struct {
+		Seq                                            uint64
+		Time, Type, Identity, Volume, Decision, Reason string
+		Details                                        json.RawMessage
+	}
+	if err := json.Unmarshal(line, &r); err != nil {
+		return err
+	}
+	*f = filterFields{Seq: r.Seq, Time: r.Time, Type: r.Type, Identity: r.Identity, Volume: r.Volume, Decision: r.Decision, Reason: r.Reason, Details: r.Details}
+	return nil
 }
 
 // Export streams the records of srcs that pass the filters to w, in
@@ -58,9 +153,8 @@ func Export(srcs []Source, w io.Writer, o ExportOptions) (n int64, err error) {
 	sc := NewScanner(srcs)
 	defer sc.Close()
 	var (
-		f    filterFields
-		cef  []byte
-		keys []string
+		f   filterFields
+		cef []byte
 	)
 	for sc.Scan() {
 		l := sc.Line()
@@ -68,9 +162,10 @@ func Export(srcs []Source, w io.Writer, o ExportOptions) (n int64, err error) {
 			continue // a crash's torn tail is not a record
 		}
 		if filtered || o.Format == "cef" {
-			f = filterFields{}
-			if err := json.Unmarshal(l.Bytes, &f); err != nil {
-				return n, fmt.Errorf("audit export: %s:%d: not a record: %w", l.Source, l.N, err)
+			if !fastFields(l.Bytes, &f) {
+				if err := slowFields(l.Bytes, &f); err != nil {
+					return n, fmt.Errorf("audit export: %s:%d: not a record: %w", l.Source, l.N, err)
+				}
 			}
 			if filtered && !pass(&f, &o) {
 				continue
@@ -80,7 +175,7 @@ func Export(srcs []Source, w io.Writer, o ExportOptions) (n int64, err error) {
 			bw.Write(l.Bytes)
 			bw.WriteByte('\n')
 		} else {
-			cef, keys = appendCEF(cef[:0], keys, &f, o.Version)
+			cef = appendCEF(cef[:0], &f, o.Version)
 			bw.Write(cef)
 		}
 		n++
@@ -126,7 +221,7 @@ func severity(f *filterFields) int {
 }
 
 // appendCEF appends one CEF line (ArcSight Common Event Format) for f.
-func appendCEF(b []byte, keys []string, f *filterFields, version string) ([]byte, []string) {
+func appendCEF(b []byte, f *filterFields, version string) []byte {
 	b = append(b, "CEF:0|Goldilocks|goldilocks|"...)
 	b = cefHeader(b, version)
 	b = append(b, '|')
@@ -149,6 +244,7 @@ func appendCEF(b []byte, keys []string, f *filterFields, version string) ([]byte
 		b = append(b, '=')
 		b = cefValue(b, v)
 	}
+	var seq [20]byte
 	ext("suser", f.Identity)
 	if f.Volume != "" {
 		ext("cs1Label", "volume")
@@ -156,28 +252,13 @@ func appendCEF(b []byte, keys []string, f *filterFields, version string) ([]byte
 	}
 	ext("act", f.Decision)
 	ext("reason", f.Reason)
-	ext("externalId", strconv.FormatUint(f.Seq, 10))
-	if len(f.Details) > 0 {
-		keys = keys[:0]
-		for k := range f.Details {
-			keys = append(keys, k)
-		}
-		slices.Sort(keys)
-		var d strings.Builder
-		d.WriteByte('{')
-		for i, k := range keys {
-			if i > 0 {
-				d.WriteByte(',')
-			}
-			d.Write(appendString(nil, k))
-			d.WriteByte(':')
-			d.Write(f.Details[k])
-		}
-		d.WriteByte('}')
-		ext("cs2Label", "details")
-		ext("cs2", d.String())
+	b = append(b, " externalId="...)
+	b = append(b, strconv.AppendUint(seq[:0], f.Seq, 10)...)
+	if len(f.Details) > 2 { // not "{}"
+		b = append(b, " cs2Label=details cs2="...)
+		b = cefValue(b, string(f.Details))
 	}
-	return append(b, '\n'), keys
+	return append(b, '\n')
 }
 
 // cefHeader escapes a header field: \ and |.
