@@ -74,7 +74,8 @@ type Log struct {
 	segStart time.Time // first record of current.jsonl
 	buf      []byte
 	shared   []byte // the lock file's first page, mapped shared: see sharedState
-	gen      uint64 // rotations seen
+	gen      uint64    // rotations seen
+	pathAt   time.Time // when current.jsonl's path was last checked
 	closed   bool
 	stop     chan struct{}
 	bg       sync.WaitGroup
@@ -297,7 +298,14 @@ func (l *Log) Append(e Event) error {
 // other processes appended (or a rotation they did), rotates if due, then
 // writes the record and, if due, a checkpoint.
 func (l *Log) appendLocked(e Event) error {
-	if l.sharedGen() != l.gen || l.sharedSize() != l.size {
+	now := l.o.now()
+	moved := false
+	if now.Sub(l.pathAt) > time.Second { // once a second: was the file moved by hand?
+		var st unix.Stat_t
+		err := unix.Stat(filepath.Join(l.dir, CurrentFile), &st)
+		moved, l.pathAt = err != nil || st.Ino != l.ino, now
+	}
+	if moved || l.sharedGen() != l.gen || l.sharedSize() != l.size {
 		// Another process appended or rotated: learn the end of the chain
 		// from the file itself.
 		cut, err := l.reopenLocked(false)
@@ -310,7 +318,6 @@ func (l *Log) appendLocked(e Event) error {
 			}
 		}
 	}
-	now := l.o.now()
 	if l.size >= l.o.SegmentSize || l.size > 0 && now.Sub(l.segStart) >= l.o.SegmentAge {
 		if err := l.rotateLocked(); err != nil {
 			return err
@@ -339,6 +346,7 @@ func (l *Log) writeLocked(e Event, now time.Time) error {
 			l.f.Truncate(l.size)
 		}
 		l.setSharedSize(l.size)
+		l.pathAt = time.Time{} // look at the path again next time: it may have been fixed
 		return fmt.Errorf("audit: %w: %w", ErrUnavailable, err)
 	}
 	if l.size == 0 {

@@ -169,6 +169,7 @@ func TestAuditFailClosed(t *testing.T) {
 	if err := os.Symlink("/dev/full", cur); err != nil {
 		t.Fatal(err)
 	}
+	time.Sleep(1100 * time.Millisecond) // the log looks at its path once a second
 	out, err := runErr("qemu-io", "-f", "raw", "-c", "read 0 4k", g.uri("fc"))
 	if err == nil || !strings.Contains(out, "audit log cannot be written") {
 		t.Fatalf("attach with the audit log full: %v\n%s", err, out)

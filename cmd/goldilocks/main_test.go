@@ -143,3 +143,18 @@ rules:
 		}
 	}
 }
+
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "gw.yaml")
+	os.WriteFile(cfg, []byte("audit:\n  on_failure: sometimes\n"), 0o600)
+	code, _, stderr := runCLI(t, "serve", "--config", cfg, "--data-dir", dir, "--listen", "", "--unix", "none")
+	if code != 2 || !strings.Contains(stderr, `--audit-on-failure "sometimes"`) {
+		t.Errorf("config audit.on_failure reached the flag? %d %s", code, stderr)
+	}
+	os.WriteFile(cfg, []byte("listne: 1.2.3.4:1\n"), 0o600)
+	code, _, stderr = runCLI(t, "serve", "--config", cfg, "--data-dir", dir)
+	if code != 2 || !strings.Contains(stderr, `unknown setting "listne"`) {
+		t.Errorf("unknown config key: %d %s", code, stderr)
+	}
+}

@@ -49,7 +49,12 @@ func newServeCmd(a *app) *cobra.Command {
 With no volume in the data dir, a 1 GiB volume named "demo" is created.
 SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exits 0.`,
 		Args: args(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error { return serve(a, sf) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := applyConfig(a, cmd); err != nil {
+				return err
+			}
+			return serve(a, sf)
+		},
 	}
 	f := c.Flags()
 	f.StringVar(&sf.listen, "listen", "127.0.0.1:10809", "TCP address for NBD (empty: none)")
