@@ -73,7 +73,7 @@ type Log struct {
 	signedAt time.Time // last checkpoint
 	segStart time.Time // first record of current.jsonl
 	buf      []byte
-	shared   []byte // the lock file's first page, mapped shared: see sharedState
+	shared   []byte    // the lock file's first page, mapped shared: see sharedState
 	gen      uint64    // rotations seen
 	pathAt   time.Time // when current.jsonl's path was last checked
 	closed   bool
