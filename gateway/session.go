@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -47,31 +48,9 @@ func (c *conn) who() string {
 	case c.peer.Cert != nil:
 		return certName(c.peer.Cert)
 	case c.peer.Unix:
-		return "uid:" + itoa(c.peer.UID)
+		return "uid:" + strconv.FormatInt(c.peer.UID, 10)
 	}
 	return c.addr
-}
-
-func itoa(n int64) string {
-	var b [20]byte
-	i := len(b)
-	neg := n < 0
-	if neg {
-		n = -n
-	}
-	for {
-		i--
-		b[i] = byte('0' + n%10)
-		n /= 10
-		if n == 0 {
-			break
-		}
-	}
-	if neg {
-		i--
-		b[i] = '-'
-	}
-	return string(b[i:])
 }
 
 // recordAttach puts an allowed attach on the audit trail; an error means
