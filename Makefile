@@ -50,6 +50,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/
 	$(GO) test -run '^$$' -fuzz FuzzTransmission -fuzztime 2m ./gateway/
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 2m ./crypto/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 2m ./policy/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 2m ./audit/
 
 # torture: the crash model over many more seeds than make test runs.
 torture:

@@ -524,3 +524,20 @@ func TestTwoAppendersOneChain(t *testing.T) {
 		t.Fatalf("report %+v, want 1600 events", rep)
 	}
 }
+
+// FuzzParse: a record line from disk never panics the parser, and what it
+// accepts re-encodes to exactly the same bytes.
+func FuzzParse(f *testing.F) {
+	b, _ := os.ReadFile("testdata/chain-v1.jsonl")
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f.Add([]byte(l))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		r, err := Parse(line)
+		if err == nil && !bytes.Equal(r.AppendJSON(nil), line) {
+			t.Fatalf("accepted a line that does not re-encode to itself: %q", line)
+		}
+		var ff filterFields
+		fastFields(line, &ff)
+	})
+}
