@@ -500,8 +500,9 @@ func (l *Log) rotateLocked() error {
 	if err := l.f.Sync(); err != nil {
 		return fmt.Errorf("audit: %w: %w", ErrUnavailable, err)
 	}
-	if err := os.Rename(filepath.Join(l.dir, CurrentFile), name); err != nil {
-		return fmt.Errorf("audit: rotating: %w: %w", ErrUnavailable, err)
+	// Never over an existing segment (RENAME_NOREPLACE): that would lose it.
+	if err := unix.Renameat2(unix.AT_FDCWD, filepath.Join(l.dir, CurrentFile), unix.AT_FDCWD, name, unix.RENAME_NOREPLACE); err != nil {
+		return fmt.Errorf("audit: rotating to %s: %w: %w", filepath.Base(name), ErrUnavailable, err)
 	}
 	seq, prev := l.seq, l.prev
 	l.setSharedGen(l.gen + 1) // other appenders reopen current.jsonl
@@ -512,7 +513,7 @@ func (l *Log) rotateLocked() error {
 	l.bg.Add(1)
 	go func() {
 		defer l.bg.Done()
-		if err := compress(name); err != nil {
+		if err := l.compress(name); err != nil {
 			l.log.Error("audit: compressing a closed segment", "segment", name, "err", err)
 		}
 	}()
@@ -527,7 +528,7 @@ func (l *Log) compressPending() {
 			l.bg.Add(1)
 			go func() {
 				defer l.bg.Done()
-				if err := compress(s); err != nil {
+				if err := l.compress(s); err != nil {
 					l.log.Error("audit: compressing a closed segment", "segment", s, "err", err)
 				}
 			}()
@@ -536,7 +537,11 @@ func (l *Log) compressPending() {
 }
 
 // compress writes name.zst and removes name.
-func compress(name string) error {
+// The final rename and removal run under the appenders' lock: every
+// change to the directory's list of segments does, so that a listing made
+// under the lock (rotation numbering, Snapshot) never misses a segment
+// that is being renamed.
+func (l *Log) compress(name string) error {
 	in, err := os.Open(name)
 	if err != nil {
 		return err
@@ -561,13 +566,19 @@ func compress(name string) error {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Rename(tmp, name+".zst")
+		l.mu.Lock()
+		if err = l.flock(); err == nil {
+			if err = unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, name+".zst", unix.RENAME_NOREPLACE); err == nil {
+				err = os.Remove(name)
+			}
+			l.funlock()
+		}
+		l.mu.Unlock()
 	}
 	if err != nil {
 		os.Remove(tmp)
-		return err
 	}
-	return os.Remove(name)
+	return err
 }
 
 // Segments lists the closed segments of dir in order (a segment both

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
 )
 
 // openSegment opens a segment or export file, decompressing zstd (by
@@ -18,25 +19,43 @@ func openSegment(path string) (io.ReadCloser, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	br := bufio.NewReaderSize(f, 256<<10)
+	return readSegment(f, path)
+}
+
+func readSegment(f *os.File, path string) (io.ReadCloser, error) {
+	return readFrom(f, f, path)
+}
+
+// readFrom reads r (closing c at the end), decompressing zstd.
+func readFrom(r io.Reader, c io.Closer, path string) (io.ReadCloser, error) {
+	br := bufio.NewReaderSize(r, 256<<10)
 	magic, _ := br.Peek(4)
 	if strings.HasSuffix(path, ".zst") || string(magic) == "\x28\xb5\x2f\xfd" {
 		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
 		if err != nil {
-			f.Close()
+			c.Close()
 			return nil, fmt.Errorf("audit: %s: %w", path, err)
 		}
-		return readCloser{zr.IOReadCloser(), f}, nil
+		return readCloser{zr.IOReadCloser(), c}, nil
 	}
-	return readCloser{io.NopCloser(br), f}, nil
+	return readCloser{io.NopCloser(br), c}, nil
 }
 
 type readCloser struct {
 	io.ReadCloser
-	f *os.File
+	c io.Closer
 }
 
-func (r readCloser) Close() error { r.ReadCloser.Close(); return r.f.Close() }
+func (r readCloser) Close() error { r.ReadCloser.Close(); return r.c.Close() }
+
+type nopCloser struct{}
+
+func (nopCloser) Close() error { return nil }
+
+type limited struct {
+	io.Reader
+	io.Closer
+}
 
 func newLineScanner(r io.Reader) *bufio.Scanner {
 	sc := bufio.NewScanner(r)
@@ -47,23 +66,56 @@ func newLineScanner(r io.Reader) *bufio.Scanner {
 // Source is one file of records: a segment, current.jsonl, an export.
 type Source struct {
 	Path string
+	// Limit, if positive, reads only this many bytes: what was complete
+	// when a live log was looked at (appenders may be mid-write after it).
+	Limit int64
+	// f is the file opened at the snapshot: a rotation may rename or
+	// remove the path meanwhile, never this file's bytes.
+	f *os.File
 }
 
 // Sources lists the audit directory's files in chain order: the closed
-// segments, then current.jsonl.
+// segments, then current.jsonl up to its size at this instant.
 func Sources(dir string) ([]Source, error) {
+	srcs, _, err := Snapshot(dir)
+	return srcs, err
+}
+
+// Snapshot is Sources and the head file's line, taken together under the
+// appenders' lock for a moment, so that a log being written reads as a
+// consistent prefix (no half-written last record, no head ahead of it).
+func Snapshot(dir string) (srcs []Source, head string, err error) {
+	if lf, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0); err == nil {
+		defer lf.Close()
+		if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX); err == nil {
+			defer unix.Flock(int(lf.Fd()), unix.LOCK_UN)
+		}
+	}
 	segs, err := Segments(dir)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	var out []Source
 	for _, s := range segs {
-		out = append(out, Source{Path: s})
+		src := Source{Path: s}
+		if strings.HasSuffix(s, ".jsonl") { // compression removes it soon
+			if src.f, err = os.Open(s); err != nil {
+				return nil, "", fmt.Errorf("audit: %w", err)
+			}
+		}
+		srcs = append(srcs, src)
 	}
-	if _, err := os.Stat(filepath.Join(dir, CurrentFile)); err == nil {
-		out = append(out, Source{Path: filepath.Join(dir, CurrentFile)})
+	if f, err := os.Open(filepath.Join(dir, CurrentFile)); err == nil {
+		if st, err := f.Stat(); err == nil && st.Size() > 0 {
+			srcs = append(srcs, Source{Path: f.Name(), Limit: st.Size(), f: f})
+		} else {
+			f.Close()
+		}
 	}
-	return out, nil
+	b, err := os.ReadFile(filepath.Join(dir, HeadFile))
+	if err != nil && !os.IsNotExist(err) {
+		return nil, "", fmt.Errorf("audit: %w", err)
+	}
+	return srcs, string(b), nil
 }
 
 // Line is one line of a source, as read.
@@ -96,10 +148,20 @@ func (s *Scanner) Scan() bool {
 				return false
 			}
 			s.i++
-			rc, err := openSegment(s.srcs[s.i].Path)
+			src := s.srcs[s.i]
+			var rc io.ReadCloser
+			var err error
+			if src.f != nil { // read at offsets: the snapshot may be read again
+				rc, err = readFrom(io.NewSectionReader(src.f, 0, 1<<62), nopCloser{}, src.Path)
+			} else {
+				rc, err = openSegment(src.Path)
+			}
 			if err != nil {
 				s.err = err
 				return false
+			}
+			if n := s.srcs[s.i].Limit; n > 0 {
+				rc = limited{io.LimitReader(rc, n), rc}
 			}
 			s.rc, s.br, s.line = rc, bufio.NewReaderSize(rc, 256<<10), Line{Source: s.srcs[s.i].Path}
 		}

@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -50,8 +49,8 @@ type Report struct {
 type VerifyOptions struct {
 	// Key verifies checkpoints; nil skips signatures (and says so).
 	Key ed25519.PublicKey
-	// Head is the head file of a live log (FORMAT.md): a log that ends
-	// before it is truncated. Empty for exports.
+	// Head is the head file's line of a live log (FORMAT.md; from
+	// Snapshot): a log that ends before it is truncated. Empty for exports.
 	Head string
 	// FromStart requires the first record to be seq 1 (a whole log).
 	FromStart bool
@@ -167,25 +166,20 @@ func Verify(srcs []Source, o VerifyOptions) (*Report, error) {
 		return nil, err
 	}
 	if o.Head != "" {
-		b, err := os.ReadFile(o.Head)
-		if err == nil {
-			seqStr, hash, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
-			hs, perr := strconv.ParseUint(seqStr, 10, 64)
-			switch {
-			case perr != nil:
-				rep.Problem = &Finding{Kind: Modified, Source: o.Head, Line: 1, Msg: "the head file is damaged"}
-			case hs > rep.LastSeq:
-				last := &entry{path: o.Head, n: 1}
-				if prev != nil {
-					last = prev
-				}
-				rep.Problem = &Finding{Kind: Truncated, Source: last.path, Line: last.n, Seq: rep.LastSeq,
-					Msg: fmt.Sprintf("the log ends at seq %d, but checkpoint seq %d was written (%s): records were cut off the end", rep.LastSeq, hs, filepath.Base(o.Head))}
-			case hs == rep.LastSeq && prev != nil && prev.hash != hash:
-				rep.Problem = &Finding{Kind: Modified, Source: prev.path, Line: prev.n, Seq: hs, Msg: "the last checkpoint differs from the one the head file names"}
+		seqStr, hash, _ := strings.Cut(strings.TrimSpace(o.Head), " ")
+		hs, perr := strconv.ParseUint(seqStr, 10, 64)
+		switch {
+		case perr != nil:
+			rep.Problem = &Finding{Kind: Modified, Source: HeadFile, Line: 1, Msg: "the head file is damaged"}
+		case hs > rep.LastSeq:
+			last := &entry{path: HeadFile, n: 1}
+			if prev != nil {
+				last = prev
 			}
-		} else if !errors.Is(err, os.ErrNotExist) {
-			return nil, err
+			rep.Problem = &Finding{Kind: Truncated, Source: last.path, Line: last.n, Seq: rep.LastSeq,
+				Msg: fmt.Sprintf("the log ends at seq %d, but checkpoint seq %d was written (%s): records were cut off the end", rep.LastSeq, hs, HeadFile)}
+		case hs == rep.LastSeq && prev != nil && prev.hash != hash:
+			rep.Problem = &Finding{Kind: Modified, Source: prev.path, Line: prev.n, Seq: hs, Msg: "the last checkpoint differs from the one the head file names"}
 		}
 	}
 	return rep, nil

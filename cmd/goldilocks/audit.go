@@ -172,10 +172,10 @@ checkpoint. Exit status 1 when anything is wrong.`,
 			o := audit.VerifyOptions{Key: pub}
 			var srcs []audit.Source
 			if len(files) == 0 {
-				if srcs, err = audit.Sources(a.auditDir()); err != nil {
+				if srcs, o.Head, err = audit.Snapshot(a.auditDir()); err != nil {
 					return err
 				}
-				o.Head, o.FromStart = filepath.Join(a.auditDir(), audit.HeadFile), true
+				o.FromStart = true
 			}
 			for _, f := range files {
 				srcs = append(srcs, audit.Source{Path: f})
