@@ -190,7 +190,7 @@ func (c *conn) admit(r *request) uint32 {
 		return 0
 	}
 	now := c.srv.clock.Now()
-	var wait time.Duration
+	var until int64
 	for _, l := range g.limits {
 		n := 1.0
 		if l.bytes {
@@ -199,10 +199,12 @@ func (c *conn) admit(r *request) uint32 {
 				n = float64(r.length)
 			}
 		}
-		wait = max(wait, l.b.take(n, now))
+		until = max(until, l.b.take(n, now))
 	}
-	if wait > 0 {
-		c.pause(wait)
+	if until > now {
+		if wait := until - c.srv.clock.Precise(); wait > 0 {
+			c.pause(time.Duration(wait))
+		}
 	}
 	return 0
 }

@@ -183,7 +183,7 @@ func TestIOPSLimit(t *testing.T) {
 	need(t, "fio")
 	dir := newDataDir(t, "q-vol:64M")
 	pol := filepath.Join(t.TempDir(), "policy.yaml")
-	const limit = 2000
+	const limit = 1000
 	writePolicy(t, pol, fmt.Sprintf(`
 identities:
   - {name: root-local, unix: {uid: 0}}

@@ -32,15 +32,15 @@ func newBucket(rate float64, burst time.Duration) *bucket {
 	return &bucket{rate: rate, burstDur: burst, perToken: 1e9 / rate, burst: int64(max(burst, time.Duration(1e9/rate)))}
 }
 
-// take takes n tokens at now (ns) and returns how long the caller must
-// wait before going on.
-func (b *bucket) take(n float64, now int64) time.Duration {
+// take takes n tokens at now (ns) and returns the time (ns) before which
+// the caller must not go on: at most now when it need not wait.
+func (b *bucket) take(n float64, now int64) int64 {
 	cost := int64(n * b.perToken)
 	for {
 		old := b.tat.Load()
 		tat := max(old, now) + cost
 		if b.tat.CompareAndSwap(old, tat) {
-			return time.Duration(max(0, tat-now-b.burst))
+			return tat - b.burst
 		}
 	}
 }
@@ -59,6 +59,11 @@ type coarseClock struct {
 }
 
 func newCoarseClock() *coarseClock { return &coarseClock{start: time.Now(), stop: make(chan struct{})} }
+
+// Precise is Now read from the system clock: for the rare request that
+// must wait, so that a ticker running late (a busy machine) never makes
+// it wait longer.
+func (k *coarseClock) Precise() int64 { return int64(time.Since(k.start)) }
 
 // Now is nanoseconds since the clock was made.
 func (k *coarseClock) Now() int64 {
