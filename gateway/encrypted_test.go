@@ -132,6 +132,10 @@ check(0, True); check(4096, True); check(8192, True)
 	if !strings.Contains(g.logText(), "integrity failure") || !strings.Contains(g.logText(), "volume=a chunk=") {
 		t.Fatalf("integrity failures not logged with volume and chunk:\n%s", g.logText())
 	}
+	// ...and on the audit trail, with the chunk.
+	if out := goldilocks(t, dir, "audit", "export", "--volume", "a"); !strings.Contains(out, `"type":"integrity_failure","identity":"","volume":"a"`) || !strings.Contains(out, `"chunk":`) {
+		t.Fatalf("no integrity_failure record for volume a on the audit trail:\n%s", out)
+	}
 	// Untampered again, everything reads.
 	if out := nbdsh(t, g.uri("a"), read); strings.Contains(out, "EIO") {
 		t.Fatalf("after restoring: %s", out)
