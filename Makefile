@@ -41,7 +41,7 @@ test: deps check build vault
 
 # bench: Go hot-path benchmarks, then the peer comparison (bench/README.md).
 bench: deps build vault
-	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./gateway/ ./crypto/ ./internal/... | tee bench/go-bench.txt
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./gateway/ ./crypto/ ./internal/... ./audit/ | tee bench/go-bench.txt
 	bash bench/run.sh
 	bash bench/keys.sh | tee bench/keys.md
 	bash bench/tls.sh | tee bench/tls.md
