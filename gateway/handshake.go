@@ -193,7 +193,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	tc := tls.Server(newReadBufConn(c.nc), c.srv.cfg.TLS)
+	tc := tls.Server(c.nc, c.srv.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
 		c.log.Warn("TLS handshake failed", "event", "tls_failure", "err", err)
 		return fmt.Errorf("TLS handshake: %w", err)

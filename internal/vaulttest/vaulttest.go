@@ -207,12 +207,8 @@ func (s *Server) Client() *vault.Client {
 	return c
 }
 
-// Env is the environment a Goldilocks process needs to use this Vault.
-func (s *Server) Env() []string {
-	return []string{"VAULT_ADDR=" + s.Addr, "VAULT_TOKEN=" + s.Token, "VAULT_CACERT=" + s.CACert}
-}
-
-// Setenv sets that environment for the rest of the test.
+// Setenv sets the VAULT_* environment a Goldilocks process needs to use
+// this Vault, for the rest of the test.
 func (s *Server) Setenv(tb testing.TB) {
 	tb.Setenv("VAULT_ADDR", s.Addr)
 	tb.Setenv("VAULT_TOKEN", s.Token)

@@ -260,26 +260,36 @@ func (k *Keys) rewrapGroup(ctx context.Context, kek crypto.KEKProvider, g *keyGr
 		}
 	}()
 	out := make([]RotatedVolume, len(ops))
-	for attempt := 0; ; attempt++ {
-		var (
-			keys []crypto.WrappedKey
-			idx  [][2]int // keys index of each volume's slots, -1 none
-		)
-		idx = make([][2]int, len(ops))
+	done := make([]bool, len(ops))
+	finish := func(i int) { done[i] = true; tick() }
+	for i := range ops {
+		o := &ops[i]
+		out[i] = RotatedVolume{Volume: o.v.Name, Provider: g.provider, Key: g.key, From: g.from[o.v.Name], To: g.from[o.v.Name]}
+		if o.err == nil {
+			out[i].From, out[i].To = o.h.KEK.Version, o.h.KEK.Version
+		}
+	}
+	// A volume whose rekey starts or ends meanwhile (ErrKeysChanged) is
+	// read again and retried, at most three times.
+	for attempt := 0; attempt < 4; attempt++ {
+		var keys []crypto.WrappedKey
+		idx := make([][2]int, len(ops)) // index in keys of each volume's slots, -1 none
 		for i := range ops {
 			o := &ops[i]
-			out[i] = RotatedVolume{Volume: o.v.Name, Provider: g.provider, Key: g.key, From: g.from[o.v.Name], To: g.from[o.v.Name]}
 			idx[i] = [2]int{-1, -1}
-			if o.err != nil {
+			switch {
+			case done[i]:
 				continue
-			}
-			out[i].From, out[i].To = o.h.KEK.Version, o.h.KEK.Version
-			if o.h.KEK.Provider != g.provider || o.h.KEK.Name != g.key {
+			case o.err != nil:
+				finish(i)
+				continue
+			case o.h.KEK.Provider != g.provider || o.h.KEK.Name != g.key:
 				o.err = fmt.Errorf("its key is now %s:%s", o.h.KEK.Provider, o.h.KEK.Name)
+				finish(i)
 				continue
-			}
-			if newest != 0 && o.h.KEK.Version == newest {
-				continue // already there: nothing to do (idempotent)
+			case newest != 0 && o.h.KEK.Version == newest:
+				finish(i) // already there: nothing to do (idempotent)
+				continue
 			}
 			for s, w := range o.h.DEK {
 				if len(w) > 0 {
@@ -288,56 +298,41 @@ func (k *Keys) rewrapGroup(ctx context.Context, kek crypto.KEKProvider, g *keyGr
 				}
 			}
 		}
-		if len(keys) > 0 {
-			if err := kek.Rewrap(ctx, g.key, newest, keys); err != nil {
-				return nil, fmt.Errorf("key %s:%s: rewrapping %d data keys: %w", g.provider, g.key, len(keys), err)
-			}
+		if len(keys) == 0 {
+			break
 		}
-		retry := false
+		if err := kek.Rewrap(ctx, g.key, newest, keys); err != nil {
+			return nil, fmt.Errorf("key %s:%s: rewrapping %d data keys: %w", g.provider, g.key, len(keys), err)
+		}
 		for i := range ops {
 			o := &ops[i]
-			if o.err != nil {
-				continue
-			}
-			if idx[i] == [2]int{-1, -1} {
-				tick()
+			if done[i] || idx[i] == [2]int{-1, -1} {
 				continue
 			}
 			var deks [2][]byte
 			version := uint32(0)
 			for s, j := range idx[i] {
-				if j < 0 {
+				switch {
+				case j < 0, o.err != nil:
+				case keys[j].Err != nil:
+					o.err = keys[j].Err
+				case version != 0 && keys[j].Version != version:
+					o.err = fmt.Errorf("its two data keys came back under versions %d and %d", version, keys[j].Version)
+				default:
+					deks[s], version = keys[j].Wrapped, keys[j].Version
+				}
+			}
+			if o.err == nil && version != o.h.KEK.Version { // else: rewrap-only, already newest
+				o.err = o.kh.SetWrapped(&o.h, version, deks)
+				if errors.Is(o.err, crypto.ErrKeysChanged) && attempt < 3 {
+					o.h, o.err = o.kh.Header(), nil // a rekey moved: again
 					continue
 				}
-				if keys[j].Err != nil {
-					o.err = keys[j].Err
-					break
+				if o.err == nil {
+					out[i].To = version
 				}
-				if version != 0 && keys[j].Version != version {
-					o.err = fmt.Errorf("its two data keys came back under versions %d and %d", version, keys[j].Version)
-					break
-				}
-				deks[s], version = keys[j].Wrapped, keys[j].Version
 			}
-			if o.err == nil && version == o.h.KEK.Version {
-				tick() // rewrap-only and already at the newest
-				continue
-			}
-			if o.err == nil {
-				o.err = o.kh.SetWrapped(&o.h, version, deks)
-			}
-			if errors.Is(o.err, crypto.ErrKeysChanged) && attempt < 3 {
-				o.h, o.err, retry = o.kh.Header(), nil, true // a rekey moved; again
-				continue
-			}
-			if o.err == nil {
-				out[i].To = version
-				o.h = o.kh.Header()
-			}
-			tick()
-		}
-		if !retry {
-			break
+			finish(i)
 		}
 	}
 	for i, o := range ops {

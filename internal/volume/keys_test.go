@@ -89,9 +89,14 @@ func TestRotateResume(t *testing.T) {
 	if _, err := kek.Rotate(ctx, "default"); err != nil { // the crash came after this
 		t.Fatal(err)
 	}
-	res, err := k.Rotate(ctx, RotateOptions{Keys: []string{"default"}, RewrapOnly: true, MinVersion: 2})
-	if err != nil || len(res.Volumes) != 2 || res.Volumes[0].To != 2 {
+	var calls, last, total int
+	res, err := k.Rotate(ctx, RotateOptions{Keys: []string{"default"}, RewrapOnly: true, MinVersion: 2,
+		Progress: func(d, n int) { calls, last, total = calls+1, d, n }})
+	if err != nil || len(res.Volumes) != 2 || res.Volumes[0].From != 1 || res.Volumes[0].To != 2 {
 		t.Fatalf("resume: %+v %v", res, err)
+	}
+	if calls != 2 || last != 2 || total != 2 {
+		t.Fatalf("progress: %d calls, last %d of %d; want one per volume", calls, last, total)
 	}
 	// An attached volume (open through Exports) rotates too, and serves.
 	ex := NewExports(reg, slog.New(slog.DiscardHandler))
