@@ -9,17 +9,22 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"testing"
 
+	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
 
 // crashDev is a fault-injecting block device in the manner of Pebble's
 // errorfs: writes stay volatile until Flush; crash drops every unflushed
 // write, except that some reach the disk whole and some torn at a random
-// byte offset, as a power cut leaves a disk.
+// byte offset, as a power cut leaves a disk. A Flush can fail as
+// fdatasync fails on Linux: some of the volatile writes reached the disk,
+// the others are gone (the page cache dropped them), and the error is
+// reported once.
 type crashDev struct {
 	mu      sync.Mutex
 	durable []byte
@@ -27,10 +32,17 @@ type crashDev struct {
 
 	// The power is cut at the crashAt-th write or flush: image is the disk
 	// as it was left then; the device goes on working for the test.
+	// onImage runs then too (the test snapshots state kept outside the
+	// store, such as the rollback anchor).
 	rng     *rand.Rand
 	ops     int
 	crashAt int
+	failAt  int // the failAt-th operation, if a flush, fails
+	failed  int // flushes that failed
 	image   *crashDev
+	onImage func()
+	writes  int64 // bytes written
+	flushes int
 }
 
 type pendingWrite struct {
@@ -65,6 +77,7 @@ func (d *crashDev) WriteAt(p []byte, off int64) (int, error) {
 		return 0, block.ErrOutOfRange
 	}
 	d.pending = append(d.pending, pendingWrite{off, bytes.Clone(p)})
+	d.writes += int64(len(p))
 	d.tickLocked()
 	return len(p), nil
 }
@@ -75,13 +88,29 @@ func (d *crashDev) tickLocked() {
 	d.ops++
 	if d.ops == d.crashAt && d.image == nil {
 		d.image = d.crashLocked(d.rng)
+		if d.onImage != nil {
+			d.onImage()
+		}
 	}
 }
+
+var errInjected = errors.New("injected fdatasync failure")
 
 func (d *crashDev) Flush() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.tickLocked() // a cut during the flush: nothing of it is sure yet
+	d.flushes++
+	if d.ops == d.failAt {
+		for _, w := range d.pending { // Linux: some pages written, the rest dropped
+			if d.rng.IntN(2) == 0 {
+				copy(d.durable[w.off:], w.data)
+			}
+		}
+		d.pending = nil
+		d.failed++
+		return errInjected
+	}
 	for _, w := range d.pending {
 		copy(d.durable[w.off:], w.data)
 	}
@@ -112,119 +141,189 @@ func (d *crashDev) crashLocked(rng *rand.Rand) *crashDev {
 	return after
 }
 
+// memAnchor is a rollback anchor in memory whose state a crash image
+// snapshots: the anchor lives outside the store and survives the crash as
+// it was at that instant.
+type memAnchor struct {
+	mu sync.Mutex
+	m  map[[16]byte]uint64
+}
+
+func newMemAnchor() *memAnchor { return &memAnchor{m: make(map[[16]byte]uint64)} }
+
+func (a *memAnchor) Load(v [16]byte) (uint64, bool, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s, ok := a.m[v]
+	return s, ok, nil
+}
+
+func (a *memAnchor) Advance(v [16]byte, seq uint64) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if seq > a.m[v] {
+		a.m[v] = seq
+	}
+	return nil
+}
+
+func (a *memAnchor) Remove(v [16]byte) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.m, v)
+	return nil
+}
+
+func (a *memAnchor) clone() *memAnchor {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	c := newMemAnchor()
+	for k, v := range a.m {
+		c.m[k] = v
+	}
+	return c
+}
+
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // TestCrashModel runs random workloads against a model and cuts the power
-// at a random device operation (inside a write, a flush or a header
-// update) or at the end: every chunk must then read, without error, as its
-// last flushed value or a value written after that flush.
+// at a random device operation (inside a write, a commit, a checkpoint or
+// a header update) or at the end; some seeds make one fdatasync fail, some
+// run concurrent writers. Every chunk must then read, without error, as
+// its last flushed value or a value written after that flush, and the
+// reopened store must pass its rollback anchor.
 func TestCrashModel(t *testing.T) {
 	seeds := 300
 	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_SEEDS")); err == nil && s > 0 {
 		seeds = s // make torture
 	}
+	first := 0
+	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_FIRST")); err == nil {
+		first = s
+	}
 	kek := NewLocalKEK(t.TempDir(), nil)
-	for seed := 0; seed < seeds; seed++ {
-		t.Run(fmt.Sprint(seed), func(t *testing.T) { crashOnce(t, uint64(seed), kek) })
+	var writes, flushes, failed int
+	for seed := first; seed < first+seeds; seed++ {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) {
+			st := crashOnce(t, uint64(seed), kek)
+			writes += st.writes
+			flushes += st.flushes
+			failed += st.failedFlushes
+		})
+	}
+	t.Logf("%d seeds: %d chunk writes, %d flushes, %d failed fdatasyncs", seeds, writes, flushes, failed)
+	if writes < seeds*5 {
+		t.Fatalf("the model wrote only %d chunks over %d seeds: its write branch does not run", writes, seeds)
 	}
 }
 
-func crashOnce(t *testing.T, seed uint64, kek KEKProvider) {
+type crashStats struct{ writes, flushes, failedFlushes int }
+
+// chunkModel is the set of values each chunk may legally hold after a
+// crash: its value as of the last flush known complete, then every value
+// written since.
+type chunkModel struct {
+	mu    sync.Mutex
+	legal [][][]byte
+}
+
+func (m *chunkModel) cur(c int) []byte { return m.legal[c][len(m.legal[c])-1] }
+
+func (m *chunkModel) write(off int64, p []byte, zero bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := int64(len(p))
+	for c := off / ChunkSize; c <= (off+n-1)/ChunkSize; c++ {
+		val := bytes.Clone(m.cur(int(c)))
+		lo, hi := max(off, c*ChunkSize), min(off+n, (c+1)*ChunkSize)
+		if zero {
+			clear(val[lo-c*ChunkSize : hi-c*ChunkSize])
+		} else {
+			copy(val[lo-c*ChunkSize:], p[lo-off:hi-off])
+		}
+		m.legal[c] = append(m.legal[c], val)
+	}
+}
+
+// flushed narrows the chunks in set (nil: all) to their current value.
+func (m *chunkModel) flushed(set func(c int) bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for c := range m.legal {
+		if set == nil || set(c) {
+			m.legal[c] = [][]byte{m.cur(c)}
+		}
+	}
+}
+
+func crashOnce(t *testing.T, seed uint64, kek KEKProvider) crashStats {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(seed, 0x60d1))
-	const chunks = 48
+	const chunks = 200
 	size := uint64(chunks * ChunkSize)
-	dev := newCrashDev(int64(LayoutFor(size).End))
-	uuid := [16]byte{byte(seed), byte(seed >> 8), 7}
-	if err := Format(ctx, dev, uuid, size, byte(seed%2), kek, "default"); err != nil {
-		t.Fatal(err)
-	}
-	dev.rng, dev.ops, dev.crashAt = rng, 0, 1+rng.IntN(300)
-	v, err := Open(ctx, dev, "model", uuid, kek, quietLog())
+	logBlocks := 8 + uint64(rng.IntN(24))
+	g, err := cowmap.NewGeometry(chunks, logBlocks)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// legal[c]: the values chunk c may hold after a crash.
-	legal := make([][][]byte, chunks)
-	for c := range legal {
-		legal[c] = [][]byte{make([]byte, ChunkSize)}
+	dev := newCrashDev(int64(g.End * ChunkSize))
+	uuid := [16]byte{byte(seed), byte(seed >> 8), 7}
+	if err := format(ctx, dev, uuid, size, byte(seed%2), kek, "default", logBlocks); err != nil {
+		t.Fatal(err)
 	}
-	cur := func(c int) []byte { return legal[c][len(legal[c])-1] }
-	ops := 20 + rng.IntN(120)
-	for op := 0; op < ops && dev.image == nil; op++ {
-		switch k := rng.IntN(20); {
-		case k == 19: // rekey, walked in small checkpoints, maybe stopped half-way
-			opt := RekeyOptions{every: 1 + uint64(rng.IntN(16))}
-			if rng.IntN(2) == 0 {
-				opt.stopAt = uint64(1 + rng.IntN(chunks-1))
-			}
-			err := v.Rekey(ctx, kek, opt)
-			if err != nil && !(opt.stopAt != 0 && errors.Is(err, context.Canceled)) {
-				t.Fatalf("op %d rekey: %v", op, err)
-			}
-			if err == nil && dev.image == nil { // it flushed everything
-				for c := range legal {
-					legal[c] = [][]byte{cur(c)}
-				}
-			}
-		case k < 12: // write, maybe unaligned, maybe over several chunks
-		case k < 6: // write, maybe unaligned, maybe over several chunks
-			off := rng.Int64N(int64(size) - 1)
-			n := 1 + rng.Int64N(min(3*ChunkSize, int64(size)-off))
-			p := make([]byte, n)
-			for i := range p {
-				p[i] = byte(rng.Uint32())
-			}
-			if _, err := v.WriteAt(p, off); err != nil {
-				t.Fatalf("op %d write: %v", op, err)
-			}
-			for c := off / ChunkSize; c <= (off+n-1)/ChunkSize; c++ {
-				val := bytes.Clone(cur(int(c)))
-				lo, hi := max(off, c*ChunkSize), min(off+n, (c+1)*ChunkSize)
-				copy(val[lo-c*ChunkSize:], p[lo-off:hi-off])
-				legal[c] = append(legal[c], val)
-			}
-		case k < 16: // zero (unmap whole chunks)
-			off := rng.Int64N(int64(size) - 1)
-			n := 1 + rng.Int64N(min(4*ChunkSize, int64(size)-off))
-			if err := v.Zero(off, n, true, false); err != nil {
-				t.Fatalf("op %d zero: %v", op, err)
-			}
-			for c := off / ChunkSize; c <= (off+n-1)/ChunkSize; c++ {
-				val := bytes.Clone(cur(int(c)))
-				lo, hi := max(off, c*ChunkSize), min(off+n, (c+1)*ChunkSize)
-				clear(val[lo-c*ChunkSize : hi-c*ChunkSize])
-				legal[c] = append(legal[c], val)
-			}
-		default: // flush: only the latest value stays legal
-			if err := v.Flush(); err != nil {
-				t.Fatalf("op %d flush: %v", op, err)
-			}
-			if dev.image != nil {
-				break // cut inside the flush: older values stay legal
-			}
-			for c := range legal {
-				legal[c] = [][]byte{cur(c)}
-			}
+	// What lives outside the store (the anchor, the keystore) is kept as
+	// it was at the instant of the crash image.
+	anchor := newMemAnchor()
+	var (
+		imageAnchor *memAnchor
+		imageKEK    KEKProvider
+	)
+	keystoreAt := func() KEKProvider {
+		dir := t.TempDir()
+		b, err := os.ReadFile(kek.(*LocalKEK).path)
+		if err != nil {
+			t.Error(err)
 		}
-		// The live volume always reads its latest values.
-		if op%17 == 0 {
-			got := make([]byte, size)
-			if _, err := v.ReadAt(got, 0); err != nil {
-				t.Fatal(err)
-			}
-			for c := 0; c < chunks; c++ {
-				if !bytes.Equal(got[c*ChunkSize:(c+1)*ChunkSize], cur(c)) {
-					t.Fatalf("op %d: live chunk %d differs from the model", op, c)
-				}
-			}
+		os.WriteFile(filepath.Join(dir, KeystoreFile), b, 0o600)
+		return NewLocalKEK(dir, nil)
+	}
+	dev.rng, dev.ops, dev.crashAt = rng, 0, 1+rng.IntN(600)
+	dev.onImage = func() { imageAnchor, imageKEK = anchor.clone(), keystoreAt() }
+	v, err := Open(ctx, dev, "model", uuid, kek, quietLog(), Options{Anchor: anchor, AnchorEveryFlush: true, MaxLogged: 8 + rng.IntN(64)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seed%5 == 1 {
+		dev.mu.Lock()
+		dev.failAt = dev.ops + 1 + rng.IntN(400) // if this op is a flush, it fails
+		dev.mu.Unlock()
+	}
+	v.epochLimit = uint64(4 + rng.IntN(64)) // walk through seal epochs
+	m := &chunkModel{legal: make([][][]byte, chunks)}
+	for c := range m.legal {
+		m.legal[c] = [][]byte{make([]byte, ChunkSize)}
+	}
+	var st crashStats
+	concurrent := seed%3 == 2
+	if concurrent {
+		st = crashWorkersConcurrent(t, v, dev, m, rng, size)
+	} else {
+		st = crashWorkload(t, v, dev, m, rng, size, kek)
+	}
+	if dev.failed > 0 {
+		st.failedFlushes++
+		if _, err := v.WriteAt(make([]byte, ChunkSize), 0); !errors.Is(err, ErrVolumeFailed) {
+			t.Fatalf("write after a failed fdatasync: %v, want ErrVolumeFailed", err)
 		}
 	}
+	v.stopBackground() // the process died: the first volume is abandoned
 	after := dev.image
 	if after == nil {
 		after = dev.crash(rng)
+		imageAnchor, imageKEK = anchor.clone(), keystoreAt()
 	}
-	v2, err := Open(ctx, after, "model", uuid, kek, quietLog())
+	kek = imageKEK
+	v2, err := Open(ctx, after, "model", uuid, kek, quietLog(), Options{Anchor: imageAnchor})
 	if err != nil {
 		t.Fatalf("reopen after crash: %v", err)
 	}
@@ -234,15 +333,16 @@ func crashOnce(t *testing.T, seed uint64, kek KEKProvider) {
 			t.Fatalf("chunk %d after crash: %v", c, err)
 		}
 		ok := false
-		for _, val := range legal[c] {
+		for _, val := range m.legal[c] {
 			ok = ok || bytes.Equal(got, val)
 		}
 		if !ok {
-			t.Fatalf("chunk %d after crash holds a value it never legally held (%d legal)", c, len(legal[c]))
+			t.Fatalf("chunk %d after crash holds a value it never legally held (%d legal)", c, len(m.legal[c]))
 		}
 	}
 	// An interrupted rekey resumes (a finished one starts anew) and every
-	// chunk keeps its value.
+	// chunk keeps its value; then the volume keeps working and detaches
+	// cleanly, and reattaches.
 	vals := make([]byte, size)
 	if _, err := v2.ReadAt(vals, 0); err != nil {
 		t.Fatal(err)
@@ -260,11 +360,177 @@ func crashOnce(t *testing.T, seed uint64, kek KEKProvider) {
 	if !bytes.Equal(after2, vals) {
 		t.Fatal("the rekey after the crash changed the volume's contents")
 	}
-	// And it keeps working: write, flush, read back.
 	if _, err := v2.WriteAt(bytes.Repeat([]byte{9}, ChunkSize), 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := v2.Flush(); err != nil {
+	if err := v2.Close(); err != nil {
 		t.Fatal(err)
 	}
+	v3, err := Open(ctx, after, "model", uuid, kek, quietLog(), Options{Anchor: imageAnchor})
+	if err != nil {
+		t.Fatalf("reattach after a clean detach: %v", err)
+	}
+	copy(vals, bytes.Repeat([]byte{9}, ChunkSize))
+	if _, err := v3.ReadAt(after2, 0); err != nil || !bytes.Equal(after2, vals) {
+		t.Fatalf("after a clean detach and reattach the contents differ (%v)", err)
+	}
+	v3.Close()
+	return st
+}
+
+// crashWorkload is one writer: writes, zeroes, flushes and rekeys.
+func crashWorkload(t *testing.T, v *Volume, dev *crashDev, m *chunkModel, rng *rand.Rand, size uint64, kek KEKProvider) crashStats {
+	ctx := context.Background()
+	var st crashStats
+	ops := 20 + rng.IntN(160)
+	for op := 0; op < ops && dev.image == nil && dev.failed == 0; op++ {
+		switch k := rng.IntN(20); {
+		case k == 19: // rekey, walked in small checkpoints, maybe stopped half-way
+			opt := RekeyOptions{every: 1 + uint64(rng.IntN(16))}
+			if rng.IntN(2) == 0 {
+				opt.stopAt = uint64(1 + rng.IntN(int(size/ChunkSize)-1))
+			}
+			err := v.Rekey(ctx, kek, opt)
+			if dev.failed > 0 {
+				return st
+			}
+			if err != nil && !(opt.stopAt != 0 && errors.Is(err, context.Canceled)) {
+				t.Fatalf("op %d rekey: %v", op, err)
+			}
+			if err == nil && dev.image == nil { // it flushed everything
+				m.flushed(nil)
+			}
+		case k < 10: // write, maybe unaligned, maybe over several chunks
+			off := rng.Int64N(int64(size) - 1)
+			n := 1 + rng.Int64N(min(5*ChunkSize, int64(size)-off))
+			p := make([]byte, n)
+			for i := range p {
+				p[i] = byte(rng.Uint32())
+			}
+			if _, err := v.WriteAt(p, off); err != nil {
+				if dev.failed > 0 { // a background flush failed
+					return st
+				}
+				t.Fatalf("op %d write: %v", op, err)
+			}
+			m.write(off, p, false)
+			st.writes += int((off+n-1)/ChunkSize - off/ChunkSize + 1)
+		case k < 13: // zero (unmap whole chunks)
+			off := rng.Int64N(int64(size) - 1)
+			n := 1 + rng.Int64N(min(6*ChunkSize, int64(size)-off))
+			if err := v.Zero(off, n, true, false); err != nil {
+				if dev.failed > 0 {
+					return st
+				}
+				t.Fatalf("op %d zero: %v", op, err)
+			}
+			m.write(off, make([]byte, n), true)
+		default: // flush: only the latest value stays legal
+			st.flushes++
+			err := v.Flush()
+			if dev.failed > 0 {
+				if err == nil {
+					t.Fatalf("op %d: the flush returned nil after its fdatasync failed", op)
+				}
+				return st
+			}
+			if err != nil {
+				t.Fatalf("op %d flush: %v", op, err)
+			}
+			if dev.image != nil {
+				break // cut inside the flush: older values stay legal
+			}
+			m.flushed(nil)
+		}
+		// The live volume always reads its latest values.
+		if op%17 == 0 {
+			got := make([]byte, size)
+			if _, err := v.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			for c := range m.legal {
+				if !bytes.Equal(got[c*ChunkSize:(c+1)*ChunkSize], m.cur(c)) {
+					t.Fatalf("op %d: live chunk %d differs from the model", op, c)
+				}
+			}
+		}
+	}
+	return st
+}
+
+// crashWorkersConcurrent runs three writers on disjoint chunks (chunk c
+// belongs to writer c%3), each writing and flushing; a flush narrows only
+// the chunks of its writer, whose writes all completed before it began.
+func crashWorkersConcurrent(t *testing.T, v *Volume, dev *crashDev, m *chunkModel, rng *rand.Rand, size uint64) crashStats {
+	const workers = 3
+	chunks := int(size / ChunkSize)
+	var (
+		wg sync.WaitGroup
+		mu sync.Mutex
+		st crashStats
+	)
+	seeds := [workers]uint64{rng.Uint64(), rng.Uint64(), rng.Uint64()}
+	stop := func() bool {
+		dev.mu.Lock()
+		defer dev.mu.Unlock()
+		return dev.image != nil || dev.failed > 0
+	}
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(seeds[w], uint64(w)))
+			mine := func(c int) bool { return c%workers == w }
+			for op := 0; op < 40+rng.IntN(60) && !stop(); op++ {
+				c := rng.IntN(chunks/workers)*workers + w
+				switch k := rng.IntN(10); {
+				case k < 6:
+					in := rng.IntN(ChunkSize)
+					n := 1 + rng.IntN(ChunkSize-in)
+					p := make([]byte, n)
+					for i := range p {
+						p[i] = byte(rng.Uint32())
+					}
+					if _, err := v.WriteAt(p, int64(c*ChunkSize+in)); err != nil {
+						if stop() {
+							return
+						}
+						t.Errorf("writer %d: %v", w, err)
+						return
+					}
+					m.write(int64(c*ChunkSize+in), p, false)
+					mu.Lock()
+					st.writes++
+					mu.Unlock()
+				case k < 7:
+					if err := v.Zero(int64(c*ChunkSize), ChunkSize, true, false); err != nil {
+						if stop() {
+							return
+						}
+						t.Errorf("writer %d zero: %v", w, err)
+						return
+					}
+					m.write(int64(c*ChunkSize), make([]byte, ChunkSize), true)
+				default:
+					err := v.Flush()
+					mu.Lock()
+					st.flushes++
+					mu.Unlock()
+					if stop() {
+						return
+					}
+					if err != nil {
+						t.Errorf("writer %d flush: %v", w, err)
+						return
+					}
+					m.flushed(mine)
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	return st
 }

@@ -8,18 +8,22 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"goldilocks/crypto/cowmap"
 )
 
 // Volume header constants (FORMAT.md, "Volume header"). Part of the
 // on-disk format.
 const (
 	HeaderMagic     = "GLDLVOL\x00"
-	HeaderVersion   = 1
+	HeaderVersion   = 2
 	HeaderBlockSize = 4096 // each of the two copies
-	headerFixedSize = 96   // up to the variable-length fields
+	headerFixedSize = 192  // up to the variable-length fields
 	headerTrailer   = 4 + 32
 	maxFieldLen     = 1024
-	macInfo         = "goldilocks header v1"
+	infoHeaderMAC   = "goldilocks header v2"
+	infoLogMAC      = "goldilocks map log v2"
+	flagOpen        = 1 << 0
 )
 
 // Header errors callers branch on.
@@ -28,6 +32,9 @@ var (
 	ErrUnsupportedVersion = errors.New("crypto: unsupported volume format version")
 	ErrHeaderCorrupt      = errors.New("crypto: volume header is corrupt")
 	ErrHeaderAuth         = errors.New("crypto: volume header failed authentication (wrong key or tampering)")
+	// ErrNeedsUpgrade: the store holds a format-1 volume, which this build
+	// does not attach (its map is not authenticated): `volume upgrade`.
+	ErrNeedsUpgrade = errors.New("crypto: volume is in format 1, which has no authenticated map: run goldilocks volume upgrade")
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -39,23 +46,24 @@ type KeyRef struct {
 	Version  uint32
 }
 
-// Header is the decoded volume header.
+// Header is the decoded volume header (format 2).
 type Header struct {
-	Generation    uint64
-	UUID          [16]byte
-	Size          uint64 // logical size in bytes
-	ChunkSize     uint32
-	Suite         byte
-	Slots         uint64
-	MapOffset     uint64
-	SlotOffset    uint64
-	NonceReserved uint64
-	RekeyCursor   uint64
-	KEK           KeyRef
-	// Active is the DEK slot (0 or 1) whose DEK is the volume's key and
-	// keys the header MAC; during a rekey the other slot holds the new DEK.
-	Active byte
-	DEK    [2][]byte // wrapped DEKs by slot; empty when unused
+	Generation  uint64
+	UUID        [16]byte
+	Size        uint64 // logical size in bytes
+	ChunkSize   uint32
+	Suite       byte
+	Active      byte // DEK slot whose DEK keys the header MAC and the log
+	Open        bool // attached and not cleanly detached
+	Seq         uint64
+	LogBlocks   uint32
+	LogStart    uint64
+	RekeyCursor uint64
+	Epoch       uint32 // seal epoch (FORMAT.md, "Nonces")
+	EpochSeals  uint64 // seals in Epoch; exact when !Open
+	Root        cowmap.Ref
+	KEK         KeyRef
+	DEK         [2][]byte // wrapped DEKs by slot; empty when unused
 }
 
 // Rekeying reports whether a rekey is in progress: both slots hold a DEK.
@@ -70,35 +78,54 @@ func (h *Header) Clone() *Header {
 	return &c
 }
 
-// HeaderMACKey derives the header's MAC key from the volume's data key.
+// MapState is the checkpoint the header holds.
+func (h *Header) MapState() cowmap.State {
+	return cowmap.State{Seq: h.Seq, Root: h.Root, LogStart: h.LogStart}
+}
+
+// Seals is an upper bound of the chunks sealed since the volume's first
+// epoch: full epochs count 2^31 each.
+func (h *Header) Seals() uint64 { return uint64(h.Epoch)*epochLimit + h.EpochSeals }
+
+func volumeKey(dek []byte, uuid [16]byte, info string) ([]byte, error) {
+	return hkdf.Key(sha256.New, dek, uuid[:], info, 32)
+}
+
+// HeaderMACKey derives the header's MAC key from the active data key.
 func HeaderMACKey(dek []byte, uuid [16]byte) ([]byte, error) {
-	return hkdf.Key(sha256.New, dek, uuid[:], macInfo, 32)
+	return volumeKey(dek, uuid, infoHeaderMAC)
 }
 
 // Marshal encodes h into one 4096-byte header block, MACed with macKey.
 func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 	b := make([]byte, headerFixedSize, HeaderBlockSize)
+	le := binary.LittleEndian
 	copy(b[0:8], HeaderMagic)
-	binary.LittleEndian.PutUint16(b[8:], HeaderVersion)
-	binary.LittleEndian.PutUint64(b[12:], h.Generation)
+	le.PutUint16(b[8:], HeaderVersion)
+	le.PutUint64(b[12:], h.Generation)
 	copy(b[20:36], h.UUID[:])
-	binary.LittleEndian.PutUint64(b[36:], h.Size)
-	binary.LittleEndian.PutUint32(b[44:], h.ChunkSize)
+	le.PutUint64(b[36:], h.Size)
+	le.PutUint32(b[44:], h.ChunkSize)
 	b[48] = h.Suite
 	b[49] = h.Active
-	binary.LittleEndian.PutUint64(b[56:], h.Slots)
-	binary.LittleEndian.PutUint64(b[64:], h.MapOffset)
-	binary.LittleEndian.PutUint64(b[72:], h.SlotOffset)
-	binary.LittleEndian.PutUint64(b[80:], h.NonceReserved)
-	binary.LittleEndian.PutUint64(b[88:], h.RekeyCursor)
+	if h.Open {
+		b[50] = flagOpen
+	}
+	le.PutUint64(b[56:], h.Seq)
+	le.PutUint32(b[64:], h.LogBlocks)
+	le.PutUint64(b[72:], h.LogStart)
+	le.PutUint64(b[80:], h.RekeyCursor)
+	le.PutUint32(b[88:], h.Epoch)
+	le.PutUint64(b[96:], h.EpochSeals)
+	h.Root.Marshal(b[104:152])
 	for _, f := range [][]byte{[]byte(h.KEK.Provider), []byte(h.KEK.Name)} {
 		if len(f) > maxFieldLen {
 			return nil, fmt.Errorf("crypto: header field of %d bytes is too long", len(f))
 		}
-		b = binary.LittleEndian.AppendUint16(b, uint16(len(f)))
+		b = le.AppendUint16(b, uint16(len(f)))
 		b = append(b, f...)
 	}
-	b = binary.LittleEndian.AppendUint32(b, h.KEK.Version)
+	b = le.AppendUint32(b, h.KEK.Version)
 	if h.Active > 1 || len(h.DEK[h.Active]) == 0 {
 		return nil, fmt.Errorf("crypto: header's active DEK slot %d is empty", h.Active)
 	}
@@ -106,16 +133,25 @@ func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 		if len(f) > maxFieldLen {
 			return nil, fmt.Errorf("crypto: wrapped key of %d bytes is too long", len(f))
 		}
-		b = binary.LittleEndian.AppendUint16(b, uint16(len(f)))
+		b = le.AppendUint16(b, uint16(len(f)))
 		b = append(b, f...)
 	}
 	n := len(b) + headerTrailer
-	binary.LittleEndian.PutUint16(b[10:], uint16(n))
-	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	le.PutUint16(b[10:], uint16(n))
+	b = le.AppendUint32(b, crc32.Checksum(b, castagnoli))
 	m := hmac.New(sha256.New, macKey)
 	m.Write(b)
 	b = m.Sum(b)
 	return b[:HeaderBlockSize], nil // zero padding to the block
+}
+
+// HeaderFormat returns the format version a header block claims, after
+// checking its magic.
+func HeaderFormat(b []byte) (uint16, error) {
+	if len(b) < 10 || string(b[0:8]) != HeaderMagic {
+		return 0, ErrBadMagic
+	}
+	return binary.LittleEndian.Uint16(b[8:]), nil
 }
 
 // ParseHeader decodes a header block and checks its magic, version and
@@ -125,31 +161,39 @@ func ParseHeader(b []byte) (*Header, error) {
 	if len(b) < headerFixedSize+headerTrailer {
 		return nil, ErrHeaderCorrupt
 	}
-	if string(b[0:8]) != HeaderMagic {
-		return nil, ErrBadMagic
+	v, err := HeaderFormat(b)
+	if err != nil {
+		return nil, err
 	}
-	if v := binary.LittleEndian.Uint16(b[8:]); v != HeaderVersion {
+	switch {
+	case v == 1:
+		return nil, ErrNeedsUpgrade
+	case v != HeaderVersion:
 		return nil, fmt.Errorf("%w: %d (this build reads %d)", ErrUnsupportedVersion, v, HeaderVersion)
 	}
-	n := int(binary.LittleEndian.Uint16(b[10:]))
+	le := binary.LittleEndian
+	n := int(le.Uint16(b[10:]))
 	if n < headerFixedSize+headerTrailer || n > len(b) || n > HeaderBlockSize {
 		return nil, ErrHeaderCorrupt
 	}
 	body := b[:n-headerTrailer]
-	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(b[n-headerTrailer:]) {
+	if crc32.Checksum(body, castagnoli) != le.Uint32(b[n-headerTrailer:]) {
 		return nil, ErrHeaderCorrupt
 	}
 	h := &Header{
-		Generation:    binary.LittleEndian.Uint64(b[12:]),
-		Size:          binary.LittleEndian.Uint64(b[36:]),
-		ChunkSize:     binary.LittleEndian.Uint32(b[44:]),
-		Suite:         b[48],
-		Active:        b[49],
-		Slots:         binary.LittleEndian.Uint64(b[56:]),
-		MapOffset:     binary.LittleEndian.Uint64(b[64:]),
-		SlotOffset:    binary.LittleEndian.Uint64(b[72:]),
-		NonceReserved: binary.LittleEndian.Uint64(b[80:]),
-		RekeyCursor:   binary.LittleEndian.Uint64(b[88:]),
+		Generation:  le.Uint64(b[12:]),
+		Size:        le.Uint64(b[36:]),
+		ChunkSize:   le.Uint32(b[44:]),
+		Suite:       b[48],
+		Active:      b[49],
+		Open:        b[50]&flagOpen != 0,
+		Seq:         le.Uint64(b[56:]),
+		LogBlocks:   le.Uint32(b[64:]),
+		LogStart:    le.Uint64(b[72:]),
+		RekeyCursor: le.Uint64(b[80:]),
+		Epoch:       le.Uint32(b[88:]),
+		EpochSeals:  le.Uint64(b[96:]),
+		Root:        cowmap.ParseRef(b[104:152]),
 	}
 	copy(h.UUID[:], b[20:36])
 	rest := body[headerFixedSize:]
@@ -157,7 +201,7 @@ func ParseHeader(b []byte) (*Header, error) {
 		if len(rest) < 2 {
 			return nil, false
 		}
-		l := int(binary.LittleEndian.Uint16(rest))
+		l := int(le.Uint16(rest))
 		if l > maxFieldLen || len(rest) < 2+l {
 			return nil, false
 		}
@@ -170,7 +214,7 @@ func ParseHeader(b []byte) (*Header, error) {
 	if !ok1 || !ok2 || len(rest) < 4 {
 		return nil, ErrHeaderCorrupt
 	}
-	h.KEK = KeyRef{Provider: string(prov), Name: string(name), Version: binary.LittleEndian.Uint32(rest)}
+	h.KEK = KeyRef{Provider: string(prov), Name: string(name), Version: le.Uint32(rest)}
 	rest = rest[4:]
 	for i := range h.DEK {
 		f, ok := field()
@@ -181,15 +225,18 @@ func ParseHeader(b []byte) (*Header, error) {
 			h.DEK[i] = append([]byte(nil), f...)
 		}
 	}
-	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 {
+	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 || b[50]&^flagOpen != 0 {
 		return nil, ErrHeaderCorrupt
 	}
-	for _, x := range b[50:56] {
-		if x != 0 {
-			return nil, ErrHeaderCorrupt
+	for _, r := range [][]byte{b[51:56], b[68:72], b[92:96], b[152:192]} {
+		for _, x := range r {
+			if x != 0 {
+				return nil, ErrHeaderCorrupt
+			}
 		}
 	}
-	if h.ChunkSize != ChunkSize || h.Suite > ChaCha20Poly1305 || h.Size == 0 || h.Size%ChunkSize != 0 || h.Size/ChunkSize > 1<<32 {
+	if h.ChunkSize != ChunkSize || h.Suite > ChaCha20Poly1305 || h.Size == 0 || h.Size%ChunkSize != 0 ||
+		h.Size/ChunkSize > cowmap.MaxChunks || h.LogBlocks < 4 || uint64(h.LogBlocks) <= h.LogStart || h.Root.Loc > cowmap.HomeB {
 		return nil, ErrHeaderCorrupt
 	}
 	return h, nil
@@ -207,9 +254,8 @@ func VerifyHeaderMAC(b, macKey []byte) error {
 	return nil
 }
 
-// PickHeader chooses between the two header copies: the valid one with the
-// higher generation. which is 0 for copy A, 1 for copy B; the next update
-// goes to the other.
+// PickHeader chooses, without keys, the copy to try first: the valid one
+// with the higher generation. which is 0 for copy A, 1 for copy B.
 func PickHeader(a, b []byte) (h *Header, which int, err error) {
 	ha, errA := ParseHeader(a)
 	hb, errB := ParseHeader(b)
@@ -218,8 +264,10 @@ func PickHeader(a, b []byte) (h *Header, which int, err error) {
 		if errors.Is(errA, ErrBadMagic) && errors.Is(errB, ErrBadMagic) {
 			return nil, 0, ErrBadMagic
 		}
-		if errors.Is(errA, ErrUnsupportedVersion) {
-			return nil, 0, errA
+		for _, e := range []error{errA, errB} {
+			if errors.Is(e, ErrNeedsUpgrade) || errors.Is(e, ErrUnsupportedVersion) {
+				return nil, 0, e
+			}
 		}
 		return nil, 0, fmt.Errorf("%w: neither copy is valid (A: %v; B: %v)", ErrHeaderCorrupt, errA, errB)
 	case errB != nil || (errA == nil && ha.Generation >= hb.Generation):

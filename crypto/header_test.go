@@ -10,14 +10,17 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"goldilocks/crypto/cowmap"
 )
 
 func sampleHeader() *Header {
 	return &Header{
 		Generation: 3, UUID: [16]byte{0x3f, 0x2c, 15: 0x90}, Size: 1 << 30, ChunkSize: ChunkSize,
-		Suite: AES256GCM, Slots: 1<<18 + 8192, MapOffset: 8192, SlotOffset: 8192 + 2*4096*2571,
-		NonceReserved: 1 << 20, KEK: KeyRef{Provider: "local", Name: "default", Version: 2},
-		DEK: [2][]byte{bytes.Repeat([]byte{0xdd}, 60)},
+		Suite: AES256GCM, Open: true, Seq: 77, LogBlocks: 4096, LogStart: 1234, Epoch: 5, EpochSeals: 99,
+		Root: cowmap.Ref{Loc: cowmap.HomeB, Hash: [32]byte{0xaa, 31: 0xbb}, MaxGen: 77},
+		KEK:  KeyRef{Provider: "local", Name: "default", Version: 2},
+		DEK:  [2][]byte{bytes.Repeat([]byte{0xdd}, 93)},
 	}
 }
 
@@ -26,7 +29,7 @@ func sampleHeader() *Header {
 func rekeyingHeader() *Header {
 	h := sampleHeader()
 	h.Active, h.RekeyCursor = 1, 12345
-	h.DEK = [2][]byte{bytes.Repeat([]byte{0xee}, 90), bytes.Repeat([]byte{0xdd}, 60)}
+	h.DEK = [2][]byte{bytes.Repeat([]byte{0xee}, 93), bytes.Repeat([]byte{0xdd}, 93)}
 	return h
 }
 
@@ -35,8 +38,8 @@ func TestHeaderRoundTripAndVector(t *testing.T) {
 		h    *Header
 		path string
 	}{
-		{sampleHeader(), "testdata/header-v1.hex"},
-		{rekeyingHeader(), "testdata/header-v1-rekeying.hex"},
+		{sampleHeader(), "testdata/header-v2.hex"},
+		{rekeyingHeader(), "testdata/header-v2-rekeying.hex"},
 	} {
 		t.Run(tc.path, func(t *testing.T) { headerVector(t, tc.h, tc.path) })
 	}
@@ -132,9 +135,14 @@ func TestHeaderDamage(t *testing.T) {
 		t.Fatalf("both torn: %v", err)
 	}
 	future := bytes.Clone(good)
-	future[8] = 2
+	future[8] = 3
 	if _, err := ParseHeader(future); !errors.Is(err, ErrUnsupportedVersion) {
-		t.Fatalf("version 2: %v", err)
+		t.Fatalf("version 3: %v", err)
+	}
+	past := bytes.Clone(good)
+	past[8] = 1
+	if _, err := ParseHeader(past); !errors.Is(err, ErrNeedsUpgrade) {
+		t.Fatalf("version 1: %v", err)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"time"
 
+	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
 
@@ -62,7 +63,7 @@ type HeaderFile struct {
 
 // OpenHeader opens the header of the volume on store.
 func OpenHeader(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*HeaderFile, error) {
-	h, which, dek, err := headerOf(ctx, store, name, uuid, kek, log)
+	h, dek, err := headerOf(ctx, store, name, uuid, kek, log)
 	if err != nil {
 		return nil, err
 	}
@@ -71,7 +72,7 @@ func OpenHeader(ctx context.Context, store block.Device, name string, uuid [16]b
 		clear(dek)
 		return nil, err
 	}
-	return &HeaderFile{h: headerState{store: store, name: name, hdr: h, which: which, macKey: mac}, dek: newSecret(dek)}, nil
+	return &HeaderFile{h: headerState{store: store, name: name, hdr: h, macKey: mac}, dek: newSecret(dek)}, nil
 }
 
 // Header returns a copy of the header.
@@ -126,7 +127,7 @@ func (v *Volume) Rekey(ctx context.Context, kek KEKProvider, opt RekeyOptions) e
 	if err := v.walk(ctx, from, opt); err != nil {
 		return err
 	}
-	return v.finishRekey()
+	return v.finishRekey(ctx, kek)
 }
 
 // beginRekey wraps a new DEK into the inactive slot, unless a rekey is
@@ -164,30 +165,19 @@ func (v *Volume) beginRekey(ctx context.Context, kek KEKProvider) error {
 		}
 		deks[old] = ks[0].Wrapped
 	}
-	sealer, err := NewSealer(dek, h.Suite)
-	if err != nil {
-		clear(dek)
-		return err
-	}
 	v.h.mu.Lock()
 	defer v.h.mu.Unlock()
 	if v.h.hdr.Rekeying() || !bytes.Equal(v.h.hdr.DEK[old], h.DEK[old]) { // rotated meanwhile
-
 		clear(dek)
 		return fmt.Errorf("volume %s: %w", v.name, ErrKeysChanged)
 	}
 	nh := v.h.hdr.Clone()
 	nh.KEK.Version, nh.DEK, nh.RekeyCursor = version, deks, 0
-	nh.NonceReserved = nonceReserveStep // the count restarts with the new key
 	if err := v.h.writeLocked(nh); err != nil {
 		clear(dek)
 		return err
 	}
-	v.deks[1-old] = newSecret(dek)
-	v.sealers[1-old].Store(sealer)
-	v.reserved.Store(nonceReserveStep)
-	v.seals.Store(0)
-	v.warned.Store(false)
+	v.keys.install(1-old, dek)
 	v.sealSlot.Store(uint32(1 - old))
 	v.log.Info("rekey started", "event", "rekey_start", "volume", v.name, "kek", nh.KEK.Name, "kek_version", version)
 	return nil
@@ -197,7 +187,7 @@ func (v *Volume) beginRekey(ctx context.Context, kek KEKProvider) error {
 // on that names the other slot.
 func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error {
 	target := uint8(v.sealSlot.Load())
-	total := v.lay.Chunks
+	total := v.geo.Chunks
 	b := v.bufs.Get().(*chunkBuf)
 	defer v.bufs.Put(b)
 	start := time.Now()
@@ -239,10 +229,11 @@ func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error 
 				}
 			}
 		}
-		v.mu.Lock()
-		e := v.cur[c]
-		v.mu.Unlock()
-		if e.slot == 0 || e.key == target {
+		e, err := v.m.Lookup(c)
+		if err != nil {
+			return err
+		}
+		if !e.Mapped() || e.KeySlot() == target {
 			continue
 		}
 		done, err := v.reseal(c, target, b)
@@ -264,16 +255,17 @@ func (v *Volume) reseal(c uint64, target uint8, b *chunkBuf) (bool, error) {
 	l := v.lock(c)
 	l.Lock()
 	defer l.Unlock()
-	v.mu.Lock()
-	e := v.cur[c]
-	v.mu.Unlock()
-	if e.slot == 0 || e.key == target { // a write or trim beat us to it
+	e, err := v.m.Lookup(c)
+	if err != nil {
+		return false, err
+	}
+	if !e.Mapped() || e.KeySlot() == target { // a write or trim beat us to it
 		return false, nil
 	}
 	if err := v.readChunk(c, b.pt[:], b); err != nil {
 		return false, err
 	}
-	err := v.writeChunk(c, b.pt[:], b)
+	err = v.writeChunk(c, b.pt[:], b)
 	clear(b.pt[:])
 	return err == nil, err
 }
@@ -291,44 +283,70 @@ func (v *Volume) checkpoint(cursor uint64) error {
 }
 
 // finishRekey makes the new slot active and destroys the old key, once no
-// chunk in the durable map names the old slot.
-func (v *Volume) finishRekey() error {
+// chunk in the durable map names the old slot: the map is checkpointed
+// (so no log block MACed under the old key is needed again), the header
+// switches keys, and the provider destroys the old wrapped DEK.
+func (v *Volume) finishRekey(ctx context.Context, kek KEKProvider) error {
 	target := uint8(v.sealSlot.Load())
-	v.mu.Lock()
-	for c := range v.cur {
-		if e := v.cur[c]; e.slot != 0 && e.key != target {
-			v.mu.Unlock()
-			return fmt.Errorf("volume %s: chunk %d still under the old key after the walk", v.name, c)
+	for c := uint64(0); c < v.geo.Chunks; {
+		runs, err := v.m.Runs(nil, c, v.geo.Chunks, 1024)
+		if err != nil {
+			return err
+		}
+		for _, r := range runs {
+			if r.Mapped {
+				for i := c; i < c+r.Chunks; i++ {
+					e, err := v.m.Lookup(i)
+					if err != nil {
+						return err
+					}
+					if e.Mapped() && e.KeySlot() != target {
+						return fmt.Errorf("volume %s: chunk %d still under the old key after the walk", v.name, i)
+					}
+				}
+			}
+			c += r.Chunks
 		}
 	}
-	v.mu.Unlock()
 	if err := v.Flush(); err != nil {
 		return err
 	}
-	v.h.mu.Lock()
-	defer v.h.mu.Unlock()
-	old := 1 - target
-	h := v.h.hdr.Clone()
-	h.Active, h.DEK[old], h.RekeyCursor = target, nil, 0
-	mac, err := HeaderMACKey(v.deks[target].bytes(), v.uuid)
+	logKey, err := v.keys.derive(target, infoLogMAC)
 	if err != nil {
 		return err
 	}
-	prev := v.h.macKey
-	v.h.macKey = mac
-	// Both copies, so that neither keeps the old wrapped DEK.
-	for i := 0; i < 2; i++ {
-		if err := v.h.writeLocked(h.Clone()); err != nil {
-			if i == 0 {
-				v.h.macKey = prev
-			}
+	mac, err := v.keys.derive(target, infoHeaderMAC)
+	if err != nil {
+		return err
+	}
+	old := 1 - target
+	var oldWrapped []byte
+	var ref KeyRef
+	err = v.m.SwitchKey(logKey, func(st cowmap.State) error {
+		v.h.mu.Lock()
+		defer v.h.mu.Unlock()
+		h := v.h.hdr.Clone()
+		oldWrapped, ref = h.DEK[old], h.KEK
+		h.Seq, h.Root, h.LogStart = st.Seq, st.Root, st.LogStart
+		h.Active, h.DEK[old], h.RekeyCursor = target, nil, 0
+		prev := v.h.macKey
+		v.h.macKey = mac
+		if err := v.h.writeLocked(h); err != nil {
+			v.h.macKey = prev
 			return err
 		}
+		clear(prev)
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	clear(prev)
-	v.sealers[old].Store(nil)
-	v.deks[old].free()
-	v.deks[old] = nil
+	v.keys.remove(old)
+	if d, ok := kek.(KeyDestroyer); ok {
+		if err := d.Destroy(ctx, ref, v.uuid, oldWrapped); err != nil {
+			return fmt.Errorf("volume %s: the rekey finished, but destroying the old data key failed: %w", v.name, err)
+		}
+	}
 	v.log.Info("rekey finished; the old data key is destroyed", "event", "rekey_finish", "volume", v.name)
 	return nil
 }
@@ -338,5 +356,5 @@ func (v *Volume) finishRekey() error {
 func (v *Volume) RekeyState() (rekeying bool, cursor, total uint64) {
 	v.h.mu.Lock()
 	defer v.h.mu.Unlock()
-	return v.h.hdr.Rekeying(), v.h.hdr.RekeyCursor, v.lay.Chunks
+	return v.h.hdr.Rekeying(), v.h.hdr.RekeyCursor, v.geo.Chunks
 }

@@ -107,7 +107,7 @@ func TestRekeyOnline(t *testing.T) {
 	if err := v.Close(); err != nil {
 		t.Fatal(err)
 	}
-	v2, err := Open(ctx, dev, "t", [16]byte{0xab}, kek, quietLog())
+	v2, err := Open(ctx, dev, "t", [16]byte{0xab}, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,13 +116,15 @@ func TestRekeyOnline(t *testing.T) {
 	}
 	// The old DEK can no longer open what the volume holds: its chunks are
 	// all under the new key (a chunk's entry names its slot).
-	v2.mu.Lock()
-	for c, e := range v2.cur {
-		if e.slot != 0 && e.key != after.Active {
+	for c := uint64(0); c < chunks; c++ {
+		e, err := v2.m.Lookup(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Mapped() && e.KeySlot() != after.Active {
 			t.Fatalf("chunk %d still names the old DEK slot", c)
 		}
 	}
-	v2.mu.Unlock()
 }
 
 // An interrupted rekey (cancelled half-way, then the volume closed) reads
@@ -143,7 +145,7 @@ func TestRekeyResume(t *testing.T) {
 		t.Fatalf("rekey state after stop: rekeying %v cursor %d, want true 256", r, cur)
 	}
 	v.Close()
-	v2, err := Open(ctx, dev, "t", [16]byte{0xab}, kek, quietLog())
+	v2, err := Open(ctx, dev, "t", [16]byte{0xab}, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +209,7 @@ func TestRotateSetWrapped(t *testing.T) {
 			t.Fatalf("header KEK version %d, want %d", got, ver)
 		}
 	}
-	v2, err := Open(ctx, dev, "t", [16]byte{0xab}, kek, quietLog())
+	v2, err := Open(ctx, dev, "t", [16]byte{0xab}, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -91,7 +91,7 @@ func TestVaultKEK(t *testing.T) {
 	if err := Format(ctx, dev, volA, 256*ChunkSize, AES256GCM, kek, "vms"); err != nil {
 		t.Fatal(err)
 	}
-	vol, err := Open(ctx, dev, "va", volA, kek, quietLog())
+	vol, err := Open(ctx, dev, "va", volA, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func TestVaultKEK(t *testing.T) {
 		t.Fatalf("after rekey: %+v", h.KEK)
 	}
 	vol.Close()
-	vol, err = Open(ctx, dev, "va", volA, kek, quietLog())
+	vol, err = Open(ctx, dev, "va", volA, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,207 +3,97 @@ package crypto
 import (
 	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
+	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
-)
-
-// Chunk map constants (FORMAT.md, "The chunk map"). Part of the format.
-const (
-	mapPageSize    = 4096
-	mapPageHdr     = 16
-	mapEntrySize   = 40
-	entriesPerPage = (mapPageSize - mapPageHdr) / mapEntrySize // 102
-	headerArea     = 2 * HeaderBlockSize
-	minSpare       = 1024
-
-	nonceReserveStep = 1 << 20
-	nonceWarnAt      = 1 << 31
-	nonceLimit       = 1 << 32
-
-	// NonceLimit is how many chunks one data key may seal (FORMAT.md,
-	// "Nonce budget").
-	NonceLimit = nonceLimit
 )
 
 // Errors callers branch on.
 var (
-	ErrMapCorrupt    = errors.New("crypto: chunk map is corrupt")
-	ErrNonceBudget   = errors.New("crypto: the data key has sealed 2^32 chunks; rekey the volume (goldilocks key rekey)")
-	ErrNoFreeSlots   = errors.New("crypto: no free slot even after a flush")
+	ErrMapAuth       = cowmap.ErrMapAuth
+	ErrVolumeFailed  = cowmap.ErrFailed
 	ErrWrongVolume   = errors.New("crypto: the backing store holds another volume")
 	ErrStoreTooSmall = errors.New("crypto: backing store is smaller than the volume's layout")
+	ErrTooLarge      = errors.New("crypto: volume size is not a multiple of 4096 between 4 KiB and 16 TiB")
+)
+
+const (
+	maxDirty    = 1 << 16 // entries waiting for a commit before a background flush
+	idleCkpt    = 5 * time.Second
+	anchorEvery = time.Second
 )
 
 // Layout is where things live in a backing store.
 type Layout struct {
-	Chunks, Slots, MapPages    uint64
-	MapOffset, SlotOffset, End uint64
+	cowmap.Geometry
+	End uint64 // bytes the backing store must hold
 }
 
-// LayoutFor computes the layout of a volume of size bytes.
+// logBlocksFor is the default log length for n chunks.
+func logBlocksFor(n uint64) uint64 { return min(4096, max(16, n/8)) }
+
+// LayoutFor computes the layout of a volume of size bytes (zero Layout if
+// the size is not one a volume can have).
 func LayoutFor(size uint64) Layout {
-	n := size / ChunkSize
-	pages := (n + entriesPerPage - 1) / entriesPerPage
-	l := Layout{Chunks: n, Slots: n + max(minSpare, n/32), MapPages: pages, MapOffset: headerArea}
-	l.SlotOffset = l.MapOffset + 2*mapPageSize*pages
-	l.End = l.SlotOffset + ChunkSize*l.Slots
-	return l
-}
-
-func layoutOf(h *Header) Layout {
-	l := LayoutFor(h.Size)
-	l.Slots, l.MapOffset, l.SlotOffset = h.Slots, h.MapOffset, h.SlotOffset
-	l.End = l.SlotOffset + ChunkSize*l.Slots
-	return l
-}
-
-func (l Layout) pageOffset(page uint64, copyB uint8) int64 {
-	return int64(l.MapOffset + 2*mapPageSize*page + mapPageSize*uint64(copyB))
-}
-
-func (l Layout) slotOffset(slot uint32) int64 {
-	return int64(l.SlotOffset + ChunkSize*uint64(slot))
-}
-
-// entry is a chunk's map entry: slot+1 (0: unmapped) and the DARE header
-// and tag of its package.
-type entry struct {
-	slot uint32
-	key  uint8 // DEK slot that sealed it
-	meta [32]byte
-}
-
-// Format writes a new, empty encrypted volume on store: a fresh random
-// data key wrapped by kek's key keyName, both header copies, and every map
-// page twice (all chunks unmapped).
-func Format(ctx context.Context, store block.Device, uuid [16]byte, size uint64, suite byte, kek KEKProvider, keyName string) error {
-	if size == 0 || size%ChunkSize != 0 || size/ChunkSize > 1<<32 {
-		return fmt.Errorf("crypto: volume size %d is not a multiple of 4096 up to 16 TiB", size)
-	}
-	l := LayoutFor(size)
-	if uint64(store.Size()) < l.End {
-		return fmt.Errorf("%w: %d bytes, need %d", ErrStoreTooSmall, store.Size(), l.End)
-	}
-	dek := make([]byte, 32)
-	defer clear(dek)
-	if _, err := rand.Read(dek); err != nil {
-		return err
-	}
-	wrapped, version, err := kek.Wrap(ctx, keyName, uuid, dek)
+	g, err := cowmap.NewGeometry(size/ChunkSize, logBlocksFor(size/ChunkSize))
 	if err != nil {
-		return fmt.Errorf("wrapping the data key with %s key %s: %w", kek.Name(), keyName, err)
+		return Layout{}
 	}
-	h := &Header{
-		Generation: 1, UUID: uuid, Size: size, ChunkSize: ChunkSize, Suite: suite,
-		Slots: l.Slots, MapOffset: l.MapOffset, SlotOffset: l.SlotOffset,
-		KEK: KeyRef{Provider: kek.Name(), Name: keyName, Version: version}, DEK: [2][]byte{wrapped},
-	}
-	mac, err := HeaderMACKey(dek, uuid)
-	if err != nil {
-		return err
-	}
-	buf := make([]byte, 256*mapPageSize)
-	for p := uint64(0); p < l.MapPages; {
-		n := min(uint64(len(buf)/(2*mapPageSize)), l.MapPages-p)
-		for i := uint64(0); i < n; i++ {
-			for c := 0; c < 2; c++ {
-				pg := buf[(2*i+uint64(c))*mapPageSize:][:mapPageSize]
-				clear(pg)
-				sealMapPage(pg, 0, p+i)
-			}
-		}
-		if _, err := store.WriteAt(buf[:2*n*mapPageSize], l.pageOffset(p, 0)); err != nil {
-			return fmt.Errorf("writing the chunk map: %w", err)
-		}
-		p += n
-	}
-	for c := 0; c < 2; c++ {
-		h.Generation = uint64(2 - c)
-		b, err := h.Marshal(mac)
-		if err != nil {
-			return err
-		}
-		if _, err := store.WriteAt(b, int64(c)*HeaderBlockSize); err != nil {
-			return fmt.Errorf("writing the header: %w", err)
-		}
-	}
-	return store.Flush()
+	return Layout{Geometry: g, End: g.End * ChunkSize}
 }
 
-// sealMapPage sets a map page's generation, index and checksum.
-func sealMapPage(pg []byte, gen, index uint64) {
-	binary.LittleEndian.PutUint64(pg[0:], gen)
-	binary.LittleEndian.PutUint32(pg[8:], uint32(index))
-	binary.LittleEndian.PutUint32(pg[12:], mapPageCRC(pg))
+// Options tune an open volume.
+type Options struct {
+	// Anchor keeps the rollback anchor; nil: no rollback check (tests).
+	Anchor Anchor
+	// Cache holds map nodes; nil: a small private one.
+	Cache *cowmap.Cache
+	// MaxLogged: logged entries before a checkpoint (0: cowmap's default).
+	MaxLogged int
+	// AnchorEveryFlush advances the anchor after every commit, before the
+	// FLUSH returns: no rollback window at all, for the cost of a file
+	// write and two fsyncs in the data dir per FLUSH (FORMAT.md, "The
+	// window"). By default the anchor follows at most a second behind.
+	AnchorEveryFlush bool
 }
 
-func mapPageCRC(pg []byte) uint32 {
-	c := crc32.Update(0, castagnoli, pg[:12])
-	return crc32.Update(c, castagnoli, pg[mapPageHdr:])
-}
-
-// parseMapPage checks a map page and returns its generation.
-func parseMapPage(pg []byte, index uint64) (uint64, bool) {
-	if binary.LittleEndian.Uint32(pg[8:]) != uint32(index) || binary.LittleEndian.Uint32(pg[12:]) != mapPageCRC(pg) {
-		return 0, false
-	}
-	return binary.LittleEndian.Uint64(pg[0:]), true
-}
-
-// Volume is an open encrypted volume: a block.Device whose chunks are
-// sealed into a backing store by copy-on-write (FORMAT.md).
+// Volume is an open encrypted volume (format 2): a block.Device whose
+// chunks are sealed into a backing store, mapped by an authenticated
+// copy-on-write map (FORMAT.md).
 type Volume struct {
 	name  string
 	uuid  [16]byte
 	log   *slog.Logger
 	store block.Device
-	lay   Layout
+	geo   cowmap.Geometry
 	size  int64
+	opt   Options
 
-	// sealers[k] opens chunks whose entry names DEK slot k (nil: empty
-	// slot); sealSlot is the slot new seals use.
-	sealers  [2]atomic.Pointer[Sealer]
-	sealSlot atomic.Uint32
+	m    *cowmap.Map
+	keys *keyring
+	h    headerState
+
+	sealSlot   atomic.Uint32 // DEK slot new seals use
+	seal       atomic.Uint64 // epoch<<32 | seals in it
+	epochLimit uint64
 
 	keyMu sync.Mutex // one rotation or rekey at a time
+	locks [1024]sync.RWMutex
 
-	h    headerState
-	deks [2]*secret // guarded by h.mu
-
-	bgFlush  atomic.Bool // a background flush is running
-	bgWG     sync.WaitGroup
-	seals    atomic.Uint64 // nonces used, counted from the reservation at open
-	reserved atomic.Uint64 // header's nonce reservation
-	warned   atomic.Bool
-
-	locks [1024]sync.RWMutex // chunk i is guarded by locks[i%1024]
-
-	flushMu sync.Mutex // one flush at a time
-
-	mu       sync.Mutex // guards the map state below
-	cur      []entry    // current map, in memory
-	dur      []uint32   // slot+1 of each chunk in the durable map
-	pageGen  []uint64   // generation of each page's current copy
-	pageCopy []uint8    // which copy (0 A, 1 B) is current
-	dirty    []bool     // page changed since the last flush snapshot
-	nDirty   int
-	free     []uint32 // free slots, a stack
-	pending  []retired
-	flushing bool
+	bgFlush    atomic.Bool
+	bg         sync.WaitGroup
+	lastCommit atomic.Int64 // unix nanos of the last commit
+	poke       chan struct{}
+	done       chan struct{}
+	closeOnce  sync.Once
 
 	bufs sync.Pool // *chunkBuf
-}
-
-type retired struct {
-	chunk uint64
-	slot  uint32 // slot+1
 }
 
 type chunkBuf struct {
@@ -218,164 +108,269 @@ var (
 	_ block.Extenter = (*Volume)(nil)
 )
 
-// headerOf reads and checks a volume's header: the current copy, its
-// UUID, provider and MAC (with the active DEK, which it returns unwrapped).
-func headerOf(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (h *Header, which int, dek []byte, err error) {
+// Format writes a new, empty encrypted volume on store: a fresh random
+// data key wrapped by kek's key keyName, and the header, twice. Nothing
+// else is written: the map and data are created as they are written.
+func Format(ctx context.Context, store block.Device, uuid [16]byte, size uint64, suite byte, kek KEKProvider, keyName string) error {
+	return format(ctx, store, uuid, size, suite, kek, keyName, logBlocksFor(size/ChunkSize))
+}
+
+func format(ctx context.Context, store block.Device, uuid [16]byte, size uint64, suite byte, kek KEKProvider, keyName string, logBlocks uint64) error {
+	if size == 0 || size%ChunkSize != 0 || size/ChunkSize > cowmap.MaxChunks {
+		return fmt.Errorf("%w: %d bytes", ErrTooLarge, size)
+	}
+	g, err := cowmap.NewGeometry(size/ChunkSize, logBlocks)
+	if err != nil {
+		return err
+	}
+	if uint64(store.Size()) < g.End*ChunkSize {
+		return fmt.Errorf("%w: %d bytes, need %d", ErrStoreTooSmall, store.Size(), g.End*ChunkSize)
+	}
+	dek := make([]byte, 32)
+	defer clear(dek)
+	if _, err := rand.Read(dek); err != nil {
+		return err
+	}
+	wrapped, version, err := kek.Wrap(ctx, keyName, uuid, dek)
+	if err != nil {
+		return fmt.Errorf("wrapping the data key with %s key %s: %w", kek.Name(), keyName, err)
+	}
+	h := &Header{
+		UUID: uuid, Size: size, ChunkSize: ChunkSize, Suite: suite, LogBlocks: uint32(logBlocks),
+		KEK: KeyRef{Provider: kek.Name(), Name: keyName, Version: version}, DEK: [2][]byte{wrapped},
+	}
+	mac, err := HeaderMACKey(dek, uuid)
+	if err != nil {
+		return err
+	}
+	s := headerState{store: store, name: "new volume", hdr: h, macKey: mac}
+	if err := s.writeLocked(h.Clone()); err != nil {
+		return err
+	}
+	return nil
+}
+
+// headerOf reads the header, unwraps the active DEK and checks the MAC. A
+// copy that fails to parse or to verify while the other one is good is an
+// integrity warning (normal after a crash during an update).
+func headerOf(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*Header, []byte, error) {
 	var ab [2 * HeaderBlockSize]byte
 	if _, err := store.ReadAt(ab[:], 0); err != nil {
-		return nil, 0, nil, fmt.Errorf("volume %s: reading the header: %w", name, err)
+		return nil, nil, fmt.Errorf("volume %s: reading the header: %w", name, err)
 	}
-	h, which, err = PickHeader(ab[:HeaderBlockSize], ab[HeaderBlockSize:])
+	copies := [2][]byte{ab[:HeaderBlockSize], ab[HeaderBlockSize:]}
+	h, which, err := PickHeader(copies[0], copies[1])
+	if errors.Is(err, ErrNeedsUpgrade) {
+		return nil, nil, fmt.Errorf("volume %s: %w %s", name, err, name)
+	}
 	if err != nil {
-		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, err)
+		return nil, nil, fmt.Errorf("volume %s: %w", name, err)
 	}
-	if _, err := ParseHeader(ab[(1-which)*HeaderBlockSize:][:HeaderBlockSize]); err != nil {
-		// Normal after a crash during a header update; else tampering.
-		log.Warn("integrity warning: a volume header copy is damaged; using the other", "event", "integrity_warning",
-			"volume", name, "copy", "AB"[1-which:2-which], "err", err)
+	var firstErr error
+	for try := 0; try < 2; try++ {
+		if try == 1 {
+			which = 1 - which
+			if h, err = ParseHeader(copies[which]); err != nil {
+				break
+			}
+		}
+		dek, err := openHeader(ctx, h, copies[which], name, uuid, kek)
+		if err == nil {
+			if _, perr := ParseHeader(copies[1-which]); perr != nil || try == 1 {
+				log.Warn("integrity warning: a volume header copy is damaged or stale; using the other", "event", "integrity_warning",
+					"volume", name, "copy", "AB"[1-which:2-which])
+			}
+			return h, dek, nil
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+		if errors.Is(err, ErrWrongVolume) || errors.Is(err, ErrUnwrap) || errors.Is(err, context.Canceled) {
+			break // the other copy names the same key
+		}
 	}
+	return nil, nil, firstErr
+}
+
+func openHeader(ctx context.Context, h *Header, raw []byte, name string, uuid [16]byte, kek KEKProvider) ([]byte, error) {
 	if h.UUID != uuid {
-		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, ErrWrongVolume)
+		return nil, fmt.Errorf("volume %s: %w", name, ErrWrongVolume)
 	}
 	if h.KEK.Provider != kek.Name() {
-		return nil, 0, nil, fmt.Errorf("volume %s: its key is in provider %q, not %q", name, h.KEK.Provider, kek.Name())
+		return nil, fmt.Errorf("volume %s: its key is in provider %q, not %q", name, h.KEK.Provider, kek.Name())
 	}
-	dek, err = kek.Unwrap(ctx, h.KEK, uuid, h.DEK[h.Active])
+	dek, err := kek.Unwrap(ctx, h.KEK, uuid, h.DEK[h.Active])
 	if err != nil {
-		return nil, 0, nil, fmt.Errorf("volume %s: unwrapping the data key (%s key %s v%d): %w", name, h.KEK.Provider, h.KEK.Name, h.KEK.Version, err)
+		return nil, fmt.Errorf("volume %s: unwrapping the data key (%s key %s v%d): %w", name, h.KEK.Provider, h.KEK.Name, h.KEK.Version, err)
 	}
 	mac, err := HeaderMACKey(dek, uuid)
 	if err == nil {
-		err = VerifyHeaderMAC(ab[which*HeaderBlockSize:][:HeaderBlockSize], mac)
+		err = VerifyHeaderMAC(raw, mac)
 	}
 	if err != nil {
 		clear(dek)
-		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, err)
+		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
-	return h, which, dek, nil
+	return dek, nil
 }
 
-// Open opens the encrypted volume on store, checking that it is the volume
-// with this uuid. name is for errors and logs. A volume whose rekey was
-// interrupted opens with both data keys and seals under the new one.
-func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*Volume, error) {
-	h, which, dek, err := headerOf(ctx, store, name, uuid, kek, log)
+// Open attaches the encrypted volume on store, checking that it is the
+// volume with this uuid: it recovers the map, refuses a store older than
+// its anchor, and marks the header open. name is for errors and logs. A
+// volume whose rekey was interrupted opens with both data keys and seals
+// under the new one.
+func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger, opt Options) (*Volume, error) {
+	h, dek, err := headerOf(ctx, store, name, uuid, kek, log)
 	if err != nil {
 		return nil, err
 	}
-	l := layoutOf(h)
-	v := &Volume{
-		name: name, uuid: uuid, log: log, store: store, lay: l,
-		size: int64(h.Size), h: headerState{store: store, name: name, hdr: h, which: which},
-		cur: make([]entry, l.Chunks), dur: make([]uint32, l.Chunks),
-		pageGen: make([]uint64, l.MapPages), pageCopy: make([]uint8, l.MapPages), dirty: make([]bool, l.MapPages),
-		bufs: sync.Pool{New: func() any { return new(chunkBuf) }},
-	}
-	v.h.macKey, err = HeaderMACKey(dek, uuid)
-	if err == nil {
-		err = v.installKey(h.Active, dek, h.Suite)
-	}
-	if err == nil && h.Rekeying() {
-		var next []byte
-		if next, err = kek.Unwrap(ctx, h.KEK, uuid, h.DEK[1-h.Active]); err != nil {
-			err = fmt.Errorf("volume %s: unwrapping the new data key of an interrupted rekey: %w", name, err)
-		} else {
-			err = v.installKey(1-h.Active, next, h.Suite)
-			log.Warn("volume has an interrupted rekey; resume it with goldilocks key rekey", "volume", name,
-				"cursor", h.RekeyCursor, "chunks", l.Chunks)
-		}
-	}
-	if err == nil && uint64(store.Size()) < l.End {
-		err = fmt.Errorf("volume %s: %w", name, ErrStoreTooSmall)
-	}
-	if err == nil {
-		err = v.loadMap()
-	}
+	g, err := cowmap.NewGeometry(h.Size/ChunkSize, uint64(h.LogBlocks))
 	if err != nil {
-		v.freeKeys()
+		clear(dek)
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
-	v.seals.Store(h.NonceReserved) // never undercount: assume every reserved nonce was used
-	v.reserved.Store(h.NonceReserved)
+	v := &Volume{
+		name: name, uuid: uuid, log: log, store: store, geo: g, size: int64(h.Size), opt: opt,
+		keys: newKeyring(uuid, h.Suite), epochLimit: epochLimit,
+		h:    headerState{store: store, name: name, hdr: h},
+		poke: make(chan struct{}, 1), done: make(chan struct{}),
+		bufs: sync.Pool{New: func() any { return new(chunkBuf) }},
+	}
+	fail := func(err error) (*Volume, error) {
+		v.keys.free()
+		return nil, err
+	}
+	v.keys.install(h.Active, dek)
+	v.sealSlot.Store(uint32(h.Active))
+	if h.Rekeying() {
+		next, err := kek.Unwrap(ctx, h.KEK, uuid, h.DEK[1-h.Active])
+		if err != nil {
+			return fail(fmt.Errorf("volume %s: unwrapping the new data key of an interrupted rekey: %w", name, err))
+		}
+		v.keys.install(1-h.Active, next)
+		v.sealSlot.Store(uint32(1 - h.Active))
+		log.Warn("volume has an interrupted rekey; resume it with goldilocks key rekey", "volume", name,
+			"cursor", h.RekeyCursor, "chunks", g.Chunks)
+	}
+	if v.h.macKey, err = v.keys.derive(h.Active, infoHeaderMAC); err != nil {
+		return fail(err)
+	}
+	if uint64(store.Size()) < g.End*ChunkSize {
+		return fail(fmt.Errorf("volume %s: %w: %d bytes, the layout needs %d", name, ErrStoreTooSmall, store.Size(), g.End*ChunkSize))
+	}
+	logKey, err := v.keys.derive(h.Active, infoLogMAC)
+	if err != nil {
+		return fail(err)
+	}
+	v.m, err = cowmap.Open(cowmap.Config{
+		Dev: store, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged,
+		Verify: v.verifyData, WriteHeader: v.writeCheckpoint,
+	}, h.MapState())
+	if err != nil {
+		v.integrityFailure("map", err)
+		return fail(fmt.Errorf("volume %s: %w", name, err))
+	}
+	v.h.onFail = v.m.Fail
+	if v.m.DroppedLastCommit() {
+		log.Info("recovery: the last map commit's data had not reached the store (a crash inside a flush); it was never acknowledged and is dropped",
+			"volume", name, "seq", v.m.Seq())
+	}
+	seq := v.m.Seq()
+	if opt.Anchor != nil {
+		a, ok, err := opt.Anchor.Load(uuid)
+		if err != nil {
+			return fail(fmt.Errorf("volume %s: %w", name, err))
+		}
+		if ok && seq < a {
+			err := fmt.Errorf("volume %s: %w: the store is at commit %d, the anchor at %d", name, ErrRollback, seq, a)
+			v.integrityFailure("rollback", err)
+			v.m.Close()
+			return fail(err)
+		}
+	}
+	// Seal epochs: a clean detach left an exact count; after a crash the
+	// count is unknown, so a new epoch starts (FORMAT.md, "Nonces").
+	epoch, n := h.Epoch, h.EpochSeals
+	if h.Open {
+		if epoch == ^uint32(0) {
+			return fail(fmt.Errorf("volume %s: %w", name, ErrNonceBudget))
+		}
+		epoch, n = epoch+1, 0
+	}
+	v.h.mu.Lock()
+	nh := v.h.hdr.Clone()
+	nh.Open, nh.Epoch, nh.EpochSeals = true, epoch, n
+	err = v.h.writeLocked(nh)
+	v.h.mu.Unlock()
+	if err != nil {
+		v.m.Close()
+		return fail(err)
+	}
+	v.seal.Store(uint64(epoch)<<32 | n)
+	if opt.Anchor != nil {
+		if err := opt.Anchor.Advance(uuid, seq); err != nil {
+			v.m.Close()
+			return fail(fmt.Errorf("volume %s: %w", name, err))
+		}
+	}
+	v.lastCommit.Store(time.Now().UnixNano())
+	v.bg.Add(1)
+	go v.background()
 	return v, nil
 }
 
-// installKey makes dek (zeroed here) the key of DEK slot k and, since
-// the newest key installed seals, the sealing slot.
-func (v *Volume) installKey(k byte, dek []byte, suite byte) error {
-	s, err := NewSealer(dek, suite)
-	if err != nil {
-		clear(dek)
-		return err
-	}
-	v.deks[k] = newSecret(dek)
-	v.sealers[k].Store(s)
-	v.sealSlot.Store(uint32(k))
-	return nil
+// integrityFailure logs an integrity error of the store as an event the
+// audit trail records.
+func (v *Volume) integrityFailure(kind string, err error) {
+	v.log.Error("integrity failure", "event", "integrity_failure", "volume", v.name, "kind", kind, "err", err)
 }
 
-func (v *Volume) freeKeys() {
-	for k := range v.deks {
-		v.sealers[k].Store(nil)
-		v.deks[k].free()
-		v.deks[k] = nil
-	}
+// verifyData reports whether chunk c's data matches entry e (recovery).
+func (v *Volume) verifyData(c uint64, e *cowmap.Entry) bool {
+	b := v.bufs.Get().(*chunkBuf)
+	defer v.bufs.Put(b)
+	return v.openEntry(c, e, b.pt[:], b) == nil
 }
 
-func (v *Volume) loadMap() error {
-	l := v.lay
-	used := make([]bool, l.Slots)
-	pair := make([]byte, 2*mapPageSize)
-	for p := uint64(0); p < l.MapPages; p++ {
-		if _, err := v.store.ReadAt(pair, l.pageOffset(p, 0)); err != nil {
-			return fmt.Errorf("reading map page %d: %w", p, err)
+// writeCheckpoint is the map's WriteHeader: a checkpoint's state into
+// both header copies.
+func (v *Volume) writeCheckpoint(st cowmap.State) error {
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	h := v.h.hdr.Clone()
+	h.Seq, h.Root, h.LogStart = st.Seq, st.Root, st.LogStart
+	return v.h.writeLocked(h)
+}
+
+// background checkpoints an idle volume and advances the anchor after
+// commits, at most once a second.
+func (v *Volume) background() {
+	defer v.bg.Done()
+	t := time.NewTicker(anchorEvery)
+	defer t.Stop()
+	var anchored uint64
+	for {
+		select {
+		case <-v.done:
+			return
+		case <-t.C:
 		}
-		ga, okA := parseMapPage(pair[:mapPageSize], p)
-		gb, okB := parseMapPage(pair[mapPageSize:], p)
-		if okA != okB {
-			// Normal for the pages a crash interrupted in a flush; else
-			// tampering (the older copy's values are legal, but old).
-			v.log.Warn("integrity warning: a chunk map page copy is damaged; using the other", "event", "integrity_warning",
-				"volume", v.name, "page", p)
+		if v.m.Failed() != nil {
+			continue
 		}
-		var pg []byte
-		switch {
-		case okA && (!okB || ga >= gb):
-			pg, v.pageGen[p], v.pageCopy[p] = pair[:mapPageSize], ga, 0
-		case okB:
-			pg, v.pageGen[p], v.pageCopy[p] = pair[mapPageSize:], gb, 1
-		default:
-			return fmt.Errorf("%w: both copies of page %d are damaged", ErrMapCorrupt, p)
-		}
-		for i := uint64(0); i < entriesPerPage; i++ {
-			c := p*entriesPerPage + i
-			if c >= l.Chunks {
-				break
+		if time.Since(time.Unix(0, v.lastCommit.Load())) > idleCkpt {
+			if err := v.m.Checkpoint(); err != nil {
+				v.log.Error("checkpoint failed", "volume", v.name, "err", err)
 			}
-			e := pg[mapPageHdr+i*mapEntrySize:][:mapEntrySize]
-			slot := binary.LittleEndian.Uint32(e)
-			if slot == 0 {
+		}
+		if seq := v.m.Seq(); v.opt.Anchor != nil && seq > anchored {
+			if err := v.opt.Anchor.Advance(v.uuid, seq); err != nil {
+				v.log.Error("advancing the rollback anchor failed", "volume", v.name, "err", err)
 				continue
 			}
-			if uint64(slot) > l.Slots || used[slot-1] {
-				return fmt.Errorf("%w: chunk %d names slot %d", ErrMapCorrupt, c, slot-1)
-			}
-			if e[4] > 1 || v.sealers[e[4]].Load() == nil {
-				return fmt.Errorf("%w: chunk %d names DEK slot %d, which holds no key", ErrMapCorrupt, c, e[4])
-			}
-			used[slot-1] = true
-			v.cur[c].slot = slot
-			v.cur[c].key = e[4]
-			copy(v.cur[c].meta[:], e[8:])
-			v.dur[c] = slot
+			anchored = seq
 		}
 	}
-	for s := int64(l.Slots) - 1; s >= 0; s-- {
-		if !used[s] {
-			v.free = append(v.free, uint32(s))
-		}
-	}
-	return nil
 }
 
 // Size is the logical size.
@@ -385,13 +380,36 @@ func (v *Volume) Size() int64 { return v.size }
 func (v *Volume) Header() Header {
 	v.h.mu.Lock()
 	defer v.h.mu.Unlock()
-	return *v.h.hdr.Clone()
+	h := *v.h.hdr.Clone()
+	s := v.seal.Load()
+	h.Epoch, h.EpochSeals = uint32(s>>32), s&0xffffffff
+	return h
 }
 
-// Seals is the number of nonces counted against the data key.
-func (v *Volume) Seals() uint64 { return v.seals.Load() }
+// Seals is an upper bound of the chunks sealed since the volume's first
+// epoch.
+func (v *Volume) Seals() uint64 {
+	s := v.seal.Load()
+	return (s>>32)*epochLimit + s&0xffffffff
+}
+
+// Seq is the last durable commit of the map.
+func (v *Volume) Seq() uint64 { return v.m.Seq() }
 
 func (v *Volume) lock(c uint64) *sync.RWMutex { return &v.locks[c%uint64(len(v.locks))] }
+
+// quiesce write-locks every chunk lock: no write is between its data and
+// its map entry (cowmap.Map.Commit).
+func (v *Volume) quiesce() func() {
+	for i := range v.locks {
+		v.locks[i].Lock()
+	}
+	return func() {
+		for i := range v.locks {
+			v.locks[i].Unlock()
+		}
+	}
+}
 
 // pieces calls fn for each chunk that [off, off+n) touches, in order, with
 // the chunk index, the piece's offset inside the chunk and its bounds in
@@ -436,27 +454,43 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 
 // readChunk opens chunk c into dst (4096 bytes). Callers hold its lock.
 func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
-	v.mu.Lock()
-	e := v.cur[c]
-	v.mu.Unlock()
-	if e.slot == 0 {
+	e, err := v.m.Lookup(c)
+	if err != nil {
+		clear(dst)
+		v.integrityFailure("map", err)
+		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
+	}
+	if !e.Mapped() {
 		clear(dst)
 		return nil
 	}
-	copy(b.pkg[:HeaderSize], e.meta[:16])
-	if _, err := v.store.ReadAt(b.pkg[HeaderSize:HeaderSize+ChunkSize], v.lay.slotOffset(e.slot-1)); err != nil {
+	err = v.openEntry(c, &e, dst, b)
+	if errors.Is(err, ErrChunkAuth) {
+		v.log.Error("integrity failure: chunk failed authentication", "event", "integrity_failure", "volume", v.name,
+			"chunk", c, "kind", "chunk")
+	}
+	if err != nil {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
-	copy(b.pkg[HeaderSize+ChunkSize:], e.meta[16:])
-	s := v.sealers[e.key].Load()
+	return nil
+}
+
+// openEntry reads and opens the data that e names for chunk c.
+func (v *Volume) openEntry(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) error {
+	copy(b.pkg[:HeaderSize], e.DAREHeader())
+	if _, err := v.store.ReadAt(b.pkg[HeaderSize:HeaderSize+ChunkSize], int64(v.geo.DataBlock(c, e.Loc())*ChunkSize)); err != nil {
+		clear(dst)
+		return err
+	}
+	copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
+	s := v.keys.sealer(e.KeySlot(), e.Epoch())
 	if s == nil {
 		clear(dst)
-		return fmt.Errorf("volume %s chunk %d: sealed under DEK slot %d, which holds no key: %w", v.name, c, e.key, ErrChunkAuth)
+		return fmt.Errorf("sealed under DEK slot %d, which holds no key: %w", e.KeySlot(), ErrChunkAuth)
 	}
 	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
 		clear(dst)
-		v.log.Error("integrity failure: chunk failed authentication", "event", "integrity_failure", "volume", v.name, "chunk", c, "slot", e.slot-1)
-		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, ErrChunkAuth)
+		return ErrChunkAuth
 	}
 	return nil
 }
@@ -466,6 +500,11 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if !block.CheckRange(v.size, off, int64(len(p))) {
 		return 0, block.ErrOutOfRange
+	}
+	if v.m.Dirty() > 2*maxDirty { // back-pressure: the commit cannot keep up
+		if err := v.Flush(); err != nil {
+			return 0, err
+		}
 	}
 	b := v.bufs.Get().(*chunkBuf)
 	defer v.bufs.Put(b)
@@ -484,254 +523,159 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	})
 }
 
-// writeChunk seals pt as chunk c into a free slot and maps it. Callers
-// hold the chunk's lock.
+// writeChunk seals pt as chunk c into the home the map gives and records
+// the new entry. Callers hold the chunk's write lock.
 func (v *Volume) writeChunk(c uint64, pt []byte, b *chunkBuf) error {
-	if err := v.countSeal(); err != nil {
-		return err
-	}
-	slot, err := v.allocSlot()
+	home, err := v.m.Home(c)
 	if err != nil {
-		return err
-	}
-	k := v.sealSlot.Load()
-	pkg, err := v.sealers[k].Load().Seal(b.pkg[:0], uint32(c), pt)
-	if err == nil {
-		_, err = v.store.WriteAt(pkg[HeaderSize:HeaderSize+ChunkSize], v.lay.slotOffset(slot))
-	}
-	if err != nil {
-		v.mu.Lock()
-		v.free = append(v.free, slot)
-		v.mu.Unlock()
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
-	e := entry{slot: slot + 1, key: uint8(k)}
-	copy(e.meta[:16], pkg[:HeaderSize])
-	copy(e.meta[16:], pkg[HeaderSize+ChunkSize:])
-	v.mu.Lock()
-	v.replaceLocked(c, e)
-	v.mu.Unlock()
+	epoch, err := v.nextSeal()
+	if err != nil {
+		return err
+	}
+	k := uint8(v.sealSlot.Load())
+	s := v.keys.sealer(k, epoch)
+	if s == nil {
+		return fmt.Errorf("volume %s: DEK slot %d holds no key", v.name, k)
+	}
+	pkg, err := s.Seal(b.pkg[:0], uint32(c), pt)
+	if err == nil {
+		_, err = v.store.WriteAt(pkg[HeaderSize:HeaderSize+ChunkSize], int64(v.geo.DataBlock(c, home)*ChunkSize))
+	}
+	if err != nil {
+		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
+	}
+	var e cowmap.Entry
+	e.SetLoc(home)
+	e.SetEpoch(epoch)
+	e.SetKeySlot(k)
+	copy(e.DAREHeader(), pkg[:HeaderSize])
+	copy(e.Tag(), pkg[HeaderSize+ChunkSize:])
+	if v.m.Set(c, e) > maxDirty {
+		v.flushInBackground()
+	}
 	return nil
 }
 
-// replaceLocked maps chunk c to e and retires its previous slot.
-func (v *Volume) replaceLocked(c uint64, e entry) {
-	old := v.cur[c].slot
-	v.cur[c] = e
-	if p := c / entriesPerPage; !v.dirty[p] {
-		v.dirty[p] = true
-		v.nDirty++
-	}
-	if old == 0 {
+func (v *Volume) flushInBackground() {
+	if !v.bgFlush.CompareAndSwap(false, true) {
 		return
 	}
-	switch {
-	case v.flushing:
-		v.pending = append(v.pending, retired{c, old}) // the flush may be writing it
-	case old != v.dur[c]:
-		v.free = append(v.free, old-1) // never durable: free at once
-	}
-	// else: the durable map still names it; the next flush frees it.
+	v.bg.Add(1)
+	go func() {
+		defer v.bg.Done()
+		defer v.bgFlush.Store(false)
+		if err := v.Flush(); err != nil {
+			v.log.Error("background flush failed", "volume", v.name, "err", err)
+		}
+	}()
 }
 
-// allocSlot takes a free slot. When the pool runs low it starts a flush in
-// the background, so that superseded slots come back before writers must
-// wait for one.
-func (v *Volume) allocSlot() (uint32, error) {
-	for try := 0; try < 2; try++ {
-		v.mu.Lock()
-		if n := len(v.free); n > 0 {
-			s := v.free[n-1]
-			v.free = v.free[:n-1]
-			low := uint64(n) < (v.lay.Slots-v.lay.Chunks)/2 && !v.flushing
-			v.mu.Unlock()
-			if low && v.bgFlush.CompareAndSwap(false, true) {
-				v.bgWG.Add(1)
-				go func() {
-					defer v.bgWG.Done()
-					defer v.bgFlush.Store(false)
-					if err := v.Flush(); err != nil {
-						v.log.Error("background flush failed", "volume", v.name, "err", err)
-					}
-				}()
-			}
-			return s, nil
+// nextSeal counts a seal and returns its epoch, moving to the next epoch
+// (header first) when this one is used up.
+func (v *Volume) nextSeal() (uint32, error) {
+	for {
+		s := v.seal.Add(1)
+		e, n := uint32(s>>32), s&0xffffffff
+		if n <= v.epochLimit {
+			return e, nil
 		}
-		v.mu.Unlock()
-		if err := v.Flush(); err != nil { // reclaims superseded slots
+		if err := v.nextEpoch(e); err != nil {
 			return 0, err
 		}
 	}
-	return 0, fmt.Errorf("volume %s: %w", v.name, ErrNoFreeSlots)
 }
 
-// countSeal counts a nonce against the data key, raising the header's
-// reservation before it is passed, so a crash never undercounts.
-func (v *Volume) countSeal() error {
-	n := v.seals.Add(1)
-	if n > nonceLimit {
-		return fmt.Errorf("volume %s: %w", v.name, ErrNonceBudget)
-	}
-	if n > nonceWarnAt && v.warned.CompareAndSwap(false, true) {
-		v.log.Warn("data key nears its nonce budget; rekey the volume with goldilocks key rekey", "volume", v.name, "seals", n)
-	}
-	if n <= v.reserved.Load() {
-		return nil
-	}
+func (v *Volume) nextEpoch(from uint32) error {
 	v.h.mu.Lock()
 	defer v.h.mu.Unlock()
-	if n <= v.reserved.Load() {
-		return nil
+	if uint32(v.seal.Load()>>32) != from {
+		return nil // another writer moved it
 	}
-	h := *v.h.hdr
-	h.NonceReserved = min(n+nonceReserveStep, nonceLimit)
-	if err := v.h.writeLocked(&h); err != nil {
+	if from == ^uint32(0) {
+		return fmt.Errorf("volume %s: %w", v.name, ErrNonceBudget)
+	}
+	h := v.h.hdr.Clone()
+	h.Epoch, h.EpochSeals = from+1, 0
+	if err := v.h.writeLocked(h); err != nil {
 		return err
 	}
-	v.reserved.Store(h.NonceReserved)
+	v.seal.Store(uint64(from+1) << 32)
+	v.log.Info("seal epoch advanced", "volume", v.name, "epoch", from+1)
 	return nil
 }
 
-// headerState is a volume's current header and where the next update
-// goes: the older copy.
+// headerState is a volume's current header.
 type headerState struct {
 	mu     sync.Mutex // guards the fields below; serialises header writes
 	store  block.Device
 	name   string
 	hdr    *Header
-	which  int
 	macKey []byte
+	onFail func(error) // a flush failed: what the store holds is unknown
 }
 
-// writeLocked writes h to the older header copy and syncs it.
+// writeLocked writes h to both header copies, each followed by a flush,
+// so that neither copy is ever older than what the store's log and nodes
+// still hold (FORMAT.md, "Volume header").
 func (s *headerState) writeLocked(h *Header) error {
 	h.Generation = s.hdr.Generation + 1
 	b, err := h.Marshal(s.macKey)
 	if err != nil {
 		return err
 	}
-	other := 1 - s.which
-	if _, err := s.store.WriteAt(b, int64(other)*HeaderBlockSize); err != nil {
-		return fmt.Errorf("volume %s: writing the header: %w", s.name, err)
+	for c := 0; c < 2; c++ {
+		if _, err := s.store.WriteAt(b, int64(c)*HeaderBlockSize); err != nil {
+			return fmt.Errorf("volume %s: writing the header: %w", s.name, err)
+		}
+		if err := s.store.Flush(); err != nil {
+			if s.onFail != nil {
+				s.onFail(err)
+			}
+			return fmt.Errorf("volume %s: syncing the header: %w: %w", s.name, ErrVolumeFailed, err)
+		}
 	}
-	if err := s.store.Flush(); err != nil {
-		return fmt.Errorf("volume %s: syncing the header: %w", s.name, err)
-	}
-	s.hdr, s.which = h, other
+	s.hdr = h
 	return nil
 }
 
-// Flush makes every completed write durable: slots first, then the map
-// pages they changed, each to its older copy (FORMAT.md, "Writes, FLUSH
-// and crash recovery").
+// Flush makes every completed write durable: one map commit, one flush of
+// the store (FORMAT.md, "Writes, FLUSH, checkpoints").
 func (v *Volume) Flush() error {
-	v.flushMu.Lock()
-	defer v.flushMu.Unlock()
-
-	v.mu.Lock()
-	if v.nDirty == 0 {
-		v.mu.Unlock()
-		return v.store.Flush()
-	}
-	type snap struct {
-		page  uint64
-		buf   []byte
-		slots []uint32
-	}
-	snaps := make([]snap, 0, v.nDirty)
-	for p, d := range v.dirty {
-		if !d {
-			continue
-		}
-		pg := make([]byte, mapPageSize)
-		s := snap{page: uint64(p), buf: pg}
-		for i := uint64(0); i < entriesPerPage; i++ {
-			c := uint64(p)*entriesPerPage + i
-			if c >= v.lay.Chunks {
-				break
-			}
-			e := v.cur[c]
-			s.slots = append(s.slots, e.slot)
-			if e.slot != 0 {
-				o := pg[mapPageHdr+i*mapEntrySize:]
-				binary.LittleEndian.PutUint32(o, e.slot)
-				o[4] = e.key
-				copy(o[8:40], e.meta[:])
-			}
-		}
-		sealMapPage(pg, v.pageGen[p]+1, uint64(p))
-		snaps = append(snaps, s)
-		v.dirty[p] = false
-	}
-	v.nDirty = 0
-	v.flushing = true
-	v.mu.Unlock()
-
-	err := v.store.Flush() // the slots the snapshot names are durable
-	for i := 0; err == nil && i < len(snaps); i++ {
-		s := snaps[i]
-		_, err = v.store.WriteAt(s.buf, v.lay.pageOffset(s.page, 1-v.pageCopy[s.page]))
-	}
-	if err == nil {
-		err = v.store.Flush()
-	}
-
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	v.flushing = false
-	if err != nil {
-		for _, s := range snaps { // try again at the next flush
-			if !v.dirty[s.page] {
-				v.dirty[s.page] = true
-				v.nDirty++
-			}
-		}
+	if err := v.m.Commit(v.quiesce); err != nil {
 		return fmt.Errorf("volume %s: flush: %w", v.name, err)
 	}
-	for _, s := range snaps {
-		v.pageGen[s.page]++
-		v.pageCopy[s.page] = 1 - v.pageCopy[s.page]
-		for i, slot := range s.slots {
-			c := s.page*entriesPerPage + uint64(i)
-			old := v.dur[c]
-			v.dur[c] = slot
-			if old != 0 && old != slot && old != v.cur[c].slot {
-				v.free = append(v.free, old-1)
-			}
+	v.lastCommit.Store(time.Now().UnixNano())
+	if v.opt.AnchorEveryFlush && v.opt.Anchor != nil {
+		if err := v.opt.Anchor.Advance(v.uuid, v.m.Seq()); err != nil {
+			return fmt.Errorf("volume %s: flush: %w", v.name, err)
 		}
 	}
-	keep := v.pending[:0]
-	for _, r := range v.pending {
-		switch {
-		case r.slot == v.dur[r.chunk]:
-			// Durable now; freed when a later flush supersedes it.
-		case r.slot == v.cur[r.chunk].slot:
-			keep = append(keep, r) // cannot happen; kept to be safe
-		default:
-			v.free = append(v.free, r.slot-1)
-		}
-	}
-	v.pending = keep
 	return nil
 }
 
 // unmap makes whole chunks [first, last] read as zeros.
-func (v *Volume) unmap(first, last uint64) {
+func (v *Volume) unmap(first, last uint64) error {
 	for c := first; c <= last; c++ {
 		l := v.lock(c)
 		l.Lock()
-		v.mu.Lock()
-		if v.cur[c].slot != 0 {
-			v.replaceLocked(c, entry{})
+		e, err := v.m.Lookup(c)
+		if err == nil && e.Mapped() {
+			if err = v.m.Failed(); err == nil {
+				v.m.Set(c, cowmap.Entry{})
+			}
 		}
-		v.mu.Unlock()
 		l.Unlock()
+		if err != nil {
+			return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
+		}
 	}
+	return nil
 }
 
 // Zero makes the range read as zeros: whole chunks are unmapped (nothing
 // is written and no ciphertext stays referenced), partial ones rewritten.
-// NO_HOLE is not needed: an unmapped chunk costs no space to keep zero.
 func (v *Volume) Zero(off, length int64, _, _ bool) error {
 	if !block.CheckRange(v.size, off, length) {
 		return block.ErrOutOfRange
@@ -745,7 +689,9 @@ func (v *Volume) Zero(off, length int64, _, _ bool) error {
 	if err := v.zeroBytes(off, first*ChunkSize); err != nil {
 		return err
 	}
-	v.unmap(uint64(first), uint64(last-1))
+	if err := v.unmap(uint64(first), uint64(last-1)); err != nil {
+		return err
+	}
 	return v.zeroBytes(last*ChunkSize, end)
 }
 
@@ -770,36 +716,69 @@ func (v *Volume) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 	if !block.CheckRange(v.size, off, length) {
 		return dst, block.ErrOutOfRange
 	}
-	v.mu.Lock()
-	defer v.mu.Unlock()
+	if length == 0 || maxN <= 0 {
+		return dst, nil
+	}
 	end := off + length
-	for off < end && maxN > 0 {
-		c := off / ChunkSize
-		hole := v.cur[c].slot == 0
-		n := min(end, (c+1)*ChunkSize) - off
-		for next := (c + 1) * ChunkSize; next < end && (v.cur[next/ChunkSize].slot == 0) == hole; next += ChunkSize {
-			n = min(end, next+ChunkSize) - off
-		}
+	first, last := uint64(off)/ChunkSize, (uint64(end)+ChunkSize-1)/ChunkSize
+	runs, err := v.m.Runs(nil, first, last, maxN)
+	if err != nil {
+		return dst, fmt.Errorf("volume %s: %w", v.name, err)
+	}
+	for _, r := range runs {
+		n := min(int64(r.Chunks*ChunkSize)-(off%ChunkSize), end-off)
 		var fl uint32
-		if hole {
+		if !r.Mapped {
 			fl = block.ExtentHole | block.ExtentZero
 		}
 		dst = append(dst, block.Extent{Length: n, Flags: fl})
 		off += n
-		maxN--
+		if off >= end {
+			break
+		}
 	}
 	return dst, nil
 }
 
-// Close flushes, forgets the data key and closes the store.
-func (v *Volume) Close() error {
-	v.bgWG.Wait()
-	err := v.Flush()
-	v.h.mu.Lock()
-	v.freeKeys()
-	v.h.mu.Unlock()
-	if cerr := v.store.Close(); err == nil {
-		err = cerr
+// stopBackground ends the background flushes and checkpoints.
+func (v *Volume) stopBackground() {
+	select {
+	case <-v.done:
+	default:
+		close(v.done)
 	}
+	v.bg.Wait()
+}
+
+// Close flushes, checkpoints, records a clean detach (the exact seal
+// count, the anchor), forgets the data keys and closes the store.
+func (v *Volume) Close() error {
+	var err error
+	v.closeOnce.Do(func() {
+		v.stopBackground()
+		err = v.Flush()
+		if err == nil {
+			err = v.m.Checkpoint()
+		}
+		if err == nil {
+			v.h.mu.Lock()
+			h := v.h.hdr.Clone()
+			s := v.seal.Load()
+			h.Open, h.Epoch, h.EpochSeals = false, uint32(s>>32), s&0xffffffff
+			err = v.h.writeLocked(h)
+			v.h.mu.Unlock()
+		}
+		if err == nil && v.opt.Anchor != nil {
+			err = v.opt.Anchor.Advance(v.uuid, v.m.Seq())
+		}
+		v.m.Close()
+		v.h.mu.Lock()
+		v.keys.free()
+		clear(v.h.macKey)
+		v.h.mu.Unlock()
+		if cerr := v.store.Close(); err == nil {
+			err = cerr
+		}
+	})
 	return err
 }

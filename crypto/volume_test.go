@@ -9,7 +9,7 @@ import (
 	"testing"
 )
 
-func openTestVolume(t *testing.T, size uint64) (*Volume, *crashDev, KEKProvider) {
+func openTestVolume(t testing.TB, size uint64) (*Volume, *crashDev, KEKProvider) {
 	t.Helper()
 	kek := NewLocalKEK(t.TempDir(), nil)
 	dev := newCrashDev(int64(LayoutFor(size).End))
@@ -17,7 +17,7 @@ func openTestVolume(t *testing.T, size uint64) (*Volume, *crashDev, KEKProvider)
 	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
 		t.Fatal(err)
 	}
-	v, err := Open(context.Background(), dev, "t", id, kek, quietLog())
+	v, err := Open(context.Background(), dev, "t", id, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,6 +40,12 @@ func TestConcurrentSubChunkWrites(t *testing.T) {
 					t.Error(err)
 					return
 				}
+				if r%50 == 0 {
+					if err := v.Flush(); err != nil {
+						t.Error(err)
+						return
+					}
+				}
 			}
 		}(w)
 	}
@@ -56,56 +62,155 @@ func TestConcurrentSubChunkWrites(t *testing.T) {
 	}
 }
 
-// At the nonce budget writes are refused with a clear error, reads go on.
-func TestNonceBudget(t *testing.T) {
-	v, _, _ := openTestVolume(t, 16*ChunkSize)
-	if _, err := v.WriteAt(make([]byte, ChunkSize), 0); err != nil {
+// Seal epochs: past the limit a new epoch starts (header first), and
+// chunks sealed under every epoch still open, also after a reopen.
+func TestSealEpochs(t *testing.T) {
+	v, dev, kek := openTestVolume(t, 16*ChunkSize)
+	v.epochLimit = 3
+	for i := 0; i < 20; i++ {
+		if _, err := v.WriteAt(bytes.Repeat([]byte{byte(i)}, ChunkSize), int64(i%16)*ChunkSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := v.Header()
+	if h.Epoch < 6 {
+		t.Fatalf("20 seals at 3 per epoch reached epoch %d", h.Epoch)
+	}
+	if err := v.Close(); err != nil {
 		t.Fatal(err)
 	}
-	v.seals.Store(nonceLimit)
-	if _, err := v.WriteAt(make([]byte, ChunkSize), 0); !errors.Is(err, ErrNonceBudget) {
-		t.Fatalf("write past the budget: %v", err)
-	}
-	if _, err := v.ReadAt(make([]byte, ChunkSize), 0); err != nil {
-		t.Fatalf("read at the budget: %v", err)
-	}
-}
-
-// The nonce count is reserved in the header before use, so reopening
-// never counts fewer seals than were made.
-func TestNonceReservationSurvivesReopen(t *testing.T) {
-	v, dev, kek := openTestVolume(t, 16*ChunkSize)
-	for i := 0; i < 10; i++ {
-		v.WriteAt(make([]byte, ChunkSize), int64(i%4)*ChunkSize)
-	}
-	used := v.Seals()
-	after := dev.crash(rand.New(rand.NewPCG(1, 2))) // nothing flushed but the header
-	v2, err := Open(context.Background(), after, "t", [16]byte{0xab}, kek, quietLog())
+	v2, err := Open(context.Background(), dev, "t", [16]byte{0xab}, kek, quietLog(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v2.Seals() < used {
-		t.Fatalf("reopened volume counts %d seals, %d were made", v2.Seals(), used)
+	if got := v2.Header(); got.Epoch != h.Epoch || got.EpochSeals != h.EpochSeals {
+		t.Fatalf("after a clean detach: epoch %d/%d seals, want %d/%d", got.Epoch, got.EpochSeals, h.Epoch, h.EpochSeals)
 	}
-	if _, err := Open(context.Background(), after, "t", [16]byte{0xab}, NewLocalKEK(t.TempDir(), nil), quietLog()); err == nil {
+	got := make([]byte, ChunkSize)
+	for c := 0; c < 16; c++ {
+		want := c + 16
+		if c >= 4 {
+			want = c
+		}
+		if _, err := v2.ReadAt(got, int64(c)*ChunkSize); err != nil || got[0] != byte(want) {
+			t.Fatalf("chunk %d: %v, %d, want %d", c, err, got[0], want)
+		}
+	}
+}
+
+// 10,000 attach/detach cycles cost no seal epoch and no nonce: the exact
+// count is written at every clean detach. A crash costs one epoch.
+func TestAttachDetachCycles(t *testing.T) {
+	kek := NewLocalKEK(t.TempDir(), nil)
+	dev := newCrashDev(int64(LayoutFor(16 * ChunkSize).End))
+	id := [16]byte{0xab}
+	ctx := context.Background()
+	if err := Format(ctx, dev, id, 16*ChunkSize, AES256GCM, kek, "default"); err != nil {
+		t.Fatal(err)
+	}
+	cycles := 10000
+	if testing.Short() {
+		cycles = 1000
+	}
+	for i := 0; i < cycles; i++ {
+		v, err := Open(ctx, dev, "t", id, kek, quietLog(), Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i%1000 == 0 {
+			if _, err := v.WriteAt(make([]byte, ChunkSize), 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := v.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v, err := Open(ctx, dev, "t", id, kek, quietLog(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := v.Header(); h.Epoch != 0 || h.EpochSeals != uint64(cycles/1000) {
+		t.Fatalf("after %d cycles: epoch %d, %d seals; want epoch 0, %d seals", cycles, h.Epoch, h.EpochSeals, cycles/1000)
+	}
+	// A crash (no clean detach): the next attach starts a new epoch.
+	after := dev.crash(rand.New(rand.NewPCG(1, 2)))
+	v2, err := Open(ctx, after, "t", id, kek, quietLog(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := v2.Header(); h.Epoch != 1 || h.EpochSeals != 0 {
+		t.Fatalf("after a crash: epoch %d, %d seals; want 1, 0", h.Epoch, h.EpochSeals)
+	}
+	v.Close()
+}
+
+func TestWrongKeyOrVolume(t *testing.T) {
+	v, dev, kek := openTestVolume(t, 16*ChunkSize)
+	v.WriteAt(make([]byte, ChunkSize), 0)
+	v.Close()
+	if _, err := Open(context.Background(), dev, "t", [16]byte{0xab}, NewLocalKEK(t.TempDir(), nil), quietLog(), Options{}); err == nil {
 		t.Fatal("opened with another keystore")
 	}
-	if _, err := Open(context.Background(), after, "t", [16]byte{0xcd}, kek, quietLog()); !errors.Is(err, ErrWrongVolume) {
+	if _, err := Open(context.Background(), dev, "t", [16]byte{0xcd}, kek, quietLog(), Options{}); !errors.Is(err, ErrWrongVolume) {
 		t.Fatalf("opened as another volume: %v", err)
 	}
 }
 
-func BenchmarkVolume4K(b *testing.B) {
-	kek := NewLocalKEK(b.TempDir(), nil)
-	const size = 64 << 20
-	dev := newCrashDev(int64(LayoutFor(size).End))
-	id := [16]byte{1}
-	Format(context.Background(), dev, id, size, AES256GCM, kek, "default")
-	dev.Flush()
-	v, err := Open(context.Background(), dev, "b", id, kek, quietLog())
-	if err != nil {
-		b.Fatal(err)
+// A new volume of any size writes a few KiB: the two header copies.
+func TestFormatWritesLittle(t *testing.T) {
+	kek := NewLocalKEK(t.TempDir(), nil)
+	const size = 1 << 40
+	dev := &countDev{size: int64(LayoutFor(size).End)}
+	if err := Format(context.Background(), dev, [16]byte{1}, size, AES256GCM, kek, "default"); err != nil {
+		t.Fatal(err)
 	}
+	if dev.written > 8192 {
+		t.Fatalf("formatting 1 TiB wrote %d bytes", dev.written)
+	}
+	if _, err := Open(context.Background(), dev, "t", [16]byte{1}, kek, quietLog(), Options{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// countDev is a sparse device in memory that counts what is written.
+type countDev struct {
+	mu      sync.Mutex
+	size    int64
+	blocks  map[int64][]byte
+	written int64
+}
+
+func (d *countDev) Size() int64 { return d.size }
+func (d *countDev) ReadAt(p []byte, off int64) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := 0; i < len(p); i += ChunkSize {
+		if b, ok := d.blocks[(off+int64(i))/ChunkSize]; ok {
+			copy(p[i:], b)
+		} else {
+			clear(p[i:min(len(p), i+ChunkSize)])
+		}
+	}
+	return len(p), nil
+}
+func (d *countDev) WriteAt(p []byte, off int64) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.blocks == nil {
+		d.blocks = make(map[int64][]byte)
+	}
+	for i := 0; i < len(p); i += ChunkSize {
+		d.blocks[(off+int64(i))/ChunkSize] = bytes.Clone(p[i:min(len(p), i+ChunkSize)])
+	}
+	d.written += int64(len(p))
+	return len(p), nil
+}
+func (d *countDev) Flush() error { return nil }
+func (d *countDev) Close() error { return nil }
+
+func BenchmarkVolume4K(b *testing.B) {
+	v, dev, _ := openTestVolume(b, 64<<20)
 	p := make([]byte, ChunkSize)
 	for i := 0; i < 1024; i++ { // map a few chunks
 		v.WriteAt(p, int64(i)*ChunkSize)
@@ -117,6 +222,15 @@ func BenchmarkVolume4K(b *testing.B) {
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {
 			if _, err := v.ReadAt(p, int64(i%1024)*ChunkSize); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("write", func(b *testing.B) {
+		b.SetBytes(ChunkSize)
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if _, err := v.WriteAt(p, int64(i%1024)*ChunkSize); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -49,7 +49,7 @@ func slotArea(t *testing.T, path string, size uint64) ([]byte, int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return b, int(crypto.LayoutFor(size).SlotOffset)
+	return b, int(crypto.LayoutFor(size).DataBase * crypto.ChunkSize)
 }
 
 // usedSlots lists the offsets of the slots that hold something.
@@ -206,7 +206,7 @@ func TestImportExportShred(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	backing := filepath.Join(dir, "volumes", "img.img")
-	goldilocks(t, dir, "volume", "shred", "img")
+	goldilocks(t, dir, "volume", "shred", "img", "--yes")
 	if _, err := runGoldilocks(dir, "volume", "info", "img"); err == nil {
 		t.Fatal("a shredded volume is still listed")
 	}
@@ -222,7 +222,7 @@ func TestImportExportShred(t *testing.T) {
 	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", g.uri("ext"))
 	// The gateway closes the volume just after its last client leaves.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		out, err := runGoldilocks(dir, "volume", "shred", "ext")
+		out, err := runGoldilocks(dir, "volume", "shred", "ext", "--yes")
 		if err == nil {
 			break
 		}

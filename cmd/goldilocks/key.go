@@ -178,13 +178,13 @@ func newKeyStatusCmd(a *app) *cobra.Command {
 				return a.printJSON(st)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 8, 2, ' ', 0)
-			fmt.Fprintln(tw, "VOLUME\tKEY\tVERSION\tREKEY\tNONCES LEFT")
+			fmt.Fprintln(tw, "VOLUME\tKEY\tVERSION\tREKEY\tSEAL EPOCH\tSEALS")
 			for _, s := range st {
 				rk := "-"
 				if s.Rekeying {
 					rk = fmt.Sprintf("interrupted at %d%% (resume: goldilocks key rekey %s)", s.RekeyCursor*100/max(s.Chunks, 1), s.Volume)
 				}
-				fmt.Fprintf(tw, "%s\t%s:%s\tv%d\t%s\t≥ %d\n", s.Volume, s.Provider, s.Key, s.Version, rk, s.NonceRemaining)
+				fmt.Fprintf(tw, "%s\t%s:%s\tv%d\t%s\t%d\t≤ %d\n", s.Volume, s.Provider, s.Key, s.Version, rk, s.SealEpoch, s.Seals)
 			}
 			return tw.Flush()
 		},

@@ -40,6 +40,7 @@ type app struct {
 	dataDir string
 	config  string
 	json    bool
+	stdin   io.Reader // confirmations of destructive commands; nil: none (not a terminal)
 	stdout  io.Writer
 	stderr  io.Writer
 	log     *slog.Logger // set by serve from its flags, else made by logger()
@@ -142,7 +143,7 @@ func (a *app) printJSON(v any) error {
 }
 
 func main() {
-	a := &app{stdout: os.Stdout, stderr: os.Stderr}
+	a := &app{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
 	os.Exit(run(a, os.Args[1:]))
 }
 

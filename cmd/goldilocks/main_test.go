@@ -2,11 +2,21 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
+
+	"goldilocks/crypto"
+	"goldilocks/internal/volume"
 )
 
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -156,5 +166,194 @@ func TestConfigFile(t *testing.T) {
 	code, _, stderr = runCLI(t, "serve", "--config", cfg, "--data-dir", dir)
 	if code != 2 || !strings.Contains(stderr, `unknown setting "listne"`) {
 		t.Errorf("unknown config key: %d %s", code, stderr)
+	}
+}
+
+// openPTY opens a pseudo-terminal: master (what a user types into) and
+// slave (the command's stdin).
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminal: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Skipf("unlockpt: %v", err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Skipf("ptsname: %v", err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("open pts: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return m, s
+}
+
+func TestVolumeShredConfirm(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"v1", "v2"} {
+		if code, _, stderr := runCLI(t, "volume", "create", n, "--size", "1M", "--data-dir", dir); code != 0 {
+			t.Fatalf("create %s: %s", n, stderr)
+		}
+	}
+	ks := filepath.Join(dir, "keystore.json")
+	uuidOf := func(name string) string {
+		code, out, _ := runCLI(t, "volume", "info", name, "--json", "--data-dir", dir)
+		var v struct{ UUID string }
+		if err := json.Unmarshal([]byte(out), &v); code != 0 || err != nil {
+			t.Fatalf("info %s: %d %v", name, code, err)
+		}
+		return v.UUID
+	}
+	u1, u2 := uuidOf("v1"), uuidOf("v2")
+	if b, _ := os.ReadFile(ks); !strings.Contains(string(b), u1) || !strings.Contains(string(b), u2) {
+		t.Fatalf("the keystore holds no DEK secret for the volumes:\n%s", b)
+	}
+	// No terminal, no --yes: a usage error, nothing done.
+	code, _, stderr := runCLI(t, "volume", "shred", "v1", "--data-dir", dir)
+	if code != 2 || !strings.Contains(stderr, "--yes") || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+		t.Errorf("shred without a terminal: %d %q", code, stderr)
+	}
+	if code, _, _ := runCLI(t, "volume", "info", "v1", "--data-dir", dir); code != 0 {
+		t.Error("a refused shred removed the volume")
+	}
+	// On a terminal: the wrong name is no, the right one is yes.
+	for _, tc := range []struct {
+		typed string
+		code  int
+	}{
+		{"v2\n", 1},
+		{"yes\n", 1},
+		{"v1\n", 0},
+	} {
+		m, s := openPTY(t)
+		if _, err := m.WriteString(tc.typed); err != nil {
+			t.Fatal(err)
+		}
+		var o, e bytes.Buffer
+		code := run(&app{stdin: s, stdout: &o, stderr: &e}, []string{"volume", "shred", "v1", "--data-dir", dir})
+		if code != tc.code || !strings.Contains(e.String(), "Type the volume name to confirm") {
+			t.Errorf("typed %q: exit %d, stderr %q", tc.typed, code, e.String())
+		}
+	}
+	if code, _, _ := runCLI(t, "volume", "info", "v1", "--data-dir", dir); code != 1 {
+		t.Error("v1 is still listed after a confirmed shred")
+	}
+	// The storage tier keeps a copy of v2's header, then blanks the
+	// header's magic (or relabels its version) so that a shred cannot
+	// read which keys to destroy.
+	backing := filepath.Join(dir, "volumes", "v2.img")
+	img, err := os.ReadFile(backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backup := filepath.Join(t.TempDir(), "header-copy")
+	if err := os.WriteFile(backup, img[:2*crypto.HeaderBlockSize], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h, err := volume.ReadHeader(backup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := [16]byte(uuid.MustParse(u2))
+	kek := crypto.NewLocalKEK(dir, nil)
+	if _, err := kek.Unwrap(context.Background(), h.KEK, id, h.DEK[h.Active]); err != nil {
+		t.Fatalf("the header copy does not open before the shred: %v", err)
+	}
+	f, err := os.OpenFile(backing, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(make([]byte, 16), 0)
+	f.WriteAt(make([]byte, 16), crypto.HeaderBlockSize)
+	f.Close()
+	// --yes needs no terminal.
+	code, out, stderr := runCLI(t, "volume", "shred", "v2", "--yes", "--json", "--data-dir", dir)
+	var res map[string]any
+	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || res["shredded"] != true {
+		t.Errorf("shred --yes --json: %d %q %q", code, out, stderr)
+	}
+	// The DEK secrets are gone from the keystore: a copy of a header
+	// opens no more.
+	if b, _ := os.ReadFile(ks); strings.Contains(string(b), u1) || strings.Contains(string(b), u2) {
+		t.Errorf("the keystore still holds a shredded volume's DEK secret:\n%s", b)
+	}
+	if _, err := kek.Unwrap(context.Background(), h.KEK, id, h.DEK[h.Active]); !errors.Is(err, crypto.ErrKeyDestroyed) {
+		t.Errorf("the header copy kept from before the shred: %v; want ErrKeyDestroyed", err)
+	}
+}
+
+func TestUnsealedKeystoreWarnings(t *testing.T) {
+	dir := t.TempDir()
+	outside := filepath.Join(t.TempDir(), "ext.img")
+	if err := os.WriteFile(outside, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(outside, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	const warn = "the local keystore is not sealed and sits in the data dir"
+	for _, tc := range []struct {
+		name string
+		args []string
+		warn bool
+	}{
+		{"enc", nil, true},
+		{"plain", []string{"--plain"}, false},
+		{"ext", []string{"--backing", outside}, false},
+	} {
+		code, out, stderr := runCLI(t, append([]string{"volume", "create", tc.name, "--size", "1M", "--json", "--data-dir", dir}, tc.args...)...)
+		if code != 0 || !json.Valid([]byte(out)) {
+			t.Fatalf("create %s: %d %q %q", tc.name, code, out, stderr)
+		}
+		if strings.Contains(stderr, warn) != tc.warn || tc.warn && strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+			t.Errorf("create %s: stderr %q; want the warning: %v, on one line", tc.name, stderr, tc.warn)
+		}
+		code, out, _ = runCLI(t, "volume", "info", tc.name, "--json", "--data-dir", dir)
+		var j struct{ Warnings []string }
+		if err := json.Unmarshal([]byte(out), &j); code != 0 || err != nil {
+			t.Fatalf("info %s --json: %d %v %s", tc.name, code, err, out)
+		}
+		if got := len(j.Warnings) == 1 && strings.Contains(j.Warnings[0], warn); got != tc.warn || !tc.warn && len(j.Warnings) != 0 {
+			t.Errorf("info %s --json warnings: %q", tc.name, j.Warnings)
+		}
+		code, out, _ = runCLI(t, "volume", "info", tc.name, "--data-dir", dir)
+		if code != 0 || strings.Contains(out, "warning:") != tc.warn {
+			t.Errorf("info %s: %s", tc.name, out)
+		}
+	}
+	// serve's start: one line naming the volumes.
+	reg, err := volume.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vols, _ := reg.List()
+	var buf bytes.Buffer
+	warnKeystore(reg, slog.New(slog.NewTextHandler(&buf, nil)), vols)
+	if s := buf.String(); strings.Count(s, "\n") != 1 || !strings.Contains(s, warn) || !strings.HasSuffix(s, " volumes=enc\n") {
+		t.Errorf("serve warning: %q", s)
+	}
+	// A passphrase against this unsealed keystore: refused, and said.
+	t.Setenv("GOLDILOCKS_KEYSTORE_PASSPHRASE", "pw")
+	code, _, stderr := runCLI(t, "volume", "create", "enc2", "--size", "1M", "--data-dir", dir)
+	if code != 1 || !strings.Contains(stderr, "keystore.json is not sealed, but a passphrase is set") {
+		t.Errorf("create with a passphrase against an unsealed keystore: %d %q", code, stderr)
+	}
+	code, out, _ := runCLI(t, "volume", "info", "enc", "--data-dir", dir)
+	if code != 0 || !strings.Contains(out, "warning:") || !strings.Contains(out, "is not sealed, but a passphrase is set") {
+		t.Errorf("info with a passphrase against an unsealed keystore: %d %s", code, out)
+	}
+	// A sealed keystore: no warning.
+	sealed := t.TempDir()
+	code, _, stderr = runCLI(t, "volume", "create", "s", "--size", "1M", "--data-dir", sealed)
+	if code != 0 || strings.Contains(stderr, warn) {
+		t.Errorf("create with a sealed keystore: %d %q", code, stderr)
+	}
+	if code, out, _ := runCLI(t, "volume", "info", "s", "--json", "--data-dir", sealed); code != 0 || strings.Contains(out, "warnings") {
+		t.Errorf("info with a sealed keystore: %d %s", code, out)
 	}
 }

@@ -164,7 +164,9 @@ func serve(a *app, sf serveFlags) error {
 			return fmt.Errorf("creating the demo volume: %w", err)
 		}
 		log.Info("created the demo volume, encrypted with a key in the local keystore", "event", "volume_create", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
+		vols = append(vols, v)
 	}
+	warnKeystore(reg, log, vols)
 	if pol == nil {
 		log.Warn("no --policy: every volume is served to any client that can reach the listeners (loopback and the Unix socket only)")
 	}

@@ -30,10 +30,13 @@ type volumeJSON struct {
 	KEK       *volume.KEKRef    `json:"kek"`
 	// Encrypted volumes, read from the volume header (never key material).
 	Cipher string `json:"cipher,omitempty"`
-	// WriteCounter is the header's nonce reservation: an upper bound on
-	// the chunks sealed with the current data key.
-	WriteCounter *uint64 `json:"write_counter,omitempty"`
-	HeaderError  string  `json:"header_error,omitempty"`
+	// WriteCounter is an upper bound on the chunks sealed with the
+	// volume's keys (seal epochs before the current count 2^31 each).
+	WriteCounter  *uint64 `json:"write_counter,omitempty"`
+	FormatVersion int     `json:"format_version,omitempty"`
+	HeaderError   string  `json:"header_error,omitempty"`
+	// Warnings (volume info): e.g. the key unsealed beside the data.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
@@ -43,13 +46,14 @@ func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
 		Created: v.Created.Format("2006-01-02T15:04:05.000Z07:00"), KEK: v.KEK,
 	}
 	if v.Encrypted {
+		j.FormatVersion, _ = volume.VolumeFormat(reg.BackingPath(v))
 		h, err := volume.ReadHeader(reg.BackingPath(v))
 		if err != nil {
 			j.HeaderError = err.Error()
 			return j
 		}
 		j.Cipher = cipherName(h.Suite)
-		n := h.NonceReserved
+		n := h.Seals()
 		j.WriteCounter = &n
 		j.KEK = &volume.KEKRef{Provider: h.KEK.Provider, Key: h.KEK.Name, Version: int(h.KEK.Version)}
 	}
@@ -110,6 +114,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			warnKeystore(reg, a.logger(), []volume.Volume{v})
 			if a.json {
 				return a.printJSON(toJSON(reg, v))
 			}
@@ -185,6 +190,7 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 				return err
 			}
 			j := toJSON(reg, v)
+			j.Warnings = volumeWarnings(reg, v)
 			if a.json {
 				return a.printJSON(j)
 			}
@@ -194,14 +200,20 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 			if j.KEK != nil {
 				fmt.Fprintf(tw, "kek:\t%s:%s version %d\n", j.KEK.Provider, j.KEK.Key, j.KEK.Version)
 			}
+			if j.FormatVersion != 0 {
+				fmt.Fprintf(tw, "format:\t%d\n", j.FormatVersion)
+			}
 			if j.Cipher != "" {
 				fmt.Fprintf(tw, "cipher:\t%s\n", j.Cipher)
 			}
 			if j.WriteCounter != nil {
-				fmt.Fprintf(tw, "write counter:\t≤ %d chunks sealed with this data key (budget 2^32)\n", *j.WriteCounter)
+				fmt.Fprintf(tw, "write counter:\t≤ %d chunks sealed (no limit: a new subkey every 2^31)\n", *j.WriteCounter)
 			}
 			if j.HeaderError != "" {
 				fmt.Fprintf(tw, "header:\t%s\n", j.HeaderError)
+			}
+			for _, w := range j.Warnings {
+				fmt.Fprintf(tw, "warning:\t%s\n", w)
 			}
 			return tw.Flush()
 		},

@@ -1,15 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"goldilocks/internal/block"
 	"goldilocks/internal/volume"
@@ -211,22 +214,74 @@ func newVolumeImportCmd(a *app) *cobra.Command {
 }
 
 func newVolumeShredCmd(a *app) *cobra.Command {
-	return &cobra.Command{
-		Use:   "shred NAME",
-		Short: "Destroy an encrypted volume's wrapped data key: its data is unreadable at once",
-		Args:  args(cobra.ExactArgs(1)),
+	var yes bool
+	c := &cobra.Command{
+		Use:   "shred NAME [--yes]",
+		Short: "Destroy an encrypted volume's data key: its data is unreadable at once",
+		Long: `Destroys an encrypted volume's data key: first its secret in the local
+keystore, so that no copy of the volume's header (a backup, a snapshot
+of the storage) opens either, then both header copies; then removes the
+volume and its backing file if that lives in the data dir. This cannot be
+undone. On a terminal it asks you to type the volume's name; without one
+it refuses unless --yes is given. (A Vault-keyed volume loses its header
+copies only: Transit cannot destroy one ciphertext.)`,
+		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, "volume_shred", func(cmd *cobra.Command, argv []string) error {
 			reg, err := a.openRegistry()
 			if err != nil {
 				return err
 			}
-			if err := reg.Shred(argv[0]); err != nil {
+			v, err := reg.Get(argv[0])
+			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "shredded volume %s: its data key is destroyed\n", argv[0])
+			if !yes {
+				if err := confirm(a, "volume shred", v.Name,
+					fmt.Sprintf("Shred volume %s? Its data becomes unreadable for good. Type the volume name to confirm: ", v.Name)); err != nil {
+					return err
+				}
+			}
+			if err := reg.Shred(v.Name); err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(map[string]any{"volume": v.Name, "shredded": true})
+			}
+			fmt.Fprintf(a.stdout, "shredded volume %s: its data key is destroyed\n", v.Name)
 			return nil
 		}),
 	}
+	c.Flags().BoolVar(&yes, "yes", false, "do not ask for confirmation (needed without a terminal)")
+	return c
+}
+
+// confirm asks on the terminal for want to be typed (prompt on stderr,
+// answer from stdin). Without a terminal on stdin it refuses: a usage
+// error naming --yes.
+func confirm(a *app, command, want, prompt string) error {
+	if !isTerminal(a.stdin) {
+		return usagef("%s %s: refusing without a terminal to confirm on: pass --yes", command, want)
+	}
+	fmt.Fprint(a.stderr, prompt)
+	line, err := bufio.NewReader(a.stdin).ReadString('\n')
+	if err != nil && line == "" {
+		fmt.Fprintln(a.stderr)
+		return fmt.Errorf("%s %s: not confirmed (%v): nothing was done", command, want, err)
+	}
+	if strings.TrimSpace(line) != want {
+		return fmt.Errorf("%s %s: not confirmed (the answer was not %q): nothing was done", command, want, want)
+	}
+	return nil
+}
+
+// isTerminal reports whether r is a terminal.
+func isTerminal(r io.Reader) bool {
+	f, ok := r.(*os.File)
+	if !ok || f == nil {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
 
 func isZero(b []byte) bool {

@@ -382,15 +382,16 @@ func (k *Keys) Rekey(ctx context.Context, name string, o RekeyOptions) error {
 
 // KeyStatus is one volume's key state, read from its header without a key.
 type KeyStatus struct {
-	Volume         string `json:"volume"`
-	Provider       string `json:"provider"`
-	Key            string `json:"key"`
-	Version        uint32 `json:"version"`
-	Rekeying       bool   `json:"rekeying"`
-	RekeyCursor    uint64 `json:"rekey_cursor,omitempty"`
-	Chunks         uint64 `json:"chunks"`
-	NonceReserved  uint64 `json:"nonce_reserved"`
-	NonceRemaining uint64 `json:"nonce_remaining"`
+	Volume        string `json:"volume"`
+	Provider      string `json:"provider"`
+	Key           string `json:"key"`
+	Version       uint32 `json:"version"`
+	Rekeying      bool   `json:"rekeying"`
+	RekeyCursor   uint64 `json:"rekey_cursor,omitempty"`
+	Chunks        uint64 `json:"chunks"`
+	FormatVersion int    `json:"format_version"`
+	SealEpoch     uint32 `json:"seal_epoch"`
+	Seals         uint64 `json:"seals"` // upper bound: full epochs count 2^31
 }
 
 // Status reports the key state of the named volumes (all encrypted ones
@@ -426,8 +427,8 @@ func (k *Keys) Status(names ...string) ([]KeyStatus, error) {
 		}
 		s := KeyStatus{
 			Volume: v.Name, Provider: h.KEK.Provider, Key: h.KEK.Name, Version: h.KEK.Version,
-			Rekeying: h.Rekeying(), Chunks: h.Size / crypto.ChunkSize, NonceReserved: h.NonceReserved,
-			NonceRemaining: crypto.NonceLimit - min(h.NonceReserved, crypto.NonceLimit),
+			Rekeying: h.Rekeying(), Chunks: h.Size / crypto.ChunkSize, FormatVersion: crypto.HeaderVersion,
+			SealEpoch: h.Epoch, Seals: h.Seals(),
 		}
 		if s.Rekeying {
 			s.RekeyCursor = h.RekeyCursor

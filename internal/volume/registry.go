@@ -23,6 +23,7 @@ import (
 	"github.com/google/uuid"
 
 	"goldilocks/crypto"
+	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
 
@@ -87,6 +88,8 @@ type Registry struct {
 	passphrase []byte // seals the local keystore; see SetKeystorePassphrase
 	vaultCfg   crypto.VaultConfig
 
+	cache *cowmap.Cache // map nodes of every volume this process opens
+
 	kekMu sync.Mutex       // guards vault
 	vault *crypto.VaultKEK // made at first use
 
@@ -104,12 +107,19 @@ func Open(dataDir string) (*Registry, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Registry{dir: abs}
+	r := &Registry{dir: abs, cache: cowmap.NewCache(cowmap.DefaultCacheBytes)}
 	if _, err := r.List(); err != nil {
 		return nil, err
 	}
 	return r, nil
 }
+
+// SetCacheBytes sets the size of the map-node cache that the volumes
+// this registry opens share (default cowmap.DefaultCacheBytes).
+func (r *Registry) SetCacheBytes(n int) { r.cache = cowmap.NewCache(n) }
+
+// Anchor is the rollback anchor store of the data dir.
+func (r *Registry) Anchor() crypto.Anchor { return crypto.NewFileAnchor(r.dir) }
 
 // SetKeystorePassphrase sets the passphrase that seals the local keystore
 // (a new keystore is sealed by it; a sealed one needs it).
@@ -483,6 +493,71 @@ func ReadHeader(path string) (*crypto.Header, error) {
 	return h, nil
 }
 
+// VolumeFormat is the format version an encrypted volume's header
+// claims (1 for volumes that need `volume upgrade`).
+func VolumeFormat(path string) (int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	b := make([]byte, 16)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return 0, err
+	}
+	v, err := crypto.HeaderFormat(b)
+	return int(v), err
+}
+
+// destroyKeys destroys the volume's data keys at its KEK provider, where
+// the provider can. A crypto.VolumeKeyDestroyer (the local keystore)
+// destroys every DEK it wrapped for the volume's UUID, as the registry
+// says it, without reading the store: a storage tier that blanks or
+// relabels the header to keep a key alive while it holds a copy gains
+// nothing, and a shred interrupted after the header was overwritten can
+// be run again. A provider that is only a crypto.KeyDestroyer destroys
+// the wrapped DEK of each slot of the header, which must then read.
+func (r *Registry) destroyKeys(v Volume) error {
+	id, err := v.UUIDBytes()
+	if err != nil {
+		return err
+	}
+	h, herr := ReadHeader(r.BackingPath(v))
+	provider := "local" // as the registry says; the store could say another
+	switch {
+	case v.KEK != nil:
+		provider = v.KEK.Provider
+	case herr == nil:
+		provider = h.KEK.Provider
+	}
+	kek, err := r.KEK(provider)
+	if err != nil {
+		return fmt.Errorf("volume %s: destroying the data key: %w; nothing was changed", v.Name, err)
+	}
+	if d, ok := kek.(crypto.VolumeKeyDestroyer); ok {
+		if _, err := d.DestroyVolume(context.Background(), id); err != nil {
+			return fmt.Errorf("volume %s: destroying its data keys in the %s keystore: %w; nothing was overwritten and the volume stays", v.Name, provider, err)
+		}
+		return nil
+	}
+	d, ok := kek.(crypto.KeyDestroyer)
+	if !ok {
+		return nil
+	}
+	if herr != nil {
+		return fmt.Errorf("volume %s: the header does not read, so its data key cannot be destroyed (nothing was changed): %w", v.Name, herr)
+	}
+	for slot, w := range h.DEK {
+		if len(w) == 0 {
+			continue
+		}
+		if err := d.Destroy(context.Background(), h.KEK, id, w); err != nil {
+			return fmt.Errorf("volume %s: destroying the data key of DEK slot %d at %s: %w; nothing was overwritten and the volume stays", v.Name, slot, provider, err)
+		}
+	}
+	return nil
+}
+
 // backingSize is the size of a regular file or block device.
 func backingSize(path string) (int64, error) {
 	f, err := os.Open(path)
@@ -515,10 +590,16 @@ func (r *Registry) Remove(name string) error {
 	})
 }
 
-// Shred destroys an encrypted volume's wrapped data key — both header
-// copies are overwritten with random bytes and synced — so its data is
-// unreadable at once, then removes the volume from the registry and
-// deletes its backing file if it lives in the data dir.
+// Shred destroys an encrypted volume's data key, so that its data is
+// unreadable at once: first, where the volume's KEK provider can
+// (crypto.KeyDestroyer: the local keystore), the secret of every wrapped
+// DEK in its header, so that no copy of the header kept by the storage
+// tier opens either; then both header copies are overwritten with random
+// bytes and synced. Then it removes the volume from the registry and
+// deletes its backing file if it lives in the data dir. If a key cannot
+// be destroyed, nothing is overwritten and the volume stays. A provider
+// that cannot destroy a key (Vault's Transit) loses only the header
+// copies: a copy of the header taken before still opens with its KEK.
 func (r *Registry) Shred(name string) error {
 	v, err := r.Get(name)
 	if err != nil {
@@ -537,6 +618,10 @@ func (r *Registry) Shred(name string) error {
 	if err := f.Lock(); err != nil {
 		f.Close()
 		return fmt.Errorf("volume %s: %w: detach its clients first", name, err)
+	}
+	if err := r.destroyKeys(v); err != nil {
+		f.Close()
+		return err
 	}
 	junk := make([]byte, 2*crypto.HeaderBlockSize)
 	if _, err := rand.Read(junk); err != nil {

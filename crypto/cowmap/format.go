@@ -1,0 +1,217 @@
+package cowmap
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+)
+
+// Locations of a chunk or node (FORMAT.md, "Map entry").
+const (
+	Unmapped uint64 = 0
+	HomeA    uint64 = 1
+	HomeB    uint64 = 2
+)
+
+// Other is the home that loc is not; for Unmapped, home A.
+func Other(loc uint64) uint64 {
+	if loc == HomeA {
+		return HomeB
+	}
+	return HomeA
+}
+
+// Entry is a chunk's 64-byte map entry (format). Its zero value is an
+// unmapped chunk.
+type Entry [EntrySize]byte
+
+// Entry accessors, in the manner of sio's headerV20.
+func (e *Entry) Loc() uint64        { return binary.LittleEndian.Uint64(e[0:]) }
+func (e *Entry) Gen() uint64        { return binary.LittleEndian.Uint64(e[8:]) }
+func (e *Entry) Epoch() uint32      { return binary.LittleEndian.Uint32(e[16:]) }
+func (e *Entry) KeySlot() uint8     { return e[20] }
+func (e *Entry) DAREHeader() []byte { return e[24:40] }
+func (e *Entry) Tag() []byte        { return e[40:56] }
+func (e *Entry) Mapped() bool       { return e.Loc() != Unmapped }
+
+// SetLoc and the setters below fill an entry.
+func (e *Entry) SetLoc(l uint64)    { binary.LittleEndian.PutUint64(e[0:], l) }
+func (e *Entry) SetGen(g uint64)    { binary.LittleEndian.PutUint64(e[8:], g) }
+func (e *Entry) SetEpoch(x uint32)  { binary.LittleEndian.PutUint32(e[16:], x) }
+func (e *Entry) SetKeySlot(k uint8) { e[20] = k }
+
+// valid reports whether the reserved bytes are zero and the location known.
+func (e *Entry) valid() bool {
+	if e.Loc() > HomeB || e[21]|e[22]|e[23] != 0 || e.KeySlot() > 1 {
+		return false
+	}
+	for _, b := range e[56:] {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Ref is a 48-byte reference to a node (format): location, SHA-256 of the
+// node, maximum generation below it.
+type Ref struct {
+	Loc    uint64
+	Hash   [32]byte
+	MaxGen uint64
+}
+
+// Absent reports whether nothing was ever written under the reference.
+func (r Ref) Absent() bool { return r.Loc == Unmapped }
+
+// Marshal writes r into b (48 bytes).
+func (r Ref) Marshal(b []byte) {
+	binary.LittleEndian.PutUint64(b[0:], r.Loc)
+	copy(b[8:40], r.Hash[:])
+	binary.LittleEndian.PutUint64(b[40:], r.MaxGen)
+}
+
+// ParseRef reads a reference.
+func ParseRef(b []byte) Ref {
+	r := Ref{Loc: binary.LittleEndian.Uint64(b[0:]), MaxGen: binary.LittleEndian.Uint64(b[40:])}
+	copy(r.Hash[:], b[8:40])
+	return r
+}
+
+// node is one 4096-byte map node.
+type node [BlockSize]byte
+
+const nodeMagic = "GLMN"
+
+func newNode(level int, index, seq uint64, uuid [16]byte) *node {
+	n := new(node)
+	copy(n[0:4], nodeMagic)
+	n[4] = byte(level)
+	binary.LittleEndian.PutUint64(n[8:], index)
+	binary.LittleEndian.PutUint64(n[16:], seq)
+	copy(n[24:40], uuid[:])
+	return n
+}
+
+func (n *node) level() int      { return int(n[4]) }
+func (n *node) index() uint64   { return binary.LittleEndian.Uint64(n[8:]) }
+func (n *node) setSeq(s uint64) { binary.LittleEndian.PutUint64(n[16:], s) }
+
+func (n *node) entry(i int) *Entry {
+	return (*Entry)(n[nodeHdr+i*EntrySize:][:EntrySize])
+}
+
+func (n *node) ref(i int) Ref { return ParseRef(n[nodeHdr+i*RefSize:][:RefSize]) }
+
+func (n *node) setRef(i int, r Ref) { r.Marshal(n[nodeHdr+i*RefSize:][:RefSize]) }
+
+// errNodeForm: a node whose hash matched but whose fields do not fit its
+// place. Only a bug or a SHA-256 collision gets here.
+var errNodeForm = errors.New("node does not fit its place")
+
+// check verifies a node's fixed fields against its place.
+func (n *node) check(level int, index uint64, uuid [16]byte) error {
+	if string(n[0:4]) != nodeMagic || n.level() != level || n.index() != index || [16]byte(n[24:40]) != uuid {
+		return errNodeForm
+	}
+	return nil
+}
+
+// maxGen is the maximum generation of a node's entries or references.
+func (n *node) maxGen() uint64 {
+	var m uint64
+	if n.level() == 0 {
+		for i := 0; i < LeafFanout; i++ {
+			m = max(m, n.entry(i).Gen())
+		}
+		return m
+	}
+	for i := 0; i < InteriorFanout; i++ {
+		m = max(m, n.ref(i).MaxGen)
+	}
+	return m
+}
+
+func (n *node) hash() [32]byte { return sha256.Sum256(n[:]) }
+
+// Log block (format).
+const (
+	logMagic   = "GLML"
+	flagCommit = 1
+)
+
+// record is one log record: a chunk and its new entry.
+type record struct {
+	chunk uint64
+	e     Entry
+}
+
+// sealLogBlock fills b (4096 bytes) and returns its MAC.
+func sealLogBlock(b []byte, key []byte, uuid [16]byte, recs []record, commit bool, seq, pos uint64, prev [32]byte) [32]byte {
+	clear(b)
+	copy(b[0:4], logMagic)
+	binary.LittleEndian.PutUint16(b[4:], uint16(len(recs)))
+	if commit {
+		b[6] = flagCommit
+	}
+	binary.LittleEndian.PutUint64(b[8:], seq)
+	binary.LittleEndian.PutUint64(b[16:], pos)
+	copy(b[32:64], prev[:])
+	for i, r := range recs {
+		o := b[logHdr+i*logRecord:]
+		binary.LittleEndian.PutUint64(o, r.chunk)
+		copy(o[8:8+EntrySize], r.e[:])
+	}
+	mac := logMAC(key, uuid, b)
+	copy(b[logMACOff:], mac[:])
+	return mac
+}
+
+func logMAC(key []byte, uuid [16]byte, b []byte) [32]byte {
+	m := hmac.New(sha256.New, key)
+	m.Write(b[:logMACOff])
+	m.Write(uuid[:])
+	var out [32]byte
+	m.Sum(out[:0])
+	return out
+}
+
+// openLogBlock checks a log block read at ring position pos that must
+// chain to prev with commit sequence seq; it returns its records, whether
+// it ends a commit, and its MAC.
+func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32]byte) (recs []record, commit bool, mac [32]byte, ok bool) {
+	if string(b[0:4]) != logMagic || binary.LittleEndian.Uint64(b[8:]) != seq ||
+		binary.LittleEndian.Uint64(b[16:]) != pos || [32]byte(b[32:64]) != prev {
+		return nil, false, mac, false
+	}
+	mac = logMAC(key, uuid, b)
+	if !hmac.Equal(mac[:], b[logMACOff:]) {
+		return nil, false, mac, false
+	}
+	n := int(binary.LittleEndian.Uint16(b[4:]))
+	if n > LogPerBlock || b[6]&^flagCommit != 0 {
+		return nil, false, mac, false
+	}
+	recs = make([]record, n)
+	for i := range recs {
+		o := b[logHdr+i*logRecord:]
+		recs[i].chunk = binary.LittleEndian.Uint64(o)
+		copy(recs[i].e[:], o[8:8+EntrySize])
+	}
+	return recs, b[6]&flagCommit != 0, mac, true
+}
+
+// Seed is the MAC chain's seed after a checkpoint (FORMAT.md, "Log block").
+func Seed(key []byte, seq uint64, root Ref, logStart uint64) [32]byte {
+	m := hmac.New(sha256.New, key)
+	var b [8 + RefSize + 8]byte
+	binary.LittleEndian.PutUint64(b[0:], seq)
+	root.Marshal(b[8:])
+	binary.LittleEndian.PutUint64(b[8+RefSize:], logStart)
+	m.Write([]byte("seed"))
+	m.Write(b[:])
+	var out [32]byte
+	m.Sum(out[:0])
+	return out
+}

@@ -1,0 +1,568 @@
+package cowmap
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+
+	"goldilocks/internal/block"
+)
+
+// Errors callers branch on.
+var (
+	// ErrMapAuth: a map node failed its hash against the reference that
+	// names it, or a logged entry is malformed. The message names the node.
+	ErrMapAuth = errors.New("map node failed authentication")
+	// ErrFailed: a flush failed, so what the store holds is unknown; the
+	// map refuses every later write and commit (FORMAT.md: "A failed
+	// fdatasync fails the volume").
+	ErrFailed = errors.New("a flush failed earlier; detach and attach the volume again")
+)
+
+// State is what the volume header keeps of the map: the checkpoint.
+type State struct {
+	Seq      uint64 // last commit in the tree
+	Root     Ref
+	LogStart uint64 // ring position of the first log block after it
+}
+
+// Config is how a Map reaches its store and its caller.
+type Config struct {
+	Dev    block.Device
+	Geo    Geometry
+	UUID   [16]byte
+	LogKey []byte // MACs the log; the caller keeps it secret
+	Cache  *Cache // shared; nil: a small private one
+	// Verify, if set, reports at recovery whether a mapped entry's data is
+	// on the store (its tag opens); the last commit in the log is dropped
+	// when one of its entries does not (FORMAT.md, "Recovery").
+	Verify func(c uint64, e *Entry) bool
+	// WriteHeader makes a checkpoint durable: both header copies.
+	WriteHeader func(State) error
+	// MaxLogged is how many logged entries trigger a checkpoint (0: 32768).
+	MaxLogged int
+}
+
+// Map is a volume's chunk map. Callers hold a lock per chunk around Home,
+// Set and the write between them; Lookup needs the chunk's lock (read or
+// write) for a stable answer.
+type Map struct {
+	cfg   Config
+	owner uint64
+	top   int
+
+	commitMu sync.Mutex // one commit or checkpoint at a time
+	logBuf   []byte     // guarded by commitMu
+
+	mu      sync.Mutex // guards the fields below
+	cond    sync.Cond  // a commit ended
+	dirty   map[uint64]Entry
+	snap    map[uint64]Entry // being committed; nil between commits
+	logged  map[uint64]Entry // committed since the checkpoint
+	failed  error
+	seq     uint64 // last durable commit
+	used    uint64 // log blocks since the checkpoint
+	prev    [32]byte
+	dropped bool // recovery dropped a last commit whose data was missing
+
+	treeMu sync.RWMutex // guards state against tree walks
+	state  State
+}
+
+// Open recovers the map of a store whose header holds st: it replays the
+// log from st.LogStart while its blocks verify and chain.
+func Open(cfg Config, st State) (*Map, error) {
+	if cfg.Cache == nil {
+		cfg.Cache = NewCache(1 << 20)
+	}
+	if cfg.MaxLogged == 0 {
+		cfg.MaxLogged = 32768
+	}
+	m := &Map{cfg: cfg, owner: cfg.Cache.owner(), top: cfg.Geo.Levels - 1,
+		dirty: make(map[uint64]Entry), logged: make(map[uint64]Entry), state: st, seq: st.Seq}
+	m.cond.L = &m.mu
+	if st.Root.Loc > HomeB || st.LogStart >= cfg.Geo.LogBlocks {
+		return nil, fmt.Errorf("%w: the header's map root is malformed", ErrMapAuth)
+	}
+	if err := m.replay(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+type commit struct {
+	recs   []record
+	blocks uint64
+	end    [32]byte // MAC of its last block: the next commit chains to it
+}
+
+func (m *Map) replay() error {
+	g := &m.cfg.Geo
+	prev := Seed(m.cfg.LogKey, m.state.Seq, m.state.Root, m.state.LogStart)
+	var (
+		commits []commit
+		cur     commit
+		pos     = m.state.LogStart
+		b       = make([]byte, BlockSize)
+	)
+	for i := uint64(0); i+1 < g.LogBlocks; i++ {
+		if _, err := m.cfg.Dev.ReadAt(b, int64(g.logBlock(pos)*BlockSize)); err != nil {
+			return fmt.Errorf("reading the map log: %w", err)
+		}
+		recs, end, mac, ok := openLogBlock(b, m.cfg.LogKey, m.cfg.UUID, m.seq+uint64(len(commits))+1, pos, prev)
+		if !ok {
+			break
+		}
+		for _, r := range recs {
+			if r.chunk >= g.Chunks || !r.e.valid() {
+				return fmt.Errorf("%w: log record for chunk %d is malformed", ErrMapAuth, r.chunk)
+			}
+		}
+		cur.recs = append(cur.recs, recs...)
+		cur.blocks++
+		prev = mac
+		pos = (pos + 1) % g.LogBlocks
+		if end {
+			cur.end = mac
+			commits = append(commits, cur)
+			cur = commit{}
+		}
+	}
+	if n := len(commits); n > 0 && m.cfg.Verify != nil {
+		last := commits[n-1]
+		for _, r := range last.recs {
+			if r.e.Mapped() && !m.cfg.Verify(r.chunk, &r.e) {
+				commits = commits[:n-1] // never acknowledged: its fdatasync did not return
+				m.dropped = true
+				break
+			}
+		}
+	}
+	m.prev = Seed(m.cfg.LogKey, m.state.Seq, m.state.Root, m.state.LogStart)
+	for _, c := range commits {
+		for _, r := range c.recs {
+			m.logged[r.chunk] = r.e
+		}
+		m.used += c.blocks
+		m.seq++
+	}
+	if n := len(commits); n > 0 { // the chain goes on from the last commit kept
+		m.prev = commits[n-1].end
+	}
+	return nil
+}
+
+// Seq is the last durable commit.
+func (m *Map) Seq() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.seq
+}
+
+// DroppedLastCommit reports whether recovery dropped a last commit whose
+// data had not reached the store (a crash inside a flush).
+func (m *Map) DroppedLastCommit() bool { return m.dropped }
+
+// Failed is the error that failed the map, or nil.
+func (m *Map) Failed() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.failed
+}
+
+// Lookup returns chunk c's current entry.
+func (m *Map) Lookup(c uint64) (Entry, error) {
+	m.mu.Lock()
+	if e, ok := m.dirty[c]; ok {
+		m.mu.Unlock()
+		return e, nil
+	}
+	if e, ok := m.snap[c]; ok {
+		m.mu.Unlock()
+		return e, nil
+	}
+	if e, ok := m.logged[c]; ok {
+		m.mu.Unlock()
+		return e, nil
+	}
+	m.mu.Unlock()
+	return m.treeLookup(c)
+}
+
+func (m *Map) treeLookup(c uint64) (Entry, error) {
+	m.treeMu.RLock()
+	defer m.treeMu.RUnlock()
+	ref := m.state.Root
+	for level := m.top; ; level-- {
+		if ref.Absent() {
+			return Entry{}, nil
+		}
+		idx := c / span(level)
+		n, err := m.load(level, idx, ref)
+		if err != nil {
+			return Entry{}, err
+		}
+		if level == 0 {
+			return *n.entry(int(c % LeafFanout)), nil
+		}
+		ref = n.ref(int((c / span(level-1)) % InteriorFanout))
+	}
+}
+
+// load returns node (level, idx) that ref names, verified.
+func (m *Map) load(level int, idx uint64, ref Ref) (*node, error) {
+	if ref.Loc != HomeA && ref.Loc != HomeB {
+		return nil, fmt.Errorf("%w: node %d/%d has location %d", ErrMapAuth, level, idx, ref.Loc)
+	}
+	k := cacheKey{m.owner, level, idx, ref.Loc}
+	if n := m.cfg.Cache.get(k, ref.Hash); n != nil {
+		return n, nil
+	}
+	n := new(node)
+	if _, err := m.cfg.Dev.ReadAt(n[:], int64(m.cfg.Geo.nodeBlock(level, idx, ref.Loc)*BlockSize)); err != nil {
+		return nil, fmt.Errorf("reading map node %d/%d: %w", level, idx, err)
+	}
+	if n.hash() != ref.Hash {
+		return nil, fmt.Errorf("%w: node %d/%d (level/index) does not match its parent's hash", ErrMapAuth, level, idx)
+	}
+	if err := n.check(level, idx, m.cfg.UUID); err != nil {
+		return nil, fmt.Errorf("%w: node %d/%d: %v", ErrMapAuth, level, idx, err)
+	}
+	if level == 0 {
+		for i := 0; i < LeafFanout; i++ {
+			if !n.entry(i).valid() {
+				return nil, fmt.Errorf("%w: node 0/%d entry %d is malformed", ErrMapAuth, idx, i)
+			}
+		}
+	}
+	m.cfg.Cache.put(k, n, ref.Hash)
+	return n, nil
+}
+
+// Home returns where a write of chunk c goes: the home its durable entry
+// does not name, or the one it was written to since the last commit. It
+// waits while a commit that includes c is in progress. The caller holds
+// c's write lock until Set.
+func (m *Map) Home(c uint64) (uint64, error) {
+	m.mu.Lock()
+	for {
+		if m.failed != nil {
+			m.mu.Unlock()
+			return 0, ErrFailed
+		}
+		if _, in := m.snap[c]; !in {
+			break
+		}
+		m.cond.Wait()
+	}
+	if d, ok := m.dirty[c]; ok && d.Mapped() {
+		m.mu.Unlock()
+		return d.Loc(), nil
+	}
+	if l, ok := m.logged[c]; ok {
+		m.mu.Unlock()
+		return Other(l.Loc()), nil
+	}
+	m.mu.Unlock()
+	e, err := m.treeLookup(c)
+	return Other(e.Loc()), err
+}
+
+// Set records chunk c's new entry (written, not yet committed) and
+// returns how many entries wait for a commit.
+func (m *Map) Set(c uint64, e Entry) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.dirty[c] = e
+	return len(m.dirty)
+}
+
+// Dirty is how many entries wait for a commit.
+func (m *Map) Dirty() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.dirty)
+}
+
+// Commit makes every entry Set so far durable with the data written
+// before it: one log commit and one Flush of the store, or a checkpoint
+// when the log has no room. quiesce must stop every writer between its
+// write and its Set until the returned func is called (the caller's chunk
+// locks), so that the commit never names a home being rewritten.
+func (m *Map) Commit(quiesce func() func()) error {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	release := quiesce()
+	m.mu.Lock()
+	if m.failed != nil {
+		m.mu.Unlock()
+		release()
+		return ErrFailed
+	}
+	if len(m.dirty) == 0 {
+		m.mu.Unlock()
+		release()
+		return m.fail(m.cfg.Dev.Flush())
+	}
+	m.snap, m.dirty = m.dirty, make(map[uint64]Entry)
+	seq := m.seq + 1
+	m.mu.Unlock()
+	release()
+
+	recs := make([]record, 0, len(m.snap))
+	for c, e := range m.snap {
+		e.SetGen(seq)
+		recs = append(recs, record{c, e})
+	}
+	slices.SortFunc(recs, func(a, b record) int { return cmpU64(a.chunk, b.chunk) })
+	blocks := (uint64(len(recs)) + LogPerBlock - 1) / LogPerBlock
+	var (
+		err  error
+		last [32]byte
+	)
+	if m.used+blocks > m.cfg.Geo.LogBlocks-1 {
+		err = m.checkpointLocked(seq, recs)
+		if err == nil {
+			m.mu.Lock()
+			m.snap = nil
+			m.cond.Broadcast()
+			m.mu.Unlock()
+		}
+		return m.fail(err)
+	}
+	last, err = m.writeLog(recs, seq, blocks)
+	if err == nil {
+		err = m.cfg.Dev.Flush()
+	}
+	if err != nil {
+		return m.fail(err)
+	}
+	m.mu.Lock()
+	for _, r := range recs {
+		m.logged[r.chunk] = r.e
+	}
+	m.snap = nil
+	m.seq = seq
+	m.used += blocks
+	m.prev = last
+	full := len(m.logged) >= m.cfg.MaxLogged || m.used > m.cfg.Geo.LogBlocks/2
+	m.cond.Broadcast()
+	m.mu.Unlock()
+	if full {
+		return m.fail(m.checkpointLocked(0, nil))
+	}
+	return nil
+}
+
+// Fail fails the map (a flush of the store failed elsewhere, such as in
+// a header write): it refuses writes and commits from then on.
+func (m *Map) Fail(err error) { m.fail(err) }
+
+// fail records a failed flush: the map refuses writes from then on.
+func (m *Map) fail(err error) error {
+	if err == nil {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.failed == nil {
+		m.failed = err
+	}
+	m.cond.Broadcast()
+	return fmt.Errorf("%w: %v", ErrFailed, err)
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// writeLog writes recs as one commit at the log's head.
+func (m *Map) writeLog(recs []record, seq, blocks uint64) ([32]byte, error) {
+	g := &m.cfg.Geo
+	need := int(blocks) * BlockSize
+	if cap(m.logBuf) < need {
+		m.logBuf = make([]byte, need)
+	}
+	buf := m.logBuf[:need]
+	m.mu.Lock()
+	prev, head := m.prev, (m.state.LogStart+m.used)%g.LogBlocks
+	m.mu.Unlock()
+	for i := uint64(0); i < blocks; i++ {
+		lo := int(i) * LogPerBlock
+		hi := min(lo+LogPerBlock, len(recs))
+		prev = sealLogBlock(buf[i*BlockSize:][:BlockSize], m.cfg.LogKey, m.cfg.UUID, recs[lo:hi], i == blocks-1, seq, (head+i)%g.LogBlocks, prev)
+	}
+	// At most two runs: up to the ring's end, then from its start.
+	first := min(blocks, g.LogBlocks-head)
+	if _, err := m.cfg.Dev.WriteAt(buf[:first*BlockSize], int64(g.logBlock(head)*BlockSize)); err != nil {
+		return prev, fmt.Errorf("writing the map log: %w", err)
+	}
+	if first < blocks {
+		if _, err := m.cfg.Dev.WriteAt(buf[first*BlockSize:], int64(g.LogBase*BlockSize)); err != nil {
+			return prev, fmt.Errorf("writing the map log: %w", err)
+		}
+	}
+	return prev, nil
+}
+
+// Checkpoint writes every logged entry into the tree and the new root to
+// the header, emptying the log.
+func (m *Map) Checkpoint() error {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	m.mu.Lock()
+	failed, empty := m.failed, len(m.logged) == 0 && m.used == 0
+	m.mu.Unlock()
+	if failed != nil {
+		return ErrFailed
+	}
+	if empty {
+		return nil
+	}
+	return m.fail(m.checkpointLocked(0, nil))
+}
+
+// checkpointLocked writes the logged entries, and extra (commit seq,
+// not yet durable: its data is synced here before the header names it),
+// into the tree. Callers hold commitMu.
+func (m *Map) checkpointLocked(seq uint64, extra []record) error {
+	m.mu.Lock()
+	recs := make([]record, 0, len(m.logged)+len(extra))
+	for c, e := range m.logged {
+		recs = append(recs, record{c, e})
+	}
+	newSeq := m.seq
+	head := (m.state.LogStart + m.used) % m.cfg.Geo.LogBlocks
+	m.mu.Unlock()
+	if extra != nil {
+		newSeq = seq
+		recs = append(recs, extra...) // stable sort keeps extra after logged
+	}
+	slices.SortStableFunc(recs, func(a, b record) int { return cmpU64(a.chunk, b.chunk) })
+	recs = dedupLast(recs)
+
+	m.treeMu.RLock()
+	old := m.state
+	m.treeMu.RUnlock()
+	root := old.Root
+	if len(recs) > 0 {
+		var err error
+		if root, err = m.update(m.top, 0, old.Root, recs, newSeq); err != nil {
+			return err
+		}
+	}
+	if err := m.cfg.Dev.Flush(); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	st := State{Seq: newSeq, Root: root, LogStart: head}
+	if err := m.cfg.WriteHeader(st); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	m.mu.Lock()
+	m.treeMu.Lock()
+	m.state = st
+	m.treeMu.Unlock()
+	clear(m.logged)
+	m.seq = newSeq
+	m.used = 0
+	m.prev = Seed(m.cfg.LogKey, st.Seq, st.Root, st.LogStart)
+	m.mu.Unlock()
+	return nil
+}
+
+// dedupLast keeps the last record of each chunk of a sorted slice.
+func dedupLast(recs []record) []record {
+	out := recs[:0]
+	for i, r := range recs {
+		if i+1 < len(recs) && recs[i+1].chunk == r.chunk {
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// update writes node (level, idx), now at ref, with recs (sorted, all
+// under it) applied, to its other home and returns its new reference.
+func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) (Ref, error) {
+	var n *node
+	if ref.Absent() {
+		n = newNode(level, idx, seq, m.cfg.UUID)
+	} else {
+		old, err := m.load(level, idx, ref)
+		if err != nil {
+			return Ref{}, err
+		}
+		n = new(node)
+		*n = *old
+		n.setSeq(seq)
+	}
+	if level == 0 {
+		for _, r := range recs {
+			*n.entry(int(r.chunk % LeafFanout)) = r.e
+		}
+	} else {
+		s := span(level - 1)
+		for len(recs) > 0 {
+			child := recs[0].chunk / s
+			j := 1
+			for j < len(recs) && recs[j].chunk/s == child {
+				j++
+			}
+			i := int(child % InteriorFanout)
+			nr, err := m.update(level-1, child, n.ref(i), recs[:j], seq)
+			if err != nil {
+				return Ref{}, err
+			}
+			n.setRef(i, nr)
+			recs = recs[j:]
+		}
+	}
+	loc := Other(ref.Loc)
+	if _, err := m.cfg.Dev.WriteAt(n[:], int64(m.cfg.Geo.nodeBlock(level, idx, loc)*BlockSize)); err != nil {
+		return Ref{}, fmt.Errorf("writing map node %d/%d: %w", level, idx, err)
+	}
+	h := n.hash()
+	m.cfg.Cache.put(cacheKey{m.owner, level, idx, loc}, n, h)
+	return Ref{Loc: loc, Hash: h, MaxGen: n.maxGen()}, nil
+}
+
+// Close forgets the map's cached nodes.
+func (m *Map) Close() { m.cfg.Cache.drop(m.owner) }
+
+// SwitchKey checkpoints the map (so that no log block MACed by the old
+// key is needed again), has write record the checkpoint with the new key
+// (the caller's header switch), and MACs the log with key from then on.
+func (m *Map) SwitchKey(key []byte, write func(State) error) error {
+	m.commitMu.Lock()
+	defer m.commitMu.Unlock()
+	m.mu.Lock()
+	failed, empty := m.failed, len(m.logged) == 0 && m.used == 0
+	m.mu.Unlock()
+	if failed != nil {
+		return ErrFailed
+	}
+	if !empty {
+		if err := m.checkpointLocked(0, nil); err != nil {
+			return m.fail(err)
+		}
+	}
+	m.treeMu.RLock()
+	st := m.state
+	m.treeMu.RUnlock()
+	if err := write(st); err != nil {
+		return m.fail(err)
+	}
+	m.mu.Lock()
+	m.cfg.LogKey = key
+	m.prev = Seed(key, st.Seq, st.Root, st.LogStart)
+	m.mu.Unlock()
+	return nil
+}
