@@ -43,6 +43,9 @@ type crashDev struct {
 	onImage func()
 	writes  int64 // bytes written
 	flushes int
+	// flushHook, if set, runs at the start of every Flush, before the
+	// volatile writes become durable (tests that act during a flush).
+	flushHook func()
 }
 
 type pendingWrite struct {
@@ -97,6 +100,9 @@ func (d *crashDev) tickLocked() {
 var errInjected = errors.New("injected fdatasync failure")
 
 func (d *crashDev) Flush() error {
+	if d.flushHook != nil {
+		d.flushHook()
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.tickLocked() // a cut during the flush: nothing of it is sure yet
