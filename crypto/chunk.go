@@ -131,3 +131,25 @@ func aeadNonce(out, stream *[12]byte, seq uint32) {
 	*out = *stream
 	binary.LittleEndian.PutUint32(out[8:], binary.LittleEndian.Uint32(out[8:])^seq)
 }
+
+// SealChunk seals pt (1 to 4096 bytes) as chunk idx with a fresh random
+// nonce, the package split as it is stored: the DARE header into hdr, the
+// ciphertext and then the tag into out, which must have room for
+// len(pt)+TagSize bytes. It allocates nothing.
+func (s *Sealer) SealChunk(out []byte, hdr *[HeaderSize]byte, idx uint32, pt []byte) error {
+	if len(pt) == 0 || len(pt) > ChunkSize || cap(out) < len(pt)+TagSize {
+		panic("crypto: SealChunk: bad sizes")
+	}
+	n := s.scratch.Get().(*nonces)
+	defer s.scratch.Put(n)
+	if _, err := rand.Read(n.stream[:]); err != nil {
+		return fmt.Errorf("crypto: nonce: %w", err)
+	}
+	n.stream[0] |= finalFlag
+	hdr[0], hdr[1] = dareVersion20, s.suite
+	binary.LittleEndian.PutUint16(hdr[2:], uint16(len(pt)-1))
+	copy(hdr[4:], n.stream[:])
+	aeadNonce(&n.aead, &n.stream, idx)
+	s.aead.Seal(out[:0], n.aead[:], pt, hdr[:4])
+	return nil
+}

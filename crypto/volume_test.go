@@ -5,8 +5,12 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
+
+	"goldilocks/internal/block"
 )
 
 func openTestVolume(t testing.TB, size uint64) (*Volume, *crashDev, KEKProvider) {
@@ -209,19 +213,46 @@ func (d *countDev) WriteAt(p []byte, off int64) (int, error) {
 func (d *countDev) Flush() error { return nil }
 func (d *countDev) Close() error { return nil }
 
+// fileVolume is a volume on a real file (the page cache) for benchmarks.
+func fileVolume(b *testing.B, size uint64) *Volume {
+	kek := NewLocalKEK(b.TempDir(), nil)
+	path := filepath.Join(b.TempDir(), "vol.img")
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	f.Truncate(int64(LayoutFor(size).End))
+	f.Close()
+	dev, err := block.OpenFile(path, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	id := [16]byte{1}
+	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
+		b.Fatal(err)
+	}
+	v, err := Open(context.Background(), dev, "b", id, kek, quietLog(), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { v.Close() })
+	return v
+}
+
 func BenchmarkVolume4K(b *testing.B) {
-	v, dev, _ := openTestVolume(b, 64<<20)
+	const chunks = 16384
+	v := fileVolume(b, 64<<20)
 	p := make([]byte, ChunkSize)
-	for i := 0; i < 1024; i++ { // map a few chunks
+	for i := 0; i < chunks; i++ {
 		v.WriteAt(p, int64(i)*ChunkSize)
 	}
 	v.Flush()
-	dev.Flush()
+	v.m.Checkpoint() // reads through the tree and its cache
 	b.Run("read", func(b *testing.B) {
 		b.SetBytes(ChunkSize)
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {
-			if _, err := v.ReadAt(p, int64(i%1024)*ChunkSize); err != nil {
+			if _, err := v.ReadAt(p, int64((i*7919)%chunks)*ChunkSize); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -230,7 +261,42 @@ func BenchmarkVolume4K(b *testing.B) {
 		b.SetBytes(ChunkSize)
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {
-			if _, err := v.WriteAt(p, int64(i%1024)*ChunkSize); err != nil {
+			if _, err := v.WriteAt(p, int64((i*7919)%chunks)*ChunkSize); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("write+flush", func(b *testing.B) {
+		b.SetBytes(ChunkSize)
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if _, err := v.WriteAt(p, int64((i*7919)%chunks)*ChunkSize); err != nil {
+				b.Fatal(err)
+			}
+			if err := v.Flush(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+func BenchmarkVolume1M(b *testing.B) {
+	v := fileVolume(b, 256<<20)
+	p := make([]byte, 1<<20)
+	b.Run("write", func(b *testing.B) {
+		b.SetBytes(1 << 20)
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if _, err := v.WriteAt(p, int64(i%256)<<20); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("read", func(b *testing.B) {
+		b.SetBytes(1 << 20)
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if _, err := v.ReadAt(p, int64(i%256)<<20); err != nil {
 				b.Fatal(err)
 			}
 		}

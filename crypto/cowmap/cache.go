@@ -7,15 +7,23 @@ import (
 )
 
 // Cache holds verified map nodes of any number of maps, least recently
-// used first out, within a byte budget. It is safe for concurrent use.
+// used first out, within a byte budget. It is safe for concurrent use:
+// keys are spread over shards, each with its own lock and LRU list.
 type Cache struct {
+	shards [cacheShards]cacheShard
+	next   atomic.Uint64 // owner ids
+
+	hits, misses atomic.Uint64
+}
+
+const cacheShards = 16
+
+type cacheShard struct {
 	mu    sync.Mutex
 	max   int // nodes
 	lru   *list.List
 	items map[cacheKey]*list.Element
-	next  atomic.Uint64 // owner ids
-
-	hits, misses atomic.Uint64
+	_     [40]byte // keep shards on separate cache lines
 }
 
 type cacheKey struct {
@@ -23,6 +31,11 @@ type cacheKey struct {
 	level int
 	index uint64
 	loc   uint64
+}
+
+func (k cacheKey) shard() int {
+	h := k.owner*0x9e3779b97f4a7c15 ^ k.index*0xbf58476d1ce4e5b9 ^ uint64(k.level)<<7 ^ k.loc
+	return int(h>>32) % cacheShards
 }
 
 type cacheItem struct {
@@ -35,61 +48,76 @@ type cacheItem struct {
 const DefaultCacheBytes = 32 << 20
 
 // NewCache returns a cache of at most bytes bytes of nodes (at least 16
-// nodes).
+// nodes per shard).
 func NewCache(bytes int) *Cache {
-	return &Cache{max: max(16, bytes/BlockSize), lru: list.New(), items: make(map[cacheKey]*list.Element)}
+	c := &Cache{}
+	per := max(16, bytes/BlockSize/cacheShards)
+	for i := range c.shards {
+		c.shards[i] = cacheShard{max: per, lru: list.New(), items: make(map[cacheKey]*list.Element)}
+	}
+	return c
 }
 
 func (c *Cache) owner() uint64 { return c.next.Add(1) }
 
 // get returns the node cached under k if its hash is h.
 func (c *Cache) get(k cacheKey, h [32]byte) *node {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	el, ok := c.items[k]
+	s := &c.shards[k.shard()]
+	s.mu.Lock()
+	el, ok := s.items[k]
 	if !ok || el.Value.(*cacheItem).hash != h {
+		s.mu.Unlock()
 		c.misses.Add(1)
 		return nil
 	}
-	c.lru.MoveToFront(el)
+	s.lru.MoveToFront(el)
+	n := el.Value.(*cacheItem).n
+	s.mu.Unlock()
 	c.hits.Add(1)
-	return el.Value.(*cacheItem).n
+	return n
 }
 
 // put caches n (never modified afterwards) under k.
 func (c *Cache) put(k cacheKey, n *node, h [32]byte) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if el, ok := c.items[k]; ok {
+	s := &c.shards[k.shard()]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if el, ok := s.items[k]; ok {
 		it := el.Value.(*cacheItem)
 		it.n, it.hash = n, h
-		c.lru.MoveToFront(el)
+		s.lru.MoveToFront(el)
 		return
 	}
-	c.items[k] = c.lru.PushFront(&cacheItem{key: k, n: n, hash: h})
-	for c.lru.Len() > c.max {
-		el := c.lru.Back()
-		c.lru.Remove(el)
-		delete(c.items, el.Value.(*cacheItem).key)
+	s.items[k] = s.lru.PushFront(&cacheItem{key: k, n: n, hash: h})
+	for s.lru.Len() > s.max {
+		el := s.lru.Back()
+		s.lru.Remove(el)
+		delete(s.items, el.Value.(*cacheItem).key)
 	}
 }
 
 // drop forgets every node of owner (a map that closes).
 func (c *Cache) drop(owner uint64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for k, el := range c.items {
-		if k.owner == owner {
-			c.lru.Remove(el)
-			delete(c.items, k)
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		for k, el := range s.items {
+			if k.owner == owner {
+				s.lru.Remove(el)
+				delete(s.items, k)
+			}
 		}
+		s.mu.Unlock()
 	}
 }
 
 // Stats reports cached nodes, hits and misses.
 func (c *Cache) Stats() (nodes int, hits, misses uint64) {
-	c.mu.Lock()
-	n := c.lru.Len()
-	c.mu.Unlock()
-	return n, c.hits.Load(), c.misses.Load()
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		nodes += s.lru.Len()
+		s.mu.Unlock()
+	}
+	return nodes, c.hits.Load(), c.misses.Load()
 }

@@ -190,24 +190,80 @@ func (m *Map) Lookup(c uint64) (Entry, error) {
 	return m.treeLookup(c)
 }
 
-func (m *Map) treeLookup(c uint64) (Entry, error) {
+// LookupRange is Lookup for chunks first..first+len(out)-1. It allocates
+// nothing and reads each leaf once.
+func (m *Map) LookupRange(first uint64, out []Entry) error {
+	const inTree = ^uint64(0) // marks entries to take from the tree
+	pending := false
+	m.mu.Lock()
+	for i := range out {
+		c := first + uint64(i)
+		if e, ok := m.dirty[c]; ok {
+			out[i] = e
+		} else if e, ok := m.snap[c]; ok {
+			out[i] = e
+		} else if e, ok := m.logged[c]; ok {
+			out[i] = e
+		} else {
+			out[i].SetLoc(inTree)
+			pending = true
+		}
+	}
+	m.mu.Unlock()
+	if !pending {
+		return nil
+	}
 	m.treeMu.RLock()
 	defer m.treeMu.RUnlock()
+	var (
+		leaf    *node
+		leafIdx = ^uint64(0)
+	)
+	for i := range out {
+		if out[i].Loc() != inTree {
+			continue
+		}
+		c := first + uint64(i)
+		if li := c / LeafFanout; li != leafIdx {
+			var err error
+			if leaf, err = m.leafLocked(c); err != nil {
+				return err
+			}
+			leafIdx = li
+		}
+		if leaf == nil {
+			out[i] = Entry{}
+		} else {
+			out[i] = *leaf.entry(int(c % LeafFanout))
+		}
+	}
+	return nil
+}
+
+// leafLocked returns the leaf that holds chunk c, or nil if it was never
+// written. Callers hold treeMu.
+func (m *Map) leafLocked(c uint64) (*node, error) {
 	ref := m.state.Root
 	for level := m.top; ; level-- {
 		if ref.Absent() {
-			return Entry{}, nil
+			return nil, nil
 		}
-		idx := c / span(level)
-		n, err := m.load(level, idx, ref)
-		if err != nil {
-			return Entry{}, err
-		}
-		if level == 0 {
-			return *n.entry(int(c % LeafFanout)), nil
+		n, err := m.load(level, c/span(level), ref)
+		if err != nil || level == 0 {
+			return n, err
 		}
 		ref = n.ref(int((c / span(level-1)) % InteriorFanout))
 	}
+}
+
+func (m *Map) treeLookup(c uint64) (Entry, error) {
+	m.treeMu.RLock()
+	defer m.treeMu.RUnlock()
+	leaf, err := m.leafLocked(c)
+	if leaf == nil || err != nil {
+		return Entry{}, err
+	}
+	return *leaf.entry(int(c % LeafFanout)), nil
 }
 
 // load returns node (level, idx) that ref names, verified.
@@ -267,6 +323,82 @@ func (m *Map) Home(c uint64) (uint64, error) {
 	m.mu.Unlock()
 	e, err := m.treeLookup(c)
 	return Other(e.Loc()), err
+}
+
+// Homes is Home for chunks first..first+len(out)-1, which the caller
+// holds write-locked.
+func (m *Map) Homes(first uint64, out []uint64) error {
+	m.mu.Lock()
+	for {
+		if m.failed != nil {
+			m.mu.Unlock()
+			return ErrFailed
+		}
+		busy := false
+		if len(m.snap) > 0 {
+			for i := range out {
+				if _, in := m.snap[first+uint64(i)]; in {
+					busy = true
+					break
+				}
+			}
+		}
+		if !busy {
+			break
+		}
+		m.cond.Wait()
+	}
+	const inTree = ^uint64(0)
+	pending := false
+	for i := range out {
+		c := first + uint64(i)
+		if d, ok := m.dirty[c]; ok && d.Mapped() {
+			out[i] = d.Loc()
+		} else if l, ok := m.logged[c]; ok {
+			out[i] = Other(l.Loc())
+		} else {
+			out[i] = inTree
+			pending = true
+		}
+	}
+	m.mu.Unlock()
+	if !pending {
+		return nil
+	}
+	m.treeMu.RLock()
+	defer m.treeMu.RUnlock()
+	var (
+		leaf    *node
+		leafIdx = ^uint64(0)
+	)
+	for i := range out {
+		if out[i] != inTree {
+			continue
+		}
+		c := first + uint64(i)
+		if li := c / LeafFanout; li != leafIdx {
+			var err error
+			if leaf, err = m.leafLocked(c); err != nil {
+				return err
+			}
+			leafIdx = li
+		}
+		out[i] = HomeA
+		if leaf != nil {
+			out[i] = Other(leaf.entry(int(c % LeafFanout)).Loc())
+		}
+	}
+	return nil
+}
+
+// SetRange is Set for chunks first..first+len(es)-1.
+func (m *Map) SetRange(first uint64, es []Entry) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range es {
+		m.dirty[first+uint64(i)] = es[i]
+	}
+	return len(m.dirty)
 }
 
 // Set records chunk c's new entry (written, not yet committed) and
