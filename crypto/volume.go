@@ -57,6 +57,9 @@ type Options struct {
 	Cache *cowmap.Cache
 	// MaxLogged: logged entries before a checkpoint (0: cowmap's default).
 	MaxLogged int
+	// Pools holds the batch buffers; share one among the volumes of a
+	// process (nil: the volume's own).
+	Pools *Pools
 	// AnchorEveryFlush advances the anchor after every commit, before the
 	// FLUSH returns: no rollback window at all, for the cost of a file
 	// write and two fsyncs in the data dir per FLUSH (FORMAT.md, "The
@@ -94,9 +97,23 @@ type Volume struct {
 	done       chan struct{}
 	closeOnce  sync.Once
 
-	bufs    sync.Pool // *chunkBuf
+	bufs  sync.Pool // *chunkBuf
+	pools *Pools
+}
+
+// Pools are buffers that volumes share: a batch of sealed chunks is 1 MiB,
+// too much to keep per volume when a gateway serves a thousand.
+type Pools struct {
 	batches sync.Pool // *batchBuf
 	reads   sync.Pool // *readBuf
+}
+
+// NewPools returns empty pools.
+func NewPools() *Pools {
+	return &Pools{
+		batches: sync.Pool{New: func() any { return new(batchBuf) }},
+		reads:   sync.Pool{New: func() any { return new(readBuf) }},
+	}
 }
 
 type chunkBuf struct {
@@ -237,9 +254,11 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		keys: newKeyring(uuid, h.Suite), epochLimit: epochLimit,
 		h:    headerState{store: store, name: name, hdr: h},
 		poke: make(chan struct{}, 1), done: make(chan struct{}),
-		bufs:    sync.Pool{New: func() any { return new(chunkBuf) }},
-		batches: sync.Pool{New: func() any { return new(batchBuf) }},
-		reads:   sync.Pool{New: func() any { return new(readBuf) }},
+		bufs:  sync.Pool{New: func() any { return new(chunkBuf) }},
+		pools: opt.Pools,
+	}
+	if v.pools == nil {
+		v.pools = NewPools()
 	}
 	fail := func(err error) (*Volume, error) {
 		v.keys.free()
@@ -482,8 +501,8 @@ func (v *Volume) readPartial(c uint64, in int, p []byte, b *chunkBuf) error {
 // readChunks reads whole chunks first.. into p (at most batchChunks).
 func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 	n := len(p) / ChunkSize
-	rb := v.reads.Get().(*readBuf)
-	defer v.reads.Put(rb)
+	rb := v.pools.reads.Get().(*readBuf)
+	defer v.pools.reads.Put(rb)
 	for i := 0; i < n; i++ {
 		rb.locks[i] = int((first + uint64(i)) % uint64(len(v.locks)))
 	}
@@ -667,8 +686,8 @@ type batchBuf struct {
 // writeChunks writes whole chunks first.. from p (at most batchChunks).
 func (v *Volume) writeChunks(first uint64, p []byte) error {
 	n := len(p) / ChunkSize
-	bb := v.batches.Get().(*batchBuf)
-	defer v.batches.Put(bb)
+	bb := v.pools.batches.Get().(*batchBuf)
+	defer v.pools.batches.Put(bb)
 	v.lockRange(first, bb.locks[:n])
 	defer v.unlockRange(bb.locks[:n])
 	homes := bb.homes[:n]

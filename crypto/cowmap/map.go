@@ -601,7 +601,7 @@ func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	m.treeMu.Lock()
 	m.state = st
 	m.treeMu.Unlock()
-	clear(m.logged)
+	m.logged = make(map[uint64]Entry) // a cleared map keeps its buckets
 	m.seq = newSeq
 	m.used = 0
 	m.prev = Seed(m.cfg.LogKey, st.Seq, st.Root, st.LogStart)

@@ -153,7 +153,7 @@ func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) 
 		f.Close()
 		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 	}
-	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, crypto.Options{Anchor: r.Anchor(), Cache: r.cache})
+	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, crypto.Options{Anchor: r.Anchor(), Cache: r.cache, Pools: r.pools})
 	if err != nil {
 		f.Close()
 		return nil, err

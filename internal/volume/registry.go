@@ -89,6 +89,7 @@ type Registry struct {
 	vaultCfg   crypto.VaultConfig
 
 	cache *cowmap.Cache // map nodes of every volume this process opens
+	pools *crypto.Pools // their batch buffers
 
 	kekMu sync.Mutex       // guards vault
 	vault *crypto.VaultKEK // made at first use
@@ -107,7 +108,7 @@ func Open(dataDir string) (*Registry, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Registry{dir: abs, cache: cowmap.NewCache(cowmap.DefaultCacheBytes)}
+	r := &Registry{dir: abs, cache: cowmap.NewCache(cowmap.DefaultCacheBytes), pools: crypto.NewPools()}
 	if _, err := r.List(); err != nil {
 		return nil, err
 	}
