@@ -183,6 +183,7 @@ type countDev struct {
 	size    int64
 	blocks  map[int64][]byte
 	written int64
+	flushes int
 }
 
 func (d *countDev) Size() int64 { return d.size }
@@ -210,7 +211,12 @@ func (d *countDev) WriteAt(p []byte, off int64) (int, error) {
 	d.written += int64(len(p))
 	return len(p), nil
 }
-func (d *countDev) Flush() error { return nil }
+func (d *countDev) Flush() error {
+	d.mu.Lock()
+	d.flushes++
+	d.mu.Unlock()
+	return nil
+}
 func (d *countDev) Close() error { return nil }
 
 // fileVolume is a volume on a real file (the page cache) for benchmarks.
