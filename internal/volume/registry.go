@@ -645,5 +645,10 @@ func (r *Registry) Shred(name string) error {
 	if !filepath.IsAbs(v.Backing) {
 		os.Remove(r.BackingPath(v))
 	}
+	if id, err := v.UUIDBytes(); err == nil {
+		if err := r.Anchor().Remove(id); err != nil {
+			return fmt.Errorf("volume %s: shredded, but its rollback anchor stays: %w", name, err)
+		}
+	}
 	return nil
 }
