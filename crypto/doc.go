@@ -1,9 +1,22 @@
-// Package crypto owns encryption at rest (FORMAT.md): chunks sealed as
-// DARE 2.0 packages, the volume header with its wrapped data keys, the
-// crash-safe copy-on-write chunk map, key rotation and online rekey, and the
-// KEK providers that wrap data keys (the local keystore, Vault Transit).
+// Package crypto owns encryption at rest (FORMAT.md, format 2): chunks
+// sealed as DARE 2.0 packages under per-epoch subkeys, the volume header
+// with its wrapped data keys, the rollback anchor, key rotation and online
+// rekey, and the KEK providers that wrap data keys (the local keystore,
+// Vault Transit). The authenticated copy-on-write chunk map is its own
+// package, crypto/cowmap, which knows nothing of encryption.
+//
+// Files: chunk.go (sealing), header.go (the header and its two copies),
+// epoch.go (seal epochs and the keyring), anchor.go (rollback anchor),
+// volume.go (attach, flush, detach), io.go (the data path), rekey.go
+// (rotation, rekey), kek.go and vault.go (KEK providers).
 //
 // It is a block.Device stage that wraps another; it serves no network
 // protocol, never speaks NBD, and never decides who may attach what. The
-// only network it touches is a KEK provider's (Vault).
+// only network it touches is a KEK provider's (Vault); chunk and map code
+// never imports Vault's client.
+//
+// Lock order: Volume.keyMu (one rotation or rekey), then the chunk locks
+// (ascending index; a FLUSH takes them all to quiesce writers), then the
+// map's commit lock, headerState.mu, the map's state lock, its tree lock,
+// the node cache's shard locks; the keyring's lock is a leaf.
 package crypto

@@ -146,3 +146,37 @@ func (r *keyring) free() {
 	clear(r.cache)
 	r.cur.Store(nil)
 }
+
+// nextSeal counts a seal and returns its epoch, moving to the next epoch
+// (header first) when this one is used up.
+func (v *Volume) nextSeal() (uint32, error) {
+	for {
+		s := v.seal.Add(1)
+		e, n := uint32(s>>32), s&0xffffffff
+		if n <= v.epochLimit {
+			return e, nil
+		}
+		if err := v.nextEpoch(e); err != nil {
+			return 0, err
+		}
+	}
+}
+
+func (v *Volume) nextEpoch(from uint32) error {
+	v.h.mu.Lock()
+	defer v.h.mu.Unlock()
+	if uint32(v.seal.Load()>>32) != from {
+		return nil // another writer moved it
+	}
+	if from == ^uint32(0) {
+		return fmt.Errorf("volume %s: %w", v.name, ErrNonceBudget)
+	}
+	h := v.h.hdr.Clone()
+	h.Epoch, h.EpochSeals = from+1, 0
+	if err := v.h.writeLocked(h); err != nil {
+		return err
+	}
+	v.seal.Store(uint64(from+1) << 32)
+	v.log.Info("seal epoch advanced", "volume", v.name, "epoch", from+1)
+	return nil
+}

@@ -1,6 +1,8 @@
 package crypto
 
 import (
+	"bytes"
+	"context"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -8,8 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"log/slog"
+	"sync"
 
 	"goldilocks/crypto/cowmap"
+	"goldilocks/internal/block"
 )
 
 // Volume header constants (FORMAT.md, "Volume header"). Part of the
@@ -275,4 +280,109 @@ func PickHeader(a, b []byte) (h *Header, which int, err error) {
 	default:
 		return hb, 1, nil
 	}
+}
+
+// headerOf reads the header, unwraps the active DEK and checks the MAC. A
+// copy that fails to parse or to verify while the other one is good is an
+// integrity warning (normal after a crash during an update).
+func headerOf(ctx context.Context, store block.Device, name string, uuid [16]byte, kek KEKProvider, log *slog.Logger) (*Header, []byte, error) {
+	var ab [2 * HeaderBlockSize]byte
+	if _, err := store.ReadAt(ab[:], 0); err != nil {
+		return nil, nil, fmt.Errorf("volume %s: reading the header: %w", name, err)
+	}
+	copies := [2][]byte{ab[:HeaderBlockSize], ab[HeaderBlockSize:]}
+	h, which, err := PickHeader(copies[0], copies[1])
+	if errors.Is(err, ErrNeedsUpgrade) {
+		return nil, nil, fmt.Errorf("volume %s: %w %s", name, err, name)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("volume %s: %w", name, err)
+	}
+	var firstErr error
+	for try := 0; try < 2; try++ {
+		if try == 1 {
+			which = 1 - which
+			if h, err = ParseHeader(copies[which]); err != nil {
+				break
+			}
+		}
+		dek, err := openHeader(ctx, h, copies[which], name, uuid, kek)
+		if err == nil {
+			// The other copy is the same bytes, or an older valid header
+			// (a crash between the two writes of an update); anything
+			// else is damage.
+			if other := copies[1-which]; !bytes.Equal(other, copies[which]) {
+				oh, perr := ParseHeader(other)
+				mac, merr := HeaderMACKey(dek, uuid)
+				if perr != nil || merr != nil || VerifyHeaderMAC(other, mac) != nil || oh.Generation > h.Generation {
+					log.Warn("integrity warning: a volume header copy is damaged or stale; using the other", "event", "integrity_warning",
+						"volume", name, "copy", "AB"[1-which:2-which])
+				}
+			}
+			return h, dek, nil
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			break
+		}
+	}
+	return nil, nil, firstErr
+}
+
+func openHeader(ctx context.Context, h *Header, raw []byte, name string, uuid [16]byte, kek KEKProvider) ([]byte, error) {
+	if h.UUID != uuid {
+		return nil, fmt.Errorf("volume %s: %w", name, ErrWrongVolume)
+	}
+	if h.KEK.Provider != kek.Name() {
+		return nil, fmt.Errorf("volume %s: its key is in provider %q, not %q", name, h.KEK.Provider, kek.Name())
+	}
+	dek, err := kek.Unwrap(ctx, h.KEK, uuid, h.DEK[h.Active])
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: unwrapping the data key (%s key %s v%d): %w", name, h.KEK.Provider, h.KEK.Name, h.KEK.Version, err)
+	}
+	mac, err := HeaderMACKey(dek, uuid)
+	if err == nil {
+		err = VerifyHeaderMAC(raw, mac)
+	}
+	if err != nil {
+		clear(dek)
+		return nil, fmt.Errorf("volume %s: %w", name, err)
+	}
+	return dek, nil
+}
+
+// headerState is a volume's current header.
+type headerState struct {
+	mu     sync.Mutex // guards the fields below; serialises header writes
+	store  block.Device
+	name   string
+	hdr    *Header
+	macKey []byte
+	onFail func(error) // a flush failed: what the store holds is unknown
+}
+
+// writeLocked writes h to both header copies, each followed by a flush,
+// so that neither copy is ever older than what the store's log and nodes
+// still hold (FORMAT.md, "Volume header").
+func (s *headerState) writeLocked(h *Header) error {
+	h.Generation = s.hdr.Generation + 1
+	b, err := h.Marshal(s.macKey)
+	if err != nil {
+		return err
+	}
+	for c := 0; c < 2; c++ {
+		if _, err := s.store.WriteAt(b, int64(c)*HeaderBlockSize); err != nil {
+			return fmt.Errorf("volume %s: writing the header: %w", s.name, err)
+		}
+		if err := s.store.Flush(); err != nil {
+			if s.onFail != nil {
+				s.onFail(err)
+			}
+			return fmt.Errorf("volume %s: syncing the header: %w: %w", s.name, ErrVolumeFailed, err)
+		}
+	}
+	s.hdr = h
+	return nil
 }

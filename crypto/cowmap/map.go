@@ -66,6 +66,9 @@ type Map struct {
 	prev    [32]byte
 	dropped bool // recovery dropped a last commit whose data was missing
 
+	replayed int    // commits recovery replayed
+	maxEpoch uint32 // largest seal epoch among them
+
 	treeMu sync.RWMutex // guards state against tree walks
 	state  State
 }
@@ -140,9 +143,11 @@ func (m *Map) replay() error {
 		}
 	}
 	m.prev = Seed(m.cfg.LogKey, m.state.Seq, m.state.Root, m.state.LogStart)
+	m.replayed = len(commits)
 	for _, c := range commits {
 		for _, r := range c.recs {
 			m.logged[r.chunk] = r.e
+			m.maxEpoch = max(m.maxEpoch, r.e.Epoch())
 		}
 		m.used += c.blocks
 		m.seq++
@@ -159,6 +164,13 @@ func (m *Map) Seq() uint64 {
 	defer m.mu.Unlock()
 	return m.seq
 }
+
+// Replayed is how many commits recovery replayed from the log.
+func (m *Map) Replayed() int { return m.replayed }
+
+// MaxLoggedEpoch is the largest seal epoch among the entries recovery
+// replayed from the log.
+func (m *Map) MaxLoggedEpoch() uint32 { return m.maxEpoch }
 
 // DroppedLastCommit reports whether recovery dropped a last commit whose
 // data had not reached the store (a crash inside a flush).
