@@ -14,6 +14,7 @@ func newVolumeCmd(a *app) *cobra.Command {
 	c := &cobra.Command{Use: "volume", Short: "Create, list and inspect volumes"}
 	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a),
 		newVolumeImportCmd(a), newVolumeExportCmd(a), newVolumeShredCmd(a))
+	c.AddCommand(newVolumeUpgradeCmd(a))
 	return c
 }
 
