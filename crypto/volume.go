@@ -24,7 +24,7 @@ var (
 )
 
 const (
-	maxDirty    = 1 << 16 // entries waiting for a commit before a background flush
+	maxDirty    = 1 << 14 // entries waiting for a commit before a background flush (64 MiB of writes)
 	idleCkpt    = 5 * time.Second
 	anchorEvery = time.Second
 )

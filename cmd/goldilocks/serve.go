@@ -35,6 +35,7 @@ type serveFlags struct {
 	tlsRequired                   bool
 	logLevel, logFormat           string
 	maxInflight                   int
+	mapCache                      string
 	shutdownTimeout               time.Duration
 	cpuProfile                    string
 }
@@ -70,6 +71,7 @@ SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exit
 	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
+	f.StringVar(&sf.mapCache, "map-cache", "16MiB", "memory for the chunk-map nodes of all encrypted volumes together")
 	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
 	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
 	f.MarkHidden("cpuprofile")
@@ -148,6 +150,11 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
+	cacheBytes, err := parseSize(sf.mapCache)
+	if err != nil || cacheBytes < 1<<20 {
+		return usagef("--map-cache %q: want a size of at least 1MiB", sf.mapCache)
+	}
+	reg.SetCacheBytes(int(cacheBytes))
 	vols, err := reg.List()
 	if err != nil {
 		return err

@@ -44,8 +44,8 @@ type cacheItem struct {
 	hash [32]byte
 }
 
-// DefaultCacheBytes is the default node cache of a gateway: 32 MiB.
-const DefaultCacheBytes = 32 << 20
+// DefaultCacheBytes is the default node cache of a gateway: 16 MiB.
+const DefaultCacheBytes = 16 << 20
 
 // NewCache returns a cache of at most bytes bytes of nodes (at least 16
 // nodes per shard).

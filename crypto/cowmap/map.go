@@ -40,7 +40,7 @@ type Config struct {
 	Verify func(c uint64, e *Entry) bool
 	// WriteHeader makes a checkpoint durable: both header copies.
 	WriteHeader func(State) error
-	// MaxLogged is how many logged entries trigger a checkpoint (0: 32768).
+	// MaxLogged is how many logged entries trigger a checkpoint (0: 16384).
 	MaxLogged int
 }
 
@@ -80,7 +80,7 @@ func Open(cfg Config, st State) (*Map, error) {
 		cfg.Cache = NewCache(1 << 20)
 	}
 	if cfg.MaxLogged == 0 {
-		cfg.MaxLogged = 32768
+		cfg.MaxLogged = 16384
 	}
 	m := &Map{cfg: cfg, owner: cfg.Cache.owner(), top: cfg.Geo.Levels - 1,
 		dirty: make(map[uint64]Entry), logged: make(map[uint64]Entry), state: st, seq: st.Seq}
