@@ -27,11 +27,14 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS) >/dev/null; \
 	fi
 
-# check: formatting and vet, as part of test.
+# check: formatting, vet and staticcheck (built once from the module
+# proxy at a fixed version), as part of test.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 check:
 	@bad=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$bad" ]; then echo "gofmt needed:"; echo "$$bad"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(GO) run $(STATICCHECK) $(PKGS)
 
 # The interop tests drive bin/goldilocks (built without -race) with real
 # clients and a real Vault (bin/vault); the in-process tests run under the

@@ -83,12 +83,6 @@ func (r *keyring) dropLocked(k uint8) {
 	}
 }
 
-func (r *keyring) has(k uint8) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return k < 2 && r.deks[k] != nil
-}
-
 // derive returns a key derived from DEK slot k with info (header and log
 // MAC keys).
 func (r *keyring) derive(k uint8, info string) ([]byte, error) {

@@ -156,8 +156,9 @@ func (v *Volume) beginRekey(ctx context.Context, kek KEKProvider) error {
 	deks[1-old] = wrapped
 	if version != h.KEK.Version { // both slots are wrapped by one version
 		ks := []WrappedKey{{Volume: v.uuid, Version: h.KEK.Version, Wrapped: h.DEK[old]}}
-		if err := kek.Rewrap(ctx, h.KEK.Name, version, ks); err == nil {
-			err = ks[0].Err
+		err := kek.Rewrap(ctx, h.KEK.Name, version, ks)
+		if err == nil {
+			err = ks[0].Err // a per-key failure (the whole call may succeed)
 		}
 		if err != nil {
 			clear(dek)
