@@ -44,7 +44,7 @@ PY=/usr/bin/python3 # not a pyenv shim: only the standard library is needed
 SERVERS_plain=(goldilocks qemu-nbd nbdkit)
 SERVERS_encrypted=(goldilocks-enc qemu-nbd-luks nbdkit-luks)
 LUKS_PASS=bench-passphrase
-JOBS=(randread4k randwrite4k read1m write1m copyread copywrite)
+JOBS=(randread4k randwrite4k randwrite4ksync read1m write1m copyread copywrite)
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -233,12 +233,13 @@ start_servers_encrypted() { # transport
 # Each writes one number to $VALUE: IOPS for 4k jobs, MB/s (10^6 bytes/s)
 # otherwise. (Not through $(...): a client must run in this shell, see run_child.)
 VALUE=$W/value
-fio_job() { # uri rw bs iodepth
+fio_job() { # uri rw bs iodepth [fio option...]
 	local uri=$1 rw=$2 bs=$3 qd=$4 out=$W/fio.json dir=read
+	shift 4
 	[[ $rw == *write ]] && dir=write
 	rm -f "$out"
 	run_child "$W/fio.log" fio --name=t --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-		--numjobs=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --time_based \
+		--numjobs=1 --runtime="$RUNTIME" --ramp_time="$RAMP" --time_based "$@" \
 		--output-format=json --output="$out" || return 1
 	"$PY" - "$out" "$dir" "$bs" >"$VALUE" <<'EOF'
 import json, sys
@@ -269,6 +270,7 @@ measure() { # job uri
 	case $1 in
 	randread4k) fio_job "$2" randread 4k 32 ;;
 	randwrite4k) fio_job "$2" randwrite 4k 32 ;;
+	randwrite4ksync) fio_job "$2" randwrite 4k 1 --fdatasync=1 ;;
 	read1m) fio_job "$2" read 1M 8 ;;
 	write1m) fio_job "$2" write 1M 8 ;;
 	copyread) copy_job "$2" read ;;
@@ -395,6 +397,7 @@ columns = {
 jobs = [
     ("randread4k", "fio randread 4k qd32 (IOPS)"),
     ("randwrite4k", "fio randwrite 4k qd32 (IOPS)"),
+    ("randwrite4ksync", "fio randwrite 4k qd1, fdatasync after each (IOPS)"),
     ("read1m", "fio read 1M qd8 (MB/s)"),
     ("write1m", "fio write 1M qd8 (MB/s)"),
     ("copyread", "nbdcopy read (MB/s)"),
