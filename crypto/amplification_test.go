@@ -91,7 +91,7 @@ func TestWriteAmplification(t *testing.T) {
 func BenchmarkAnchorAdvance(b *testing.B) {
 	a := NewFileAnchor(b.TempDir())
 	for i := 0; i < b.N; i++ {
-		if err := a.Advance([16]byte{1}, uint64(i+1)); err != nil {
+		if err := a.Advance([16]byte{1}, AnchorState{Seq: uint64(i + 1)}); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -152,24 +152,22 @@ func (d *crashDev) crashLocked(rng *rand.Rand) *crashDev {
 // it was at that instant.
 type memAnchor struct {
 	mu sync.Mutex
-	m  map[[16]byte]uint64
+	m  map[[16]byte]AnchorState
 }
 
-func newMemAnchor() *memAnchor { return &memAnchor{m: make(map[[16]byte]uint64)} }
+func newMemAnchor() *memAnchor { return &memAnchor{m: make(map[[16]byte]AnchorState)} }
 
-func (a *memAnchor) Load(v [16]byte) (uint64, bool, error) {
+func (a *memAnchor) Load(v [16]byte) (AnchorState, bool, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	s, ok := a.m[v]
 	return s, ok, nil
 }
 
-func (a *memAnchor) Advance(v [16]byte, seq uint64) error {
+func (a *memAnchor) Advance(v [16]byte, st AnchorState) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if seq > a.m[v] {
-		a.m[v] = seq
-	}
+	a.m[v] = a.m[v].merge(st)
 	return nil
 }
 

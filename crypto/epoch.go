@@ -170,6 +170,11 @@ func (v *Volume) nextEpoch(from uint32) error {
 	if err := v.h.writeLocked(h); err != nil {
 		return err
 	}
+	if v.opt.Anchor != nil { // an older header put back must not rewind it
+		if err := v.opt.Anchor.Advance(v.uuid, AnchorState{Generation: h.Generation, Epoch: h.Epoch}); err != nil {
+			return fmt.Errorf("volume %s: %w", v.name, err)
+		}
+	}
 	v.seal.Store(uint64(from+1) << 32)
 	v.log.Info("seal epoch advanced", "volume", v.name, "epoch", from+1)
 	return nil

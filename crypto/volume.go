@@ -240,28 +240,30 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 			"volume", name, "seq", v.m.Seq())
 	}
 	seq := v.m.Seq()
+	var anchored AnchorState
 	if opt.Anchor != nil {
 		a, ok, err := opt.Anchor.Load(uuid)
 		if err != nil {
 			return fail(fmt.Errorf("volume %s: %w", name, err))
 		}
-		if ok && seq < a {
-			err := fmt.Errorf("volume %s: %w: the store is at commit %d, the anchor at %d", name, ErrRollback, seq, a)
+		if ok && seq < a.Seq {
+			err := fmt.Errorf("volume %s: %w: the store is at commit %d, the anchor at %d", name, ErrRollback, seq, a.Seq)
 			v.integrityFailure("rollback", err)
 			v.m.Close()
 			return fail(err)
 		}
+		anchored = a
 	}
 	// Seal epochs: a clean detach left an exact count; after a crash the
-	// count is unknown, so a new epoch starts (FORMAT.md, "Nonces").
-	// A clean detach empties the log (it checkpoints), so a clean header
-	// with commits after it is not the header of the last detach: an
-	// older one put back. Its count is then not to be trusted either.
+	// count is unknown, so a new epoch starts (FORMAT.md, "Nonces"). The
+	// count is trusted only from the header the last detach wrote: a
+	// clean detach empties the log (so a clean header with commits after
+	// it is an older one put back), and the anchor holds the newest header
+	// generation and epoch the gateway wrote (so an older header put back
+	// over unflushed seals is caught too).
 	epoch, n := h.Epoch, h.EpochSeals
-	if e := v.m.MaxLoggedEpoch(); v.m.Replayed() > 0 && e >= epoch {
-		epoch = e
-	}
-	if h.Open || v.m.Replayed() > 0 {
+	if h.Open || v.m.Replayed() > 0 || h.Generation < anchored.Generation {
+		epoch = max(epoch, v.m.MaxLoggedEpoch(), anchored.Epoch)
 		if epoch == ^uint32(0) {
 			return fail(fmt.Errorf("volume %s: %w", name, ErrNonceBudget))
 		}
@@ -271,14 +273,15 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	nh := v.h.hdr.Clone()
 	nh.Open, nh.Epoch, nh.EpochSeals = true, epoch, n
 	err = v.h.writeLocked(nh)
+	gen := v.h.hdr.Generation
 	v.h.mu.Unlock()
 	if err != nil {
 		v.m.Close()
 		return fail(err)
 	}
 	v.seal.Store(uint64(epoch)<<32 | n)
-	if opt.Anchor != nil {
-		if err := opt.Anchor.Advance(uuid, seq); err != nil {
+	if opt.Anchor != nil { // before the first seal in this epoch
+		if err := opt.Anchor.Advance(uuid, AnchorState{Seq: seq, Generation: gen, Epoch: epoch}); err != nil {
 			v.m.Close()
 			return fail(fmt.Errorf("volume %s: %w", name, err))
 		}
@@ -345,7 +348,7 @@ func (v *Volume) background() {
 			}
 		}
 		if seq := v.m.Seq(); v.opt.Anchor != nil && seq > anchored {
-			if err := v.opt.Anchor.Advance(v.uuid, seq); err != nil {
+			if err := v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: seq}); err != nil {
 				v.log.Error("advancing the rollback anchor failed", "volume", v.name, "err", err)
 				continue
 			}
@@ -400,7 +403,7 @@ func (v *Volume) Flush() error {
 	}
 	v.lastCommit.Store(time.Now().UnixNano())
 	if v.opt.AnchorEveryFlush && v.opt.Anchor != nil {
-		if err := v.opt.Anchor.Advance(v.uuid, v.m.Seq()); err != nil {
+		if err := v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: v.m.Seq()}); err != nil {
 			return fmt.Errorf("volume %s: flush: %w", v.name, err)
 		}
 	}
@@ -436,7 +439,8 @@ func (v *Volume) Close() error {
 			v.h.mu.Unlock()
 		}
 		if err == nil && v.opt.Anchor != nil {
-			err = v.opt.Anchor.Advance(v.uuid, v.m.Seq())
+			h := v.Header()
+			err = v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: v.m.Seq(), Generation: h.Generation, Epoch: h.Epoch})
 		}
 		v.m.Close()
 		v.h.mu.Lock()

@@ -153,11 +153,11 @@ func (r *Registry) Upgrade(ctx context.Context, name string, progress func(done,
 		return res, err
 	}
 	anchor := r.Anchor()
-	if seq, ok, err := anchor.Load(id); err != nil {
+	if st, ok, err := anchor.Load(id); err != nil {
 		return res, fmt.Errorf("volume %s: %w", name, err)
 	} else if ok {
 		return res, fmt.Errorf("volume %s: %w: its store is in format 1, but this data dir anchors it at commit %d of format 2, so it was upgraded before and its store has been replaced by an older copy; refusing to upgrade the older copy (if it is the data you want, remove %s and run this again)",
-			name, crypto.ErrRollback, seq, filepath.Join(r.dir, crypto.AnchorDir, v.UUID))
+			name, crypto.ErrRollback, st.Seq, filepath.Join(r.dir, crypto.AnchorDir, v.UUID))
 	}
 	provider := "local"
 	if v.KEK != nil && v.KEK.Provider != "" {
@@ -225,8 +225,8 @@ func (r *Registry) Upgrade(ctx context.Context, name string, progress func(done,
 	if err := syncDir(filepath.Dir(path)); err != nil {
 		return res, fmt.Errorf("volume %s: upgraded, but syncing directory %s failed (a power cut now may bring back the format-1 file): %w", name, filepath.Dir(path), err)
 	}
-	if seq, ok := pending.get(); ok {
-		if err := anchor.Advance(id, seq); err != nil {
+	if st, ok := pending.get(); ok {
+		if err := anchor.Advance(id, st); err != nil {
 			log.Warn("volume upgraded, but its rollback anchor was not written; its next attach writes one", "volume", name, "err", err)
 		}
 	}
@@ -433,37 +433,38 @@ func syncDir(dir string) error {
 // Written to the data dir earlier, an anchor would make the still
 // format-1 volume look like a rolled-back copy of an upgraded one.
 type pendingAnchor struct {
-	mu  sync.Mutex
-	seq uint64
-	ok  bool
+	mu sync.Mutex
+	st crypto.AnchorState
+	ok bool
 }
 
 var _ crypto.Anchor = (*pendingAnchor)(nil)
 
-func (a *pendingAnchor) Load([16]byte) (uint64, bool, error) {
+func (a *pendingAnchor) Load([16]byte) (crypto.AnchorState, bool, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.seq, a.ok, nil
+	return a.st, a.ok, nil
 }
 
-func (a *pendingAnchor) Advance(_ [16]byte, seq uint64) error {
+func (a *pendingAnchor) Advance(_ [16]byte, st crypto.AnchorState) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !a.ok || seq > a.seq {
-		a.seq, a.ok = seq, true
-	}
+	a.st.Seq = max(a.st.Seq, st.Seq)
+	a.st.Generation = max(a.st.Generation, st.Generation)
+	a.st.Epoch = max(a.st.Epoch, st.Epoch)
+	a.ok = true
 	return nil
 }
 
 func (a *pendingAnchor) Remove([16]byte) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.seq, a.ok = 0, false
+	a.st, a.ok = crypto.AnchorState{}, false
 	return nil
 }
 
-func (a *pendingAnchor) get() (uint64, bool) {
+func (a *pendingAnchor) get() (crypto.AnchorState, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.seq, a.ok
+	return a.st, a.ok
 }
