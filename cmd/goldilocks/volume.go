@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"text/tabwriter"
 
@@ -49,6 +50,10 @@ func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
 	if v.Encrypted {
 		j.FormatVersion, _ = volume.VolumeFormat(reg.BackingPath(v))
 		h, err := volume.ReadHeader(reg.BackingPath(v))
+		if errors.Is(err, crypto.ErrNeedsUpgrade) {
+			j.HeaderError = fmt.Sprintf("format 1, which this build does not attach: run goldilocks volume upgrade %s", v.Name)
+			return j
+		}
 		if err != nil {
 			j.HeaderError = err.Error()
 			return j
