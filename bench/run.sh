@@ -270,7 +270,7 @@ measure() { # job uri
 	case $1 in
 	randread4k) fio_job "$2" randread 4k 32 ;;
 	randwrite4k) fio_job "$2" randwrite 4k 32 ;;
-	randwrite4ksync) fio_job "$2" randwrite 4k 1 --fdatasync=1 ;;
+	randwrite4ksync) fio_job "$2" randwrite 4k 1 --fsync=1 ;; # NBD FLUSH; fio's nbd engine refuses --fdatasync
 	read1m) fio_job "$2" read 1M 8 ;;
 	write1m) fio_job "$2" write 1M 8 ;;
 	copyread) copy_job "$2" read ;;
@@ -397,7 +397,7 @@ columns = {
 jobs = [
     ("randread4k", "fio randread 4k qd32 (IOPS)"),
     ("randwrite4k", "fio randwrite 4k qd32 (IOPS)"),
-    ("randwrite4ksync", "fio randwrite 4k qd1, fdatasync after each (IOPS)"),
+    ("randwrite4ksync", "fio randwrite 4k qd1, flush after each (IOPS)"),
     ("read1m", "fio read 1M qd8 (MB/s)"),
     ("write1m", "fio write 1M qd8 (MB/s)"),
     ("copyread", "nbdcopy read (MB/s)"),

@@ -71,6 +71,8 @@ type Map struct {
 
 	treeMu sync.RWMutex // guards state against tree walks
 	state  State
+
+	homes homeBits // where the tree's entries live, per leaf
 }
 
 // Open recovers the map of a store whose header holds st: it replays the
@@ -85,6 +87,7 @@ func Open(cfg Config, st State) (*Map, error) {
 	m := &Map{cfg: cfg, owner: cfg.Cache.owner(), top: cfg.Geo.Levels - 1,
 		dirty: make(map[uint64]Entry), logged: make(map[uint64]Entry), state: st, seq: st.Seq}
 	m.cond.L = &m.mu
+	m.homes.m = make(map[uint64]leafHomes)
 	if st.Root.Loc > HomeB || st.LogStart >= cfg.Geo.LogBlocks {
 		return nil, fmt.Errorf("%w: the header's map root is malformed", ErrMapAuth)
 	}
@@ -333,8 +336,10 @@ func (m *Map) Home(c uint64) (uint64, error) {
 		return Other(l.Loc()), nil
 	}
 	m.mu.Unlock()
-	e, err := m.treeLookup(c)
-	return Other(e.Loc()), err
+	m.treeMu.RLock()
+	defer m.treeMu.RUnlock()
+	h, err := m.leafHomesLocked(c / LeafFanout)
+	return Other(h.loc(int(c % LeafFanout))), err
 }
 
 // Homes is Home for chunks first..first+len(out)-1, which the caller
@@ -380,7 +385,7 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 	m.treeMu.RLock()
 	defer m.treeMu.RUnlock()
 	var (
-		leaf    *node
+		h       leafHomes
 		leafIdx = ^uint64(0)
 	)
 	for i := range out {
@@ -390,17 +395,103 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 		c := first + uint64(i)
 		if li := c / LeafFanout; li != leafIdx {
 			var err error
-			if leaf, err = m.leafLocked(c); err != nil {
+			if h, err = m.leafHomesLocked(li); err != nil {
 				return err
 			}
 			leafIdx = li
 		}
-		out[i] = HomeA
-		if leaf != nil {
-			out[i] = Other(leaf.entry(int(c % LeafFanout)).Loc())
-		}
+		out[i] = Other(h.loc(int(c % LeafFanout)))
 	}
 	return nil
+}
+
+// leafHomes says where a leaf's entries live: bit i of mapped is set if
+// entry i is mapped, bit i of b if it is in home B.
+type leafHomes struct {
+	hash      [32]byte
+	mapped, b uint64
+}
+
+func (h leafHomes) loc(i int) uint64 {
+	switch {
+	case h.mapped&(1<<i) == 0:
+		return Unmapped
+	case h.b&(1<<i) != 0:
+		return HomeB
+	}
+	return HomeA
+}
+
+func homesOf(n *node, hash [32]byte) leafHomes {
+	h := leafHomes{hash: hash}
+	for i := 0; i < LeafFanout; i++ {
+		switch n.entry(i).Loc() {
+		case HomeA:
+			h.mapped |= 1 << i
+		case HomeB:
+			h.mapped |= 1 << i
+			h.b |= 1 << i
+		}
+	}
+	return h
+}
+
+// homeBits caches leafHomes by leaf, each valid for the leaf content its
+// hash names: a write needs to know only which home is durable, and 16
+// bytes a leaf keep that for far more leaves than the node cache holds.
+type homeBits struct {
+	mu sync.Mutex
+	m  map[uint64]leafHomes
+}
+
+const maxHomeLeaves = 1 << 16
+
+// leafHomesLocked returns where the entries of leaf li live in the tree.
+// Callers hold treeMu.
+func (m *Map) leafHomesLocked(li uint64) (leafHomes, error) {
+	ref := m.state.Root
+	c := li * LeafFanout
+	for level := m.top; level > 0; level-- {
+		if ref.Absent() {
+			return leafHomes{}, nil
+		}
+		n, err := m.load(level, c/span(level), ref)
+		if err != nil {
+			return leafHomes{}, err
+		}
+		ref = n.ref(int((c / span(level-1)) % InteriorFanout))
+	}
+	if ref.Absent() {
+		return leafHomes{}, nil
+	}
+	m.homes.mu.Lock()
+	h, ok := m.homes.m[li]
+	m.homes.mu.Unlock()
+	if ok && h.hash == ref.Hash {
+		return h, nil
+	}
+	n, err := m.load(0, li, ref)
+	if err != nil {
+		return leafHomes{}, err
+	}
+	h = homesOf(n, ref.Hash)
+	m.homes.put(li, h)
+	return h, nil
+}
+
+func (b *homeBits) put(li uint64, h leafHomes) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.m) >= maxHomeLeaves {
+		n := 0
+		for k := range b.m { // drop an eighth, at random
+			delete(b.m, k)
+			if n++; n >= maxHomeLeaves/8 {
+				break
+			}
+		}
+	}
+	b.m[li] = h
 }
 
 // SetRange is Set for chunks first..first+len(es)-1.
@@ -675,6 +766,9 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 	}
 	h := n.hash()
 	m.cfg.Cache.put(cacheKey{m.owner, level, idx, loc}, n, h)
+	if level == 0 {
+		m.homes.put(idx, homesOf(n, h))
+	}
 	return Ref{Loc: loc, Hash: h, MaxGen: n.maxGen()}, nil
 }
 
