@@ -48,17 +48,20 @@ bench: deps build vault
 	bash bench/run.sh
 	bash bench/keys.sh | tee bench/keys.md
 	bash bench/tls.sh | tee bench/tls.md
+	bash bench/scale.sh | tee bench/scale.md
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/
 	$(GO) test -run '^$$' -fuzz FuzzTransmission -fuzztime 2m ./gateway/
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 2m ./crypto/
+	$(GO) test -run '^$$' -fuzz FuzzOpenLogBlock -fuzztime 2m ./crypto/cowmap/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 2m ./policy/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 2m ./audit/
 
-# torture: the crash model over many more seeds than make test runs.
+# torture: the crash model over many more seeds than make test runs
+# (GOLDILOCKS_CRASH_FIRST shifts the range), with the race detector.
 torture:
-	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -count=1 -timeout 60m -run TestCrashModel ./crypto/
+	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -race -count=1 -timeout 90m -run TestCrashModel ./crypto/
 
 # vault: a real Vault server at bin/vault for the Transit provider's tests,
 # built once from the Go module proxy and cached outside the repo.
