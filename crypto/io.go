@@ -360,19 +360,40 @@ func (v *Volume) flushInBackground() {
 
 // unmap makes whole chunks [first, last] read as zeros.
 func (v *Volume) unmap(first, last uint64) error {
-	for c := first; c <= last; c++ {
-		l := v.lock(c)
-		l.Lock()
-		e, err := v.m.Lookup(c)
-		if err == nil && e.Mapped() {
-			if err = v.m.Failed(); err == nil {
-				v.m.Set(c, cowmap.Entry{})
-			}
-		}
-		l.Unlock()
+	// Only mapped runs need work: a TRIM of a whole, mostly empty volume
+	// (mkfs does one) skips the subtrees that were never written.
+	var runs [64]cowmap.Run
+	for c := first; c <= last; {
+		rs, err := v.m.Runs(runs[:0], c, last+1, len(runs))
 		if err != nil {
-			return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
+			return fmt.Errorf("volume %s: %w", v.name, err)
 		}
+		for _, r := range rs {
+			if r.Mapped {
+				for i := c; i < c+r.Chunks; i++ {
+					if err := v.unmapChunk(i); err != nil {
+						return err
+					}
+				}
+			}
+			c += r.Chunks
+		}
+	}
+	return nil
+}
+
+func (v *Volume) unmapChunk(c uint64) error {
+	l := v.lock(c)
+	l.Lock()
+	defer l.Unlock()
+	e, err := v.m.Lookup(c)
+	if err == nil && e.Mapped() {
+		if err = v.m.Failed(); err == nil {
+			v.m.Set(c, cowmap.Entry{})
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"goldilocks/internal/block"
 )
@@ -307,4 +308,49 @@ func BenchmarkVolume1M(b *testing.B) {
 			}
 		}
 	})
+}
+
+// A TRIM of a whole large volume (mkfs sends one) costs time in what is
+// mapped, not in the volume's size (a bug that walks every chunk of
+// 2^32 takes minutes, far past the bound).
+func TestTrimHugeVolume(t *testing.T) {
+	kek := NewLocalKEK(t.TempDir(), nil)
+	const size = 1 << 44 // 16 TiB: a walk over every chunk would take minutes
+	dev := &countDev{size: int64(LayoutFor(size).End)}
+	ctx := context.Background()
+	if err := Format(ctx, dev, [16]byte{1}, size, AES256GCM, kek, "default"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(ctx, dev, "t", [16]byte{1}, kek, quietLog(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := bytes.Repeat([]byte{7}, ChunkSize)
+	for _, off := range []int64{0, 1 << 30, size - ChunkSize} {
+		if _, err := v.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- v.Trim(0, size) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a TRIM of 16 TiB with 3 chunks mapped takes more than 30 s: it walks every chunk")
+	}
+	for _, off := range []int64{0, 1 << 30, size - ChunkSize} {
+		got := make([]byte, ChunkSize)
+		if _, err := v.ReadAt(got, off); err != nil || !bytes.Equal(got, make([]byte, ChunkSize)) {
+			t.Fatalf("chunk at %d after the TRIM: %v", off, err)
+		}
+	}
+	if ext, err := v.Extents(nil, 0, size, 16); err != nil || len(ext) != 1 || ext[0].Flags&block.ExtentZero == 0 {
+		t.Fatalf("extents after the TRIM: %v %v", ext, err)
+	}
 }
