@@ -201,11 +201,16 @@ func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error 
 	if opt.Progress != nil {
 		opt.Progress(from, total)
 	}
+	var (
+		runs    [1]cowmap.Run
+		pending bool // chunks re-sealed since the last checkpoint
+	)
 	for c := from; c < total; c++ {
-		if c%every == 0 && c > from {
+		if c%every == 0 && c > from && pending {
 			if err := v.checkpoint(c); err != nil {
 				return err
 			}
+			pending = false
 			v.log.Info("rekey progress", "event", "rekey_progress", "volume", v.name, "cursor", c, "chunks", total)
 		}
 		if opt.stopAt != 0 && c == opt.stopAt {
@@ -234,7 +239,23 @@ func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error 
 		if err != nil {
 			return err
 		}
-		if !e.Mapped() || e.KeySlot() == target {
+		if !e.Mapped() {
+			// Skip the unmapped run (never-written subtrees cost nothing),
+			// up to the next place the loop acts on.
+			rs, err := v.m.Runs(runs[:0], c, total, 1)
+			if err != nil {
+				return err
+			}
+			if len(rs) == 1 && !rs[0].Mapped {
+				next := min(c+rs[0].Chunks, (c/every+1)*every, (c/256+1)*256)
+				if opt.stopAt > c {
+					next = min(next, opt.stopAt)
+				}
+				c = next - 1
+			}
+			continue
+		}
+		if e.KeySlot() == target {
 			continue
 		}
 		done, err := v.reseal(c, target, b)
@@ -243,6 +264,7 @@ func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error 
 		}
 		if done {
 			resealed += ChunkSize
+			pending = true
 		}
 	}
 	if opt.Progress != nil {
