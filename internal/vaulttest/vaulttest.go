@@ -76,7 +76,10 @@ type Options struct {
 	TLS bool
 }
 
-// Start starts a Vault with the Transit engine mounted at "transit".
+// Start starts a Vault with the Transit engine mounted at "transit" and a
+// KV version 2 engine at "secret" (a dev server has it already; a
+// persistent one gets it here), where the vault provider keeps its DEK
+// secrets.
 func Start(tb testing.TB, o Options) *Server {
 	tb.Helper()
 	if o.TLS && o.Persistent {
@@ -117,7 +120,30 @@ api_addr = %q
 	if err := c.Sys().Mount("transit", &vault.MountInput{Type: "transit"}); err != nil {
 		tb.Fatalf("vault: enabling transit: %v", err)
 	}
+	if s.persistent {
+		if err := c.Sys().Mount("secret", &vault.MountInput{Type: "kv", Options: map[string]string{"version": "2"}}); err != nil {
+			tb.Fatalf("vault: enabling kv-v2 at secret/: %v", err)
+		}
+	}
+	s.waitKV(c)
 	return s
+}
+
+// waitKV waits until the KV version 2 engine at secret/ serves: a new
+// mount upgrades its storage for a moment first.
+func (s *Server) waitKV(c *vault.Client) {
+	s.tb.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := c.Logical().Read("secret/config")
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			s.tb.Fatalf("vault: the KV engine at secret/ does not serve after 30 s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func (s *Server) start() {
@@ -239,6 +265,7 @@ func (s *Server) Restart() {
 	}
 	s.start()
 	s.unseal()
+	s.waitKV(s.Client())
 }
 
 func freePort(tb testing.TB) int {
