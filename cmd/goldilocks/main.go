@@ -107,6 +107,7 @@ func (a *app) openRegistry() (*volume.Registry, error) {
 	}
 	vc := crypto.VaultConfig{
 		Mount:        os.Getenv("GOLDILOCKS_VAULT_TRANSIT_MOUNT"),
+		KVMount:      os.Getenv("GOLDILOCKS_VAULT_KV_MOUNT"),
 		AppRoleMount: os.Getenv("GOLDILOCKS_VAULT_APPROLE_MOUNT"),
 		RoleID:       os.Getenv("GOLDILOCKS_VAULT_ROLE_ID"),
 		SecretID:     os.Getenv("GOLDILOCKS_VAULT_SECRET_ID"),

@@ -218,13 +218,14 @@ func newVolumeShredCmd(a *app) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "shred NAME [--yes]",
 		Short: "Destroy an encrypted volume's data key: its data is unreadable at once",
-		Long: `Destroys an encrypted volume's data key: first its secret in the local
-keystore, so that no copy of the volume's header (a backup, a snapshot
-of the storage) opens either, then both header copies; then removes the
-volume and its backing file if that lives in the data dir. This cannot be
+		Long: `Destroys an encrypted volume's data key: first its secret (in the local
+keystore, or in Vault's KV engine for a Vault-keyed volume), so that no
+copy of the volume's header (a backup, a snapshot of the storage) opens
+either, then both header copies; then removes the volume, its rollback
+anchor and its backing file if that lives in the data dir. This cannot be
 undone. On a terminal it asks you to type the volume's name; without one
-it refuses unless --yes is given. (A Vault-keyed volume loses its header
-copies only: Transit cannot destroy one ciphertext.)`,
+it refuses unless --yes is given. (A Vault-keyed volume wrapped before
+destroyable secrets existed has none: it loses its header copies only.)`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, "volume_shred", func(cmd *cobra.Command, argv []string) error {
 			reg, err := a.openRegistry()

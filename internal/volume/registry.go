@@ -598,9 +598,11 @@ func (r *Registry) Remove(name string) error {
 // tier opens either; then both header copies are overwritten with random
 // bytes and synced. Then it removes the volume from the registry and
 // deletes its backing file if it lives in the data dir. If a key cannot
-// be destroyed, nothing is overwritten and the volume stays. A provider
-// that cannot destroy a key (Vault's Transit) loses only the header
-// copies: a copy of the header taken before still opens with its KEK.
+// be destroyed, nothing is overwritten and the volume stays. Both
+// providers destroy every DEK of the volume's UUID (DestroyVolume: the
+// local keystore's secrets, Vault's KV v2 secrets); a Vault wrapping from
+// before gl2 has no secret, and a copy of its header still opens with its
+// Transit key.
 func (r *Registry) Shred(name string) error {
 	v, err := r.Get(name)
 	if err != nil {
