@@ -16,7 +16,10 @@
 // never imports Vault's client.
 //
 // Lock order: Volume.keyMu (one rotation or rekey), then the chunk locks
-// (ascending index; a FLUSH takes them all to quiesce writers), then the
-// map's commit lock, headerState.mu, the map's state lock, its tree lock,
-// the node cache's shard locks; the keyring's lock is a leaf.
+// (ascending index), then the map's commit lock, Volume.gate (a write
+// holds it shared from choosing a home to recording it; a commit takes it
+// exclusively to snapshot), headerState.mu, the map's state lock, its tree
+// lock, the node cache's shard locks; the keyring's lock is a leaf. A
+// write may wait, holding its chunk lock and the gate shared, for the
+// commit in progress to end; that commit holds neither.
 package crypto

@@ -248,6 +248,8 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 	defer v.pools.batches.Put(bb)
 	v.lockRange(first, bb.locks[:n])
 	defer v.unlockRange(bb.locks[:n])
+	v.gate.RLock()
+	defer v.gate.RUnlock()
 	homes := bb.homes[:n]
 	if err := v.m.Homes(first, homes); err != nil {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
@@ -292,7 +294,7 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 }
 
 // lockRange write-locks the locks of chunks first..first+len(idx)-1
-// (fewer than the locks) in ascending lock order, as quiesce does.
+// (fewer than the locks) in ascending lock order.
 func (v *Volume) lockRange(first uint64, idx []int) {
 	for i := range idx {
 		idx[i] = int((first + uint64(i)) % uint64(len(v.locks)))
@@ -312,6 +314,8 @@ func (v *Volume) unlockRange(idx []int) {
 // writeChunk seals pt as chunk c into the home the map gives and records
 // the new entry. Callers hold the chunk's write lock.
 func (v *Volume) writeChunk(c uint64, pt []byte, b *chunkBuf) error {
+	v.gate.RLock()
+	defer v.gate.RUnlock()
 	home, err := v.m.Home(c)
 	if err != nil {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)

@@ -24,7 +24,7 @@ var (
 )
 
 const (
-	maxDirty    = 1 << 14 // entries waiting for a commit before a background flush (64 MiB of writes)
+	maxDirty    = 1 << 16 // entries waiting for a commit before a background flush (256 MiB of writes)
 	idleCkpt    = 5 * time.Second
 	anchorEvery = time.Second
 )
@@ -88,6 +88,10 @@ type Volume struct {
 
 	keyMu sync.Mutex // one rotation or rekey at a time
 	locks [1024]sync.RWMutex
+	// gate is held shared by every write from the Home that chooses
+	// where its data goes to the Set that records it; a commit takes it
+	// exclusively to snapshot the map (quiesce).
+	gate sync.RWMutex
 
 	bgFlush    atomic.Bool
 	bg         sync.WaitGroup
@@ -382,17 +386,11 @@ func (v *Volume) Seq() uint64 { return v.m.Seq() }
 
 func (v *Volume) lock(c uint64) *sync.RWMutex { return &v.locks[c%uint64(len(v.locks))] }
 
-// quiesce write-locks every chunk lock: no write is between its data and
-// its map entry (cowmap.Map.Commit).
+// quiesce closes the gate: no write is then between the Home that chose
+// its place and the Set that records it (cowmap.Map.Commit).
 func (v *Volume) quiesce() func() {
-	for i := range v.locks {
-		v.locks[i].Lock()
-	}
-	return func() {
-		for i := range v.locks {
-			v.locks[i].Unlock()
-		}
-	}
+	v.gate.Lock()
+	return v.gate.Unlock
 }
 
 // Flush makes every completed write durable: one map commit, one flush of

@@ -53,7 +53,7 @@ type Map struct {
 	top   int
 
 	commitMu sync.Mutex // one commit or checkpoint at a time
-	logBuf   []byte     // guarded by commitMu
+	logBuf   []byte     // one log block; guarded by commitMu
 
 	mu      sync.Mutex // guards the fields below
 	cond    sync.Cond  // a commit ended
@@ -82,7 +82,7 @@ func Open(cfg Config, st State) (*Map, error) {
 		cfg.Cache = NewCache(1 << 20)
 	}
 	if cfg.MaxLogged == 0 {
-		cfg.MaxLogged = 16384
+		cfg.MaxLogged = 65536
 	}
 	m := &Map{cfg: cfg, owner: cfg.Cache.owner(), top: cfg.Geo.Levels - 1,
 		dirty: make(map[uint64]Entry), logged: make(map[uint64]Entry), state: st, seq: st.Seq}
@@ -621,31 +621,38 @@ func cmpU64(a, b uint64) int {
 // writeLog writes recs as one commit at the log's head.
 func (m *Map) writeLog(recs []record, seq, blocks uint64) ([32]byte, error) {
 	g := &m.cfg.Geo
-	need := int(blocks) * BlockSize
-	if cap(m.logBuf) < need {
-		m.logBuf = make([]byte, need)
+	// One block is kept (a FLUSH after each write needs no more); a larger
+	// commit takes a buffer of up to logBufBlocks for its duration.
+	buf := m.logBuf
+	if buf == nil {
+		m.logBuf = make([]byte, BlockSize)
+		buf = m.logBuf
 	}
-	buf := m.logBuf[:need]
+	if blocks > 1 {
+		buf = make([]byte, min(blocks, logBufBlocks)*BlockSize)
+	}
 	m.mu.Lock()
 	prev, head := m.prev, (m.state.LogStart+m.used)%g.LogBlocks
 	m.mu.Unlock()
-	for i := uint64(0); i < blocks; i++ {
-		lo := int(i) * LogPerBlock
-		hi := min(lo+LogPerBlock, len(recs))
-		prev = sealLogBlock(buf[i*BlockSize:][:BlockSize], m.cfg.LogKey, m.cfg.UUID, recs[lo:hi], i == blocks-1, seq, (head+i)%g.LogBlocks, prev)
-	}
-	// At most two runs: up to the ring's end, then from its start.
-	first := min(blocks, g.LogBlocks-head)
-	if _, err := m.cfg.Dev.WriteAt(buf[:first*BlockSize], int64(g.logBlock(head)*BlockSize)); err != nil {
-		return prev, fmt.Errorf("writing the map log: %w", err)
-	}
-	if first < blocks {
-		if _, err := m.cfg.Dev.WriteAt(buf[first*BlockSize:], int64(g.LogBase*BlockSize)); err != nil {
+	// In pieces of at most logBufBlocks, never across the ring's end.
+	for i := uint64(0); i < blocks; {
+		pos := (head + i) % g.LogBlocks
+		n := min(blocks-i, uint64(len(buf)/BlockSize), g.LogBlocks-pos)
+		for j := uint64(0); j < n; j++ {
+			lo := int(i+j) * LogPerBlock
+			hi := min(lo+LogPerBlock, len(recs))
+			prev = sealLogBlock(buf[j*BlockSize:][:BlockSize], m.cfg.LogKey, m.cfg.UUID, recs[lo:hi], i+j == blocks-1, seq, pos+j, prev)
+		}
+		if _, err := m.cfg.Dev.WriteAt(buf[:n*BlockSize], int64(g.logBlock(pos)*BlockSize)); err != nil {
 			return prev, fmt.Errorf("writing the map log: %w", err)
 		}
+		i += n
 	}
 	return prev, nil
 }
+
+// logBufBlocks is the size of a map's log write buffer (256 KiB).
+const logBufBlocks = 64
 
 // Checkpoint writes every logged entry into the tree and the new root to
 // the header, emptying the log.
