@@ -545,12 +545,10 @@ func (m *Map) Commit(quiesce func() func()) error {
 	m.mu.Unlock()
 	release()
 
-	recs := make([]record, 0, len(m.snap))
-	for c, e := range m.snap {
-		e.SetGen(seq)
-		recs = append(recs, record{c, e})
+	recs := sortedRecords(m.snap, nil)
+	for i := range recs {
+		recs[i].e.SetGen(seq)
 	}
-	slices.SortFunc(recs, func(a, b record) int { return cmpU64(a.chunk, b.chunk) })
 	blocks := (uint64(len(recs)) + LogPerBlock - 1) / LogPerBlock
 	var (
 		err  error
@@ -676,19 +674,13 @@ func (m *Map) Checkpoint() error {
 // into the tree. Callers hold commitMu.
 func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	m.mu.Lock()
-	recs := make([]record, 0, len(m.logged)+len(extra))
-	for c, e := range m.logged {
-		recs = append(recs, record{c, e})
-	}
+	recs := sortedRecords(m.logged, extra)
 	newSeq := m.seq
 	head := (m.state.LogStart + m.used) % m.cfg.Geo.LogBlocks
 	m.mu.Unlock()
 	if extra != nil {
 		newSeq = seq
-		recs = append(recs, extra...) // stable sort keeps extra after logged
 	}
-	slices.SortStableFunc(recs, func(a, b record) int { return cmpU64(a.chunk, b.chunk) })
-	recs = dedupLast(recs)
 
 	m.treeMu.RLock()
 	old := m.state
@@ -719,16 +711,27 @@ func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	return nil
 }
 
-// dedupLast keeps the last record of each chunk of a sorted slice.
-func dedupLast(recs []record) []record {
-	out := recs[:0]
-	for i, r := range recs {
-		if i+1 < len(recs) && recs[i+1].chunk == r.chunk {
-			continue
-		}
-		out = append(out, r)
+// sortedRecords returns the entries of mp, with those of extra (sorted,
+// one per chunk) in place of mp's for the same chunk, in chunk order. It
+// sorts the chunk numbers, not the 72-byte records.
+func sortedRecords(mp map[uint64]Entry, extra []record) []record {
+	keys := make([]uint64, 0, len(mp))
+	for c := range mp {
+		keys = append(keys, c)
 	}
-	return out
+	slices.Sort(keys)
+	out := make([]record, 0, len(keys)+len(extra))
+	for _, c := range keys {
+		for len(extra) > 0 && extra[0].chunk < c {
+			out = append(out, extra[0])
+			extra = extra[1:]
+		}
+		if len(extra) > 0 && extra[0].chunk == c {
+			continue // extra's entry, appended next, is the newer one
+		}
+		out = append(out, record{c, mp[c]})
+	}
+	return append(out, extra...)
 }
 
 // update writes node (level, idx), now at ref, with recs (sorted, all
