@@ -37,8 +37,9 @@ type AnchorState struct {
 	Epoch      uint32
 }
 
-// merge returns the field-by-field maximum of a and b.
-func (a AnchorState) merge(b AnchorState) AnchorState {
+// Merge returns the field-by-field maximum of a and b: what an anchor
+// holds after recording b.
+func (a AnchorState) Merge(b AnchorState) AnchorState {
 	return AnchorState{Seq: max(a.Seq, b.Seq), Generation: max(a.Generation, b.Generation), Epoch: max(a.Epoch, b.Epoch)}
 }
 
@@ -122,7 +123,7 @@ func (a *FileAnchor) Advance(v [16]byte, st AnchorState) error {
 		return err
 	}
 	if ok {
-		if st = old.merge(st); st == old {
+		if st = old.Merge(st); st == old {
 			return nil
 		}
 	}

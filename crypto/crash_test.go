@@ -167,7 +167,7 @@ func (a *memAnchor) Load(v [16]byte) (AnchorState, bool, error) {
 func (a *memAnchor) Advance(v [16]byte, st AnchorState) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.m[v] = a.m[v].merge(st)
+	a.m[v] = a.m[v].Merge(st)
 	return nil
 }
 

@@ -12,5 +12,5 @@
 // ciphertext to the home that Home returns.
 //
 // Lock order: the caller's chunk locks, then Map.commitMu, then Map.mu,
-// then Map.treeMu, then Cache.mu.
+// then Map.treeMu, then the home bits' and the Cache's locks (leaves).
 package cowmap

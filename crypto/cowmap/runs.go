@@ -37,7 +37,7 @@ func (m *Map) Runs(dst []Run, from, to uint64, maxRuns int) ([]Run, error) {
 		dst = append(dst, Run{n, mapped})
 	}
 	c := from
-	for c < to && (len(dst) < maxRuns || len(dst) == maxRuns) {
+	for c < to && len(dst) <= maxRuns { // at maxRuns only the last run may grow
 		if len(over) > 0 && over[0].c == c {
 			if len(dst) == maxRuns && dst[maxRuns-1].Mapped != over[0].mapped {
 				break

@@ -449,9 +449,7 @@ func (a *pendingAnchor) Load([16]byte) (crypto.AnchorState, bool, error) {
 func (a *pendingAnchor) Advance(_ [16]byte, st crypto.AnchorState) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.st.Seq = max(a.st.Seq, st.Seq)
-	a.st.Generation = max(a.st.Generation, st.Generation)
-	a.st.Epoch = max(a.st.Epoch, st.Epoch)
+	a.st = a.st.Merge(st)
 	a.ok = true
 	return nil
 }
