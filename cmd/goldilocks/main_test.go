@@ -357,3 +357,39 @@ func TestUnsealedKeystoreWarnings(t *testing.T) {
 		t.Errorf("info with a sealed keystore: %d %s", code, out)
 	}
 }
+
+// TestVolumeExportTargets: export writes a sparse regular file, standard
+// output ("-") and a character device (/dev/null), each with the
+// volume's plaintext.
+func TestVolumeExportTargets(t *testing.T) {
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "in.raw")
+	want := bytes.Repeat([]byte("goldilocks export "), 1<<16) // 1.1 MiB, not a chunk multiple
+	want = append(want, make([]byte, 4<<20-len(want))...)   // then zeros to 4 MiB
+	if err := os.WriteFile(raw, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, stderr := runCLI(t, "volume", "import", "v", "--from", raw, "--data-dir", dir); code != 0 {
+		t.Fatalf("import: %q", stderr)
+	}
+	out := filepath.Join(dir, "out.raw")
+	for _, to := range []string{out, "-", os.DevNull} {
+		code, stdout, stderr := runCLI(t, "volume", "export", "v", "--to", to, "--data-dir", dir)
+		if code != 0 {
+			t.Fatalf("export --to %s: %d %q", to, code, stderr)
+		}
+		got := []byte(stdout)
+		switch to {
+		case out:
+			var err error
+			if got, err = os.ReadFile(out); err != nil {
+				t.Fatal(err)
+			}
+		case os.DevNull:
+			continue
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("export --to %s: %d bytes, not the imported %d", to, len(got), len(want))
+		}
+	}
+}

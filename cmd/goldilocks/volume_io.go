@@ -86,21 +86,23 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 				return err
 			}
 			defer dev.Close()
-			out, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+			out, regular, err := openExportTarget(a, to)
 			if err != nil {
 				return err
 			}
 			size := dev.Size()
-			if err := out.Truncate(size); err != nil { // sparse: holes stay holes
-				out.Close()
-				return err
+			if regular {
+				if err := out.f.Truncate(size); err != nil { // sparse: holes stay holes
+					out.Close()
+					return err
+				}
 			}
 			ext, _ := dev.(block.Extenter)
 			buf := make([]byte, copyBlock)
 			pr := newProgress(a, "export "+v.Name, size)
 			for off := int64(0); off < size; {
 				n := min(int64(copyBlock), size-off)
-				if ext != nil {
+				if ext != nil && regular {
 					if e, err := ext.Extents(nil, off, n, 1); err == nil && len(e) == 1 && e[0].Flags&block.ExtentZero != 0 {
 						off += e[0].Length
 						pr.update(off)
@@ -111,23 +113,30 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 					out.Close()
 					return fmt.Errorf("volume %s at offset %d: %w", v.Name, off, err)
 				}
-				if !isZero(buf[:n]) {
-					if _, err := out.WriteAt(buf[:n], off); err != nil {
-						out.Close()
-						return err
-					}
+				var err error
+				switch {
+				case !regular: // a pipe, a device, /dev/null: every byte, in order
+					_, err = out.w.Write(buf[:n])
+				case !isZero(buf[:n]):
+					_, err = out.f.WriteAt(buf[:n], off)
+				}
+				if err != nil {
+					out.Close()
+					return fmt.Errorf("volume export %s: %w", v.Name, err)
 				}
 				off += n
 				pr.update(off)
 			}
-			if err := out.Sync(); err != nil {
-				out.Close()
-				return err
+			if regular {
+				if err := out.f.Sync(); err != nil {
+					out.Close()
+					return err
+				}
 			}
 			return out.Close()
 		}),
 	}
-	c.Flags().StringVar(&to, "to", "", "raw image to write")
+	c.Flags().StringVar(&to, "to", "", "raw image to write (\"-\": standard output; a device or pipe is written in order)")
 	return c
 }
 
@@ -295,4 +304,31 @@ func isZero(b []byte) bool {
 		b = b[n:]
 	}
 	return true
+}
+
+// exportTarget is where volume export writes: a regular file (created or
+// truncated, written sparse with WriteAt), or a stream written in order:
+// standard output for "-", or a pipe, a block device or /dev/null.
+type exportTarget struct {
+	w io.Writer
+	f *os.File // nil for standard output
+}
+
+func openExportTarget(a *app, to string) (exportTarget, bool, error) {
+	if to == "-" {
+		return exportTarget{w: a.stdout}, false, nil
+	}
+	if st, err := os.Stat(to); err == nil && !st.Mode().IsRegular() {
+		f, err := os.OpenFile(to, os.O_WRONLY, 0)
+		return exportTarget{w: f, f: f}, false, err
+	}
+	f, err := os.OpenFile(to, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	return exportTarget{w: f, f: f}, true, err
+}
+
+func (t exportTarget) Close() error {
+	if t.f == nil {
+		return nil
+	}
+	return t.f.Close()
 }
