@@ -365,7 +365,7 @@ func TestVolumeExportTargets(t *testing.T) {
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "in.raw")
 	want := bytes.Repeat([]byte("goldilocks export "), 1<<16) // 1.1 MiB, not a chunk multiple
-	want = append(want, make([]byte, 4<<20-len(want))...)   // then zeros to 4 MiB
+	want = append(want, make([]byte, 4<<20-len(want))...)     // then zeros to 4 MiB
 	if err := os.WriteFile(raw, want, 0o600); err != nil {
 		t.Fatal(err)
 	}
