@@ -266,6 +266,11 @@ copy_job() { # uri read|write
 	awk -v a="$t0" -v b="$t1" -v n="$SIZE_BYTES" 'BEGIN { printf "%.3f\n", n / (b - a) / 1e6 }' >"$VALUE"
 }
 
+# settle writes back every dirty page before a job (not timed): a server
+# that leaves its writes in the page cache would otherwise have the kernel
+# write them back during the next server's job, which then pays for them.
+settle() { sync; }
+
 measure() { # job uri
 	case $1 in
 	randread4k) fio_job "$2" randread 4k 32 ;;
@@ -299,7 +304,7 @@ echo "- goldilocks: ${gl_version:-(no --version)}; binary $GOLDILOCKS${gl_commit
 echo "- method: one 2 GiB file of random data in page cache, served by all three servers of the plain set" \
 	"(Goldilocks volume --plain --backing it) and copied into the encrypted set's volumes; fio ioengine=nbd numjobs=1, ${RUNTIME} s + ${RAMP} s ramp;" \
 	"nbdcopy -C 1 of the whole 2 GiB (read to null:, write from a second file);" \
-	"servers alternate job by job, order rotated; each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
+	"servers alternate job by job, order rotated; \`sync\` (untimed) before each job; each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
 echo "- sets: ${SETS}; transports: ${TRANSPORTS}"
 if ((ENCRYPTED)); then
 	echo "- encrypted set: Goldilocks default volume (AES-256-GCM, local keystore) filled by volume import" \
@@ -372,7 +377,7 @@ for set in $SETS; do
 						log "$set $t rep $((r + 1))/$REPS $job $s: server is not running"
 						tail -n 5 "$W/$s.log" >&2 || true
 						v=fail
-					elif rm -f "$VALUE" && measure "$job" "${URI[$s]}" && read -r v <"$VALUE"; then
+					elif rm -f "$VALUE" && settle && measure "$job" "${URI[$s]}" && read -r v <"$VALUE"; then
 						:
 					else
 						log "$set $t rep $((r + 1))/$REPS $job $s: FAILED"

@@ -98,22 +98,33 @@ func (s *Server) labels(name string) map[string]string {
 	return nil
 }
 
+// decision is the policy's answer for one export and this connection.
+type decision struct {
+	g        *grant // nil: allowed with no policy (or refused)
+	identity string
+	code     uint32 // 0: allowed; else the option reply code
+	msg      string // for the client: short, no detail
+	reason   string // for the log and the audit trail
+}
+
 // decide asks the policy about export name for this connection. With no
 // policy everything is allowed with no limits (nil grant).
-func (c *conn) decide(name string) (g *grant, code uint32, msg string) {
+func (c *conn) decide(name string) decision {
 	pol := c.srv.policy()
 	if pol == nil {
-		return nil, 0, ""
+		return decision{}
 	}
 	id := pol.Identify(&c.peer)
 	d := pol.Decide(id, policy.Volume{Name: name, Labels: c.srv.labels(name)})
 	switch {
 	case !d.Allow:
-		return nil, repErrPolicy, d.Reason
+		// A refusal's reason names the identity and the volume, never the
+		// policy file or its rules: the client may see it.
+		return decision{identity: id, code: repErrPolicy, msg: d.Reason, reason: d.Reason}
 	case d.TLSRequired && !c.tls:
-		return nil, repErrTLSReqd, d.Reason + ", over TLS only"
+		return decision{identity: id, code: repErrTLSReqd, msg: "this export is served over TLS only", reason: d.Reason + ", over TLS only"}
 	}
-	return c.srv.grantFor(d, id, name), 0, ""
+	return decision{g: c.srv.grantFor(d, id, name), identity: id}
 }
 
 // tlsRequired reports whether this server refuses plaintext altogether.
@@ -148,19 +159,17 @@ func (c *conn) attach(g *grant) string {
 		return fmt.Sprintf("identity %s already has %d connections (max_connections %d)", g.identity, s.idConns[g.identity], g.maxConns)
 	}
 	s.idConns[g.identity]++
-	c.counted = g.identity
+	c.counted, c.isCounted = g.identity, true
 	c.grant.Store(g)
-	if g.readOnly {
-		c.exp.ReadOnly = true
-	}
 	return ""
 }
 
-// detach undoes attach's count.
+// detach undoes attach's count; a second call does nothing.
 func (c *conn) detach() {
-	if c.grant.Load() == nil {
+	if !c.isCounted {
 		return
 	}
+	c.isCounted = false
 	s := c.srv
 	s.mu.Lock()
 	if s.idConns[c.counted]--; s.idConns[c.counted] <= 0 {
@@ -261,13 +270,13 @@ func (s *Server) Reauthorize() int {
 			c.grant.Store(nil)
 			continue
 		}
-		g, code, msg := c.decide(c.expName())
-		if code != 0 {
-			c.revoke(msg)
+		d := c.decide(c.expName())
+		if d.code != 0 {
+			c.revoke(d.reason)
 			cut++
 			continue
 		}
-		c.grant.Store(g)
+		c.grant.Store(d.g)
 	}
 	return cut
 }

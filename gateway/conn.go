@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -42,10 +41,13 @@ type conn struct {
 
 	// Access (access.go). peer is set at accept and after STARTTLS; grant
 	// is the live grant (nil: no policy), replaced by Reauthorize.
-	peer     policy.Peer
-	grant    atomic.Pointer[grant]
-	counted  string      // identity counted against max_connections
-	attached atomic.Bool // in transmission
+	peer      policy.Peer
+	grant     atomic.Pointer[grant]
+	counted   string      // identity counted against max_connections...
+	isCounted bool        // ...while this is true
+	recorded  bool        // the attach is on the audit trail: a detach must follow
+	readOnly  bool        // the export, or the grant it was opened under, is read-only
+	attached  atomic.Bool // in transmission
 	cutState
 	stats sessionStats
 
@@ -125,6 +127,10 @@ func (c *conn) serve() {
 	defer m.connClosed()
 	err := c.handshake()
 	if err != nil {
+		// A GO or EXPORT_NAME whose reply could not be sent was counted
+		// and recorded: undo both, as for any detach.
+		c.recordDetach()
+		c.detach()
 		c.closeExport()
 		var pe *protocolError
 		switch {
@@ -159,9 +165,7 @@ func (c *conn) openExport(name string, g *grant) error {
 		return err
 	}
 	c.exp, c.release, c.offer = exp, release, g
-	if g != nil && g.readOnly {
-		c.exp.ReadOnly = true
-	}
+	c.readOnly = exp.ReadOnly || (g != nil && g.readOnly)
 	c.flags = c.transmissionFlags()
 	return nil
 }
@@ -190,7 +194,7 @@ func (c *conn) transmissionFlags() uint16 {
 	if c.exp.MultiConn {
 		f |= tfCanMultiConn
 	}
-	if c.exp.ReadOnly {
+	if c.readOnly {
 		return f | tfReadOnly
 	}
 	f |= tfSendFUA
@@ -214,10 +218,11 @@ type request struct {
 	length uint32
 	buf    *buffer // payload (WRITE in, READ out)
 
-	hdr      [requestSize + 4]byte // request in; reply header out
-	vec      [2][]byte             // the reply: header and payload (or nil)
-	zeroCopy bool                  // the payload goes by sendfile
-	deferred bool                  // run on the reader: reply batched by flushDeferred
+	hdr      [requestSize + 4]byte        // request in; reply header out
+	vec      [2][]byte                    // the reply: header and payload (or nil)
+	zeroCopy bool                         // the payload goes by sendfile
+	deferred bool                         // run on the reader: reply batched by flushDeferred
+	trailer  [structuredHdrSize + 14]byte // a zero-copy read's last chunk
 	extents  []block.Extent
 	bsReply  []byte
 
@@ -240,7 +245,7 @@ func (c *conn) transmit() {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
 				c.raw, c.sendFD = raw, int(f.File().Fd())
-				if !c.exp.ReadOnly {
+				if !c.readOnly {
 					if sp, err := newSplicer(c.sendFD); err == nil {
 						c.splice = sp
 						defer sp.close()
@@ -283,7 +288,7 @@ func (c *conn) transmit() {
 	workers.Wait()
 	// A client that leaves flushes first if it wants durability (as with
 	// nbdkit and qemu-nbd); a server that stops flushes for its clients.
-	if c.stopping.Load() && !c.exp.ReadOnly && c.wrote.Load() {
+	if c.stopping.Load() && !c.readOnly && c.wrote.Load() {
 		if err := dev.Flush(); err != nil {
 			c.log.Error("flush at stop failed", "export", c.exp.Name, "err", err)
 		}
@@ -467,72 +472,6 @@ func (c *conn) done(r *request) {
 	c.free <- r
 }
 
-// validate is the one place that checks a request's command, flags and
-// range before any backend sees it (nbdkit's validate_request). It returns
-// 0 or the NBD error to reply with.
-func (c *conn) validate(r *request) uint32 {
-	size := uint64(c.exp.Device.Size())
-	ro := c.exp.ReadOnly
-	known := cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
-	if r.flags&^known != 0 {
-		return errInval
-	}
-	switch r.typ {
-	case cmdRead, cmdWrite, cmdTrim, cmdWriteZeroes, cmdCache, cmdBlockStatus:
-	case cmdFlush:
-		if r.flags != 0 {
-			return errInval
-		}
-		return 0
-	default:
-		return errInval
-	}
-	// Writes to a read-only export are EPERM whatever else is wrong.
-	switch r.typ {
-	case cmdWrite, cmdTrim, cmdWriteZeroes:
-		if ro {
-			return errPerm
-		}
-	}
-	// Flags only where the protocol allows them.
-	if r.flags&cmdFlagFUA != 0 && r.typ != cmdWrite && r.typ != cmdTrim && r.typ != cmdWriteZeroes {
-		return errInval
-	}
-	if r.flags&(cmdFlagNoHole|cmdFlagFastZero) != 0 && r.typ != cmdWriteZeroes {
-		return errInval
-	}
-	if r.flags&cmdFlagDF != 0 && (r.typ != cmdRead || !c.structured) {
-		return errInval
-	}
-	if r.flags&cmdFlagReqOne != 0 && r.typ != cmdBlockStatus {
-		return errInval
-	}
-	// Lengths.
-	if r.length == 0 {
-		return errInval
-	}
-	if (r.typ == cmdRead || r.typ == cmdWrite) && r.length > MaxRequestSize {
-		return errInval
-	}
-	// Capabilities.
-	switch {
-	case r.typ == cmdTrim && c.trimmer == nil,
-		r.typ == cmdWriteZeroes && c.zeroer == nil,
-		r.typ == cmdCache && c.cacher == nil:
-		return errNotSup
-	case r.typ == cmdBlockStatus && !c.metaAlloc:
-		return errInval
-	}
-	// Range.
-	if r.off > size || uint64(r.length) > size-r.off {
-		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
-			return errNoSpc
-		}
-		return errInval
-	}
-	return 0
-}
-
 // handle runs one validated request and sends its reply.
 func (c *conn) handle(r *request) {
 	dev := c.exp.Device
@@ -608,10 +547,16 @@ func (c *conn) read(r *request) {
 }
 
 // sendRead sends a successful read's data: one structured OFFSET_DATA
-// chunk, or a simple reply.
+// chunk, or a simple reply. A zero-copy chunk is not the last: its data
+// is read while it is sent, so the reply ends with a chunk of its own
+// (sendfileReply): NONE, or an error at the offset where the read failed.
 func (c *conn) sendRead(r *request, data []byte) {
 	if c.structured {
-		h := c.structuredHeader(r, replyFlagDone, replyOffsetData, 8+r.length)
+		flags := replyFlagDone
+		if r.zeroCopy {
+			flags = 0
+		}
+		h := c.structuredHeader(r, flags, replyOffsetData, 8+r.length)
 		binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
 		c.send(r, h[:structuredHdrSize+8], data)
 		return
@@ -633,9 +578,7 @@ func (c *conn) blockStatus(r *request) {
 	} else {
 		r.extents = append(r.extents, block.Extent{Length: n})
 	}
-	if err == nil && len(r.extents) == 0 {
-		err = errors.New("backend returned no extents")
-	}
+	r.extents = tidyExtents(r.extents, n)
 	if err != nil {
 		c.log.Error("request failed", "cmd", "block_status", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
 		c.count(cmdBlockStatus, 0, true)
@@ -651,6 +594,27 @@ func (c *conn) blockStatus(r *request) {
 	c.count(cmdBlockStatus, 0, false)
 	h := c.structuredHeader(r, replyFlagDone, replyBlockStatus, uint32(len(b)))
 	c.send(r, h[:structuredHdrSize], b)
+}
+
+// tidyExtents drops the zero-length extents a backend may return (a
+// racing trim), which clients take for a protocol error, and merges
+// neighbours of one kind. With none left it reports the whole range as
+// data, which is always true enough.
+func tidyExtents(es []block.Extent, n int64) []block.Extent {
+	out := es[:0]
+	for _, e := range es {
+		switch {
+		case e.Length <= 0:
+		case len(out) > 0 && out[len(out)-1].Flags == e.Flags:
+			out[len(out)-1].Length += e.Length
+		default:
+			out = append(out, e)
+		}
+	}
+	if len(out) == 0 {
+		out = append(out, block.Extent{Length: n})
+	}
+	return out
 }
 
 func (c *conn) simpleHeader(r *request, errno uint32) []byte {
@@ -686,35 +650,4 @@ func (c *conn) replyError(r *request, errno uint32) {
 		return
 	}
 	c.replySimple(r, errno, nil)
-}
-
-// errnoOf is the one place that maps internal errors to NBD errors.
-func errnoOf(err error) uint32 {
-	var en syscall.Errno
-	switch {
-	case errors.Is(err, block.ErrOutOfRange):
-		return errInval
-	case errors.Is(err, block.ErrReadOnly):
-		return errPerm
-	case errors.Is(err, block.ErrNotSupported):
-		return errNotSup
-	case errors.Is(err, os.ErrPermission):
-		return errPerm
-	case errors.As(err, &en):
-		switch en {
-		case syscall.ENOSPC, syscall.EDQUOT:
-			return errNoSpc
-		case syscall.EPERM, syscall.EACCES, syscall.EROFS:
-			return errPerm
-		case syscall.EOVERFLOW:
-			return errOverflow
-		case syscall.ENOMEM:
-			return errNoMem
-		case syscall.EOPNOTSUPP:
-			return errNotSup
-		case syscall.EINVAL:
-			return errInval
-		}
-	}
-	return errIO
 }

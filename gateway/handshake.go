@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -53,7 +54,8 @@ func (c *conn) handshake() error {
 		return violation("unknown client flags %#x", clientFlags)
 	}
 	if clientFlags&clientFixed == 0 {
-		return violation("client does not speak fixed newstyle")
+		return violation("the client does not speak fixed newstyle negotiation (NBD_FLAG_C_FIXED_NEWSTYLE unset); " +
+			"this server speaks only that (oldstyle and plain newstyle clients are refused)")
 	}
 	c.noZeroes = clientFlags&clientNoZeroes != 0
 
@@ -68,7 +70,18 @@ func (c *conn) handshake() error {
 		opt := binary.BigEndian.Uint32(hdr[8:])
 		length := binary.BigEndian.Uint32(hdr[12:])
 		if length > maxOptionLength {
-			return violation("option %d of %d bytes is too long", opt, length)
+			// Skipped and refused; the handshake deadline bounds the skip.
+			if _, err := io.CopyN(io.Discard, c.rd, int64(length)); err != nil {
+				return err
+			}
+			c.log.Warn("option too long; refused", "option", opt, "length", length)
+			if err := replyErr(w, opt, repErrTooBig, "option too long"); err != nil {
+				return err
+			}
+			if err := w.Flush(); err != nil {
+				return err
+			}
+			continue
 		}
 		data := make([]byte, length)
 		if _, err := io.ReadFull(c.rd, data); err != nil {
@@ -122,35 +135,79 @@ func (c *conn) option(w *bufio.Writer, opt uint32, data []byte) (done bool, err 
 }
 
 func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
+	if len(name) > maxStringLength {
+		return false, violation("NBD_OPT_EXPORT_NAME of %d bytes", len(name))
+	}
 	// The spec leaves no way to refuse but to hang up.
-	g, code, msg := c.decide(name)
-	if code != 0 {
-		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
-		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, msg)
-	}
-	if err := c.openExport(name, g); err != nil {
-		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
-	}
-	if msg := c.attach(g); msg != "" {
-		c.closeExport()
-		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
-		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, msg)
-	}
-	if err := c.recordAttach(g); err != nil {
-		c.detach()
-		c.closeExport()
-		c.log.Error("attach refused: the audit log cannot be written", "export", name, "err", err)
-		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: audit log unavailable: %w", name, err)
+	if code, msg := c.attachExport(name, true); code != 0 {
+		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", clip(name), msg)
 	}
 	var b [10 + 124]byte
 	binary.BigEndian.PutUint64(b[0:], uint64(c.exp.Device.Size()))
-	binary.BigEndian.PutUint16(b[8:], c.transmissionFlags())
+	binary.BigEndian.PutUint16(b[8:], c.flags)
 	n := len(b)
 	if c.noZeroes {
 		n = 10
 	}
 	w.Write(b[:n])
 	return true, nil
+}
+
+// attachExport makes export name this connection's, for NBD_OPT_GO and
+// EXPORT_NAME (attach: counted against max_connections and put on the
+// audit trail before the client hears yes) or NBD_OPT_INFO. A refusal
+// returns the option reply code and a short message for the client (the
+// detail goes to the log and the audit trail) and leaves nothing open or
+// counted. What it did is undone by detach and closeExport, each safe to
+// call twice.
+func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) {
+	d := c.decide(name)
+	if d.code != 0 {
+		c.refused(name, d.identity, d.reason)
+		return d.code, d.msg
+	}
+	if err := c.openExport(name, d.g); err != nil {
+		if errors.Is(err, ErrUnknownExport) {
+			return repErrUnknown, fmt.Sprintf("no export named %q", clip(name))
+		}
+		c.log.Error("opening export", "export", name, "err", err)
+		if oe := (*OpenError)(nil); errors.As(err, &oe) {
+			return repErrUnknown, oe.Public
+		}
+		return repErrUnknown, "the export is unavailable (the gateway's log says why)"
+	}
+	if !attach {
+		return 0, ""
+	}
+	if reason := c.attach(d.g); reason != "" {
+		c.closeExport()
+		c.refused(name, d.identity, reason)
+		return repErrPolicy, reason
+	}
+	if err := c.recordAttach(d.g); err != nil {
+		c.detach()
+		c.closeExport()
+		c.log.Error("attach refused: the audit log cannot be written (fail closed)", "export", name, "err", err)
+		return repErrShutdown, "attach refused: the gateway's audit log cannot be written"
+	}
+	if c.metaExport != name {
+		c.metaAlloc, c.metaExport = false, "" // contexts were negotiated for another export
+	}
+	return 0, ""
+}
+
+// refused logs, and so audits, an attach the policy refused.
+func (c *conn) refused(name, identity, reason string) {
+	c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name,
+		"identity", identity, "decision", "deny", "reason", reason)
+}
+
+// clip shortens a client's string for an error message or a log line.
+func clip(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
 }
 
 func (c *conn) optList(w *bufio.Writer) error {
@@ -201,6 +258,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	c.peerTLS(tc)
 	// Option state from before TLS is forgotten (spec: STARTTLS).
 	c.nc, c.tls, c.structured, c.metaAlloc, c.metaExport = tc, true, false, false, ""
+	c.log.Debug("TLS is up", "version", tls.VersionName(tc.ConnectionState().Version))
 	c.rd.Reset(tc)
 	w.Reset(tc)
 	return nil
@@ -237,48 +295,24 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 	if c.srv.shutting.Load() {
 		return false, replyErr(w, opt, repErrShutdown, "server is shutting down")
 	}
-	g, code, msg := c.decide(name)
-	if code != 0 {
-		c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
+	if code, msg := c.attachExport(name, opt == optGo); code != 0 {
 		return false, replyErr(w, opt, code, msg)
-	}
-	if err := c.openExport(name, g); err != nil {
-		if errors.Is(err, ErrUnknownExport) {
-			return false, replyErr(w, opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
-		}
-		c.log.Error("opening export", "export", name, "err", err)
-		return false, replyErr(w, opt, repErrUnknown, fmt.Sprintf("export %q is unavailable: %v", name, err))
-	}
-	if opt == optGo { // counted before anything is sent: a refusal must come instead of the ACK
-		if msg := c.attach(g); msg != "" {
-			c.closeExport()
-			c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name, "reason", msg)
-			return false, replyErr(w, opt, repErrPolicy, msg)
-		}
-		if err := c.recordAttach(g); err != nil {
-			c.detach()
-			c.grant.Store(nil)
-			c.closeExport()
-			c.log.Error("attach refused: the audit log cannot be written (fail closed)", "export", name, "err", err)
-			return false, replyErr(w, opt, repErrShutdown, "attach refused: the gateway's audit log cannot be written: "+err.Error())
-		}
 	}
 	var b [14]byte
 	binary.BigEndian.PutUint16(b[0:], infoExport)
 	binary.BigEndian.PutUint64(b[2:], uint64(c.exp.Device.Size()))
-	binary.BigEndian.PutUint16(b[10:], c.transmissionFlags())
+	binary.BigEndian.PutUint16(b[10:], c.flags)
 	writeOptReply(w, opt, repInfo, b[:12])
 	for _, r := range reqs {
-		switch r {
-		case infoName:
+		if r == infoName {
 			writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoName), c.exp.Name...))
-		case infoDescription:
-			if c.exp.Description != "" {
-				writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoDescription), c.exp.Description...))
-			}
 		}
 	}
-	// Block sizes are always sent: a client that did not ask may ignore them.
+	// Sent whether asked for or not (a client may ignore them): the
+	// description and the block sizes.
+	if d := c.exp.Description; d != "" {
+		writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoDescription), clipString(d)...))
+	}
 	bs := binary.BigEndian.AppendUint16(nil, infoBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, MinBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, PreferredBlockSize)
@@ -291,10 +325,15 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 		c.closeExport()
 		return false, nil
 	}
-	if c.metaExport != name {
-		c.metaAlloc = false // contexts were negotiated for another export
-	}
 	return true, nil
+}
+
+// clipString keeps s within the protocol's 4096-byte string limit.
+func clipString(s string) string {
+	if len(s) <= maxStringLength {
+		return s
+	}
+	return s[:maxStringLength]
 }
 
 // parseMetaContext splits LIST/SET_META_CONTEXT data.
@@ -328,6 +367,10 @@ func parseMetaContext(data []byte) (name string, queries []string, ok bool) {
 }
 
 func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
+	if opt == optSetMetaContext {
+		// A SET that fails leaves nothing selected.
+		c.metaAlloc, c.metaExport = false, ""
+	}
 	name, queries, ok := parseMetaContext(data)
 	if !ok {
 		return replyErr(w, opt, repErrInvalid, "malformed meta context request")
@@ -335,35 +378,43 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 	if opt == optSetMetaContext && !c.structured {
 		return replyErr(w, opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
 	}
-	if _, code, msg := c.decide(name); code != 0 {
-		return replyErr(w, opt, code, msg)
+	d := c.decide(name)
+	if d.code == repErrTLSReqd {
+		// Only INFO, GO and EXPORT_NAME may answer TLS_REQD (proto.md,
+		// SELECTIVETLS): here it is a refusal like any other.
+		d.code = repErrPolicy
+	}
+	if d.code != 0 {
+		return replyErr(w, opt, d.code, d.msg)
 	}
 	// Existence only: opening a volume (reading its whole chunk map) waits
 	// for NBD_OPT_GO.
 	list, err := c.srv.cfg.Exports.List()
 	if err != nil {
+		c.log.Error("listing exports", "err", err)
 		return replyErr(w, opt, repErrPlatform, "cannot list exports")
 	}
 	if !slices.ContainsFunc(list, func(e ExportInfo) bool { return e.Name == name }) {
-		return replyErr(w, opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
+		return replyErr(w, opt, repErrUnknown, "no such export")
 	}
-	match := false
-	for _, q := range queries {
-		switch {
-		case q == metaBaseAllocation:
-			match = true
-		case opt == optListMetaContext && q == "base:":
-			match = true
+	// A grant without block_status gets no context: a client then does
+	// not ask for block status at all (qemu-img map falls back to data).
+	match := d.g == nil || d.g.deny&(1<<cmdBlockStatus) == 0
+	if match {
+		match = opt == optListMetaContext && len(queries) == 0
+		for _, q := range queries {
+			if q == metaBaseAllocation || (opt == optListMetaContext && q == "base:") {
+				match = true
+			}
 		}
 	}
-	if opt == optListMetaContext && len(queries) == 0 {
-		match = true
-	}
+	id := uint32(0) // LIST: reserved, zero
 	if opt == optSetMetaContext {
 		c.metaAlloc, c.metaExport = match, name
+		id = metaBaseAllocID
 	}
 	if match {
-		b := binary.BigEndian.AppendUint32(nil, metaBaseAllocID)
+		b := binary.BigEndian.AppendUint32(nil, id)
 		if err := writeOptReply(w, opt, repMetaContext, append(b, metaBaseAllocation...)); err != nil {
 			return err
 		}
@@ -382,7 +433,12 @@ func writeOptReply(w *bufio.Writer, opt, typ uint32, data []byte) error {
 	return err
 }
 
-// replyErr sends an error reply whose payload is a message for humans.
+// replyErr sends an error reply whose payload is a short message for
+// humans (never internal detail: that goes to the log), cut to the 256
+// bytes the spec says a string SHOULD not exceed.
 func replyErr(w *bufio.Writer, opt, typ uint32, msg string) error {
+	if len(msg) > 256 {
+		msg = strings.ToValidUTF8(msg[:253], "") + "..."
+	}
 	return writeOptReply(w, opt, typ, []byte(msg))
 }

@@ -40,6 +40,7 @@ const (
 	repErrTLSReqd  = uint32(5 | 1<<31)
 	repErrUnknown  = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
 	repErrShutdown = uint32(7 | 1<<31)
+	repErrTooBig   = uint32(9 | 1<<31)
 
 	// Info types.
 	infoExport      = protocol.NEGOTIATION_TYPE_INFO_EXPORT
@@ -79,9 +80,12 @@ const (
 
 	// Structured reply types and flags.
 	replyFlagDone    = uint16(1 << 0)
+	replyNone        = uint16(0)
 	replyOffsetData  = uint16(1)
+	replyOffsetHole  = uint16(2)
 	replyBlockStatus = uint16(5)
 	replyError       = uint16(1<<15 + 1)
+	replyErrorOffset = uint16(1<<15 + 2)
 
 	// Error values (they are Linux errno values, fixed by the protocol).
 	errPerm     = protocol.TRANSMISSION_ERROR_EPERM

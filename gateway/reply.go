@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -105,8 +106,11 @@ func (c *conn) fail(msg string, err error) {
 }
 
 // sendfileReply sends a plain read straight from the page cache: the reply
-// header with MSG_MORE, then sendfile. An error after the header is out
-// cannot be reported in-band, so it ends the connection.
+// header with MSG_MORE, then sendfile. With structured replies a failure
+// of the file after the header is reported in-band: the rest of the data
+// chunk is padded with zeros and an ERROR_OFFSET chunk ends the reply
+// (proto.md, structured replies); else the reply ends with a NONE chunk.
+// A simple reply cannot report it: the connection ends.
 func (c *conn) sendfileReply(r *request) {
 	if c.broken {
 		return
@@ -116,10 +120,57 @@ func (c *conn) sendfileReply(r *request) {
 	if err == nil {
 		err = r.sfErr
 	}
-	if err != nil {
+	if err != nil && (!c.structured || len(r.sfHdr) > 0 || socketError(err)) {
 		c.log.Error("zero-copy read failed", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
 		c.fail("closing connection", err)
+		return
 	}
+	if !c.structured {
+		return
+	}
+	t := r.trailer[:structuredHdrSize]
+	binary.BigEndian.PutUint32(t[0:], structuredMagic)
+	binary.BigEndian.PutUint16(t[4:], replyFlagDone)
+	binary.BigEndian.PutUint16(t[6:], replyNone)
+	binary.BigEndian.PutUint64(t[8:], r.cookie)
+	binary.BigEndian.PutUint32(t[16:], 0)
+	if err != nil {
+		at := r.off + uint64(r.length) - uint64(r.sfRemain)
+		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "failed_at", at, "err", err)
+		c.stats.errors.Add(1)
+		if !c.pad(r.sfRemain) {
+			return
+		}
+		t = r.trailer[:]
+		binary.BigEndian.PutUint16(t[6:], replyErrorOffset)
+		binary.BigEndian.PutUint32(t[16:], 14)
+		binary.BigEndian.PutUint32(t[20:], errnoOf(err))
+		binary.BigEndian.PutUint16(t[24:], 0) // no message
+		binary.BigEndian.PutUint64(t[26:], at)
+	}
+	if _, err := c.nc.Write(t); err != nil {
+		c.fail("reply failed; closing connection", err)
+	}
+}
+
+// pad sends n zero bytes: the rest of a data chunk whose data failed.
+func (c *conn) pad(n int) bool {
+	var zeros [4096]byte
+	for n > 0 {
+		k := min(n, len(zeros))
+		if _, err := c.nc.Write(zeros[:k]); err != nil {
+			c.fail("reply failed; closing connection", err)
+			return false
+		}
+		n -= k
+	}
+	return true
+}
+
+// socketError reports errors of the socket rather than of the file.
+func socketError(err error) bool {
+	return errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.ENOTCONN) || errors.Is(err, net.ErrClosed)
 }
 
 // sendfile is called by RawConn.Write with the socket; false means "wait

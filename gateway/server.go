@@ -60,6 +60,17 @@ type Exports interface {
 // ErrUnknownExport is returned by Exports.Open for a name it does not serve.
 var ErrUnknownExport = errors.New("gateway: no such export")
 
+// OpenError is an Exports.Open failure with a message fit for the client
+// (say, "the key service is unreachable"); any other error reaches the
+// client as "unavailable", its detail only the log.
+type OpenError struct {
+	Public string
+	Err    error
+}
+
+func (e *OpenError) Error() string { return e.Err.Error() }
+func (e *OpenError) Unwrap() error { return e.Err }
+
 // Config configures a Server.
 type Config struct {
 	Exports Exports

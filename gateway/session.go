@@ -61,7 +61,7 @@ func (c *conn) recordAttach(g *grant) error {
 		return nil
 	}
 	reason := "no policy: every volume is served"
-	d := map[string]any{"peer": c.addr, "tls": c.tls, "read_only": c.exp.ReadOnly}
+	d := map[string]any{"peer": c.addr, "tls": c.tls, "read_only": c.readOnly}
 	if g != nil {
 		reason = g.reason
 	}
@@ -69,6 +69,7 @@ func (c *conn) recordAttach(g *grant) error {
 		d["uid"], d["pid"] = c.peer.UID, c.peer.PID
 	}
 	err := rec.Append(audit.Event{Type: "attach", Identity: c.who(), Volume: c.exp.Name, Decision: "allow", Reason: reason, Details: d})
+	c.recorded = err == nil
 	if err != nil && c.srv.cfg.AuditContinue {
 		c.log.Error("audit log unavailable; attaching anyway (audit on_failure: continue)", "err", err)
 		return nil
@@ -79,9 +80,10 @@ func (c *conn) recordAttach(g *grant) error {
 // recordDetach puts the session's totals on the audit trail.
 func (c *conn) recordDetach() {
 	rec := c.srv.cfg.Audit
-	if rec == nil {
+	if rec == nil || !c.recorded {
 		return
 	}
+	c.recorded = false
 	s := &c.stats
 	d := map[string]any{
 		"ops_read": s.ops[cmdRead].Load(), "bytes_read": s.bytes[cmdRead].Load(),
@@ -89,7 +91,10 @@ func (c *conn) recordDetach() {
 		"ops_flush": s.ops[cmdFlush].Load(), "ops_trim": s.ops[cmdTrim].Load(),
 		"ops_zero":  s.ops[cmdWriteZeroes].Load(),
 		"ops_other": s.ops[cmdCache].Load() + s.ops[cmdBlockStatus].Load(),
-		"errors":    s.errors.Load(), "seconds": int64(time.Since(s.start).Seconds()),
+		"errors":    s.errors.Load(), "seconds": int64(0),
+	}
+	if !s.start.IsZero() { // zero: the handshake was lost after the attach
+		d["seconds"] = int64(time.Since(s.start).Seconds())
 	}
 	if err := rec.Append(audit.Event{Type: "detach", Identity: c.who(), Volume: c.exp.Name, Details: d}); err != nil {
 		c.log.Error("audit log unavailable: the detach is not on record", "err", err)

@@ -401,6 +401,20 @@ func itemLines(root *yaml.Node) docLines {
 	return d
 }
 
+// NeedsTLS reports whether the policy requires TLS anywhere: for the
+// whole gateway or for one of its rules.
+func (p *Policy) NeedsTLS() bool {
+	if p.TLSRequired {
+		return true
+	}
+	for _, r := range p.Rules {
+		if r.TLSRequired {
+			return true
+		}
+	}
+	return false
+}
+
 // Identify names a connection: the first identity that matches it, or ""
 // when none does.
 func (p *Policy) Identify(peer *Peer) string {

@@ -50,8 +50,9 @@ func (a *app) keys() (*control.Client, *volume.Keys, error) {
 	if !errors.Is(err, control.ErrNoGateway) {
 		return nil, nil, err
 	}
-	log := a.logger()
-	return nil, &volume.Keys{Reg: reg, Open: volume.LocalOpener{Reg: reg, Log: log}, Log: log, Record: a.alog.Append, Who: cliIdentity()}, nil
+	who := cliIdentity()
+	log := a.logger().With("identity", who) // every event of this run names who ran it
+	return nil, &volume.Keys{Reg: reg, Open: volume.LocalOpener{Reg: reg, Log: log}, Log: log, Record: a.alog.Append, Who: who}, nil
 }
 
 func newKeyRotateCmd(a *app) *cobra.Command {

@@ -68,7 +68,7 @@ SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exit
 	f.StringVar(&sf.tlsKey, "tls-key", "", "server private key (PEM)")
 	f.StringVar(&sf.tlsCA, "tls-ca", "", "CA that signs client certificates (PEM)")
 	f.BoolVar(&sf.tlsRequired, "tls-required", false, "refuse clients that do not start TLS (NBD_REP_ERR_TLS_REQD)")
-	f.StringVar(&sf.tlsMinVersion, "tls-min-version", "1.3", "oldest TLS version accepted: 1.3 or 1.2")
+	f.StringVar(&sf.tlsMinVersion, "tls-min-version", "1.2", "oldest TLS version accepted: 1.2 or 1.3 (1.3 is preferred when the client has it)")
 	f.StringVar(&sf.auditOnFailure, "audit-on-failure", "fail", "when the audit log cannot be written: fail (refuse attaches and key operations) or continue")
 	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
@@ -120,7 +120,7 @@ func serve(a *app, sf serveFlags) error {
 	}
 	var pol *policyHolder
 	if sf.policy != "" {
-		if pol, err = loadPolicy(sf.policy, log); err != nil {
+		if pol, err = loadPolicy(sf.policy, tlsCfg != nil, log); err != nil {
 			return err
 		}
 	}

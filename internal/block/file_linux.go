@@ -280,6 +280,9 @@ func (d *File) Extents(dst []Extent, off, length int64, max int) ([]Extent, erro
 		if err != nil || hole > end {
 			hole = end
 		}
+		if hole <= off { // a trim raced us: the data just found is gone; look again
+			continue
+		}
 		dst = append(dst, Extent{Length: hole - off})
 		off = hole
 	}

@@ -5,9 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
+	"strings"
 	"sync"
 
 	"goldilocks/crypto"
+	"goldilocks/crypto/cowmap"
 	"goldilocks/gateway"
 	"goldilocks/internal/block"
 )
@@ -40,13 +44,14 @@ func NewExports(reg *Registry, log *slog.Logger) *Exports {
 func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
 	v, s, release, err := e.acquireVolume(name)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, publicError(err)
 	}
 	exp := &gateway.Export{
-		Name:      v.Name,
-		Device:    s.dev,
-		ReadOnly:  v.ReadOnly,
-		MultiConn: true,
+		Name:        v.Name,
+		Description: describe(v),
+		Device:      s.dev,
+		ReadOnly:    v.ReadOnly,
+		MultiConn:   true,
 	}
 	return exp, release, nil
 }
@@ -108,11 +113,7 @@ func (e *Exports) List() ([]gateway.ExportInfo, error) {
 	}
 	out := make([]gateway.ExportInfo, 0, len(vols))
 	for _, v := range vols {
-		kind := "plain"
-		if v.Encrypted {
-			kind = "encrypted"
-		}
-		out = append(out, gateway.ExportInfo{Name: v.Name, Description: fmt.Sprintf("%s volume, %d bytes", kind, v.Size), Labels: v.Labels})
+		out = append(out, gateway.ExportInfo{Name: v.Name, Description: describe(v), Labels: v.Labels})
 	}
 	return out, nil
 }
@@ -159,4 +160,39 @@ func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) 
 		return nil, err
 	}
 	return cv, nil
+}
+
+// describe is a volume's NBD description (NBD_INFO_DESCRIPTION, LIST):
+// its kind and size, then its labels, sorted.
+func describe(v Volume) string {
+	kind := "plain"
+	if v.Encrypted {
+		kind = "encrypted"
+	}
+	d := fmt.Sprintf("%s volume, %d bytes", kind, v.Size)
+	if len(v.Labels) > 0 {
+		keys := slices.Sorted(maps.Keys(v.Labels))
+		for i, k := range keys {
+			keys[i] = k + "=" + v.Labels[k]
+		}
+		d += "; " + strings.Join(keys, ", ")
+	}
+	return d
+}
+
+// publicError gives the errors an attaching client should understand a
+// message it may see (gateway.OpenError); the detail stays in the log.
+func publicError(err error) error {
+	switch {
+	case errors.Is(err, crypto.ErrVaultUnavailable):
+		return &gateway.OpenError{Public: "the key service (Vault) is unreachable: the volume's key cannot be unwrapped now; try again later", Err: err}
+	case errors.Is(err, crypto.ErrRollback):
+		return &gateway.OpenError{Public: "the volume's backing store is older than its rollback anchor: refused (the gateway's log says more)", Err: err}
+	case errors.Is(err, crypto.ErrHeaderAuth), errors.Is(err, crypto.ErrHeaderCorrupt), errors.Is(err, crypto.ErrWrongVolume),
+		errors.Is(err, crypto.ErrStoreTooSmall), errors.Is(err, cowmap.ErrMapAuth):
+		return &gateway.OpenError{Public: "the volume failed its integrity check: refused (the gateway's log says more)", Err: err}
+	case errors.Is(err, crypto.ErrNeedsUpgrade):
+		return &gateway.OpenError{Public: "the volume is in format 1: run goldilocks volume upgrade", Err: err}
+	}
+	return err
 }

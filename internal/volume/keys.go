@@ -190,7 +190,7 @@ func (k *Keys) Rotate(ctx context.Context, o RotateOptions) (RotateResult, error
 			if newest, err = kek.Rotate(ctx, g.key); err != nil {
 				return res, fmt.Errorf("key %s:%s: rotating: %w", g.provider, g.key, err)
 			}
-			k.Log.Info("key rotated", "event", "key_rotate", "provider", g.provider, "key", g.key, "version", newest)
+			k.Log.Info("key rotated", "event", "key_rotate", "identity", k.Who, "decision", "allow", "provider", g.provider, "key", g.key, "version", newest)
 		}
 		vr, err := k.rewrapGroup(ctx, kek, g, newest, func() {
 			done++

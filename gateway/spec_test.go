@@ -1,0 +1,659 @@
+package gateway_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"goldilocks/audit"
+	"goldilocks/gateway"
+	"goldilocks/internal/block"
+	"goldilocks/policy"
+)
+
+// Conformance to doc/proto.md of the NBD project, and the access bugs a
+// review found (issue 11): each test here failed before its fix.
+
+// events is a Recorder that keeps what the gateway puts on the audit
+// trail; slow delays every append (a slow disk under the audit log).
+type events struct {
+	mu   sync.Mutex
+	evs  []audit.Event
+	slow time.Duration
+}
+
+func (e *events) Append(ev audit.Event) error {
+	time.Sleep(e.slow)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.evs = append(e.evs, ev)
+	return nil
+}
+
+func (e *events) count(typ string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	for _, ev := range e.evs {
+		if ev.Type == typ {
+			n++
+		}
+	}
+	return n
+}
+
+// logSink collects the gateway's log lines.
+type logSink struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logSink) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logSink) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+type specServer struct {
+	dial func(testing.TB) net.Conn
+	log  *logSink
+	rec  *events
+	exp  *fileExports
+}
+
+// startSpecServer serves dev as "disk" (and "ro" read-only) under the
+// policy in yaml ("" for none), with a recorder and a log to look at.
+func startSpecServer(tb testing.TB, dev block.Device, yaml string, rec *events) *specServer {
+	tb.Helper()
+	s := &specServer{log: &logSink{}, rec: rec}
+	s.exp = &fileExports{devs: map[string]*gateway.Export{
+		"disk": {Name: "disk", Description: "a test disk", Device: dev, MultiConn: true},
+		"ro":   {Name: "ro", Device: dev, ReadOnly: true},
+	}}
+	cfg := gateway.Config{Exports: s.exp, Logger: slog.New(slog.NewTextHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	if yaml != "" {
+		p, err := policy.Parse([]byte(yaml), "/etc/secret-place/policy.yaml")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		cfg.Policy = func() *policy.Policy { return p }
+	}
+	if rec != nil {
+		cfg.Audit = rec
+	}
+	srv := gateway.New(cfg)
+	sock := filepath.Join(tb.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	go srv.Serve(l)
+	tb.Cleanup(func() { srv.Shutdown(tb.Context()) })
+	s.dial = func(tb testing.TB) net.Conn {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { c.Close() })
+		return c
+	}
+	return s
+}
+
+// metaQuery is LIST/SET_META_CONTEXT data for export name.
+func metaQuery(name string, queries ...string) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	b = append(b, name...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
+// metaReplies reads replies up to the ACK (or an error) and returns the
+// contexts (id and name) and the final reply type.
+func (cl *client) metaReplies() (ids []uint32, names []string, last uint32) {
+	cl.tb.Helper()
+	for {
+		_, typ, data := cl.optReply()
+		if typ != 4 {
+			return ids, names, typ
+		}
+		ids = append(ids, binary.BigEndian.Uint32(data))
+		names = append(names, string(data[4:]))
+	}
+}
+
+// structuredChunk reads one structured reply chunk.
+func (cl *client) structuredChunk() (flags, typ uint16, cookie uint64, payload []byte) {
+	cl.tb.Helper()
+	var h [20]byte
+	cl.read(h[:])
+	if m := binary.BigEndian.Uint32(h[:]); m != 0x668e33ef {
+		cl.tb.Fatalf("chunk magic %#x, want structured", m)
+	}
+	payload = make([]byte, binary.BigEndian.Uint32(h[16:]))
+	cl.read(payload)
+	return binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint64(h[8:]), payload
+}
+
+const rootPolicy = `
+identities:
+  - {name: root-local, unix: {uid: 0}}
+rules:
+  - {identity: root-local, volumes: ["disk", "ro"], access: read-write, max_connections: 1}
+`
+
+// Bug 1: a client that sends GO and leaves before the reply kept its
+// max_connections slot (and left an attach with no detach) until restart.
+func TestLostHandshakeFreesConnectionSlot(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("the policy names uid 0: run as root")
+	}
+	rec := &events{slow: 30 * time.Millisecond} // the client is gone before the reply
+	s := startSpecServer(t, newFileDevice(t, 1<<20), rootPolicy, rec)
+	for i := range 5 {
+		c := s.dial(t)
+		cl := newClient(t, c)
+		cl.option(7, goData("disk"))
+		c.Close()
+		// The lost attach is undone: its detach reaches the trail and its
+		// slot (max_connections 1) is free for the next one.
+		deadline := time.Now().Add(5 * time.Second)
+		for rec.count("detach") < i+1 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if a, d := rec.count("attach"), rec.count("detach"); a != i+1 || d != i+1 {
+			t.Fatalf("lost handshake %d: %d attaches, %d detaches on the trail\n%s", i+1, a, d, s.log.String())
+		}
+	}
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	cl.request(0, 3, 1, 0, 0, nil)
+	if e, _ := cl.simpleReply(nil); e != 0 {
+		t.Fatalf("flush after attach: errno %d", e)
+	}
+	if a, d := rec.count("attach"), rec.count("detach"); a != 6 || d != 5 {
+		t.Fatalf("audit trail: %d attaches, %d detaches; want 6 and 5 (every lost attach detached)", a, d)
+	}
+}
+
+// Bug 2: FUA is accepted on every command once SEND_FUA is advertised.
+func TestFUAOnEveryCommand(t *testing.T) {
+	s := startSpecServer(t, newFileDevice(t, 1<<20), "", nil)
+	cl := newClient(t, s.dial(t))
+	_, flags := cl.attach("disk", true)
+	if flags&(1<<3) == 0 {
+		t.Fatalf("SEND_FUA not advertised: %#x", flags)
+	}
+	const fua = 1
+	cl.request(fua, 1, 1, 0, 4, []byte("abcd")) // write
+	if _, _, ck, p := cl.structuredOrSimple(); ck != 1 || p != 0 {
+		t.Fatalf("write FUA: errno %d", p)
+	}
+	for _, tc := range []struct {
+		name string
+		typ  uint16
+		off  uint64
+		n    uint32
+	}{{"read", 0, 0, 4}, {"flush", 3, 0, 0}, {"cache", 5, 0, 4096}, {"block status", 7, 0, 4096}} {
+		cl.request(fua, tc.typ, 9, tc.off, tc.n, nil)
+		for {
+			fl, typ, ck, pl := cl.structuredChunkOrSimple()
+			if ck != 9 {
+				t.Fatalf("%s: cookie %d", tc.name, ck)
+			}
+			if typ >= 1<<15 || pl != nil && typ == 0xffff {
+				t.Fatalf("%s with FUA refused (chunk type %#x)", tc.name, typ)
+			}
+			if fl&1 != 0 {
+				break
+			}
+		}
+	}
+	// Read-only: FUA is not advertised, and a write is EPERM whatever it
+	// carries.
+	ro := newClient(t, s.dial(t))
+	if _, flags := ro.attach("ro", false); flags&(1<<3) != 0 {
+		t.Fatalf("SEND_FUA advertised read-only: %#x", flags)
+	}
+	ro.request(fua, 1, 2, 0, 1, []byte{1})
+	if e, _ := ro.simpleReply(nil); e != 1 {
+		t.Fatalf("FUA write to read-only: errno %d, want EPERM", e)
+	}
+}
+
+// structuredOrSimple reads a simple reply's errno (structured flag 1).
+func (cl *client) structuredOrSimple() (uint16, uint16, uint64, uint32) {
+	cl.tb.Helper()
+	e, ck := cl.simpleReply(nil)
+	return 1, 0, ck, e
+}
+
+// structuredChunkOrSimple reads one reply chunk of either kind: a simple
+// reply is its own last chunk (type 0xffff if it carries an error).
+func (cl *client) structuredChunkOrSimple() (flags, typ uint16, cookie uint64, payload []byte) {
+	cl.tb.Helper()
+	var m [4]byte
+	b, err := cl.r.Peek(4)
+	if err != nil {
+		cl.tb.Fatal(err)
+	}
+	copy(m[:], b)
+	if binary.BigEndian.Uint32(m[:]) == 0x67446698 {
+		e, ck := cl.simpleReply(nil)
+		if e != 0 {
+			return 1, 0xffff, ck, []byte{}
+		}
+		return 1, 0, ck, nil
+	}
+	flags, typ, cookie, payload = cl.structuredChunk()
+	if typ == 1 { // OFFSET_DATA: the payload holds the data already
+		return flags, typ, cookie, nil
+	}
+	return flags, typ, cookie, nil
+}
+
+// Bug 3: a grant without block_status is offered no base:allocation
+// context (so qemu-img map does not fail on EPERM).
+func TestNoContextWithoutBlockStatusGrant(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("the policy names uid 0: run as root")
+	}
+	s := startSpecServer(t, newFileDevice(t, 1<<20), `
+identities:
+  - {name: root-local, unix: {uid: 0}}
+rules:
+  - {identity: root-local, volumes: ["disk"], access: read-write, commands: [trim, write_zeroes]}
+  - {identity: root-local, volumes: ["ro"], access: read-only}
+`, nil)
+	cl := newClient(t, s.dial(t))
+	cl.option(8, nil)
+	cl.optReply()
+	for _, opt := range []uint32{9, 10} {
+		cl.option(opt, metaQuery("disk", "base:allocation"))
+		if _, names, last := cl.metaReplies(); len(names) != 0 || last != 1 {
+			t.Fatalf("option %d for a grant without block_status: contexts %q, reply %#x", opt, names, last)
+		}
+	}
+	cl.option(10, metaQuery("ro", "base:allocation")) // its grant has block_status
+	if ids, names, last := cl.metaReplies(); len(names) != 1 || ids[0] == 0 || last != 1 {
+		t.Fatalf("SET for a grant with block_status: %v %q %#x", ids, names, last)
+	}
+}
+
+// extentsDevice returns the extents it is told to, whatever is asked.
+type extentsDevice struct {
+	block.Device
+	es []block.Extent
+}
+
+func (d *extentsDevice) Extents(dst []block.Extent, off, length int64, max int) ([]block.Extent, error) {
+	return append(dst, d.es...), nil
+}
+
+// Bug 4: a zero-length extent from the backend (a racing trim) never
+// reaches the client, which takes it for a protocol error.
+func TestNoZeroLengthExtents(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		es   []block.Extent
+		want []uint32 // length, flags pairs
+	}{
+		{"zero-length in the middle", []block.Extent{{Length: 4096}, {Length: 0, Flags: 3}, {Length: 8192, Flags: 3}}, []uint32{4096, 0, 8192, 3}},
+		{"only zero-length", []block.Extent{{Length: 0}, {Length: 0, Flags: 3}}, []uint32{65536, 0}},
+		{"neighbours of one kind merge", []block.Extent{{Length: 4096, Flags: 3}, {Length: 0}, {Length: 4096, Flags: 3}}, []uint32{8192, 3}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := &extentsDevice{Device: newFileDevice(t, 1<<20), es: tc.es}
+			s := startSpecServer(t, dev, "", nil)
+			cl := newClient(t, s.dial(t))
+			cl.attach("disk", true)
+			cl.request(0, 7, 5, 0, 65536, nil)
+			fl, typ, _, p := cl.structuredChunk()
+			if fl&1 == 0 || typ != 5 {
+				t.Fatalf("block status chunk: flags %d type %d", fl, typ)
+			}
+			var got []uint32
+			for i := 4; i+8 <= len(p); i += 8 {
+				got = append(got, binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:]))
+			}
+			if !equalU32(got, tc.want) {
+				t.Fatalf("extents %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func equalU32(a, b []uint32) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Bug 5: a zero-copy structured read whose file fails mid-read answers
+// with an error at the failing offset (after padding the data chunk), and
+// the connection lives.
+func TestSendfileReadErrorInBand(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "dev.img")
+	data := bytes.Repeat([]byte{0xab}, 1<<20)
+	if err := os.WriteFile(p, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := block.OpenFile(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", true)
+
+	// A whole zero-copy read first: a data chunk without DONE, then NONE.
+	cl.request(0, 0, 1, 0, 256<<10, nil)
+	fl, typ, _, pl := cl.structuredChunk()
+	if typ != 1 || fl&1 != 0 || len(pl) != 8+256<<10 || !bytes.Equal(pl[8:], data[:256<<10]) {
+		t.Fatalf("first chunk: flags %d type %d, %d bytes", fl, typ, len(pl))
+	}
+	if fl, typ, _, pl = cl.structuredChunk(); typ != 0 || fl&1 == 0 || len(pl) != 0 {
+		t.Fatalf("last chunk: flags %d type %d, %d bytes; want NONE with DONE", fl, typ, len(pl))
+	}
+
+	// The file shrinks under the gateway (its size is fixed at open):
+	// the read of 384 KiB..640 KiB finds 128 KiB and then the end.
+	if err := os.Truncate(p, 512<<10); err != nil {
+		t.Fatal(err)
+	}
+	cl.request(0, 0, 2, 384<<10, 256<<10, nil)
+	fl, typ, _, pl = cl.structuredChunk()
+	if typ != 1 || fl&1 != 0 || len(pl) != 8+256<<10 || !bytes.Equal(pl[8:8+128<<10], data[:128<<10]) {
+		t.Fatalf("data chunk: flags %d type %d, %d bytes", fl, typ, len(pl))
+	}
+	fl, typ, _, pl = cl.structuredChunk()
+	if typ != 1<<15+2 || fl&1 == 0 || len(pl) != 14 {
+		t.Fatalf("error chunk: flags %d type %#x, %d bytes; want ERROR_OFFSET with DONE", fl, typ, len(pl))
+	}
+	if e, at := binary.BigEndian.Uint32(pl), binary.BigEndian.Uint64(pl[6:]); e != 5 || at != 512<<10 {
+		t.Fatalf("error %d at %d; want EIO at %d", e, at, 512<<10)
+	}
+	cl.request(0, 3, 3, 0, 0, nil) // the connection lives
+	if e, ck := cl.simpleReply(nil); e != 0 || ck != 3 {
+		t.Fatalf("flush after the failed read: errno %d cookie %d", e, ck)
+	}
+}
+
+// Bug 6: meta context negotiation.
+func TestMetaContextNegotiation(t *testing.T) {
+	s := startSpecServer(t, newFileDevice(t, 1<<20), "", nil)
+
+	t.Run("LIST replies carry id 0", func(t *testing.T) {
+		cl := newClient(t, s.dial(t))
+		cl.option(9, metaQuery("disk"))
+		if ids, names, last := cl.metaReplies(); len(ids) != 1 || ids[0] != 0 || names[0] != "base:allocation" || last != 1 {
+			t.Fatalf("LIST: ids %v names %q reply %#x", ids, names, last)
+		}
+	})
+	t.Run("a failed SET leaves nothing selected", func(t *testing.T) {
+		cl := newClient(t, s.dial(t))
+		cl.option(8, nil)
+		cl.optReply()
+		cl.option(10, metaQuery("disk", "base:allocation"))
+		if _, names, _ := cl.metaReplies(); len(names) != 1 {
+			t.Fatalf("SET: %q", names)
+		}
+		cl.option(10, metaQuery("nope", "base:allocation"))
+		if _, _, last := cl.metaReplies(); last&(1<<31) == 0 {
+			t.Fatalf("SET of an unknown export: reply %#x", last)
+		}
+		cl.attach("disk", false)
+		cl.request(0, 7, 1, 0, 4096, nil)
+		if e, _ := cl.errnoOfReply(); e != 22 {
+			t.Fatalf("BLOCK_STATUS after a failed SET: errno %d, want EINVAL", e)
+		}
+	})
+	t.Run("EXPORT_NAME drops another export's contexts", func(t *testing.T) {
+		cl := newClient(t, s.dial(t))
+		cl.option(8, nil)
+		cl.optReply()
+		cl.option(10, metaQuery("ro", "base:allocation"))
+		cl.metaReplies()
+		cl.option(1, []byte("disk"))
+		var b [10]byte
+		cl.read(b[:])
+		cl.request(0, 7, 1, 0, 4096, nil)
+		if e, _ := cl.errnoOfReply(); e != 22 {
+			t.Fatalf("BLOCK_STATUS with contexts of another export: errno %d, want EINVAL", e)
+		}
+	})
+}
+
+// errnoOfReply reads a reply of either kind and returns its error.
+func (cl *client) errnoOfReply() (uint32, uint64) {
+	cl.tb.Helper()
+	b, err := cl.r.Peek(4)
+	if err != nil {
+		cl.tb.Fatal(err)
+	}
+	if binary.BigEndian.Uint32(b) == 0x67446698 {
+		return cl.simpleReply(nil)
+	}
+	for {
+		fl, typ, ck, pl := cl.structuredChunk()
+		if typ >= 1<<15 {
+			return binary.BigEndian.Uint32(pl), ck
+		}
+		if fl&1 != 0 {
+			return 0, ck
+		}
+	}
+}
+
+// Bug 6: in selective TLS mode LIST/SET_META_CONTEXT never answer
+// TLS_REQD (only INFO, GO and EXPORT_NAME may).
+func TestSelectiveTLSMetaContext(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("the policy names uid 0: run as root")
+	}
+	s := startSpecServer(t, newFileDevice(t, 1<<20), `
+identities:
+  - {name: root-local, unix: {uid: 0}}
+rules:
+  - {identity: root-local, volumes: ["disk"], access: read-write, tls_required: true}
+  - {identity: root-local, volumes: ["ro"], access: read-only}
+`, nil)
+	cl := newClient(t, s.dial(t))
+	cl.option(8, nil)
+	cl.optReply()
+	for _, opt := range []uint32{9, 10} {
+		cl.option(opt, metaQuery("disk", "base:allocation"))
+		if _, _, last := cl.metaReplies(); last == 1<<31|5 || last&(1<<31) == 0 {
+			t.Fatalf("option %d on a TLS-only export: reply %#x; want an error other than TLS_REQD", opt, last)
+		}
+	}
+	cl.option(7, goData("disk"))
+	if _, typ, _ := cl.optReply(); typ != 1<<31|5 {
+		t.Fatalf("GO on a TLS-only export: %#x, want TLS_REQD", typ)
+	}
+}
+
+// Bug 7: option replies stay within the 4096-byte string limit, and no
+// internal detail (the policy's path and line) reaches a client.
+func TestRepliesShortAndDiscreet(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("the policy names uid 0: run as root")
+	}
+	s := startSpecServer(t, newFileDevice(t, 1<<20), `
+identities:
+  - {name: root-local, unix: {uid: 0}}
+rules:
+  - {identity: root-local, volumes: ["ro"], access: read-only, tls_required: true}
+`, nil)
+	cl := newClient(t, s.dial(t))
+	long := strings.Repeat("x", 4096)
+	cl.option(7, goData(long))
+	if _, typ, msg := cl.optReply(); typ&(1<<31) == 0 || len(msg) > 256 {
+		t.Fatalf("GO of a long name: %#x, %d-byte message", typ, len(msg))
+	}
+	for _, name := range []string{"disk", "ro", "nope"} {
+		cl.option(7, goData(name))
+		_, typ, msg := cl.optReply()
+		if typ&(1<<31) == 0 || bytes.Contains(msg, []byte("secret-place")) || bytes.Contains(msg, []byte("policy.yaml")) || bytes.Contains(msg, []byte("rule at")) {
+			t.Fatalf("GO %s: %#x %q: the client learns the policy's internals", name, typ, msg)
+		}
+	}
+	if !strings.Contains(s.log.String(), "default deny") {
+		t.Fatalf("the log lacks the refusal's detail:\n%s", s.log.String())
+	}
+}
+
+// Bug 8: smaller conformance gaps.
+func TestConformanceGaps(t *testing.T) {
+	s := startSpecServer(t, newFileDevice(t, 1<<20), "", nil)
+
+	t.Run("INFO_DESCRIPTION is sent", func(t *testing.T) {
+		cl := newClient(t, s.dial(t))
+		cl.option(6, goData("disk")) // INFO
+		desc := ""
+		for {
+			_, typ, data := cl.optReply()
+			if typ == 3 && binary.BigEndian.Uint16(data) == 2 {
+				desc = string(data[2:])
+			}
+			if typ != 3 {
+				break
+			}
+		}
+		if desc != "a test disk" {
+			t.Fatalf("description %q", desc)
+		}
+	})
+	t.Run("an option over 64 KiB gets ERR_TOO_BIG and the session goes on", func(t *testing.T) {
+		cl := newClient(t, s.dial(t))
+		cl.option(99, make([]byte, 100<<10))
+		if _, typ, _ := cl.optReply(); typ != 1<<31|9 {
+			t.Fatalf("reply %#x, want ERR_TOO_BIG", typ)
+		}
+		cl.attach("disk", false)
+	})
+	t.Run("commands not advertised are EINVAL", func(t *testing.T) {
+		dev := &plainDevice{newFileDevice(t, 1<<20)} // no trim, zero or cache
+		s := startSpecServer(t, dev, "", nil)
+		cl := newClient(t, s.dial(t))
+		_, flags := cl.attach("disk", false)
+		if flags&(1<<5|1<<6|1<<10) != 0 {
+			t.Fatalf("flags %#x advertise what the device cannot do", flags)
+		}
+		for i, typ := range []uint16{4, 6, 5} {
+			cl.request(0, typ, uint64(i), 0, 4096, nil)
+			if e, _ := cl.simpleReply(nil); e != 22 {
+				t.Fatalf("command %d not advertised: errno %d, want EINVAL", typ, e)
+			}
+		}
+	})
+	t.Run("a client without fixed newstyle is refused with a clear log line", func(t *testing.T) {
+		c := s.dial(t)
+		var hello [18]byte
+		if _, err := io.ReadFull(c, hello[:]); err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte{0, 0, 0, 0})
+		if _, err := c.Read(hello[:1]); !errors.Is(err, io.EOF) {
+			t.Fatalf("not closed: %v", err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for !strings.Contains(s.log.String(), "fixed newstyle") && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !strings.Contains(s.log.String(), "does not speak fixed newstyle") {
+			t.Fatalf("log:\n%s", s.log.String())
+		}
+	})
+}
+
+// plainDevice hides the optional interfaces of the device it holds.
+type plainDevice struct{ d block.Device }
+
+func (p *plainDevice) ReadAt(b []byte, off int64) (int, error)  { return p.d.ReadAt(b, off) }
+func (p *plainDevice) WriteAt(b []byte, off int64) (int, error) { return p.d.WriteAt(b, off) }
+func (p *plainDevice) Size() int64                              { return p.d.Size() }
+func (p *plainDevice) Flush() error                             { return p.d.Flush() }
+func (p *plainDevice) Close() error                             { return nil }
+
+// Bug 9: a refused attach is on the audit trail with who was refused and
+// the decision.
+func TestRefusedAttachAudited(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("the policy names uid 0: run as root")
+	}
+	var buf bytes.Buffer
+	dir := t.TempDir()
+	alog, err := audit.Open(filepath.Join(dir, "audit"), audit.Options{})
+	if err != nil {
+		t.Skipf("audit.Open: %v", err)
+	}
+	defer alog.Close()
+	exp := &fileExports{devs: map[string]*gateway.Export{"disk": {Name: "disk", Device: newFileDevice(t, 1<<20)}}}
+	p, err := policy.Parse([]byte("identities:\n  - {name: root-local, unix: {uid: 0}}\nrules: []\n"), "p.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(audit.NewHandler(slog.NewTextHandler(&buf, nil), alog))
+	srv := gateway.New(gateway.Config{Exports: exp, Logger: log, Policy: func() *policy.Policy { return p }})
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	defer srv.Shutdown(t.Context())
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cl := newClient(t, c)
+	cl.option(7, goData("disk"))
+	if _, typ, _ := cl.optReply(); typ != 1<<31|2 {
+		t.Fatalf("GO: %#x, want ERR_POLICY", typ)
+	}
+	alog.Close()
+	b, err := os.ReadFile(filepath.Join(dir, "audit", "current.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	type trailRec struct{ Type, Identity, Volume, Decision string }
+	var got *trailRec
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var r trailRec
+		if json.Unmarshal([]byte(l), &r) == nil && r.Type == "attach_refused" {
+			got = &r
+		}
+	}
+	if got == nil || got.Identity != "root-local" || got.Decision != "deny" || got.Volume != "disk" {
+		t.Fatalf("refused attach on the trail: %+v\n%s", got, b)
+	}
+}
