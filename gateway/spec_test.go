@@ -217,11 +217,11 @@ func TestFUAOnEveryCommand(t *testing.T) {
 	}{{"read", 0, 0, 4}, {"flush", 3, 0, 0}, {"cache", 5, 0, 4096}, {"block status", 7, 0, 4096}} {
 		cl.request(fua, tc.typ, 9, tc.off, tc.n, nil)
 		for {
-			fl, typ, ck, pl := cl.structuredChunkOrSimple()
+			fl, typ, ck, _ := cl.structuredChunkOrSimple()
 			if ck != 9 {
 				t.Fatalf("%s: cookie %d", tc.name, ck)
 			}
-			if typ >= 1<<15 || pl != nil && typ == 0xffff {
+			if typ >= 1<<15 {
 				t.Fatalf("%s with FUA refused (chunk type %#x)", tc.name, typ)
 			}
 			if fl&1 != 0 {
@@ -265,11 +265,7 @@ func (cl *client) structuredChunkOrSimple() (flags, typ uint16, cookie uint64, p
 		}
 		return 1, 0, ck, nil
 	}
-	flags, typ, cookie, payload = cl.structuredChunk()
-	if typ == 1 { // OFFSET_DATA: the payload holds the data already
-		return flags, typ, cookie, nil
-	}
-	return flags, typ, cookie, nil
+	return cl.structuredChunk()
 }
 
 // Bug 3: a grant without block_status is offered no base:allocation
