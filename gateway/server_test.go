@@ -60,30 +60,11 @@ func newFileDevice(tb testing.TB, size int64) *block.File {
 // Unix socket and returns a dialer.
 func startServer(tb testing.TB, dev block.Device) (dial func(testing.TB) net.Conn) {
 	tb.Helper()
-	exp := &fileExports{devs: map[string]*gateway.Export{
-		"disk": {Name: "disk", Device: dev, MultiConn: true},
-		"ro":   {Name: "ro", Device: dev, ReadOnly: true},
-	}}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	srv := gateway.New(gateway.Config{Exports: exp, Logger: log})
-	sock := filepath.Join(tb.TempDir(), "s")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	go srv.Serve(l)
-	tb.Cleanup(func() { srv.Shutdown(tb.Context()) })
-	return func(tb testing.TB) net.Conn {
-		c, err := net.Dial("unix", sock)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		tb.Cleanup(func() { c.Close() })
-		return c
-	}
+	return (&specServer{log: &logSink{}}).start(tb, dev, "", log).dial
 }
 
 // client is a minimal raw NBD client, for requests no real client sends.

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -82,11 +83,16 @@ type specServer struct {
 func startSpecServer(tb testing.TB, dev block.Device, yaml string, rec *events) *specServer {
 	tb.Helper()
 	s := &specServer{log: &logSink{}, rec: rec}
+	return s.start(tb, dev, yaml, slog.New(slog.NewTextHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug})))
+}
+
+func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *slog.Logger) *specServer {
+	tb.Helper()
 	s.exp = &fileExports{devs: map[string]*gateway.Export{
 		"disk": {Name: "disk", Description: "a test disk", Device: dev, MultiConn: true},
 		"ro":   {Name: "ro", Device: dev, ReadOnly: true},
 	}}
-	cfg := gateway.Config{Exports: s.exp, Logger: slog.New(slog.NewTextHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	cfg := gateway.Config{Exports: s.exp, Logger: log}
 	if yaml != "" {
 		p, err := policy.Parse([]byte(yaml), "/etc/secret-place/policy.yaml")
 		if err != nil {
@@ -94,8 +100,8 @@ func startSpecServer(tb testing.TB, dev block.Device, yaml string, rec *events) 
 		}
 		cfg.Policy = func() *policy.Policy { return p }
 	}
-	if rec != nil {
-		cfg.Audit = rec
+	if s.rec != nil {
+		cfg.Audit = s.rec
 	}
 	srv := gateway.New(cfg)
 	sock := filepath.Join(tb.TempDir(), "s")
@@ -116,16 +122,14 @@ func startSpecServer(tb testing.TB, dev block.Device, yaml string, rec *events) 
 	return s
 }
 
-// metaQuery is LIST/SET_META_CONTEXT data for export name.
-func metaQuery(name string, queries ...string) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	b = append(b, name...)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
-	for _, q := range queries {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(q)))
-		b = append(b, q...)
+// startRootPolicyServer serves a 1 MiB file under a policy whose rules
+// name uid 0 (the Unix socket's peer): it needs root.
+func startRootPolicyServer(t *testing.T, yaml string, rec *events) *specServer {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("the policy names uid 0: run as root")
 	}
-	return b
+	return startSpecServer(t, newFileDevice(t, 1<<20), yaml, rec)
 }
 
 // metaReplies reads replies up to the ACK (or an error) and returns the
@@ -165,11 +169,8 @@ rules:
 // Bug 1: a client that sends GO and leaves before the reply kept its
 // max_connections slot (and left an attach with no detach) until restart.
 func TestLostHandshakeFreesConnectionSlot(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("the policy names uid 0: run as root")
-	}
 	rec := &events{slow: 30 * time.Millisecond} // the client is gone before the reply
-	s := startSpecServer(t, newFileDevice(t, 1<<20), rootPolicy, rec)
+	s := startRootPolicyServer(t, rootPolicy, rec)
 	for i := range 5 {
 		c := s.dial(t)
 		cl := newClient(t, c)
@@ -271,10 +272,7 @@ func (cl *client) structuredChunkOrSimple() (flags, typ uint16, cookie uint64, p
 // Bug 3: a grant without block_status is offered no base:allocation
 // context (so qemu-img map does not fail on EPERM).
 func TestNoContextWithoutBlockStatusGrant(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("the policy names uid 0: run as root")
-	}
-	s := startSpecServer(t, newFileDevice(t, 1<<20), `
+	s := startRootPolicyServer(t, `
 identities:
   - {name: root-local, unix: {uid: 0}}
 rules:
@@ -285,12 +283,12 @@ rules:
 	cl.option(8, nil)
 	cl.optReply()
 	for _, opt := range []uint32{9, 10} {
-		cl.option(opt, metaQuery("disk", "base:allocation"))
+		cl.option(opt, metaBytes("disk", "base:allocation"))
 		if _, names, last := cl.metaReplies(); len(names) != 0 || last != 1 {
 			t.Fatalf("option %d for a grant without block_status: contexts %q, reply %#x", opt, names, last)
 		}
 	}
-	cl.option(10, metaQuery("ro", "base:allocation")) // its grant has block_status
+	cl.option(10, metaBytes("ro", "base:allocation")) // its grant has block_status
 	if ids, names, last := cl.metaReplies(); len(names) != 1 || ids[0] == 0 || last != 1 {
 		t.Fatalf("SET for a grant with block_status: %v %q %#x", ids, names, last)
 	}
@@ -332,23 +330,11 @@ func TestNoZeroLengthExtents(t *testing.T) {
 			for i := 4; i+8 <= len(p); i += 8 {
 				got = append(got, binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:]))
 			}
-			if !equalU32(got, tc.want) {
+			if !slices.Equal(got, tc.want) {
 				t.Fatalf("extents %v, want %v", got, tc.want)
 			}
 		})
 	}
-}
-
-func equalU32(a, b []uint32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // Bug 5: a zero-copy structured read whose file fails mid-read answers
@@ -408,7 +394,7 @@ func TestMetaContextNegotiation(t *testing.T) {
 
 	t.Run("LIST replies carry id 0", func(t *testing.T) {
 		cl := newClient(t, s.dial(t))
-		cl.option(9, metaQuery("disk"))
+		cl.option(9, metaBytes("disk"))
 		if ids, names, last := cl.metaReplies(); len(ids) != 1 || ids[0] != 0 || names[0] != "base:allocation" || last != 1 {
 			t.Fatalf("LIST: ids %v names %q reply %#x", ids, names, last)
 		}
@@ -417,11 +403,11 @@ func TestMetaContextNegotiation(t *testing.T) {
 		cl := newClient(t, s.dial(t))
 		cl.option(8, nil)
 		cl.optReply()
-		cl.option(10, metaQuery("disk", "base:allocation"))
+		cl.option(10, metaBytes("disk", "base:allocation"))
 		if _, names, _ := cl.metaReplies(); len(names) != 1 {
 			t.Fatalf("SET: %q", names)
 		}
-		cl.option(10, metaQuery("nope", "base:allocation"))
+		cl.option(10, metaBytes("nope", "base:allocation"))
 		if _, _, last := cl.metaReplies(); last&(1<<31) == 0 {
 			t.Fatalf("SET of an unknown export: reply %#x", last)
 		}
@@ -435,7 +421,7 @@ func TestMetaContextNegotiation(t *testing.T) {
 		cl := newClient(t, s.dial(t))
 		cl.option(8, nil)
 		cl.optReply()
-		cl.option(10, metaQuery("ro", "base:allocation"))
+		cl.option(10, metaBytes("ro", "base:allocation"))
 		cl.metaReplies()
 		cl.option(1, []byte("disk"))
 		var b [10]byte
@@ -471,10 +457,7 @@ func (cl *client) errnoOfReply() (uint32, uint64) {
 // Bug 6: in selective TLS mode LIST/SET_META_CONTEXT never answer
 // TLS_REQD (only INFO, GO and EXPORT_NAME may).
 func TestSelectiveTLSMetaContext(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("the policy names uid 0: run as root")
-	}
-	s := startSpecServer(t, newFileDevice(t, 1<<20), `
+	s := startRootPolicyServer(t, `
 identities:
   - {name: root-local, unix: {uid: 0}}
 rules:
@@ -485,7 +468,7 @@ rules:
 	cl.option(8, nil)
 	cl.optReply()
 	for _, opt := range []uint32{9, 10} {
-		cl.option(opt, metaQuery("disk", "base:allocation"))
+		cl.option(opt, metaBytes("disk", "base:allocation"))
 		if _, _, last := cl.metaReplies(); last == 1<<31|5 || last&(1<<31) == 0 {
 			t.Fatalf("option %d on a TLS-only export: reply %#x; want an error other than TLS_REQD", opt, last)
 		}
@@ -499,10 +482,7 @@ rules:
 // Bug 7: option replies stay within the 4096-byte string limit, and no
 // internal detail (the policy's path and line) reaches a client.
 func TestRepliesShortAndDiscreet(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("the policy names uid 0: run as root")
-	}
-	s := startSpecServer(t, newFileDevice(t, 1<<20), `
+	s := startRootPolicyServer(t, `
 identities:
   - {name: root-local, unix: {uid: 0}}
 rules:
