@@ -526,7 +526,15 @@ func (c *conn) finish(r *request, n int64, err error) {
 // ones are cheaper copied, since their replies share one writev.
 const zeroCopyMin = 64 << 10
 
+// Reads of at least holeCheckMin bytes with structured replies first ask
+// the device whether the range reads as zeros: if it does, the reply is
+// one OFFSET_HOLE chunk and nothing is read (as qemu-nbd does).
+const holeCheckMin = 64 << 10
+
 func (c *conn) read(r *request) {
+	if c.structured && r.flags&cmdFlagDF == 0 && c.extenter != nil && r.length >= holeCheckMin && c.readHole(r) {
+		return
+	}
 	if c.sendFD >= 0 && r.length >= zeroCopyMin {
 		c.count(cmdRead, int64(r.length), false)
 		r.zeroCopy = true
@@ -544,6 +552,22 @@ func (c *conn) read(r *request) {
 	}
 	c.count(cmdRead, int64(r.length), false)
 	c.sendRead(r, data)
+}
+
+// readHole answers a read of a range that reads as zeros throughout with
+// one OFFSET_HOLE chunk, and reports whether it did.
+func (c *conn) readHole(r *request) bool {
+	es, err := c.extenter.Extents(r.extents[:0], int64(r.off), int64(r.length), 1)
+	r.extents = es
+	if err != nil || len(es) != 1 || es[0].Flags&block.ExtentZero == 0 || es[0].Length < int64(r.length) {
+		return false
+	}
+	c.count(cmdRead, int64(r.length), false)
+	h := c.structuredHeader(r, replyFlagDone, replyOffsetHole, 12)
+	binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
+	binary.BigEndian.PutUint32(h[structuredHdrSize+8:], r.length)
+	c.send(r, h[:structuredHdrSize+12], nil)
+	return true
 }
 
 // sendRead sends a successful read's data: one structured OFFSET_DATA

@@ -633,3 +633,57 @@ func TestRefusedAttachAudited(t *testing.T) {
 		t.Fatalf("refused attach on the trail: %+v\n%s", got, b)
 	}
 }
+
+// Item 10: a structured read of a range that reads as zeros is one
+// OFFSET_HOLE chunk; with DF, or where any data is, it is data.
+func TestSparseReads(t *testing.T) {
+	dev := newFileDevice(t, 4<<20) // sparse: all hole
+	if _, err := dev.WriteAt(bytes.Repeat([]byte{7}, 4096), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", true)
+	for _, tc := range []struct {
+		name   string
+		flags  uint16
+		off    uint64
+		n      uint32
+		holeOK bool
+	}{
+		{"a hole", 0, 2 << 20, 1 << 20, true},
+		{"a hole, with DF", 4, 2 << 20, 1 << 20, false},
+		{"a range with data in it", 0, 1<<20 - 65536, 256 << 10, false},
+		{"a small read of a hole", 0, 3 << 20, 4096, false},
+	} {
+		cl.request(tc.flags, 0, 9, tc.off, tc.n, nil)
+		got := make([]byte, 0, tc.n)
+		hole := false
+		for {
+			fl, typ, _, pl := cl.structuredChunk()
+			switch typ {
+			case 2: // OFFSET_HOLE
+				if at, size := binary.BigEndian.Uint64(pl), binary.BigEndian.Uint32(pl[8:]); at != tc.off || size != tc.n {
+					t.Fatalf("%s: hole at %d of %d bytes", tc.name, at, size)
+				}
+				hole = true
+				got = append(got, make([]byte, tc.n)...)
+			case 1:
+				got = append(got, pl[8:]...)
+			}
+			if fl&1 != 0 {
+				break
+			}
+		}
+		if hole != tc.holeOK {
+			t.Fatalf("%s: OFFSET_HOLE %v, want %v", tc.name, hole, tc.holeOK)
+		}
+		want := make([]byte, tc.n)
+		if _, err := dev.ReadAt(want, int64(tc.off)); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: the reply's bytes differ from the device's", tc.name)
+		}
+	}
+}
