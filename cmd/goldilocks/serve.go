@@ -200,7 +200,7 @@ func serve(a *app, sf serveFlags) error {
 	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	exports := volume.NewExports(reg, log)
 	gcfg := gateway.Config{
-		Exports:     exports,
+		Exports:     gatewayExports{exports},
 		Logger:      log,
 		Metrics:     gateway.NewMetrics(registry),
 		MaxInflight: sf.maxInflight,

@@ -2,7 +2,6 @@ package volume
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -11,14 +10,13 @@ import (
 	"sync"
 
 	"goldilocks/crypto"
-	"goldilocks/crypto/cowmap"
-	"goldilocks/gateway"
 	"goldilocks/internal/block"
 )
 
-// Exports serves a registry's volumes to the gateway. Every connection to
-// a volume shares one open device, so a flush on any connection covers the
-// writes of all of them (NBD's CAN_MULTI_CONN).
+// Exports opens a registry's volumes for the connections that attach
+// them (the CLI wires it to the gateway; this package knows nothing of
+// NBD). Every connection to a volume shares one open device, so a flush on
+// any connection covers the writes of all of them (NBD's CAN_MULTI_CONN).
 type Exports struct {
 	reg *Registry
 	log *slog.Logger
@@ -33,27 +31,26 @@ type shared struct {
 	refs int
 }
 
-var _ gateway.Exports = (*Exports)(nil)
-
-// NewExports returns the gateway's view of reg.
+// NewExports returns the shared opener of reg's volumes.
 func NewExports(reg *Registry, log *slog.Logger) *Exports {
 	return &Exports{reg: reg, log: log, open: make(map[string]*shared)}
 }
 
-// Open opens the named volume for one connection.
-func (e *Exports) Open(name string) (*gateway.Export, func(), error) {
+// Attached is a volume opened for one connection: its record and the
+// device every connection to it shares.
+type Attached struct {
+	Volume Volume
+	Device block.Device
+}
+
+// Open opens the named volume for one connection (ErrNotFound if there
+// is none); release ends the connection's share of it.
+func (e *Exports) Open(name string) (a *Attached, release func(), err error) {
 	v, s, release, err := e.acquireVolume(name)
 	if err != nil {
-		return nil, nil, publicError(err)
+		return nil, nil, err
 	}
-	exp := &gateway.Export{
-		Name:        v.Name,
-		Description: describe(v),
-		Device:      s.dev,
-		ReadOnly:    v.ReadOnly,
-		MultiConn:   true,
-	}
-	return exp, release, nil
+	return &Attached{Volume: v, Device: s.dev}, release, nil
 }
 
 // acquire takes a reference on the named volume's shared device, opening
@@ -68,9 +65,6 @@ func (e *Exports) acquire(name string) (block.Device, func(), error) {
 
 func (e *Exports) acquireVolume(name string) (Volume, *shared, func(), error) {
 	v, err := e.reg.Get(name)
-	if errors.Is(err, ErrNotFound) {
-		return v, nil, nil, gateway.ErrUnknownExport
-	}
 	if err != nil {
 		return v, nil, nil, err
 	}
@@ -106,17 +100,7 @@ func (e *Exports) release(name string, s *shared) {
 }
 
 // List lists every volume.
-func (e *Exports) List() ([]gateway.ExportInfo, error) {
-	vols, err := e.reg.List()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]gateway.ExportInfo, 0, len(vols))
-	for _, v := range vols {
-		out = append(out, gateway.ExportInfo{Name: v.Name, Description: describe(v), Labels: v.Labels})
-	}
-	return out, nil
-}
+func (e *Exports) List() ([]Volume, error) { return e.reg.List() }
 
 // OpenDevice opens a volume's backing store, locked against other
 // processes, as the device the gateway serves: the file itself for a plain
@@ -162,9 +146,9 @@ func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) 
 	return cv, nil
 }
 
-// describe is a volume's NBD description (NBD_INFO_DESCRIPTION, LIST):
+// Describe is a one-line description of a volume (NBD_INFO_DESCRIPTION):
 // its kind and size, then its labels, sorted.
-func describe(v Volume) string {
+func Describe(v Volume) string {
 	kind := "plain"
 	if v.Encrypted {
 		kind = "encrypted"
@@ -178,21 +162,4 @@ func describe(v Volume) string {
 		d += "; " + strings.Join(keys, ", ")
 	}
 	return d
-}
-
-// publicError gives the errors an attaching client should understand a
-// message it may see (gateway.OpenError); the detail stays in the log.
-func publicError(err error) error {
-	switch {
-	case errors.Is(err, crypto.ErrVaultUnavailable):
-		return &gateway.OpenError{Public: "the key service (Vault) is unreachable: the volume's key cannot be unwrapped now; try again later", Err: err}
-	case errors.Is(err, crypto.ErrRollback):
-		return &gateway.OpenError{Public: "the volume's backing store is older than its rollback anchor: refused (the gateway's log says more)", Err: err}
-	case errors.Is(err, crypto.ErrHeaderAuth), errors.Is(err, crypto.ErrHeaderCorrupt), errors.Is(err, crypto.ErrWrongVolume),
-		errors.Is(err, crypto.ErrStoreTooSmall), errors.Is(err, cowmap.ErrMapAuth):
-		return &gateway.OpenError{Public: "the volume failed its integrity check: refused (the gateway's log says more)", Err: err}
-	case errors.Is(err, crypto.ErrNeedsUpgrade):
-		return &gateway.OpenError{Public: "the volume is in format 1: run goldilocks volume upgrade", Err: err}
-	}
-	return err
 }
