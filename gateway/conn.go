@@ -309,7 +309,29 @@ func (c *conn) recoverPanic() {
 	}
 }
 
-// readLoop reads requests until the client disconnects, violates the
+// The request path. One reader goroutine per connection takes each
+// request through these stages, top to bottom (serveRequest):
+//
+//	readRequest     the 28-byte header off the socket, magic checked
+//	validate        command, flags and range against what the handshake
+//	                advertised (validate.go): 0 or the NBD error
+//	admit           the grant: read-only, commands, rate limits, which
+//	                may wait (access.go)
+//	receivePayload  a WRITE's data: spliced to the file (and done), read
+//	                into a pooled buffer, or skipped after a refusal
+//	dispatch        a refusal is answered at once; small requests that
+//	                cannot block run here (inline); the rest go to a
+//	                worker (handle)
+//	reply           queued to the connection's combining writer (reply.go),
+//	                which sends it and returns the slot to c.free
+//
+// Requests run on the reader reply through c.deferred (onReader), sent in
+// one batch before the reader could block.
+
+// errDisconnect ends the loop on NBD_CMD_DISC.
+var errDisconnect = errors.New("client sent NBD_CMD_DISC")
+
+// readLoop serves requests until the client disconnects, violates the
 // protocol, or the server stops.
 func (c *conn) readLoop() {
 	defer c.flushDeferred()
@@ -320,71 +342,94 @@ func (c *conn) readLoop() {
 			c.flushDeferred()
 		}
 		r := <-c.free
-		if _, err := io.ReadFull(c.rd, r.hdr[:requestSize]); err != nil {
+		if err := c.serveRequest(r); err != nil {
 			c.free <- r
 			c.readEnded(err)
 			return
 		}
-		h := r.hdr[:]
-		if magic := binary.BigEndian.Uint32(h[0:]); magic != requestMagic {
-			c.free <- r
-			c.log.Warn("closing connection", "err", violation("bad request magic %#x", magic))
-			return
-		}
-		r.flags = binary.BigEndian.Uint16(h[4:])
-		r.typ = binary.BigEndian.Uint16(h[6:])
-		r.cookie = binary.BigEndian.Uint64(h[8:])
-		r.off = binary.BigEndian.Uint64(h[16:])
-		r.length = binary.BigEndian.Uint32(h[24:])
+	}
+}
 
-		if r.typ == cmdDisc {
-			c.free <- r
-			c.log.Debug("client sent NBD_CMD_DISC")
-			return
-		}
-		errno := c.validate(r)
-		if errno == 0 {
-			errno = c.admit(r) // policy: read-only, commands, rate (may wait)
-		}
-		if r.typ == cmdWrite {
-			if c.rd.Buffered() < int(r.length) {
-				c.flushDeferred()
-			}
-			if errno == 0 && c.splice != nil && r.length >= spliceMin {
-				if !c.writeSpliced(r) {
-					c.free <- r
-					return
-				}
-				continue
-			}
-			if errno == 0 {
-				r.buf = c.srv.pool.get(int(r.length))
-				if err := c.readPayload(r.buf.b[:r.length]); err != nil {
-					c.srv.pool.put(r.buf)
-					r.buf = nil
-					c.free <- r
-					c.readEnded(err)
-					return
-				}
-			} else if _, err := c.rd.Discard(int(r.length)); err != nil {
-				c.free <- r
-				c.readEnded(err)
-				return
-			}
-		}
-		if errno != 0 {
-			c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
-			c.count(r.typ, 0, true)
-			r.deferred = true
-			c.replyError(r, errno)
-			continue
-		}
-		if c.inline(r) {
-			continue
-		}
+// serveRequest takes r through the stages. An error ends the connection;
+// r then still belongs to the caller.
+func (c *conn) serveRequest(r *request) error {
+	if err := c.readRequest(r); err != nil {
+		return err
+	}
+	errno := c.validate(r)
+	if errno == 0 {
+		errno = c.admit(r) // may wait
+	}
+	done, err := c.receivePayload(r, errno)
+	if err != nil || done {
+		return err
+	}
+	c.dispatch(r, errno)
+	return nil
+}
+
+// readRequest reads and parses one request header.
+func (c *conn) readRequest(r *request) error {
+	if _, err := io.ReadFull(c.rd, r.hdr[:requestSize]); err != nil {
+		return err
+	}
+	h := r.hdr[:]
+	if magic := binary.BigEndian.Uint32(h[0:]); magic != requestMagic {
+		return violation("bad request magic %#x", magic)
+	}
+	r.flags = binary.BigEndian.Uint16(h[4:])
+	r.typ = binary.BigEndian.Uint16(h[6:])
+	r.cookie = binary.BigEndian.Uint64(h[8:])
+	r.off = binary.BigEndian.Uint64(h[16:])
+	r.length = binary.BigEndian.Uint32(h[24:])
+	if r.typ == cmdDisc {
+		return errDisconnect
+	}
+	return nil
+}
+
+// receivePayload reads a WRITE's payload. A large accepted write is
+// spliced straight to the file and answered (done).
+func (c *conn) receivePayload(r *request, errno uint32) (done bool, err error) {
+	if r.typ != cmdWrite {
+		return false, nil
+	}
+	if c.rd.Buffered() < int(r.length) {
+		c.flushDeferred() // the socket read below may block
+	}
+	switch {
+	case errno != 0:
+		_, err = c.rd.Discard(int(r.length))
+		return false, err
+	case c.splice != nil && r.length >= spliceMin:
+		return true, c.writeSpliced(r)
+	}
+	r.buf = c.srv.pool.get(int(r.length))
+	if err := c.readPayload(r.buf.b[:r.length]); err != nil {
+		c.srv.pool.put(r.buf)
+		r.buf = nil
+		return false, err
+	}
+	return false, nil
+}
+
+// dispatch answers a refused request, or runs r here or on a worker.
+func (c *conn) dispatch(r *request, errno uint32) {
+	switch {
+	case errno != 0:
+		c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
+		c.count(r.typ, 0, true)
+		c.onReader(r)
+		c.replyError(r, errno)
+	case c.inline(r):
+	default:
 		c.work <- r
 	}
 }
+
+// onReader marks r as run on the reader goroutine: its reply waits in
+// c.deferred for the next flushDeferred.
+func (c *conn) onReader(r *request) { r.deferred = true }
 
 // Small requests that will not block run on the reader goroutine itself:
 // a hop to a worker costs more than the I/O. Everything else, and anything
@@ -406,14 +451,14 @@ func (c *conn) inline(r *request) bool {
 		if c.tryRead == nil {
 			return false
 		}
-		r.deferred = true
 		r.buf = c.srv.pool.get(int(r.length))
 		data := r.buf.b[:r.length]
 		if _, err := c.tryRead.TryReadAt(data, int64(r.off)); err != nil {
 			c.srv.pool.put(r.buf) // not cached (or an error): a worker reads it
-			r.buf, r.deferred = nil, false
+			r.buf = nil
 			return false
 		}
+		c.onReader(r)
 		c.count(cmdRead, int64(r.length), false)
 		c.sendRead(r, data)
 		return true
@@ -425,7 +470,7 @@ func (c *conn) inline(r *request) bool {
 		if now.Before(c.noInlineUntil) {
 			return false
 		}
-		r.deferred = true
+		c.onReader(r)
 		c.handle(r)
 		if time.Since(now) > inlineSlow {
 			c.noInlineUntil = now.Add(inlinePauseFor)
@@ -450,7 +495,12 @@ func (c *conn) readPayload(p []byte) error {
 }
 
 func (c *conn) readEnded(err error) {
+	var pe *protocolError
 	switch {
+	case errors.Is(err, errDisconnect):
+		c.log.Debug("client sent NBD_CMD_DISC")
+	case errors.As(err, &pe):
+		c.log.Warn("closing connection", "err", err)
 	case c.stopping.Load():
 		c.log.Info("server stopping: no new requests read")
 	case errors.Is(err, io.EOF):

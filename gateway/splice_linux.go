@@ -126,9 +126,9 @@ func (c *conn) spliceWrite(n int, off int64) error {
 }
 
 // writeSpliced runs a large plain WRITE on the reader goroutine: the bytes
-// already in the read buffer by pwrite, the rest by splice. It reports
-// false when the connection is over.
-func (c *conn) writeSpliced(r *request) bool {
+// already in the read buffer by pwrite, the rest by splice, then its
+// reply. An error (of the socket) ends the connection.
+func (c *conn) writeSpliced(r *request) error {
 	dev := c.exp.Device
 	off, n := int64(r.off), int(r.length)
 	b := min(c.rd.Buffered(), n)
@@ -141,18 +141,19 @@ func (c *conn) writeSpliced(r *request) bool {
 	if err == nil {
 		err = c.spliceWrite(n-b, off+int64(b))
 	} else if _, derr := c.rd.Discard(n - b); derr != nil {
-		c.readEnded(derr)
-		return false
+		return derr
 	}
-	if c.splice.sockErr {
-		c.readEnded(err)
-		return false
+	if c.splice.sockErr { // the payload is not all read: the stream is lost
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
 	}
 	c.wrote.Store(true)
 	if err == nil && r.flags&cmdFlagFUA != 0 {
 		err = dev.Flush()
 	}
-	r.deferred = true
+	c.onReader(r)
 	c.finish(r, int64(n), err)
-	return true
+	return nil
 }
