@@ -211,10 +211,10 @@ func pass(f *filterFields, o *ExportOptions) bool {
 // Severity of an event in CEF (FORMAT.md, "Export").
 func severity(f *filterFields) int {
 	switch {
-	case f.Decision == "deny", f.Type == "integrity_failure":
+	case f.Decision == "deny", f.Type == string(EvIntegrityFailure):
 		return 8
-	case f.Type == "tls_failure", f.Type == "vault_unreachable", f.Type == "session_revoked",
-		f.Type == "policy_reload_failed", f.Type == "audit_recovered":
+	case f.Type == string(EvTLSFailure), f.Type == string(EvVaultUnreachable), f.Type == string(EvSessionRevoked),
+		f.Type == string(EvPolicyReloadFailed), f.Type == string(EvAuditRecovered):
 		return 5
 	}
 	return 3

@@ -38,7 +38,7 @@ func (h *Handler) Handle(ctx context.Context, r slog.Record) error {
 		v := a.Value.Resolve()
 		switch a.Key {
 		case "event":
-			e.Type = v.String()
+			e.Type = EventType(v.String())
 		case "identity":
 			e.Identity = v.String()
 		case "volume", "export":

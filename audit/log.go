@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"goldilocks/internal/atomicfile"
 	"io"
 	"log/slog"
 	"os"
@@ -131,8 +132,8 @@ func Open(dir string, o Options) (*Log, error) {
 	}
 	cut, err := l.reopenLocked(true)
 	if err == nil && cut > 0 {
-		l.log.Warn("audit log: a torn last record was cut off at open", "event", "audit_recovered", "bytes", cut)
-		err = l.appendLocked(Event{Type: "audit_recovered", Reason: "a torn last line (a crash mid-append) was cut off", Details: map[string]any{"bytes": cut}})
+		l.log.Warn("audit log: a torn last record was cut off at open", "event", EvAuditRecovered, "bytes", cut)
+		err = l.appendLocked(Event{Type: EvAuditRecovered, Reason: "a torn last line (a crash mid-append) was cut off", Details: map[string]any{"bytes": cut}})
 	}
 	l.funlock()
 	if err != nil {
@@ -313,7 +314,7 @@ func (l *Log) appendLocked(e Event) error {
 			return err
 		}
 		if cut > 0 { // an appender died mid-write
-			if err := l.writeLocked(Event{Type: "audit_recovered", Reason: "a torn last line (a crash mid-append) was cut off", Details: map[string]any{"bytes": cut}}, l.o.now()); err != nil {
+			if err := l.writeLocked(Event{Type: EvAuditRecovered, Reason: "a torn last line (a crash mid-append) was cut off", Details: map[string]any{"bytes": cut}}, l.o.now()); err != nil {
 				return err
 			}
 		}
@@ -364,12 +365,12 @@ func (l *Log) checkpointLocked() error {
 	now := l.o.now()
 	seq, prev := l.seq+1, l.prev
 	sig := ed25519.Sign(l.key, checkpointMessage(seq, now, prev))
-	err := l.writeLocked(Event{Type: "checkpoint", Details: map[string]any{"key": l.kid, "sig": base64.StdEncoding.EncodeToString(sig)}}, now)
+	err := l.writeLocked(Event{Type: EvCheckpoint, Details: map[string]any{"key": l.kid, "sig": base64.StdEncoding.EncodeToString(sig)}}, now)
 	if err == nil {
 		err = l.f.Sync()
 	}
 	if err == nil {
-		err = writeFileAtomic(filepath.Join(l.dir, HeadFile), []byte(strconv.FormatUint(l.seq, 10)+" "+l.prev+"\n"))
+		err = atomicfile.Write(filepath.Join(l.dir, HeadFile), []byte(strconv.FormatUint(l.seq, 10)+" "+l.prev+"\n"), 0o600)
 	}
 	if err != nil {
 		return fmt.Errorf("audit: checkpoint: %w: %w", ErrUnavailable, err)
@@ -644,7 +645,7 @@ func loadOrCreateKey(dir string) (ed25519.PrivateKey, error) {
 			return nil, err
 		}
 		der, _ := x509.MarshalPKCS8PrivateKey(priv)
-		if err := writeFileAtomic(filepath.Join(dir, PubFile), encodePublic(priv.Public().(ed25519.PublicKey))); err != nil {
+		if err := atomicfile.Write(filepath.Join(dir, PubFile), encodePublic(priv.Public().(ed25519.PublicKey)), 0o600); err != nil {
 			return nil, fmt.Errorf("audit: %w", err)
 		}
 		f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
@@ -709,23 +710,4 @@ func LoadPublicKey(path string) (ed25519.PublicKey, error) {
 		return nil, fmt.Errorf("audit: %s: not an Ed25519 key", path)
 	}
 	return pub, nil
-}
-
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	return err
 }

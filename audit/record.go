@@ -22,7 +22,7 @@ var zeroPrev = "sha256:" + hex.EncodeToString(make([]byte, 32))
 
 // Event is what a caller records.
 type Event struct {
-	Type     string
+	Type     EventType
 	Identity string
 	Volume   string
 	Decision string // "allow", "deny" or ""
@@ -50,7 +50,7 @@ func (r *Record) AppendJSON(b []byte) []byte {
 	b = append(b, `,"time":`...)
 	b = appendString(b, r.Time.UTC().Format(TimeFormat))
 	for _, f := range [...]struct{ k, v string }{
-		{`,"type":`, r.Type}, {`,"identity":`, r.Identity}, {`,"volume":`, r.Volume},
+		{`,"type":`, string(r.Type)}, {`,"identity":`, r.Identity}, {`,"volume":`, r.Volume},
 		{`,"decision":`, r.Decision}, {`,"reason":`, r.Reason},
 	} {
 		b = append(b, f.k...)
@@ -193,7 +193,7 @@ func Parse(line []byte) (*Record, error) {
 		return nil, fmt.Errorf("audit: record %d: time %q: %w", *raw.Seq, raw.Time, ErrNotCanonical)
 	}
 	r := &Record{Seq: *raw.Seq, Time: t, Prev: raw.Prev, Event: Event{
-		Type: raw.Type, Identity: raw.Identity, Volume: raw.Volume, Decision: raw.Decision, Reason: raw.Reason,
+		Type: EventType(raw.Type), Identity: raw.Identity, Volume: raw.Volume, Decision: raw.Decision, Reason: raw.Reason,
 	}}
 	if len(raw.Details) > 0 {
 		r.Details = make(map[string]any, len(raw.Details))

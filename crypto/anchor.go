@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"goldilocks/internal/atomicfile"
 	"hash/crc32"
 	"os"
 	"path/filepath"
@@ -130,26 +131,7 @@ func (a *FileAnchor) Advance(v [16]byte, st AnchorState) error {
 	if err := os.MkdirAll(a.dir, 0o700); err != nil {
 		return fmt.Errorf("rollback anchor: %w", err)
 	}
-	p := a.path(v)
-	tmp := p + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return fmt.Errorf("rollback anchor: %w", err)
-	}
-	_, err = f.Write(marshalAnchor(v, st))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err == nil {
-		err = syncDir(a.dir)
-	}
-	if err != nil {
+	if err := atomicfile.Write(a.path(v), marshalAnchor(v, st), 0o600); err != nil {
 		return fmt.Errorf("rollback anchor: %w", err)
 	}
 	return nil
@@ -162,17 +144,8 @@ func (a *FileAnchor) Remove(v [16]byte) error {
 	if err := os.Remove(a.path(v)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("rollback anchor: %w", err)
 	}
-	return syncDir(a.dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
+	if err := atomicfile.SyncDir(a.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("rollback anchor: %w", err)
 	}
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"sync"
 
+	"goldilocks/audit"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
@@ -315,7 +316,7 @@ func headerOf(ctx context.Context, store block.Device, name string, uuid [16]byt
 				oh, perr := ParseHeader(other)
 				mac, merr := HeaderMACKey(dek, uuid)
 				if perr != nil || merr != nil || VerifyHeaderMAC(other, mac) != nil || oh.Generation > h.Generation {
-					log.Warn("integrity warning: a volume header copy is damaged or stale; using the other", "event", "integrity_warning",
+					log.Warn("integrity warning: a volume header copy is damaged or stale; using the other", "event", audit.EvIntegrityWarning,
 						"volume", name, "copy", "AB"[1-which:2-which])
 				}
 			}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 
+	"goldilocks/audit"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
@@ -123,7 +124,7 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 	}
 	err = v.openEntry(c, &e, dst, b)
 	if errors.Is(err, ErrChunkAuth) {
-		v.log.Error("integrity failure: chunk failed authentication", "event", "integrity_failure", "volume", v.name,
+		v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
 			"chunk", c, "kind", "chunk")
 	}
 	if err != nil {
@@ -168,7 +169,7 @@ func (v *Volume) openPackage(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf)
 	}
 	if err != nil {
 		clear(dst)
-		v.log.Error("integrity failure: chunk failed authentication", "event", "integrity_failure", "volume", v.name,
+		v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
 			"chunk", c, "kind", "chunk")
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"goldilocks/internal/atomicfile"
 	"os"
 	"path/filepath"
 	"strings"
@@ -241,40 +242,10 @@ func (l *LocalKEK) withStore(fn func(*keystoreDoc) (changed bool, err error)) er
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(l.path, append(out, '\n')); err != nil {
+	if err := atomicfile.Write(l.path, append(out, '\n'), 0o600); err != nil {
 		return fmt.Errorf("keystore %s: %w", l.path, err)
 	}
 	return nil
-}
-
-// writeFileAtomic replaces path with data: temp file, fsync, rename, fsync
-// of the directory.
-func writeFileAtomic(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // readKeystore reads and checks a keystore file; a missing file is an

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"time"
 
+	"goldilocks/audit"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
@@ -180,7 +181,7 @@ func (v *Volume) beginRekey(ctx context.Context, kek KEKProvider) error {
 	}
 	v.keys.install(1-old, dek)
 	v.sealSlot.Store(uint32(1 - old))
-	v.log.Info("rekey started", "event", "rekey_start", "volume", v.name, "kek", nh.KEK.Name, "kek_version", version)
+	v.log.Info("rekey started", "event", audit.EvRekeyStart, "volume", v.name, "kek", nh.KEK.Name, "kek_version", version)
 	return nil
 }
 
@@ -211,7 +212,7 @@ func (v *Volume) walk(ctx context.Context, from uint64, opt RekeyOptions) error 
 				return err
 			}
 			pending = false
-			v.log.Info("rekey progress", "event", "rekey_progress", "volume", v.name, "cursor", c, "chunks", total)
+			v.log.Info("rekey progress", "event", audit.EvRekeyProgress, "volume", v.name, "cursor", c, "chunks", total)
 		}
 		if opt.stopAt != 0 && c == opt.stopAt {
 			return context.Canceled
@@ -370,7 +371,7 @@ func (v *Volume) finishRekey(ctx context.Context, kek KEKProvider) error {
 			return fmt.Errorf("volume %s: the rekey finished, but destroying the old data key failed: %w", v.name, err)
 		}
 	}
-	v.log.Info("rekey finished; the old data key is destroyed", "event", "rekey_finish", "volume", v.name)
+	v.log.Info("rekey finished; the old data key is destroyed", "event", audit.EvRekeyFinish, "volume", v.name)
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"goldilocks/audit"
 	"log/slog"
 	"net/http"
 	"os"
@@ -150,12 +151,12 @@ func (k *VaultKEK) call(ctx context.Context, what string, fn func() (*vault.Secr
 	if err != nil && unavailable(err) {
 		if k.down.CompareAndSwap(false, true) {
 			k.log.Error("vault unreachable: attached volumes keep serving; new attaches and key operations fail until it is back",
-				"event", "vault_unreachable", "addr", k.c.Address(), "err", err)
+				"event", audit.EvVaultUnreachable, "addr", k.c.Address(), "err", err)
 		}
 		return nil, fmt.Errorf("vault at %s: %s: %w: %v", k.c.Address(), what, ErrVaultUnavailable, err)
 	}
 	if k.down.CompareAndSwap(true, false) {
-		k.log.Info("vault is reachable again", "event", "vault_back", "addr", k.c.Address())
+		k.log.Info("vault is reachable again", "event", audit.EvVaultBack, "addr", k.c.Address())
 	}
 	if err != nil {
 		return nil, fmt.Errorf("vault at %s: %s: %w", k.c.Address(), what, err)
@@ -293,7 +294,7 @@ func (k *VaultKEK) ensureKey(ctx context.Context, name string) error {
 		}); err != nil {
 			return err
 		}
-		k.log.Info("created Transit key", "event", "key_create", "provider", "vault", "key", name)
+		k.log.Info("created Transit key", "event", audit.EvKeyCreate, "provider", "vault", "key", name)
 	} else if d, _ := s.Data["derived"].(bool); !d {
 		return fmt.Errorf("vault at %s: key %s: %w", k.c.Address(), name, ErrVaultKeyNotDerived)
 	}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"goldilocks/audit"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
 )
@@ -182,7 +183,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	h, dek, err := headerOf(ctx, store, name, uuid, kek, log)
 	if err != nil {
 		if isIntegrity(err) {
-			log.Error("integrity failure: attach refused", "event", "integrity_failure", "volume", name, "kind", "header", "err", err)
+			log.Error("integrity failure: attach refused", "event", audit.EvIntegrityFailure, "volume", name, "kind", "header", "err", err)
 		}
 		return nil, err
 	}
@@ -310,7 +311,7 @@ func isIntegrity(err error) bool {
 // integrityFailure logs an integrity error of the store as an event the
 // audit trail records.
 func (v *Volume) integrityFailure(kind string, err error) {
-	v.log.Error("integrity failure", "event", "integrity_failure", "volume", v.name, "kind", kind, "err", err)
+	v.log.Error("integrity failure", "event", audit.EvIntegrityFailure, "volume", v.name, "kind", kind, "err", err)
 }
 
 // verifyData reports whether chunk c's data matches entry e (recovery).

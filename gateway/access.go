@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"goldilocks/audit"
 	"goldilocks/policy"
 )
 
@@ -237,7 +238,7 @@ func (c *conn) pause(d time.Duration) {
 // revoke cuts a live session: its connection closes at once.
 func (c *conn) revoke(reason string) {
 	c.cutOnce.Do(func() {
-		c.log.Warn("access revoked: cutting the session", "event", "session_revoked", "export", c.expName(), "reason", reason)
+		c.log.Warn("access revoked: cutting the session", "event", audit.EvSessionRevoked, "export", c.expName(), "reason", reason)
 		close(c.cut)
 		c.nc.Close()
 	})

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"goldilocks/audit"
 	"io"
 	"slices"
 	"strings"
@@ -198,7 +199,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 
 // refused logs, and so audits, an attach the policy refused.
 func (c *conn) refused(name, identity, reason string) {
-	c.log.Warn("attach refused by policy", "event", "attach_refused", "export", name,
+	c.log.Warn("attach refused by policy", "event", audit.EvAttachRefused, "export", name,
 		"identity", identity, "decision", "deny", "reason", reason)
 }
 
@@ -252,7 +253,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	}
 	tc := tls.Server(c.nc, c.srv.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
-		c.log.Warn("TLS handshake failed", "event", "tls_failure", "err", err)
+		c.log.Warn("TLS handshake failed", "event", audit.EvTLSFailure, "err", err)
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
 	c.peerTLS(tc)

@@ -68,7 +68,7 @@ func (c *conn) recordAttach(g *grant) error {
 	if c.peer.Unix {
 		d["uid"], d["pid"] = c.peer.UID, c.peer.PID
 	}
-	err := rec.Append(audit.Event{Type: "attach", Identity: c.who(), Volume: c.exp.Name, Decision: "allow", Reason: reason, Details: d})
+	err := rec.Append(audit.Event{Type: audit.EvAttach, Identity: c.who(), Volume: c.exp.Name, Decision: "allow", Reason: reason, Details: d})
 	c.recorded = err == nil
 	if err != nil && c.srv.cfg.AuditContinue {
 		c.log.Error("audit log unavailable; attaching anyway (audit on_failure: continue)", "err", err)
@@ -96,7 +96,7 @@ func (c *conn) recordDetach() {
 	if !s.start.IsZero() { // zero: the handshake was lost after the attach
 		d["seconds"] = int64(time.Since(s.start).Seconds())
 	}
-	if err := rec.Append(audit.Event{Type: "detach", Identity: c.who(), Volume: c.exp.Name, Details: d}); err != nil {
+	if err := rec.Append(audit.Event{Type: audit.EvDetach, Identity: c.who(), Volume: c.exp.Name, Details: d}); err != nil {
 		c.log.Error("audit log unavailable: the detach is not on record", "err", err)
 	}
 }

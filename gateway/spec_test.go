@@ -41,7 +41,7 @@ func (e *events) Append(ev audit.Event) error {
 	return nil
 }
 
-func (e *events) count(typ string) int {
+func (e *events) count(typ audit.EventType) int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	n := 0

@@ -46,7 +46,7 @@ func cliIdentity() string { return "cli:uid:" + strconv.Itoa(os.Getuid()) }
 // first (the command is refused if it cannot be), and the outcome is
 // recorded as an event of type typ for the volume named by the first
 // argument.
-func audited(a *app, typ string, run func(*cobra.Command, []string) error) func(*cobra.Command, []string) error {
+func audited(a *app, typ audit.EventType, run func(*cobra.Command, []string) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, argv []string) error {
 		if err := a.openAudit(); err != nil {
 			return err

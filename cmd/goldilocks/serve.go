@@ -152,7 +152,7 @@ func serve(a *app, sf serveFlags) error {
 		a.alog = alog
 		log = slog.New(audit.NewHandler(log.Handler(), alog))
 		defer func() {
-			alog.Append(audit.Event{Type: "gateway_stop", Reason: "stopped"})
+			alog.Append(audit.Event{Type: audit.EvGatewayStop, Reason: "stopped"})
 			a.closeAudit()
 		}()
 	case sf.auditOnFailure == "continue":
@@ -188,7 +188,7 @@ func serve(a *app, sf serveFlags) error {
 		if err != nil {
 			return fmt.Errorf("creating the demo volume: %w", err)
 		}
-		log.Info("created the demo volume, encrypted with a key in the local keystore", "event", "volume_create", "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
+		log.Info("created the demo volume, encrypted with a key in the local keystore", "event", audit.EvVolumeCreate, "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
 		vols = append(vols, v)
 	}
 	warnKeystore(reg, log, vols)
@@ -340,7 +340,7 @@ func serve(a *app, sf serveFlags) error {
 	}
 	if a.alog != nil {
 		details := map[string]any{"version": version, "listen": sf.listen, "unix": sock, "policy": sf.policy, "tls": tlsCfg != nil}
-		if err := a.alog.Append(audit.Event{Type: "gateway_start", Reason: "started", Details: details}); err != nil {
+		if err := a.alog.Append(audit.Event{Type: audit.EvGatewayStart, Reason: "started", Details: details}); err != nil {
 			log.Error("audit log unavailable at start: attaches will be refused until it is writable", "err", err)
 		}
 	}

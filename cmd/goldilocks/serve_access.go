@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"goldilocks/audit"
 	"goldilocks/gateway"
 	"goldilocks/policy"
 )
@@ -93,7 +94,7 @@ func loadPolicy(file string, tlsConfigured bool, log *slog.Logger) (*policyHolde
 	}
 	h.p.Store(p)
 	h.st, _ = os.Stat(file)
-	log.Info("policy loaded", "event", "policy_load", "file", file, "identities", len(p.Identities), "rules", len(p.Rules))
+	log.Info("policy loaded", "event", audit.EvPolicyLoad, "file", file, "identities", len(p.Identities), "rules", len(p.Rules))
 	return h, nil
 }
 
@@ -136,12 +137,12 @@ func (h *policyHolder) watch(ctx context.Context, hup <-chan os.Signal, srv *gat
 		h.st, _ = os.Stat(h.file)
 		p, err := h.load()
 		if err != nil {
-			h.log.Error("policy reload failed; the previous policy stays in force", "event", "policy_reload_failed", "file", h.file, "trigger", why, "err", err)
+			h.log.Error("policy reload failed; the previous policy stays in force", "event", audit.EvPolicyReloadFailed, "file", h.file, "trigger", why, "err", err)
 			continue
 		}
 		h.p.Store(p)
 		cut := srv.Reauthorize()
-		h.log.Info("policy reloaded", "event", "policy_reload", "file", h.file, "trigger", why, "identities", len(p.Identities), "rules", len(p.Rules), "sessions_cut", cut)
+		h.log.Info("policy reloaded", "event", audit.EvPolicyReload, "file", h.file, "trigger", why, "identities", len(p.Identities), "rules", len(p.Rules), "sessions_cut", cut)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"goldilocks/audit"
 	"goldilocks/crypto"
 	"goldilocks/internal/volume"
 )
@@ -86,7 +87,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 		Use:   "create NAME --size SIZE [--plain] [--backing PATH]",
 		Short: "Create a volume (its NBD export name is NAME)",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: audited(a, "volume_create", func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, audit.EvVolumeCreate, func(cmd *cobra.Command, argv []string) error {
 			var size int64
 			if sizeStr != "" {
 				s, err := parseSize(sizeStr)

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"goldilocks/audit"
 	"goldilocks/internal/block"
 	"goldilocks/internal/volume"
 )
@@ -69,7 +70,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 		Use:   "export NAME --to RAW_FILE",
 		Short: "Write a volume's plaintext to a raw image (no gateway needed: the disaster-recovery path)",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: audited(a, "volume_export", func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, audit.EvVolumeExport, func(cmd *cobra.Command, argv []string) error {
 			if to == "" {
 				return usagef("volume export: --to is required")
 			}
@@ -149,7 +150,7 @@ func newVolumeImportCmd(a *app) *cobra.Command {
 		Use:   "import NAME --from RAW_FILE",
 		Short: "Copy a raw image into a volume (created, encrypted, if it does not exist)",
 		Args:  args(cobra.ExactArgs(1)),
-		RunE: audited(a, "volume_import", func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, audit.EvVolumeImport, func(cmd *cobra.Command, argv []string) error {
 			if from == "" {
 				return usagef("volume import: --from is required")
 			}
@@ -236,7 +237,7 @@ undone. On a terminal it asks you to type the volume's name; without one
 it refuses unless --yes is given. (A Vault-keyed volume wrapped before
 destroyable secrets existed has none: it loses its header copies only.)`,
 		Args: args(cobra.ExactArgs(1)),
-		RunE: audited(a, "volume_shred", func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, audit.EvVolumeShred, func(cmd *cobra.Command, argv []string) error {
 			reg, err := a.openRegistry()
 			if err != nil {
 				return err

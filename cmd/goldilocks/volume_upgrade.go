@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"goldilocks/audit"
 	"goldilocks/crypto"
 	"goldilocks/internal/volume"
 )
@@ -36,7 +37,7 @@ starts over. The new file needs up to about twice the volume's size of free
 space beside the old one, which is sparse. A volume already in format 2 is
 left as it is.`,
 		Args: args(cobra.ExactArgs(1)),
-		RunE: audited(a, "volume_upgrade", func(cmd *cobra.Command, argv []string) error {
+		RunE: audited(a, audit.EvVolumeUpgrade, func(cmd *cobra.Command, argv []string) error {
 			name := argv[0]
 			reg, err := a.openRegistry()
 			if err != nil {

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"goldilocks/audit"
 	"goldilocks/crypto"
 	"goldilocks/internal/block"
 )
@@ -110,7 +111,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
 	if _, err := ParseHeader(ab[(1-which)*crypto.HeaderBlockSize:][:crypto.HeaderBlockSize]); err != nil {
-		log.Warn("integrity warning: a format-1 volume header copy is damaged; using the other", "event", "integrity_warning",
+		log.Warn("integrity warning: a format-1 volume header copy is damaged; using the other", "event", audit.EvIntegrityWarning,
 			"volume", name, "copy", "AB"[1-which:2-which], "err", err)
 	}
 	if h.UUID != uuid {
@@ -207,7 +208,7 @@ func (v *Volume) loadMap() error {
 		ga, okA := parseMapPage(pair[:mapPageSize], p)
 		gb, okB := parseMapPage(pair[mapPageSize:], p)
 		if okA != okB {
-			v.log.Warn("integrity warning: a format-1 chunk map page copy is damaged; using the other", "event", "integrity_warning",
+			v.log.Warn("integrity warning: a format-1 chunk map page copy is damaged; using the other", "event", audit.EvIntegrityWarning,
 				"volume", v.name, "page", p)
 		}
 		var pg []byte
@@ -311,7 +312,7 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 	copy(pkg[crypto.HeaderSize+crypto.ChunkSize:], e.meta[16:])
 	if _, err := s.Open(dst[:0], uint32(c), pkg); err != nil {
 		clear(dst)
-		v.log.Error("integrity failure: chunk failed authentication", "event", "integrity_failure", "volume", v.name,
+		v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
 			"chunk", c, "slot", e.slot-1, "format", Version)
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, crypto.ErrChunkAuth)
 	}

@@ -169,7 +169,7 @@ func (k *Keys) Rotate(ctx context.Context, o RotateOptions) (RotateResult, error
 	if len(sel) == 0 {
 		return res, errors.New("no key selected: name one or give --all")
 	}
-	if err := k.record(audit.Event{Type: "key_rotate", Reason: "requested", Details: map[string]any{
+	if err := k.record(audit.Event{Type: audit.EvKeyRotate, Reason: "requested", Details: map[string]any{
 		"keys": strings.Join(o.Keys, ","), "all": o.All, "rewrap_only": o.RewrapOnly, "min_version": int64(o.MinVersion)}}); err != nil {
 		return res, err
 	}
@@ -190,7 +190,7 @@ func (k *Keys) Rotate(ctx context.Context, o RotateOptions) (RotateResult, error
 			if newest, err = kek.Rotate(ctx, g.key); err != nil {
 				return res, fmt.Errorf("key %s:%s: rotating: %w", g.provider, g.key, err)
 			}
-			k.Log.Info("key rotated", "event", "key_rotate", "identity", k.Who, "decision", "allow", "provider", g.provider, "key", g.key, "version", newest)
+			k.Log.Info("key rotated", "event", audit.EvKeyRotate, "identity", k.Who, "decision", "allow", "provider", g.provider, "key", g.key, "version", newest)
 		}
 		vr, err := k.rewrapGroup(ctx, kek, g, newest, func() {
 			done++
@@ -368,7 +368,7 @@ func (k *Keys) Rekey(ctx context.Context, name string, o RekeyOptions) error {
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
-	if err := k.record(audit.Event{Type: "rekey_start", Volume: name, Reason: "requested",
+	if err := k.record(audit.Event{Type: audit.EvRekeyStart, Volume: name, Reason: "requested",
 		Details: map[string]any{"rate": o.Rate, "resume": h.Rekeying()}}); err != nil {
 		return err
 	}

@@ -24,6 +24,7 @@ import (
 
 	"goldilocks/crypto"
 	"goldilocks/crypto/cowmap"
+	"goldilocks/internal/atomicfile"
 	"goldilocks/internal/block"
 )
 
@@ -263,40 +264,11 @@ func (r *Registry) update(fn func([]Volume) ([]Volume, error)) error {
 	if err != nil {
 		return err
 	}
-	if err := writeAtomic(r.path(), append(b, '\n')); err != nil {
+	if err := atomicfile.Write(r.path(), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("volume registry: %w", err)
 	}
 	r.stamp = stamp{}
 	return r.refreshLocked()
-}
-
-// writeAtomic replaces path with data: temp file, fsync, rename, fsync dir.
-func writeAtomic(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // CreateOptions describe a new volume.

@@ -30,6 +30,7 @@ import (
 
 	"goldilocks/crypto"
 	v1 "goldilocks/crypto/v1"
+	"goldilocks/internal/atomicfile"
 	"goldilocks/internal/block"
 )
 
@@ -222,7 +223,7 @@ func (r *Registry) Upgrade(ctx context.Context, name string, progress func(done,
 		return res, fmt.Errorf("volume %s: %w", name, err)
 	}
 	committed = true
-	if err := syncDir(filepath.Dir(path)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 		return res, fmt.Errorf("volume %s: upgraded, but syncing directory %s failed (a power cut now may bring back the format-1 file): %w", name, filepath.Dir(path), err)
 	}
 	if st, ok := pending.get(); ok {
@@ -401,7 +402,7 @@ func (r *Registry) discardPartial(ctx context.Context, tmp string, id [16]byte, 
 	if err := os.Remove(tmp); err != nil {
 		return true, err
 	}
-	return true, syncDir(filepath.Dir(tmp))
+	return true, atomicfile.SyncDir(filepath.Dir(tmp))
 }
 
 // setKEK records a volume's key reference in the registry, if the entry
@@ -416,16 +417,6 @@ func (r *Registry) setKEK(name, uuid string, ref KEKRef) error {
 		}
 		return nil, fmt.Errorf("volume %s: %w (removed or replaced meanwhile)", name, ErrNotFound)
 	})
-}
-
-// syncDir makes a rename or removal in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // pendingAnchor is the rollback anchor of the store being written: it

@@ -1,0 +1,36 @@
+package audit
+
+// EventType names what a record is about. Packages that only log (crypto,
+// gateway) put the type in their log record's "event" attribute; Handler
+// turns such records into audit records.
+type EventType string
+
+// The event types on the trail (FORMAT.md lists what each carries).
+const (
+	EvGatewayStart       EventType = "gateway_start"
+	EvGatewayStop        EventType = "gateway_stop"
+	EvAttach             EventType = "attach"
+	EvAttachRefused      EventType = "attach_refused"
+	EvDetach             EventType = "detach"
+	EvSessionRevoked     EventType = "session_revoked"
+	EvTLSFailure         EventType = "tls_failure"
+	EvPolicyLoad         EventType = "policy_load"
+	EvPolicyReload       EventType = "policy_reload"
+	EvPolicyReloadFailed EventType = "policy_reload_failed"
+	EvVolumeCreate       EventType = "volume_create"
+	EvVolumeImport       EventType = "volume_import"
+	EvVolumeExport       EventType = "volume_export"
+	EvVolumeShred        EventType = "volume_shred"
+	EvVolumeUpgrade      EventType = "volume_upgrade"
+	EvKeyCreate          EventType = "key_create"
+	EvKeyRotate          EventType = "key_rotate"
+	EvRekeyStart         EventType = "rekey_start"
+	EvRekeyProgress      EventType = "rekey_progress"
+	EvRekeyFinish        EventType = "rekey_finish"
+	EvIntegrityFailure   EventType = "integrity_failure"
+	EvIntegrityWarning   EventType = "integrity_warning"
+	EvVaultUnreachable   EventType = "vault_unreachable"
+	EvVaultBack          EventType = "vault_back"
+	EvAuditRecovered     EventType = "audit_recovered"
+	EvCheckpoint         EventType = "checkpoint"
+)
