@@ -146,3 +146,26 @@ func TestFileTryReadAt(t *testing.T) {
 		t.Fatalf("TryReadAt past the end: %v", err)
 	}
 }
+
+func TestMem(t *testing.T) {
+	m := NewMem(8192)
+	if _, err := m.WriteAt([]byte("goldilocks"), 4090); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 10)
+	if _, err := m.ReadAt(got, 4090); err != nil || string(got) != "goldilocks" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	if err := m.Zero(4092, 4, true, false); err != nil {
+		t.Fatal(err)
+	}
+	m.ReadAt(got, 4090)
+	if string(got) != "go\x00\x00\x00\x00ocks" {
+		t.Fatalf("after Zero: %q", got)
+	}
+	for _, off := range []int64{8190, -1, 8192} {
+		if _, err := m.WriteAt(got, off); !errors.Is(err, ErrOutOfRange) {
+			t.Fatalf("write at %d: %v", off, err)
+		}
+	}
+}
