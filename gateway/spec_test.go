@@ -317,7 +317,7 @@ func TestNoZeroLengthExtents(t *testing.T) {
 		{"neighbours of one kind merge", []block.Extent{{Length: 4096, Flags: 3}, {Length: 0}, {Length: 4096, Flags: 3}}, []uint32{8192, 3}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dev := &extentsDevice{Device: block.NewMem(1<<20), es: tc.es}
+			dev := &extentsDevice{Device: block.NewMem(1 << 20), es: tc.es}
 			s := startSpecServer(t, dev, "", nil)
 			cl := newClient(t, s.dial(t))
 			cl.attach("disk", true)
@@ -536,7 +536,7 @@ func TestConformanceGaps(t *testing.T) {
 		cl.attach("disk", false)
 	})
 	t.Run("commands not advertised are EINVAL", func(t *testing.T) {
-		dev := &plainDevice{block.NewMem(1<<20)} // no trim, zero or cache
+		dev := &plainDevice{block.NewMem(1 << 20)} // no trim, zero or cache
 		s := startSpecServer(t, dev, "", nil)
 		cl := newClient(t, s.dial(t))
 		_, flags := cl.attach("disk", false)
@@ -592,7 +592,7 @@ func TestRefusedAttachAudited(t *testing.T) {
 		t.Skipf("audit.Open: %v", err)
 	}
 	defer alog.Close()
-	exp := &fileExports{devs: map[string]*gateway.Export{"disk": {Name: "disk", Device: block.NewMem(1<<20)}}}
+	exp := &fileExports{devs: map[string]*gateway.Export{"disk": {Name: "disk", Device: block.NewMem(1 << 20)}}}
 	p, err := policy.Parse([]byte("identities:\n  - {name: root-local, unix: {uid: 0}}\nrules: []\n"), "p.yaml")
 	if err != nil {
 		t.Fatal(err)
