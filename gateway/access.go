@@ -85,6 +85,25 @@ func (s *Server) grantFor(d policy.Decision, identity, volume string) *grant {
 	return g
 }
 
+// permits is the one place a grant decides a command: 0, or EPERM for a
+// write-type command under a read-only grant or a command the grant
+// withholds. A nil grant (no policy) permits everything.
+func (g *grant) permits(cmd uint16) uint32 {
+	if g == nil {
+		return 0
+	}
+	switch cmd {
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		if g.readOnly {
+			return errPerm
+		}
+	}
+	if g.deny&(1<<cmd) != 0 {
+		return errPerm
+	}
+	return 0
+}
+
 // labels returns an export's labels for the policy (nil if unknown).
 func (s *Server) labels(name string) map[string]string {
 	list, err := s.cfg.Exports.List()
@@ -187,14 +206,8 @@ func (c *conn) admit(r *request) uint32 {
 	if g == nil {
 		return 0
 	}
-	switch r.typ {
-	case cmdWrite, cmdTrim, cmdWriteZeroes:
-		if g.readOnly {
-			return errPerm
-		}
-	}
-	if g.deny&(1<<r.typ) != 0 {
-		return errPerm
+	if errno := g.permits(r.typ); errno != 0 {
+		return errno
 	}
 	if len(g.limits) == 0 {
 		return 0

@@ -165,7 +165,7 @@ func (c *conn) openExport(name string, g *grant) error {
 		return err
 	}
 	c.exp, c.release, c.offer = exp, release, g
-	c.readOnly = exp.ReadOnly || (g != nil && g.readOnly)
+	c.readOnly = exp.ReadOnly || g.permits(cmdWrite) != 0
 	c.flags = c.transmissionFlags()
 	return nil
 }
@@ -184,11 +184,9 @@ func (c *conn) transmissionFlags() uint16 {
 	if c.structured {
 		f |= tfSendDF
 	}
-	var deny uint16
-	if c.offer != nil {
-		deny = c.offer.deny
-	}
-	if _, ok := dev.(block.Cacher); ok && deny&(1<<cmdCache) == 0 {
+	// Advertised: what the device can do and the grant permits.
+	can := func(cmd uint16, ok bool) bool { return ok && c.offer.permits(cmd) == 0 }
+	if _, ok := dev.(block.Cacher); can(cmdCache, ok) {
 		f |= tfSendCache
 	}
 	if c.exp.MultiConn {
@@ -198,10 +196,10 @@ func (c *conn) transmissionFlags() uint16 {
 		return f | tfReadOnly
 	}
 	f |= tfSendFUA
-	if _, ok := dev.(block.Trimmer); ok && deny&(1<<cmdTrim) == 0 {
+	if _, ok := dev.(block.Trimmer); can(cmdTrim, ok) {
 		f |= tfSendTrim
 	}
-	if _, ok := dev.(block.Zeroer); ok && deny&(1<<cmdWriteZeroes) == 0 {
+	if _, ok := dev.(block.Zeroer); can(cmdWriteZeroes, ok) {
 		f |= tfSendZeroes | tfSendFastZero
 	}
 	return f

@@ -400,7 +400,7 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 	}
 	// A grant without block_status gets no context: a client then does
 	// not ask for block status at all (qemu-img map falls back to data).
-	match := d.g == nil || d.g.deny&(1<<cmdBlockStatus) == 0
+	match := d.g.permits(cmdBlockStatus) == 0
 	if match {
 		match = opt == optListMetaContext && len(queries) == 0
 		for _, q := range queries {
