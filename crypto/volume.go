@@ -127,6 +127,7 @@ type chunkBuf struct {
 
 var (
 	_ block.Device   = (*Volume)(nil)
+	_ block.Capable  = (*Volume)(nil)
 	_ block.Trimmer  = (*Volume)(nil)
 	_ block.Zeroer   = (*Volume)(nil)
 	_ block.Extenter = (*Volume)(nil)
@@ -364,6 +365,11 @@ func (v *Volume) background() {
 
 // Size is the logical size.
 func (v *Volume) Size() int64 { return v.size }
+
+// Caps: an encrypted volume trims, zeroes and reports extents from its
+// map; its bytes are not its file's (no zero-copy), nor cached by the
+// kernel as plaintext (no TryReadAt, no Cache).
+func (v *Volume) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanExtents }
 
 // Header returns a copy of the current header (for `volume info`).
 func (v *Volume) Header() Header {

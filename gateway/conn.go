@@ -184,9 +184,10 @@ func (c *conn) transmissionFlags() uint16 {
 	if c.structured {
 		f |= tfSendDF
 	}
-	// Advertised: what the device can do and the grant permits.
+	// Advertised: what the device declares and the grant permits.
+	o := block.OptionalOf(dev)
 	can := func(cmd uint16, ok bool) bool { return ok && c.offer.permits(cmd) == 0 }
-	if _, ok := dev.(block.Cacher); can(cmdCache, ok) {
+	if can(cmdCache, o.Cacher != nil) {
 		f |= tfSendCache
 	}
 	if c.exp.MultiConn {
@@ -196,10 +197,10 @@ func (c *conn) transmissionFlags() uint16 {
 		return f | tfReadOnly
 	}
 	f |= tfSendFUA
-	if _, ok := dev.(block.Trimmer); can(cmdTrim, ok) {
+	if can(cmdTrim, o.Trimmer != nil) {
 		f |= tfSendTrim
 	}
-	if _, ok := dev.(block.Zeroer); can(cmdWriteZeroes, ok) {
+	if can(cmdWriteZeroes, o.Zeroer != nil) {
 		f |= tfSendZeroes | tfSendFastZero
 	}
 	return f
@@ -234,12 +235,9 @@ type request struct {
 
 func (c *conn) transmit() {
 	dev := c.exp.Device
-	c.trimmer, _ = dev.(block.Trimmer)
-	c.zeroer, _ = dev.(block.Zeroer)
-	c.extenter, _ = dev.(block.Extenter)
-	c.cacher, _ = dev.(block.Cacher)
-	c.tryRead, _ = dev.(block.TryReader)
-	if f, ok := dev.(block.Filer); ok && !c.tls {
+	o := block.OptionalOf(dev) // what the device declares (block.Caps)
+	c.trimmer, c.zeroer, c.extenter, c.cacher, c.tryRead = o.Trimmer, o.Zeroer, o.Extenter, o.Cacher, o.TryReader
+	if f := o.Filer; f != nil && !c.tls {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
 				c.raw, c.sendFD = raw, int(f.File().Fd())

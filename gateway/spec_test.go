@@ -687,3 +687,24 @@ func TestSparseReads(t *testing.T) {
 		}
 	}
 }
+
+// noTrim wraps a file device and declares that it passes on everything
+// but trim: the File's promoted Trim must not be advertised or called.
+type noTrim struct{ *block.File }
+
+func (d noTrim) Caps() block.Caps { return d.File.Caps() &^ block.CanTrim }
+
+// Item 15: the gateway offers what a device declares (block.Caps), not
+// whatever methods a wrapper happens to promote.
+func TestDeclaredCapabilities(t *testing.T) {
+	s := startSpecServer(t, noTrim{newFileDevice(t, 1<<20)}, "", nil)
+	cl := newClient(t, s.dial(t))
+	_, flags := cl.attach("disk", false)
+	if flags&(1<<5) != 0 || flags&(1<<6) == 0 {
+		t.Fatalf("flags %#x: want WRITE_ZEROES and no TRIM", flags)
+	}
+	cl.request(0, 4, 1, 0, 4096, nil)
+	if e, _ := cl.simpleReply(nil); e != 22 {
+		t.Fatalf("TRIM through a device that declares none: errno %d, want EINVAL", e)
+	}
+}

@@ -98,7 +98,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 					return err
 				}
 			}
-			ext, _ := dev.(block.Extenter)
+			ext := block.OptionalOf(dev).Extenter
 			buf := make([]byte, copyBlock)
 			pr := newProgress(a, "export "+v.Name, size)
 			for off := int64(0); off < size; {
@@ -184,7 +184,7 @@ func newVolumeImportCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			zeroer, _ := dev.(block.Zeroer)
+			zeroer := block.OptionalOf(dev).Zeroer
 			buf := make([]byte, copyBlock)
 			pr := newProgress(a, "import "+v.Name, size)
 			for off := int64(0); off < size; {

@@ -1,0 +1,74 @@
+package block
+
+// Caps is what a Device can do beyond reading, writing and flushing: which
+// of the optional interfaces (Trimmer, Zeroer, …) it means to be used.
+//
+// The composition contract: a device that wraps another (an encryption
+// layer, a filter) declares its Caps, exactly what it passes on or adds,
+// and implements those methods. Users ask CapsOf and Optional, never a
+// bare type assertion: an embedded device's promoted methods would
+// otherwise leak through a wrapper that means to hide them (a raw Trim
+// under an encryption layer), and a wrapper that forgot one would hide it
+// silently.
+type Caps uint32
+
+const (
+	CanTrim    Caps = 1 << iota // Trimmer
+	CanZero                     // Zeroer
+	CanExtents                  // Extenter
+	CanCache                    // Cacher
+	CanTryRead                  // TryReader
+	CanFile                     // Filer: the device's bytes are its file's, in order (zero-copy)
+)
+
+// Capable is implemented by devices that declare their Caps.
+type Capable interface {
+	Caps() Caps
+}
+
+// Optional holds a device's optional interfaces, nil where it has none
+// (or does not declare it).
+type Optional struct {
+	Trimmer   Trimmer
+	Zeroer    Zeroer
+	Extenter  Extenter
+	Cacher    Cacher
+	TryReader TryReader
+	Filer     Filer
+}
+
+// OptionalOf returns d's optional interfaces: for a Capable device those
+// it declares (and implements), for any other those it implements.
+func OptionalOf(d Device) Optional {
+	caps := ^Caps(0)
+	if c, ok := d.(Capable); ok {
+		caps = c.Caps()
+	}
+	var o Optional
+	if caps&CanTrim != 0 {
+		o.Trimmer, _ = d.(Trimmer)
+	}
+	if caps&CanZero != 0 {
+		o.Zeroer, _ = d.(Zeroer)
+	}
+	if caps&CanExtents != 0 {
+		o.Extenter, _ = d.(Extenter)
+	}
+	if caps&CanCache != 0 {
+		o.Cacher, _ = d.(Cacher)
+	}
+	if caps&CanTryRead != 0 {
+		o.TryReader, _ = d.(TryReader)
+	}
+	if caps&CanFile != 0 {
+		o.Filer, _ = d.(Filer)
+	}
+	return o
+}
+
+// Caps of the devices of this package.
+func (d *File) Caps() Caps {
+	return CanTrim | CanZero | CanExtents | CanCache | CanTryRead | CanFile
+}
+
+func (m *Mem) Caps() Caps { return CanTrim | CanZero }
