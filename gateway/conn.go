@@ -31,7 +31,8 @@ type conn struct {
 	// Negotiated in the handshake; read-only in transmission.
 	noZeroes   bool
 	tls        bool
-	structured bool
+	structured bool   // structured replies (also true with extended headers)
+	extended   bool   // extended headers: 32-byte requests and reply chunks
 	metaAlloc  bool   // base:allocation selected
 	metaExport string // export named in SET_META_CONTEXT
 	exp        *Export
@@ -214,14 +215,14 @@ type request struct {
 	flags  uint16
 	cookie uint64
 	off    uint64
-	length uint32
+	length uint64  // payload (WRITE) or effect length; 32 bits unless extended
 	buf    *buffer // payload (WRITE in, READ out)
 
-	hdr      [requestSize + 4]byte        // request in; reply header out
-	vec      [2][]byte                    // the reply: header and payload (or nil)
-	zeroCopy bool                         // the payload goes by sendfile
-	deferred bool                         // run on the reader: reply batched by flushDeferred
-	trailer  [structuredHdrSize + 14]byte // a zero-copy read's last chunk
+	hdr      [extHdrSize + 16]byte // request in; reply header (and its fixed payload) out
+	vec      [2][]byte             // the reply: header and payload (or nil)
+	zeroCopy bool                  // the payload goes by sendfile
+	deferred bool                  // run on the reader: reply batched by flushDeferred
+	trailer  [extHdrSize + 14]byte // a zero-copy read's last chunk
 	extents  []block.Extent
 	bsReply  []byte
 
@@ -364,20 +365,29 @@ func (c *conn) serveRequest(r *request) error {
 	return nil
 }
 
-// readRequest reads and parses one request header.
+// readRequest reads and parses one request header: 28 bytes, or 32 with
+// extended headers (a 64-bit length).
 func (c *conn) readRequest(r *request) error {
-	if _, err := io.ReadFull(c.rd, r.hdr[:requestSize]); err != nil {
+	size, magic := requestSize, requestMagic
+	if c.extended {
+		size, magic = extRequestSize, extRequestMagic
+	}
+	if _, err := io.ReadFull(c.rd, r.hdr[:size]); err != nil {
 		return err
 	}
 	h := r.hdr[:]
-	if magic := binary.BigEndian.Uint32(h[0:]); magic != requestMagic {
-		return violation("bad request magic %#x", magic)
+	if m := binary.BigEndian.Uint32(h[0:]); m != magic {
+		return violation("bad request magic %#x", m)
 	}
 	r.flags = binary.BigEndian.Uint16(h[4:])
 	r.typ = binary.BigEndian.Uint16(h[6:])
 	r.cookie = binary.BigEndian.Uint64(h[8:])
 	r.off = binary.BigEndian.Uint64(h[16:])
-	r.length = binary.BigEndian.Uint32(h[24:])
+	if c.extended {
+		r.length = binary.BigEndian.Uint64(h[24:])
+	} else {
+		r.length = uint64(binary.BigEndian.Uint32(h[24:]))
+	}
 	if r.typ == cmdDisc {
 		return errDisconnect
 	}
@@ -387,14 +397,19 @@ func (c *conn) readRequest(r *request) error {
 // receivePayload reads a WRITE's payload. A large accepted write is
 // spliced straight to the file and answered (done).
 func (c *conn) receivePayload(r *request, errno uint32) (done bool, err error) {
-	if r.typ != cmdWrite {
+	if !c.hasPayload(r) {
 		return false, nil
+	}
+	if r.length > MaxRequestSize {
+		// A payload beyond what NBD_INFO_BLOCK_SIZE allows: the spec
+		// says hang up rather than read it.
+		return false, violation("request payload of %d bytes", r.length)
 	}
 	if c.rd.Buffered() < int(r.length) {
 		c.flushDeferred() // the socket read below may block
 	}
 	switch {
-	case errno != 0:
+	case errno != 0 || r.typ != cmdWrite: // only a WRITE has a use for one
 		_, err = c.rd.Discard(int(r.length))
 		return false, err
 	case c.splice != nil && r.length >= spliceMin:
@@ -407,6 +422,15 @@ func (c *conn) receivePayload(r *request, errno uint32) (done bool, err error) {
 		return false, err
 	}
 	return false, nil
+}
+
+// hasPayload reports whether data follows r's header: a WRITE's, or with
+// extended headers any request flagged PAYLOAD_LEN.
+func (c *conn) hasPayload(r *request) bool {
+	if c.extended {
+		return r.flags&cmdFlagPayloadLen != 0
+	}
+	return r.typ == cmdWrite
 }
 
 // dispatch answers a refused request, or runs r here or on a worker.
@@ -609,10 +633,10 @@ func (c *conn) readHole(r *request) bool {
 		return false
 	}
 	c.count(cmdRead, int64(r.length), false)
-	h := c.structuredHeader(r, replyFlagDone, replyOffsetHole, 12)
-	binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
-	binary.BigEndian.PutUint32(h[structuredHdrSize+8:], r.length)
-	c.send(r, h[:structuredHdrSize+12], nil)
+	h := c.chunkHeader(r.hdr[:], r, replyFlagDone, replyOffsetHole, 12)
+	b := binary.BigEndian.AppendUint64(h, r.off)
+	b = binary.BigEndian.AppendUint32(b, uint32(r.length))
+	c.send(r, b, nil)
 	return true
 }
 
@@ -626,12 +650,11 @@ func (c *conn) sendRead(r *request, data []byte) {
 		if r.zeroCopy {
 			flags = 0
 		}
-		h := c.structuredHeader(r, flags, replyOffsetData, 8+r.length)
-		binary.BigEndian.PutUint64(h[structuredHdrSize:], r.off)
-		c.send(r, h[:structuredHdrSize+8], data)
+		h := c.chunkHeader(r.hdr[:], r, flags, replyOffsetData, 8+r.length)
+		c.send(r, binary.BigEndian.AppendUint64(h, r.off), data)
 		return
 	}
-	c.send(r, c.simpleHeader(r, 0), data)
+	c.replySimple(r, 0, data)
 }
 
 // blockStatus answers base:allocation with one BLOCK_STATUS chunk.
@@ -656,14 +679,23 @@ func (c *conn) blockStatus(r *request) {
 		return
 	}
 	b := binary.BigEndian.AppendUint32(r.bsReply[:0], metaBaseAllocID)
+	typ := replyBlockStatus
+	if c.extended { // 64-bit descriptors, after their count
+		typ = replyBlockStatusExt
+		b = binary.BigEndian.AppendUint32(b, uint32(len(r.extents)))
+	}
 	for _, e := range r.extents {
+		if c.extended {
+			b = binary.BigEndian.AppendUint64(b, uint64(e.Length))
+			b = binary.BigEndian.AppendUint64(b, uint64(e.Flags))
+			continue
+		}
 		b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
 		b = binary.BigEndian.AppendUint32(b, e.Flags)
 	}
 	r.bsReply = b
 	c.count(cmdBlockStatus, 0, false)
-	h := c.structuredHeader(r, replyFlagDone, replyBlockStatus, uint32(len(b)))
-	c.send(r, h[:structuredHdrSize], b)
+	c.send(r, c.chunkHeader(r.hdr[:], r, replyFlagDone, typ, uint64(len(b))), b)
 }
 
 // tidyExtents drops the zero-length extents a backend may return (a
@@ -687,36 +719,60 @@ func tidyExtents(es []block.Extent, n int64) []block.Extent {
 	return out
 }
 
-func (c *conn) simpleHeader(r *request, errno uint32) []byte {
+// chunkHeader writes the header of one reply chunk for r into b (a
+// structured header, or an extended one with r's offset) and returns it,
+// for the caller to append the chunk's fixed payload fields to.
+func (c *conn) chunkHeader(b []byte, r *request, flags, typ uint16, length uint64) []byte {
+	if c.extended {
+		b = b[:extHdrSize]
+		binary.BigEndian.PutUint32(b[0:], extReplyMagic)
+		binary.BigEndian.PutUint16(b[4:], flags)
+		binary.BigEndian.PutUint16(b[6:], typ)
+		binary.BigEndian.PutUint64(b[8:], r.cookie)
+		binary.BigEndian.PutUint64(b[16:], r.off)
+		binary.BigEndian.PutUint64(b[24:], length)
+		return b
+	}
+	b = b[:structuredHdrSize]
+	binary.BigEndian.PutUint32(b[0:], structuredMagic)
+	binary.BigEndian.PutUint16(b[4:], flags)
+	binary.BigEndian.PutUint16(b[6:], typ)
+	binary.BigEndian.PutUint64(b[8:], r.cookie)
+	binary.BigEndian.PutUint32(b[16:], uint32(length))
+	return b
+}
+
+// replySimple sends a reply without payload: a simple reply, or with
+// extended headers (which have none) a NONE chunk or an error chunk.
+func (c *conn) replySimple(r *request, errno uint32, data []byte) {
+	if c.extended {
+		if errno != 0 {
+			c.replyErrorChunk(r, errno)
+			return
+		}
+		c.send(r, c.chunkHeader(r.hdr[:], r, replyFlagDone, replyNone, 0), nil)
+		return
+	}
 	h := r.hdr[:simpleReplySize]
 	binary.BigEndian.PutUint32(h[0:], simpleMagic)
 	binary.BigEndian.PutUint32(h[4:], errno)
 	binary.BigEndian.PutUint64(h[8:], r.cookie)
-	return h
+	c.send(r, h, data)
 }
 
-func (c *conn) structuredHeader(r *request, flags, typ uint16, length uint32) []byte {
-	h := r.hdr[:]
-	binary.BigEndian.PutUint32(h[0:], structuredMagic)
-	binary.BigEndian.PutUint16(h[4:], flags)
-	binary.BigEndian.PutUint16(h[6:], typ)
-	binary.BigEndian.PutUint64(h[8:], r.cookie)
-	binary.BigEndian.PutUint32(h[16:], length)
-	return h
+// replyErrorChunk sends one ERROR chunk (no message) that ends the reply.
+func (c *conn) replyErrorChunk(r *request, errno uint32) {
+	h := c.chunkHeader(r.hdr[:], r, replyFlagDone, replyError, 6)
+	b := binary.BigEndian.AppendUint32(h, errno)
+	c.send(r, binary.BigEndian.AppendUint16(b, 0), nil)
 }
 
-func (c *conn) replySimple(r *request, errno uint32, data []byte) {
-	c.send(r, c.simpleHeader(r, errno), data)
-}
-
-// replyError answers with an error: a structured error chunk where the
-// command's success reply would be structured, else a simple reply.
+// replyError answers with an error: an error chunk where the command's
+// success reply would be structured (or always, with extended headers),
+// else a simple reply.
 func (c *conn) replyError(r *request, errno uint32) {
-	if c.structured && (r.typ == cmdRead || r.typ == cmdBlockStatus) {
-		h := c.structuredHeader(r, replyFlagDone, replyError, 6)
-		binary.BigEndian.PutUint32(h[structuredHdrSize:], errno)
-		binary.BigEndian.PutUint16(h[structuredHdrSize+4:], 0) // no message
-		c.send(r, h[:structuredHdrSize+6], nil)
+	if c.extended || c.structured && (r.typ == cmdRead || r.typ == cmdBlockStatus) {
+		c.replyErrorChunk(r, errno)
 		return
 	}
 	c.replySimple(r, errno, nil)

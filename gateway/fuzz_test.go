@@ -68,6 +68,18 @@ func FuzzHandshake(f *testing.F) {
 	f.Add(cat(flags, optBytes(5, nil), optBytes(7, []byte{0xff, 0xff, 0xff, 0xff})))
 	f.Add([]byte{0, 0, 0, 0})
 	f.Add(cat(flags, optBytes(10, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0xff, 0xff, 0xff, 0xff})))
+	// Extended headers, then 32-byte requests: a write with its payload, a
+	// read, a block status with a 64-bit length.
+	ext := func(flags, typ uint16, off, length uint64) []byte {
+		b := binary.BigEndian.AppendUint32(nil, 0x21e41c71)
+		b = binary.BigEndian.AppendUint16(b, flags)
+		b = binary.BigEndian.AppendUint16(b, typ)
+		b = binary.BigEndian.AppendUint64(b, 1)
+		b = binary.BigEndian.AppendUint64(b, off)
+		return binary.BigEndian.AppendUint64(b, length)
+	}
+	f.Add(cat(flags, optBytes(11, nil), optBytes(10, metaBytes("disk", "base:allocation")), optBytes(7, goData("disk")),
+		ext(1<<5, 1, 0, 4), []byte("abcd"), ext(0, 0, 0, 4096), ext(0, 7, 0, 1<<40)))
 	dial := startServer(f, newFileDevice(f, 1<<20))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		exchange(t, dial, in)

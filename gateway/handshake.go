@@ -123,10 +123,19 @@ func (c *conn) option(w *bufio.Writer, opt uint32, data []byte) (done bool, err 
 	case optInfo, optGo:
 		return c.optInfoGo(w, opt, data)
 	case optStructuredReply:
-		if len(data) != 0 {
+		switch {
+		case len(data) != 0:
 			return false, replyErr(w, opt, repErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+		case c.extended:
+			return false, replyErr(w, opt, repErrInvalid, "extended headers are already negotiated")
 		}
 		c.structured = true
+		return false, writeOptReply(w, opt, repAck, nil)
+	case optExtendedHeaders:
+		if len(data) != 0 {
+			return false, replyErr(w, opt, repErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
+		}
+		c.structured, c.extended = true, true
 		return false, writeOptReply(w, opt, repAck, nil)
 	case optListMetaContext, optSetMetaContext:
 		return false, c.optMetaContext(w, opt, data)
@@ -136,6 +145,9 @@ func (c *conn) option(w *bufio.Writer, opt uint32, data []byte) (done bool, err 
 }
 
 func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
+	if c.extended {
+		return false, violation("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS")
+	}
 	if len(name) > maxStringLength {
 		return false, violation("NBD_OPT_EXPORT_NAME of %d bytes", len(name))
 	}
@@ -258,7 +270,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	}
 	c.peerTLS(tc)
 	// Option state from before TLS is forgotten (spec: STARTTLS).
-	c.nc, c.tls, c.structured, c.metaAlloc, c.metaExport = tc, true, false, false, ""
+	c.nc, c.tls, c.structured, c.extended, c.metaAlloc, c.metaExport = tc, true, false, false, false, ""
 	c.log.Debug("TLS is up", "version", tls.VersionName(tc.ConnectionState().Version))
 	c.rd.Reset(tc)
 	w.Reset(tc)

@@ -11,6 +11,8 @@ const (
 	requestMagic    = protocol.TRANSMISSION_MAGIC_REQUEST
 	simpleMagic     = protocol.TRANSMISSION_MAGIC_REPLY
 	structuredMagic = uint32(0x668e33ef)
+	extRequestMagic = uint32(0x21e41c71) // extended headers
+	extReplyMagic   = uint32(0x6e8a278c)
 
 	// Handshake flags (server) and client flags.
 	flagFixedNewstyle = protocol.NEGOTIATION_HANDSHAKE_FLAG_FIXED_NEWSTYLE
@@ -28,6 +30,7 @@ const (
 	optStructuredReply = uint32(8)
 	optListMetaContext = uint32(9)
 	optSetMetaContext  = uint32(10)
+	optExtendedHeaders = uint32(11)
 
 	// Option replies.
 	repAck         = protocol.NEGOTIATION_TYPE_REPLY_ACK
@@ -72,20 +75,22 @@ const (
 	numCommands    = 8
 
 	// Command flags.
-	cmdFlagFUA      = uint16(1 << 0)
-	cmdFlagNoHole   = uint16(1 << 1)
-	cmdFlagDF       = uint16(1 << 2)
-	cmdFlagReqOne   = uint16(1 << 3)
-	cmdFlagFastZero = uint16(1 << 4)
+	cmdFlagFUA        = uint16(1 << 0)
+	cmdFlagNoHole     = uint16(1 << 1)
+	cmdFlagDF         = uint16(1 << 2)
+	cmdFlagReqOne     = uint16(1 << 3)
+	cmdFlagFastZero   = uint16(1 << 4)
+	cmdFlagPayloadLen = uint16(1 << 5) // extended headers: length is the payload's
 
 	// Structured reply types and flags.
-	replyFlagDone    = uint16(1 << 0)
-	replyNone        = uint16(0)
-	replyOffsetData  = uint16(1)
-	replyOffsetHole  = uint16(2)
-	replyBlockStatus = uint16(5)
-	replyError       = uint16(1<<15 + 1)
-	replyErrorOffset = uint16(1<<15 + 2)
+	replyFlagDone       = uint16(1 << 0)
+	replyNone           = uint16(0)
+	replyOffsetData     = uint16(1)
+	replyOffsetHole     = uint16(2)
+	replyBlockStatus    = uint16(5)
+	replyBlockStatusExt = uint16(6)
+	replyError          = uint16(1<<15 + 1)
+	replyErrorOffset    = uint16(1<<15 + 2)
 
 	// Error values (they are Linux errno values, fixed by the protocol).
 	errPerm     = protocol.TRANSMISSION_ERROR_EPERM
@@ -98,6 +103,8 @@ const (
 
 	// Sizes.
 	requestSize        = 28
+	extRequestSize     = 32
+	extHdrSize         = 32
 	simpleReplySize    = 16
 	structuredHdrSize  = 20
 	maxOptionLength    = 64 << 10 // longer options are refused with ERR_TOO_BIG

@@ -128,25 +128,18 @@ func (c *conn) sendfileReply(r *request) {
 	if !c.structured {
 		return
 	}
-	t := r.trailer[:structuredHdrSize]
-	binary.BigEndian.PutUint32(t[0:], structuredMagic)
-	binary.BigEndian.PutUint16(t[4:], replyFlagDone)
-	binary.BigEndian.PutUint16(t[6:], replyNone)
-	binary.BigEndian.PutUint64(t[8:], r.cookie)
-	binary.BigEndian.PutUint32(t[16:], 0)
+	t := c.chunkHeader(r.trailer[:], r, replyFlagDone, replyNone, 0)
 	if err != nil {
-		at := r.off + uint64(r.length) - uint64(r.sfRemain)
+		at := r.off + r.length - uint64(r.sfRemain)
 		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "failed_at", at, "err", err)
 		c.stats.errors.Add(1)
 		if !c.pad(r.sfRemain) {
 			return
 		}
-		t = r.trailer[:]
-		binary.BigEndian.PutUint16(t[6:], replyErrorOffset)
-		binary.BigEndian.PutUint32(t[16:], 14)
-		binary.BigEndian.PutUint32(t[20:], errnoOf(err))
-		binary.BigEndian.PutUint16(t[24:], 0) // no message
-		binary.BigEndian.PutUint64(t[26:], at)
+		t = c.chunkHeader(r.trailer[:], r, replyFlagDone, replyErrorOffset, 14)
+		t = binary.BigEndian.AppendUint32(t, errnoOf(err))
+		t = binary.BigEndian.AppendUint16(t, 0) // no message
+		t = binary.BigEndian.AppendUint64(t, at)
 	}
 	if _, err := c.nc.Write(t); err != nil {
 		c.fail("reply failed; closing connection", err)

@@ -15,7 +15,16 @@ import (
 func (c *conn) validate(r *request) uint32 {
 	size := uint64(c.exp.Device.Size())
 	known := cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
+	if c.extended {
+		known |= cmdFlagPayloadLen
+	}
 	if r.flags&^known != 0 {
+		return errInval
+	}
+	// With extended headers a WRITE, and only a WRITE, carries a payload
+	// (BLOCK_STATUS payloads are not offered); the payload is consumed
+	// either way (receivePayload).
+	if c.extended && (r.typ == cmdWrite) != (r.flags&cmdFlagPayloadLen != 0) {
 		return errInval
 	}
 	switch r.typ {

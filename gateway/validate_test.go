@@ -76,7 +76,7 @@ func TestValidate(t *testing.T) {
 		{"unknown command", rw, 42, 0, 0, 4096, errInval},
 		{"resize (unsupported)", rw, 8, 0, 0, 4096, errInval},
 	} {
-		r := &request{typ: tc.typ, flags: tc.flags, off: tc.off, length: tc.length}
+		r := &request{typ: tc.typ, flags: tc.flags, off: tc.off, length: uint64(tc.length)}
 		if got := tc.c.validate(r); got != tc.want {
 			t.Errorf("%s: errno %d, want %d", tc.name, got, tc.want)
 		}
