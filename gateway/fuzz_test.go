@@ -32,12 +32,25 @@ func optBytes(opt uint32, data []byte) []byte {
 }
 
 func reqBytes(flags, typ uint16, off uint64, length uint32) []byte {
-	b := binary.BigEndian.AppendUint32(nil, 0x25609513)
+	return reqHeader(false, flags, typ, 1, off, uint64(length))
+}
+
+// reqHeader is a request header: compact (28 bytes) or, with ext, the
+// extended one (32 bytes, a 64-bit length).
+func reqHeader(ext bool, flags, typ uint16, cookie, off, length uint64) []byte {
+	magic := uint32(0x25609513)
+	if ext {
+		magic = 0x21e41c71
+	}
+	b := binary.BigEndian.AppendUint32(nil, magic)
 	b = binary.BigEndian.AppendUint16(b, flags)
 	b = binary.BigEndian.AppendUint16(b, typ)
-	b = binary.BigEndian.AppendUint64(b, 1)
+	b = binary.BigEndian.AppendUint64(b, cookie)
 	b = binary.BigEndian.AppendUint64(b, off)
-	return binary.BigEndian.AppendUint32(b, length)
+	if ext {
+		return binary.BigEndian.AppendUint64(b, length)
+	}
+	return binary.BigEndian.AppendUint32(b, uint32(length))
 }
 
 func metaBytes(name string, queries ...string) []byte {
@@ -70,14 +83,7 @@ func FuzzHandshake(f *testing.F) {
 	f.Add(cat(flags, optBytes(10, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0xff, 0xff, 0xff, 0xff})))
 	// Extended headers, then 32-byte requests: a write with its payload, a
 	// read, a block status with a 64-bit length.
-	ext := func(flags, typ uint16, off, length uint64) []byte {
-		b := binary.BigEndian.AppendUint32(nil, 0x21e41c71)
-		b = binary.BigEndian.AppendUint16(b, flags)
-		b = binary.BigEndian.AppendUint16(b, typ)
-		b = binary.BigEndian.AppendUint64(b, 1)
-		b = binary.BigEndian.AppendUint64(b, off)
-		return binary.BigEndian.AppendUint64(b, length)
-	}
+	ext := func(flags, typ uint16, off, length uint64) []byte { return reqHeader(true, flags, typ, 1, off, length) }
 	f.Add(cat(flags, optBytes(11, nil), optBytes(10, metaBytes("disk", "base:allocation")), optBytes(7, goData("disk")),
 		ext(1<<5, 1, 0, 4), []byte("abcd"), ext(0, 0, 0, 4096), ext(0, 7, 0, 1<<40)))
 	dial := startServer(f, newFileDevice(f, 1<<20))

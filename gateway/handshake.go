@@ -277,18 +277,26 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	return nil
 }
 
-// parseInfoGo splits NBD_OPT_INFO/GO data into the export name and the
-// requested info types.
-func parseInfoGo(data []byte) (name string, reqs []uint16, ok bool) {
+// nbdString splits a string with a 32-bit length off the front of data,
+// which must hold at least more bytes after it.
+func nbdString(data []byte, more int) (s string, rest []byte, ok bool) {
 	if len(data) < 4 {
 		return "", nil, false
 	}
 	n := binary.BigEndian.Uint32(data)
-	if uint64(n)+6 > uint64(len(data)) || n > maxStringLength {
+	if uint64(n)+4+uint64(more) > uint64(len(data)) || n > maxStringLength {
 		return "", nil, false
 	}
-	name = string(data[4 : 4+n])
-	rest := data[4+n:]
+	return string(data[4 : 4+n]), data[4+n:], true
+}
+
+// parseInfoGo splits NBD_OPT_INFO/GO data into the export name and the
+// requested info types.
+func parseInfoGo(data []byte) (name string, reqs []uint16, ok bool) {
+	name, rest, ok := nbdString(data, 2)
+	if !ok {
+		return "", nil, false
+	}
 	count := int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
 	if len(rest) != 2*count {
@@ -351,27 +359,18 @@ func clipString(s string) string {
 
 // parseMetaContext splits LIST/SET_META_CONTEXT data.
 func parseMetaContext(data []byte) (name string, queries []string, ok bool) {
-	if len(data) < 8 {
+	name, rest, ok := nbdString(data, 4)
+	if !ok {
 		return "", nil, false
 	}
-	n := binary.BigEndian.Uint32(data)
-	if uint64(n)+8 > uint64(len(data)) || n > maxStringLength {
-		return "", nil, false
-	}
-	name = string(data[4 : 4+n])
-	rest := data[4+n:]
 	count := binary.BigEndian.Uint32(rest)
 	rest = rest[4:]
 	for i := uint32(0); i < count; i++ {
-		if len(rest) < 4 {
+		var q string
+		if q, rest, ok = nbdString(rest, 0); !ok {
 			return "", nil, false
 		}
-		l := binary.BigEndian.Uint32(rest)
-		if uint64(l)+4 > uint64(len(rest)) || l > maxStringLength {
-			return "", nil, false
-		}
-		queries = append(queries, string(rest[4:4+l]))
-		rest = rest[4+l:]
+		queries = append(queries, q)
 	}
 	if len(rest) != 0 {
 		return "", nil, false

@@ -172,15 +172,11 @@ func (r *request) sendfile(fd uintptr) bool {
 	sock := int(fd)
 	for len(r.sfHdr) > 0 {
 		n, err := sendMore(sock, r.sfHdr)
-		switch err {
-		case nil:
+		if err == nil {
 			r.sfHdr = r.sfHdr[n:]
-		case syscall.EINTR:
-		case syscall.EAGAIN:
-			return false
-		default:
-			r.sfErr = err
-			return true
+		}
+		if wait, stop := r.step(err); wait || stop {
+			return stop
 		}
 	}
 	for r.sfRemain > 0 {
@@ -188,19 +184,26 @@ func (r *request) sendfile(fd uintptr) bool {
 		if n > 0 {
 			r.sfRemain -= n
 		}
-		switch err {
-		case nil:
-			if n == 0 {
-				r.sfErr = io.ErrUnexpectedEOF // the file shrank under us
-				return true
-			}
-		case syscall.EINTR:
-		case syscall.EAGAIN:
-			return false
-		default:
-			r.sfErr = err
+		if err == nil && n == 0 {
+			r.sfErr = io.ErrUnexpectedEOF // the file shrank under us
 			return true
+		}
+		if wait, stop := r.step(err); wait || stop {
+			return stop
 		}
 	}
 	return true
+}
+
+// step sorts a non-blocking send's error: go on (none, EINTR), wait for
+// the socket (EAGAIN), or stop with it (in r.sfErr).
+func (r *request) step(err error) (wait, stop bool) {
+	switch err {
+	case nil, syscall.EINTR:
+		return false, false
+	case syscall.EAGAIN:
+		return true, false
+	}
+	r.sfErr = err
+	return false, true
 }

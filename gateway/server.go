@@ -17,7 +17,6 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"goldilocks/internal/block"
@@ -190,13 +189,6 @@ func (s *Server) Serve(l net.Listener) error {
 			s.mu.Unlock()
 		}()
 	}
-}
-
-// retryableAccept reports accept errors that pass: out of descriptors, a
-// connection aborted before it was accepted.
-func retryableAccept(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ENOBUFS)
 }
 
 // Shutdown stops accepting, lets every connection finish the requests it

@@ -166,13 +166,7 @@ func (cl *client) attach(name string, structured bool) (size uint64, flags uint1
 }
 
 func (cl *client) request(flags, typ uint16, cookie, off uint64, length uint32, payload []byte) {
-	b := binary.BigEndian.AppendUint32(nil, 0x25609513)
-	b = binary.BigEndian.AppendUint16(b, flags)
-	b = binary.BigEndian.AppendUint16(b, typ)
-	b = binary.BigEndian.AppendUint64(b, cookie)
-	b = binary.BigEndian.AppendUint64(b, off)
-	b = binary.BigEndian.AppendUint32(b, length)
-	cl.write(append(b, payload...))
+	cl.write(append(reqHeader(false, flags, typ, cookie, off, uint64(length)), payload...))
 }
 
 // simpleReply reads a simple reply and returns its error and cookie.

@@ -132,6 +132,17 @@ func startRootPolicyServer(t *testing.T, yaml string, rec *events) *specServer {
 	return startSpecServer(t, block.NewMem(1<<20), yaml, rec)
 }
 
+// structuredClient connects and negotiates structured replies.
+func (s *specServer) structuredClient(t *testing.T) *client {
+	t.Helper()
+	cl := newClient(t, s.dial(t))
+	cl.option(8, nil)
+	if _, typ, _ := cl.optReply(); typ != 1 {
+		t.Fatalf("STRUCTURED_REPLY: %#x", typ)
+	}
+	return cl
+}
+
 // metaReplies reads replies up to the ACK (or an error) and returns the
 // contexts (id and name) and the final reply type.
 func (cl *client) metaReplies() (ids []uint32, names []string, last uint32) {
@@ -210,12 +221,7 @@ func TestFUAOnEveryCommand(t *testing.T) {
 	if _, _, ck, p := cl.structuredOrSimple(); ck != 1 || p != 0 {
 		t.Fatalf("write FUA: errno %d", p)
 	}
-	for _, tc := range []struct {
-		name string
-		typ  uint16
-		off  uint64
-		n    uint32
-	}{{"read", 0, 0, 4}, {"flush", 3, 0, 0}, {"cache", 5, 0, 4096}, {"block status", 7, 0, 4096}} {
+	for _, tc := range []reqCase{{name: "read", n: 4}, {name: "flush", typ: 3}, {name: "cache", typ: 5, n: 4096}, {name: "block status", typ: 7, n: 4096}} {
 		cl.request(fua, tc.typ, 9, tc.off, tc.n, nil)
 		for {
 			fl, typ, ck, _ := cl.structuredChunkOrSimple()
@@ -240,6 +246,15 @@ func TestFUAOnEveryCommand(t *testing.T) {
 	if e, _ := ro.simpleReply(nil); e != 1 {
 		t.Fatalf("FUA write to read-only: errno %d, want EPERM", e)
 	}
+}
+
+// reqCase is one request of a table test.
+type reqCase struct {
+	name       string
+	flags, typ uint16
+	off        uint64
+	n          uint32
+	holeOK     bool // the reply may be one OFFSET_HOLE chunk
 }
 
 // structuredOrSimple reads a simple reply's errno (structured flag 1).
@@ -279,9 +294,7 @@ rules:
   - {identity: root-local, volumes: ["disk"], access: read-write, commands: [trim, write_zeroes]}
   - {identity: root-local, volumes: ["ro"], access: read-only}
 `, nil)
-	cl := newClient(t, s.dial(t))
-	cl.option(8, nil)
-	cl.optReply()
+	cl := s.structuredClient(t)
 	for _, opt := range []uint32{9, 10} {
 		cl.option(opt, metaBytes("disk", "base:allocation"))
 		if _, names, last := cl.metaReplies(); len(names) != 0 || last != 1 {
@@ -400,9 +413,7 @@ func TestMetaContextNegotiation(t *testing.T) {
 		}
 	})
 	t.Run("a failed SET leaves nothing selected", func(t *testing.T) {
-		cl := newClient(t, s.dial(t))
-		cl.option(8, nil)
-		cl.optReply()
+		cl := s.structuredClient(t)
 		cl.option(10, metaBytes("disk", "base:allocation"))
 		if _, names, _ := cl.metaReplies(); len(names) != 1 {
 			t.Fatalf("SET: %q", names)
@@ -418,9 +429,7 @@ func TestMetaContextNegotiation(t *testing.T) {
 		}
 	})
 	t.Run("EXPORT_NAME drops another export's contexts", func(t *testing.T) {
-		cl := newClient(t, s.dial(t))
-		cl.option(8, nil)
-		cl.optReply()
+		cl := s.structuredClient(t)
 		cl.option(10, metaBytes("ro", "base:allocation"))
 		cl.metaReplies()
 		cl.option(1, []byte("disk"))
@@ -464,9 +473,7 @@ rules:
   - {identity: root-local, volumes: ["disk"], access: read-write, tls_required: true}
   - {identity: root-local, volumes: ["ro"], access: read-only}
 `, nil)
-	cl := newClient(t, s.dial(t))
-	cl.option(8, nil)
-	cl.optReply()
+	cl := s.structuredClient(t)
 	for _, opt := range []uint32{9, 10} {
 		cl.option(opt, metaBytes("disk", "base:allocation"))
 		if _, _, last := cl.metaReplies(); last == 1<<31|5 || last&(1<<31) == 0 {
@@ -644,17 +651,11 @@ func TestSparseReads(t *testing.T) {
 	s := startSpecServer(t, dev, "", nil)
 	cl := newClient(t, s.dial(t))
 	cl.attach("disk", true)
-	for _, tc := range []struct {
-		name   string
-		flags  uint16
-		off    uint64
-		n      uint32
-		holeOK bool
-	}{
-		{"a hole", 0, 2 << 20, 1 << 20, true},
-		{"a hole, with DF", 4, 2 << 20, 1 << 20, false},
-		{"a range with data in it", 0, 1<<20 - 65536, 256 << 10, false},
-		{"a small read of a hole", 0, 3 << 20, 4096, false},
+	for _, tc := range []reqCase{
+		{name: "a hole", off: 2 << 20, n: 1 << 20, holeOK: true},
+		{name: "a hole, with DF", flags: 4, off: 2 << 20, n: 1 << 20},
+		{name: "a range with data in it", off: 1<<20 - 65536, n: 256 << 10},
+		{name: "a small read of a hole", off: 3 << 20, n: 4096},
 	} {
 		cl.request(tc.flags, 0, 9, tc.off, tc.n, nil)
 		got := make([]byte, 0, tc.n)
@@ -711,13 +712,7 @@ func TestDeclaredCapabilities(t *testing.T) {
 
 // extRequest sends an extended (32-byte) request header and its payload.
 func (cl *client) extRequest(flags, typ uint16, cookie, off, length uint64, payload []byte) {
-	b := binary.BigEndian.AppendUint32(nil, 0x21e41c71)
-	b = binary.BigEndian.AppendUint16(b, flags)
-	b = binary.BigEndian.AppendUint16(b, typ)
-	b = binary.BigEndian.AppendUint64(b, cookie)
-	b = binary.BigEndian.AppendUint64(b, off)
-	b = binary.BigEndian.AppendUint64(b, length)
-	cl.write(append(b, payload...))
+	cl.write(append(reqHeader(true, flags, typ, cookie, off, length), payload...))
 }
 
 type extChunk struct {
