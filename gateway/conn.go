@@ -400,9 +400,10 @@ func (c *conn) receivePayload(r *request, errno uint32) (done bool, err error) {
 	if !c.hasPayload(r) {
 		return false, nil
 	}
-	if r.length > MaxRequestSize {
-		// A payload beyond what NBD_INFO_BLOCK_SIZE allows: the spec
-		// says hang up rather than read it.
+	if c.extended && r.length > MaxRequestSize {
+		// A payload beyond what NBD_INFO_BLOCK_SIZE allows: the extension
+		// says hang up rather than read it. (A compact WRITE of at most
+		// 4 GiB is skipped below and refused with EINVAL.)
 		return false, violation("request payload of %d bytes", r.length)
 	}
 	if c.rd.Buffered() < int(r.length) {
