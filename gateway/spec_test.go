@@ -829,6 +829,16 @@ func TestExtendedHeaders(t *testing.T) {
 		t.Fatalf("FLUSH: %+v", c)
 	}
 
+	// A payload over the 32 MiB limit: hang up rather than read it.
+	cl3 := newClient(t, s.dial(t))
+	cl3.option(11, nil)
+	cl3.optReply()
+	cl3.attach("disk", false)
+	cl3.extRequest(payloadLen, 1, 10, 0, 64<<20, nil)
+	if _, err := cl3.r.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Fatalf("a 64 MiB payload: not closed (%v)", err)
+	}
+
 	// EXPORT_NAME after EXTENDED_HEADERS is a protocol violation.
 	cl2 := newClient(t, s.dial(t))
 	cl2.option(11, nil)
