@@ -53,14 +53,15 @@ type conn struct {
 	stats sessionStats
 
 	// Optional capabilities of exp.Device, found once.
-	trimmer  block.Trimmer
-	zeroer   block.Zeroer
-	extenter block.Extenter
-	cacher   block.Cacher
-	tryRead  block.TryReader
-	raw      syscall.RawConn // the socket, when it is one (not TLS)
-	sendFD   int             // file to sendfile plain reads from, or -1
-	splice   *splicer        // large plain writes, socket to file; or nil
+	trimmer       block.Trimmer
+	zeroer        block.Zeroer
+	extenter      block.Extenter
+	cacher        block.Cacher
+	tryRead       block.TryReader
+	raw           syscall.RawConn // the socket, when it is one (not TLS)
+	sendFD        int             // the file of a plain device (splice, sendfile), or -1
+	sendfileReads bool            // large plain reads go by sendfile (TCP only)
+	splice        *splicer        // large plain writes, socket to file; or nil
 
 	// Owned by the reader goroutine. noInlineUntil pauses inline writes
 	// after one was slow (the backend blocked); deferred holds the
@@ -242,6 +243,9 @@ func (c *conn) transmit() {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
 				c.raw, c.sendFD = raw, int(f.File().Fd())
+				// sendfile only to TCP: to a Unix socket it copies anyway,
+				// and measured slower than pread + writev (bench/README.md).
+				_, c.sendfileReads = c.nc.(*net.TCPConn)
 				if !c.readOnly {
 					if sp, err := newSplicer(c.sendFD); err == nil {
 						c.splice = sp
@@ -606,7 +610,7 @@ func (c *conn) read(r *request) {
 	if c.structured && r.flags&cmdFlagDF == 0 && c.extenter != nil && r.length >= holeCheckMin && c.readHole(r) {
 		return
 	}
-	if c.sendFD >= 0 && r.length >= zeroCopyMin {
+	if c.sendfileReads && r.length >= zeroCopyMin {
 		c.count(cmdRead, int64(r.length), false)
 		r.zeroCopy = true
 		c.sendRead(r, nil)

@@ -72,6 +72,7 @@ func (l *logSink) String() string {
 }
 
 type specServer struct {
+	tcp  bool // listen on loopback TCP (where large plain reads go by sendfile), not a Unix socket
 	dial func(testing.TB) net.Conn
 	log  *logSink
 	rec  *events
@@ -82,7 +83,13 @@ type specServer struct {
 // policy in yaml ("" for none), with a recorder and a log to look at.
 func startSpecServer(tb testing.TB, dev block.Device, yaml string, rec *events) *specServer {
 	tb.Helper()
-	s := &specServer{log: &logSink{}, rec: rec}
+	return startSpecServerOn(tb, false, dev, yaml, rec)
+}
+
+// startSpecServerOn is startSpecServer, on loopback TCP if tcp.
+func startSpecServerOn(tb testing.TB, tcp bool, dev block.Device, yaml string, rec *events) *specServer {
+	tb.Helper()
+	s := &specServer{tcp: tcp, log: &logSink{}, rec: rec}
 	return s.start(tb, dev, yaml, slog.New(slog.NewTextHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug})))
 }
 
@@ -104,15 +111,19 @@ func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *sl
 		cfg.Audit = s.rec
 	}
 	srv := gateway.New(cfg)
-	sock := filepath.Join(tb.TempDir(), "s")
-	l, err := net.Listen("unix", sock)
+	network, addr := "unix", filepath.Join(tb.TempDir(), "s")
+	if s.tcp {
+		network, addr = "tcp", "127.0.0.1:0"
+	}
+	l, err := net.Listen(network, addr)
 	if err != nil {
 		tb.Fatal(err)
 	}
+	addr = l.Addr().String()
 	go srv.Serve(l)
 	tb.Cleanup(func() { srv.Shutdown(tb.Context()) })
 	s.dial = func(tb testing.TB) net.Conn {
-		c, err := net.Dial("unix", sock)
+		c, err := net.Dial(network, addr)
 		if err != nil {
 			tb.Fatal(err)
 		}
@@ -364,7 +375,7 @@ func TestSendfileReadErrorInBand(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dev.Close() })
-	s := startSpecServer(t, dev, "", nil)
+	s := startSpecServerOn(t, true, dev, "", nil) // TCP: large plain reads go by sendfile
 	cl := newClient(t, s.dial(t))
 	cl.attach("disk", true)
 
@@ -747,7 +758,7 @@ func (cl *client) extReply() extChunk {
 func TestExtendedHeaders(t *testing.T) {
 	const size = 6 << 30 // sparse: block status and trim lengths beyond 32 bits
 	dev := newFileDevice(t, size)
-	s := startSpecServer(t, dev, "", nil)
+	s := startSpecServerOn(t, true, dev, "", nil) // TCP: the 256 KiB read goes by sendfile
 
 	cl := newClient(t, s.dial(t))
 	cl.option(11, nil)
