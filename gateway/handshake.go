@@ -9,8 +9,8 @@ import (
 	"goldilocks/audit"
 	"io"
 	"slices"
-	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // errHandshakeDone ends option haggling without entering transmission
@@ -153,7 +153,7 @@ func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
 	}
 	// The spec leaves no way to refuse but to hang up.
 	if code, msg := c.attachExport(name, true); code != 0 {
-		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", clip(name), msg)
+		return false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", clip(name, 64), msg)
 	}
 	var b [10 + 124]byte
 	binary.BigEndian.PutUint64(b[0:], uint64(c.exp.Device.Size()))
@@ -181,7 +181,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 	}
 	if err := c.openExport(name, d.g); err != nil {
 		if errors.Is(err, ErrUnknownExport) {
-			return repErrUnknown, fmt.Sprintf("no export named %q", clip(name))
+			return repErrUnknown, fmt.Sprintf("no export named %q", clip(name, 64))
 		}
 		c.log.Error("opening export", "export", name, "err", err)
 		if oe := (*OpenError)(nil); errors.As(err, &oe) {
@@ -215,12 +215,19 @@ func (c *conn) refused(name, identity, reason string) {
 		"identity", identity, "decision", "deny", "reason", reason)
 }
 
-// clip shortens a client's string for an error message or a log line.
-func clip(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
+// clip keeps s within n bytes (n ≥ 3), cut at a character boundary and
+// marked "...": a client's name in a message or a log line (64), an
+// error message (256, the length a string SHOULD keep to), a description
+// (maxStringLength, the length it MUST keep to).
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
 	}
-	return s
+	cut := n - 3
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "..."
 }
 
 func (c *conn) optList(w *bufio.Writer) error {
@@ -332,7 +339,7 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 	// Sent whether asked for or not (a client may ignore them): the
 	// description and the block sizes.
 	if d := c.exp.Description; d != "" {
-		writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoDescription), clipString(d)...))
+		writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoDescription), clip(d, maxStringLength)...))
 	}
 	bs := binary.BigEndian.AppendUint16(nil, infoBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, MinBlockSize)
@@ -347,14 +354,6 @@ func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error)
 		return false, nil
 	}
 	return true, nil
-}
-
-// clipString keeps s within the protocol's 4096-byte string limit.
-func clipString(s string) string {
-	if len(s) <= maxStringLength {
-		return s
-	}
-	return s[:maxStringLength]
 }
 
 // parseMetaContext splits LIST/SET_META_CONTEXT data.
@@ -449,8 +448,5 @@ func writeOptReply(w *bufio.Writer, opt, typ uint32, data []byte) error {
 // humans (never internal detail: that goes to the log), cut to the 256
 // bytes the spec says a string SHOULD not exceed.
 func replyErr(w *bufio.Writer, opt, typ uint32, msg string) error {
-	if len(msg) > 256 {
-		msg = strings.ToValidUTF8(msg[:253], "") + "..."
-	}
-	return writeOptReply(w, opt, typ, []byte(msg))
+	return writeOptReply(w, opt, typ, []byte(clip(msg, 256)))
 }

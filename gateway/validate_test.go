@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"unicode/utf8"
 
 	"goldilocks/internal/block"
 )
@@ -118,5 +119,23 @@ func TestTidyExtents(t *testing.T) {
 	}
 	if got := tidyExtents(nil, 4096); len(got) != 1 || got[0].Length != 4096 || got[0].Flags != 0 {
 		t.Fatalf("no extents: %v", got)
+	}
+}
+
+func TestClip(t *testing.T) {
+	for _, tc := range []struct {
+		s    string
+		n    int
+		want string
+	}{
+		{"short", 64, "short"},
+		{"abcdefghij", 8, "abcde..."},
+		{"ab€€", 7, "ab..."}, // € is 3 bytes: never cut inside one
+		{"€€€€", 7, "€..."},
+	} {
+		got := clip(tc.s, tc.n)
+		if got != tc.want || len(got) > tc.n || !utf8.ValidString(got) {
+			t.Errorf("clip(%q, %d) = %q, want %q", tc.s, tc.n, got, tc.want)
+		}
 	}
 }
