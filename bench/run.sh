@@ -25,6 +25,8 @@
 #   SETS        "plain encrypted", "plain", "encrypted" (default "plain encrypted")
 #   LUKS_ITER_MS  qemu-img luks iter-time in ms (default 10; qemu-img's own is 2000)
 #   PORT_BASE   first TCP port tried     (default 10930; ports PORT_BASE..+9)
+#   JOBS        which jobs, in order     (default: all; randread4k randwrite4k
+#               randwrite4ksync read1m write1m copyread copywrite)
 # Quick check: RUNTIME=3 REPS=1 bash bench/run.sh
 # Encrypted only, TCP only: SETS=encrypted TRANSPORTS=tcp RUNTIME=5 REPS=1 bash bench/run.sh
 set -euo pipefail
@@ -44,10 +46,16 @@ PY=/usr/bin/python3 # not a pyenv shim: only the standard library is needed
 SERVERS_plain=(goldilocks qemu-nbd nbdkit)
 SERVERS_encrypted=(goldilocks-enc qemu-nbd-luks nbdkit-luks)
 LUKS_PASS=bench-passphrase
-JOBS=(randread4k randwrite4k randwrite4ksync read1m write1m copyread copywrite)
+read -r -a JOBS <<<"${JOBS:-randread4k randwrite4k randwrite4ksync read1m write1m copyread copywrite}"
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+for j in "${JOBS[@]}"; do
+	case $j in
+	randread4k | randwrite4k | randwrite4ksync | read1m | write1m | copyread | copywrite) ;;
+	*) die "unknown job in JOBS: $j" ;;
+	esac
+done
 
 # ---- checks -----------------------------------------------------------------
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive integer (got '$RUNTIME')"
@@ -271,6 +279,22 @@ copy_job() { # uri read|write
 # write them back during the next server's job, which then pays for them.
 settle() { sync; }
 
+# precondition writes every byte of each server's disk once (nbdcopy of the
+# source file, flushed at its end; not timed) before the first job of a set,
+# so that every job measures the steady state rather than a store's first
+# writes: storage benchmarks precondition the same way (SNIA PTS). A peer's
+# image was already written in full; a Goldilocks encrypted volume keeps two
+# homes per chunk (crypto/FORMAT.md) of which an import writes one, and the
+# first write of the other allocates file blocks (ext4 extents, a journal
+# commit at the next fdatasync) that steady state never pays.
+precondition() {
+	local s
+	for s in "${SERVERS[@]}"; do
+		log "$set: preconditioning $s (one write of the whole disk)"
+		copy_job "${URI[$s]}" write || die "preconditioning $s failed"
+	done
+}
+
 measure() { # job uri
 	case $1 in
 	randread4k) fio_job "$2" randread 4k 32 ;;
@@ -304,8 +328,9 @@ echo "- goldilocks: ${gl_version:-(no --version)}; binary $GOLDILOCKS${gl_commit
 echo "- method: one 2 GiB file of random data in page cache, served by all three servers of the plain set" \
 	"(Goldilocks volume --plain --backing it) and copied into the encrypted set's volumes; fio ioengine=nbd numjobs=1, ${RUNTIME} s + ${RAMP} s ramp;" \
 	"nbdcopy -C 1 of the whole 2 GiB (read to null:, write from a second file);" \
+	"each server's disk written once in full before the first job (preconditioning, untimed);" \
 	"servers alternate job by job, order rotated; \`sync\` (untimed) before each job; each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
-echo "- sets: ${SETS}; transports: ${TRANSPORTS}"
+echo "- sets: ${SETS}; transports: ${TRANSPORTS}; jobs: ${JOBS[*]}"
 if ((ENCRYPTED)); then
 	echo "- encrypted set: Goldilocks default volume (AES-256-GCM, local keystore) filled by volume import" \
 		"from the base file; one QEMU LUKS image (qemu-img create -f luks: LUKS1, aes-256-xts-plain64," \
@@ -368,6 +393,9 @@ for set in $SETS; do
 	for t in $TRANSPORTS; do
 		log "$set, transport $t: starting servers"
 		start_servers "$set" "$t"
+		if [[ $t == "${TRANSPORTS%% *}" ]]; then
+			precondition
+		fi
 		for ((r = 0; r < REPS; r++)); do
 			for ((j = 0; j < ${#JOBS[@]}; j++)); do
 				job=${JOBS[$j]}
@@ -396,9 +424,10 @@ for set in $SETS; do
 done
 
 # ---- report -----------------------------------------------------------------
-"$PY" - "$RESULTS" "$CONNECT" "$SETS" "$TRANSPORTS" <<'EOF'
+"$PY" - "$RESULTS" "$CONNECT" "$SETS" "$TRANSPORTS" "${JOBS[*]}" <<'EOF'
 import statistics, sys
 path, connect, sets, transports = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+wanted = sys.argv[5].split()
 servers = {
     "plain": ["goldilocks", "qemu-nbd", "nbdkit"],
     "encrypted": ["goldilocks-enc", "qemu-nbd-luks", "nbdkit-luks"],
@@ -416,6 +445,7 @@ jobs = [
     ("copyread", "nbdcopy read (MB/s)"),
     ("copywrite", "nbdcopy write (MB/s)"),
 ]
+jobs = [j for j in jobs if j[0] in wanted]
 runs = {}
 for line in open(path):
     t, job, s, r, v = line.rstrip("\n").split("\t")
