@@ -4,6 +4,12 @@ BIN     := bin/goldilocks
 PKGS    := ./...
 # Debian packages the tests drive: real NBD clients and peers.
 TEST_DEBS := qemu-utils libnbd-bin python3-libnbd nbdkit fio
+# Tools the production tests check against, without their recommends:
+# systemd (systemd-analyze, systemd-socket-activate; not made PID 1, that
+# is systemd-sysv), libvirt-clients and libxml2-utils (virt-xml-validate
+# and its xmllint), prometheus
+# (promtool; its daemon is not started by the tests).
+TOOL_DEBS := systemd libvirt-clients libxml2-utils prometheus
 
 .PHONY: all build run test deps check unit bench fuzz torture vault clean
 
@@ -15,7 +21,7 @@ build:
 	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/goldilocks
 
 run: build
-	./$(BIN) serve
+	./$(BIN) serve --demo
 
 # deps installs the test peers with apt-get when one is missing.
 deps:
@@ -25,6 +31,12 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing test peers: $(TEST_DEBS)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS) >/dev/null; \
+	fi
+	@missing=""; for t in systemd-analyze systemd-socket-activate virt-xml-validate xmllint promtool; do \
+		command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing test tools: $(TOOL_DEBS)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TOOL_DEBS) >/dev/null; \
 	fi
 
 # check: formatting, vet and staticcheck (built once from the module

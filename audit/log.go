@@ -49,8 +49,11 @@ type Options struct {
 	SegmentSize        int64         // 64 MiB
 	SegmentAge         time.Duration // 24 h
 	Logger             *slog.Logger
-	now                func() time.Time   // tests: the clock
-	key                ed25519.PrivateKey // tests: a fixed signing key
+	// Observe, if set, sees every Append: the event and its error (nil:
+	// on record). It must not call the Log.
+	Observe func(Event, error)
+	now     func() time.Time   // tests: the clock
+	key     ed25519.PrivateKey // tests: a fixed signing key
 }
 
 // Log appends records to the audit directory of a data dir. It is safe for
@@ -77,6 +80,7 @@ type Log struct {
 	shared   []byte    // the lock file's first page, mapped shared: see sharedState
 	gen      uint64    // rotations seen
 	pathAt   time.Time // when current.jsonl's path was last checked
+	lastErr  error     // of the last Append
 	closed   bool
 	stop     chan struct{}
 	bg       sync.WaitGroup
@@ -289,10 +293,49 @@ func (l *Log) Append(e Event) error {
 		return fmt.Errorf("audit: %w: closed", ErrUnavailable)
 	}
 	if err := l.flock(); err != nil {
+		l.lastErr = err
+		if l.o.Observe != nil {
+			l.o.Observe(e, err)
+		}
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	defer l.funlock()
-	return l.appendLocked(e)
+	l.lastErr = l.appendLocked(e)
+	if l.o.Observe != nil {
+		l.o.Observe(e, l.lastErr)
+	}
+	return l.lastErr
+}
+
+// Writable says why a record could not be appended now, or nil: the last
+// append failed (until one succeeds), the file at the log's path is not
+// a regular file, or its file system is read-only or full. A probe for
+// readiness: it writes nothing.
+func (l *Log) Writable() error {
+	l.mu.Lock()
+	last, closed := l.lastErr, l.closed
+	l.mu.Unlock()
+	if closed {
+		return fmt.Errorf("audit: %w: closed", ErrUnavailable)
+	}
+	if last != nil {
+		return fmt.Errorf("audit: %w: the last append failed: %v", ErrUnavailable, last)
+	}
+	path := filepath.Join(l.dir, CurrentFile)
+	if st, err := os.Stat(path); err == nil && !st.Mode().IsRegular() {
+		return fmt.Errorf("audit: %w: %s is not a regular file", ErrUnavailable, path)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(l.dir, &fs); err != nil {
+		return fmt.Errorf("audit: %w: %v", ErrUnavailable, err)
+	}
+	if fs.Flags&unix.ST_RDONLY != 0 {
+		return fmt.Errorf("audit: %w: %s is on a read-only file system", ErrUnavailable, l.dir)
+	}
+	if fs.Bavail == 0 {
+		return fmt.Errorf("audit: %w: the file system of %s is full", ErrUnavailable, l.dir)
+	}
+	return nil
 }
 
 // appendLocked appends under the flock: it first catches up with what

@@ -371,7 +371,7 @@ func (v *Volume) finishRekey(ctx context.Context, kek KEKProvider) error {
 			return fmt.Errorf("volume %s: the rekey finished, but destroying the old data key failed: %w", v.name, err)
 		}
 	}
-	v.log.Info("rekey finished; the old data key is destroyed", "event", audit.EvRekeyFinish, "volume", v.name)
+	v.log.Info("rekey finished; the old data key is destroyed", "event", audit.EvRekeyFinish, "volume", v.name, "chunks", uint64(v.size)/ChunkSize)
 	return nil
 }
 

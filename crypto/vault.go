@@ -70,6 +70,9 @@ type VaultConfig struct {
 	// empty, else "secret" (a dev server's KV v2 mount).
 	KVMount string
 	Log     *slog.Logger
+	// Observe, if set, sees every request to Vault: its operation (one
+	// word: encrypt, decrypt, reading, …) and its error.
+	Observe func(op string, err error)
 }
 
 // VaultKEK keeps key-encryption keys in Vault's Transit engine. DEKs are
@@ -141,6 +144,22 @@ func (k *VaultKEK) Name() string { return "vault" }
 // Addr is the Vault address in use.
 func (k *VaultKEK) Addr() string { return k.c.Address() }
 
+// Health asks Vault whether it can serve (sys/health: reachable,
+// initialized, unsealed); an error says why not. A probe for readiness:
+// it logs nothing.
+func (k *VaultKEK) Health(ctx context.Context) error {
+	h, err := k.c.Sys().HealthWithContext(ctx)
+	switch {
+	case err != nil:
+		return fmt.Errorf("vault at %s: %w: %v", k.c.Address(), ErrVaultUnavailable, err)
+	case !h.Initialized:
+		return fmt.Errorf("vault at %s: %w: not initialized", k.c.Address(), ErrVaultUnavailable)
+	case h.Sealed:
+		return fmt.Errorf("vault at %s: %w: sealed", k.c.Address(), ErrVaultUnavailable)
+	}
+	return nil
+}
+
 // call runs one request, logging in first if needed, and turns transport
 // failures into ErrVaultUnavailable (logged once per outage).
 func (k *VaultKEK) call(ctx context.Context, what string, fn func() (*vault.Secret, error)) (*vault.Secret, error) {
@@ -148,6 +167,10 @@ func (k *VaultKEK) call(ctx context.Context, what string, fn func() (*vault.Secr
 		return nil, err
 	}
 	s, err := fn()
+	if k.cfg.Observe != nil {
+		op, _, _ := strings.Cut(what, " ")
+		k.cfg.Observe(op, err)
+	}
 	if err != nil && unavailable(err) {
 		if k.down.CompareAndSwap(false, true) {
 			k.log.Error("vault unreachable: attached volumes keep serving; new attaches and key operations fail until it is back",

@@ -102,7 +102,7 @@ rules:
 		t.Errorf("attach record: %+v", a)
 	}
 	if d := find(recs, "detach", "loc"); d != nil {
-		if d.Details["bytes_write"] != float64(1<<20) || d.Details["bytes_read"] != float64(512<<10) || d.Details["ops_flush"] == float64(0) {
+		if d.Details["bytes_written"] != float64(1<<20) || d.Details["bytes_read"] != float64(512<<10) || d.Details["ops_flush"] == float64(0) {
 			t.Errorf("detach totals: %v", d.Details)
 		}
 	}

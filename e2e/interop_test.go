@@ -3,12 +3,9 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -353,34 +350,64 @@ func TestGracefulShutdown(t *testing.T) {
 }
 
 func TestMetricsEndpoint(t *testing.T) {
-	need(t, "qemu-io")
-	dir := newDataDir(t, "disk:4M")
+	need(t, "qemu-io", "nbdinfo")
+	dir := newDataDir(t, "disk:4M", "other:4M")
 	g := startGateway(t, dir, "--metrics", "127.0.0.1:0")
-	m := regexp.MustCompile(`msg="metrics listening" addr=(\S+)`).FindStringSubmatch(g.logText())
-	if m == nil {
-		t.Fatalf("no metrics address logged:\n%s", g.logText())
-	}
-	run(t, "qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", "-c", "read -P 1 0 64k", g.uri("disk"))
-	get := func(path string) string {
-		resp, err := http.Get("http://" + m[1] + path)
-		if err != nil {
-			t.Fatal(err)
+	addr := metricsAddr(t, g)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -P 2 64k 4k", "-c", "read -P 1 0 64k", g.uri("disk"))
+	run(t, "qemu-io", "-f", "raw", "-c", "read 0 8k", g.uri("other"))
+	runErr("nbdinfo", g.uri("nosuch")) // refused: unknown export
+	var body string
+	for deadline := time.Now().Add(5 * time.Second); ; { // the connections close
+		code, b := httpGet(t, "http://"+addr+"/metrics")
+		if code != 200 {
+			t.Fatalf("/metrics: %d", code)
 		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != 200 {
-			t.Fatalf("%s: %s", path, resp.Status)
+		body = b
+		if strings.Contains(body, "goldilocks_nbd_connections 0") || time.Now().After(deadline) {
+			break
 		}
-		return string(b)
+		time.Sleep(50 * time.Millisecond)
 	}
-	body := get("/metrics")
-	for _, want := range []string{`goldilocks_nbd_bytes_total{command="write"} 65536`, `goldilocks_nbd_bytes_total{command="read"} 65536`} {
+	// Counters equal what the clients did, per volume (no policy: identity "-").
+	for _, want := range []string{
+		`goldilocks_nbd_requests_total{command="write",identity="-",volume="disk"} 2`,
+		`goldilocks_nbd_bytes_total{command="write",identity="-",volume="disk"} 69632`,
+		`goldilocks_nbd_requests_total{command="read",identity="-",volume="disk"} 1`,
+		`goldilocks_nbd_bytes_total{command="read",identity="-",volume="disk"} 65536`,
+		`goldilocks_nbd_bytes_total{command="read",identity="-",volume="other"} 8192`,
+		`goldilocks_nbd_request_duration_seconds_count{command="write",identity="-",volume="disk"} 2`,
+		`goldilocks_nbd_errors_total{command="write",identity="-",volume="disk"} 0`,
+		`goldilocks_nbd_requests_in_flight{identity="-",volume="disk"} 0`,
+		`goldilocks_attaches_refused_total{reason="unknown_export"} 1`,
+		`goldilocks_attaches_refused_total{reason="policy"} 0`,
+		`goldilocks_audit_records_total{type="attach"} 2`,
+		`goldilocks_audit_write_failures_total 0`,
+		`goldilocks_build_info{goversion="go`,
+		`goldilocks_nbd_connections 0`,
+	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	get("/healthz")
-	get("/readyz")
+	if t.Failed() {
+		t.Logf("/metrics:\n%s", grepLines(body, "goldilocks_"))
+	}
+	if code, _ := httpGet(t, "http://"+addr+"/healthz"); code != 200 {
+		t.Errorf("/healthz: %d", code)
+	}
+	waitReady(t, addr, 200, "ready")
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) && !strings.HasPrefix(l, "#") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 func TestVolumeCreatedWhileServing(t *testing.T) {

@@ -227,6 +227,7 @@ func (c *conn) admit(r *request) uint32 {
 	if until > now {
 		if wait := until - c.srv.clock.Precise(); wait > 0 {
 			c.pause(time.Duration(wait))
+			c.sm.waited(time.Duration(wait))
 		}
 	}
 	return 0
@@ -251,6 +252,7 @@ func (c *conn) pause(d time.Duration) {
 // revoke cuts a live session: its connection closes at once.
 func (c *conn) revoke(reason string) {
 	c.cutOnce.Do(func() {
+		c.srv.cfg.Metrics.sessionRevoked()
 		c.log.Warn("access revoked: cutting the session", "event", audit.EvSessionRevoked, "export", c.expName(), "reason", reason)
 		close(c.cut)
 		c.nc.Close()

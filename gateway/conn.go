@@ -22,6 +22,7 @@ import (
 // to a fixed set of workers. Replies go out through send (reply.go) as
 // soon as they are ready.
 type conn struct {
+	sm   *sessionMetrics // the attached session's series; nil before attach
 	srv  *Server
 	nc   net.Conn
 	rd   *bufio.Reader
@@ -153,7 +154,7 @@ func (c *conn) serve() {
 	if g := c.grant.Load(); g != nil {
 		c.log = c.log.With("identity", g.identity)
 	}
-	c.log.Info("attached", "export", c.exp.Name, "structured", c.structured, "tls", c.tls, "flags", c.flags)
+	c.log.Info("attached", "export", c.exp.Name, "structured", c.structured, "tls", c.tls, "flags", transmissionFlagNames(c.flags))
 	c.transmit()
 	c.log.Info("detached", "export", c.exp.Name)
 }
@@ -218,6 +219,7 @@ type request struct {
 	off    uint64
 	length uint64  // payload (WRITE) or effect length; 32 bits unless extended
 	buf    *buffer // payload (WRITE in, READ out)
+	start  time.Time
 
 	hdr      [extHdrSize + 16]byte // request in; reply header (and its fixed payload) out
 	vec      [2][]byte             // the reply: header and payload (or nil)
@@ -357,13 +359,19 @@ func (c *conn) serveRequest(r *request) error {
 	if err := c.readRequest(r); err != nil {
 		return err
 	}
+	r.start = time.Now()
+	c.sm.started()
 	errno := c.validate(r)
 	if errno == 0 {
 		errno = c.admit(r) // may wait
 	}
 	done, err := c.receivePayload(r, errno)
-	if err != nil || done {
+	if err != nil {
+		c.sm.abandoned() // the connection ends unanswered
 		return err
+	}
+	if done {
+		return nil
 	}
 	c.dispatch(r, errno)
 	return nil
@@ -442,8 +450,8 @@ func (c *conn) hasPayload(r *request) bool {
 func (c *conn) dispatch(r *request, errno uint32) {
 	switch {
 	case errno != 0:
-		c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", r.flags, "errno", errno)
-		c.count(r.typ, 0, true)
+		c.log.Warn("request refused", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "flags", flagNames(r.flags), "errno", errno)
+		c.count(r, 0, true)
 		c.onReader(r)
 		c.replyError(r, errno)
 	case c.inline(r):
@@ -484,7 +492,7 @@ func (c *conn) inline(r *request) bool {
 			return false
 		}
 		c.onReader(r)
-		c.count(cmdRead, int64(r.length), false)
+		c.count(r, int64(r.length), false)
 		c.sendRead(r, data)
 		return true
 	case cmdWrite:
@@ -593,7 +601,7 @@ func (c *conn) finish(r *request, n int64, err error) {
 			c.log.Error("request failed", "cmd", commandName(r.typ), "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
 		}
 	}
-	c.count(r.typ, n, err != nil)
+	c.count(r, n, err != nil)
 	c.replySimple(r, errno, nil)
 }
 
@@ -611,7 +619,7 @@ func (c *conn) read(r *request) {
 		return
 	}
 	if c.sendfileReads && r.length >= zeroCopyMin {
-		c.count(cmdRead, int64(r.length), false)
+		c.count(r, int64(r.length), false)
 		r.zeroCopy = true
 		c.sendRead(r, nil)
 		return
@@ -621,11 +629,11 @@ func (c *conn) read(r *request) {
 	if _, err := c.exp.Device.ReadAt(data, int64(r.off)); err != nil {
 		errno := errnoOf(err)
 		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
-		c.count(cmdRead, 0, true)
+		c.count(r, 0, true)
 		c.replyError(r, errno)
 		return
 	}
-	c.count(cmdRead, int64(r.length), false)
+	c.count(r, int64(r.length), false)
 	c.sendRead(r, data)
 }
 
@@ -637,7 +645,7 @@ func (c *conn) readHole(r *request) bool {
 	if err != nil || len(es) != 1 || es[0].Flags&block.ExtentZero == 0 || es[0].Length < int64(r.length) {
 		return false
 	}
-	c.count(cmdRead, int64(r.length), false)
+	c.count(r, int64(r.length), false)
 	h := c.chunkHeader(r.hdr[:], r, replyFlagDone, replyOffsetHole, 12)
 	b := binary.BigEndian.AppendUint64(h, r.off)
 	b = binary.BigEndian.AppendUint32(b, uint32(r.length))
@@ -679,7 +687,7 @@ func (c *conn) blockStatus(r *request) {
 	r.extents = tidyExtents(r.extents, n)
 	if err != nil {
 		c.log.Error("request failed", "cmd", "block_status", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
-		c.count(cmdBlockStatus, 0, true)
+		c.count(r, 0, true)
 		c.replyError(r, errnoOf(err))
 		return
 	}
@@ -699,7 +707,7 @@ func (c *conn) blockStatus(r *request) {
 		b = binary.BigEndian.AppendUint32(b, e.Flags)
 	}
 	r.bsReply = b
-	c.count(cmdBlockStatus, 0, false)
+	c.count(r, 0, false)
 	c.send(r, c.chunkHeader(r.hdr[:], r, replyFlagDone, typ, uint64(len(b))), b)
 }
 

@@ -174,14 +174,28 @@ func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
 // counted. What it did is undone by detach and closeExport, each safe to
 // call twice.
 func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) {
+	m := c.srv.cfg.Metrics
 	d := c.decide(name)
 	if d.code != 0 {
+		if d.code == repErrTLSReqd {
+			m.attachRefused(RefusedTLSRequired)
+		} else {
+			m.attachRefused(RefusedPolicy)
+		}
 		c.refused(name, d.identity, d.reason)
 		return d.code, d.msg
 	}
 	if err := c.openExport(name, d.g); err != nil {
+		// Counted for GO and EXPORT_NAME (an INFO is no attach); a
+		// policy refusal is counted for INFO too, as it is audited.
 		if errors.Is(err, ErrUnknownExport) {
+			if attach {
+				m.attachRefused(RefusedUnknown)
+			}
 			return repErrUnknown, fmt.Sprintf("no export named %q", clip(name, 64))
+		}
+		if attach {
+			m.attachRefused(RefusedUnavailable)
 		}
 		c.log.Error("opening export", "export", name, "err", err)
 		if oe := (*OpenError)(nil); errors.As(err, &oe) {
@@ -193,11 +207,13 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 		return 0, ""
 	}
 	if reason := c.attach(d.g); reason != "" {
+		m.attachRefused(RefusedMaxConns)
 		c.closeExport()
 		c.refused(name, d.identity, reason)
 		return repErrPolicy, reason
 	}
 	if err := c.recordAttach(d.g); err != nil {
+		m.attachRefused(RefusedAudit)
 		c.detach()
 		c.closeExport()
 		c.log.Error("attach refused: the audit log cannot be written (fail closed)", "export", name, "err", err)
@@ -206,6 +222,11 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 	if c.metaExport != name {
 		c.metaAlloc, c.metaExport = false, "" // contexts were negotiated for another export
 	}
+	identity := ""
+	if d.g != nil {
+		identity = d.g.identity
+	}
+	c.sm = m.session(name, identity)
 	return 0, ""
 }
 
@@ -272,6 +293,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	}
 	tc := tls.Server(c.nc, c.srv.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
+		c.srv.cfg.Metrics.tlsFailed()
 		c.log.Warn("TLS handshake failed", "event", audit.EvTLSFailure, "err", err)
 		return fmt.Errorf("TLS handshake: %w", err)
 	}

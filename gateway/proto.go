@@ -1,6 +1,11 @@
 package gateway
 
-import "github.com/pojntfx/go-nbd/pkg/protocol"
+import (
+	"fmt"
+	"strings"
+
+	"github.com/pojntfx/go-nbd/pkg/protocol"
+)
 
 // NBD protocol constants (doc/proto.md of the NBD project). Those go-nbd
 // defines are taken from it; the rest go-nbd lacks.
@@ -134,4 +139,33 @@ func commandName(t uint16) string {
 		return "block_status"
 	}
 	return "unknown"
+}
+
+// flagNames writes command flags for logs: "fua,df", "none", and the
+// bits it does not know as hex ("0x40").
+func flagNames(f uint16) string {
+	return bitNames(f, []string{"fua", "no_hole", "df", "req_one", "fast_zero", "payload_len"})
+}
+
+// transmissionFlagNames writes the transmission flags sent to a client.
+func transmissionFlagNames(f uint16) string {
+	return bitNames(f, []string{"has_flags", "read_only", "send_flush", "send_fua", "rotational", "send_trim",
+		"send_write_zeroes", "send_df", "can_multi_conn", "send_resize", "send_cache", "send_fast_zero", "block_status_payload"})
+}
+
+func bitNames(f uint16, names []string) string {
+	var out []string
+	for i, n := range names {
+		if f&(1<<i) != 0 {
+			out = append(out, n)
+			f &^= 1 << i
+		}
+	}
+	if f != 0 {
+		out = append(out, fmt.Sprintf("%#x", f))
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ",")
 }

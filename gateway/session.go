@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"math"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -25,8 +26,9 @@ type sessionStats struct {
 }
 
 // count records one finished request in the metrics and the session.
-func (c *conn) count(cmd uint16, n int64, failed bool) {
-	c.srv.cfg.Metrics.request(cmd, n, failed)
+func (c *conn) count(r *request, n int64, failed bool) {
+	cmd := r.typ
+	c.sm.request(cmd, n, failed, r.start)
 	if int(cmd) >= numCommands {
 		return
 	}
@@ -87,14 +89,14 @@ func (c *conn) recordDetach() {
 	s := &c.stats
 	d := map[string]any{
 		"ops_read": s.ops[cmdRead].Load(), "bytes_read": s.bytes[cmdRead].Load(),
-		"ops_write": s.ops[cmdWrite].Load(), "bytes_write": s.bytes[cmdWrite].Load(),
+		"ops_write": s.ops[cmdWrite].Load(), "bytes_written": s.bytes[cmdWrite].Load(),
 		"ops_flush": s.ops[cmdFlush].Load(), "ops_trim": s.ops[cmdTrim].Load(),
 		"ops_zero":  s.ops[cmdWriteZeroes].Load(),
 		"ops_other": s.ops[cmdCache].Load() + s.ops[cmdBlockStatus].Load(),
-		"errors":    s.errors.Load(), "seconds": int64(0),
+		"errors":    s.errors.Load(), "seconds": 0.0,
 	}
 	if !s.start.IsZero() { // zero: the handshake was lost after the attach
-		d["seconds"] = int64(time.Since(s.start).Seconds())
+		d["seconds"] = math.Round(time.Since(s.start).Seconds()*1000) / 1000 // ms
 	}
 	if err := rec.Append(audit.Event{Type: audit.EvDetach, Identity: c.who(), Volume: c.exp.Name, Details: d}); err != nil {
 		c.log.Error("audit log unavailable: the detach is not on record", "err", err)

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"goldilocks/audit"
 	"goldilocks/gateway"
 	"goldilocks/internal/block"
@@ -99,7 +101,8 @@ func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *sl
 		"disk": {Name: "disk", Description: "a test disk", Device: dev, MultiConn: true},
 		"ro":   {Name: "ro", Device: dev, ReadOnly: true},
 	}}
-	cfg := gateway.Config{Exports: s.exp, Logger: log}
+	// With metrics, as the gateway runs (BenchmarkServer counts on them).
+	cfg := gateway.Config{Exports: s.exp, Logger: log, Metrics: gateway.NewMetrics(prometheus.NewRegistry())}
 	if yaml != "" {
 		p, err := policy.Parse([]byte(yaml), "/etc/secret-place/policy.yaml")
 		if err != nil {

@@ -48,6 +48,11 @@ func cliIdentity() string { return "cli:uid:" + strconv.Itoa(os.Getuid()) }
 // argument.
 func audited(a *app, typ audit.EventType, run func(*cobra.Command, []string) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, argv []string) error {
+		if typ != audit.EvVolumeCreate && typ != audit.EvVolumeImport {
+			if err := a.requireDataDir(); err != nil {
+				return err // before the audit log would create it
+			}
+		}
 		if err := a.openAudit(); err != nil {
 			return err
 		}

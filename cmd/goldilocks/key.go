@@ -39,7 +39,7 @@ func (a *app) keys() (*control.Client, *volume.Keys, error) {
 	if err := a.openAudit(); err != nil {
 		return nil, nil, err
 	}
-	reg, err := a.openRegistry()
+	reg, err := a.openExisting()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -167,7 +167,7 @@ func newKeyStatusCmd(a *app) *cobra.Command {
 		Use:   "status [VOLUME...]",
 		Short: "Key state of encrypted volumes: KEK and version, rekey progress, nonce budget",
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openRegistry()
+			reg, err := a.openExisting()
 			if err != nil {
 				return err
 			}

@@ -13,6 +13,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -45,6 +47,8 @@ type app struct {
 	stderr  io.Writer
 	log     *slog.Logger // set by serve from its flags, else made by logger()
 	alog    *audit.Log   // the audit log, once a command opened it
+	// vaultObserve, if set (serve), sees every request to Vault.
+	vaultObserve func(op string, err error)
 }
 
 func defaultDataDir() string {
@@ -63,7 +67,7 @@ func newRoot(a *app) *cobra.Command {
 		Short:         "Storage-tier security gateway for virtual disks (NBD)",
 		SilenceUsage:  true,
 		SilenceErrors: true,
-		Version:       version,
+		Version:       buildVersion(),
 	}
 	root.SetOut(a.stdout)
 	root.SetErr(a.stderr)
@@ -72,8 +76,78 @@ func newRoot(a *app) *cobra.Command {
 	pf.StringVar(&a.dataDir, "data-dir", defaultDataDir(), "volumes, keystore, audit log and state (env GOLDILOCKS_DATA_DIR; /var/lib/goldilocks for root, ./goldilocks-data otherwise)")
 	pf.StringVar(&a.config, "config", os.Getenv("GOLDILOCKS_CONFIG"), "configuration file (env GOLDILOCKS_CONFIG); every setting also has a flag or a default")
 	pf.BoolVar(&a.json, "json", false, "print the result as one JSON document on stdout")
-	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a), newAuditCmd(a))
+	root.SetVersionTemplate("goldilocks {{.Version}}\n")
+	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a), newAuditCmd(a), newVersionCmd(a))
+	strictGroups(root)
 	return root
+}
+
+// buildVersion is the version set by the Makefile or, for a plain
+// `go build` or `go install`, the module version or VCS revision that Go
+// recorded in the binary.
+func buildVersion() string {
+	if version != "dev" {
+		return version
+	}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return version
+	}
+	rev, dirty := "", false
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			dirty = s.Value == "true"
+		}
+	}
+	switch {
+	case rev != "":
+		v := rev[:min(12, len(rev))]
+		if dirty {
+			v += "-dirty"
+		}
+		return v
+	case bi.Main.Version != "" && bi.Main.Version != "(devel)":
+		return bi.Main.Version
+	}
+	return version
+}
+
+func newVersionCmd(a *app) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  args(cobra.NoArgs),
+		RunE: func(*cobra.Command, []string) error {
+			if a.json {
+				return a.printJSON(map[string]string{"version": buildVersion(), "go": runtime.Version()})
+			}
+			fmt.Fprintf(a.stdout, "goldilocks %s (%s)\n", buildVersion(), runtime.Version())
+			return nil
+		},
+	}
+}
+
+// strictGroups makes every command group (volume, key, …) refuse an
+// unknown subcommand as a usage error (exit 2), as the top level does;
+// cobra would print the group's help and exit 0. A group alone prints its
+// help.
+func strictGroups(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		strictGroups(sub)
+	}
+	if c == c.Root() || !c.HasSubCommands() || c.Runnable() {
+		return
+	}
+	c.Args = cobra.ArbitraryArgs
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return cmd.Help()
+		}
+		return usagef("unknown command %q for %q (see %s --help)", args[0], cmd.CommandPath(), cmd.CommandPath())
+	}
 }
 
 // args wraps a cobra argument check so that its failure is a usage error.
@@ -84,6 +158,27 @@ func args(check cobra.PositionalArgs) cobra.PositionalArgs {
 		}
 		return nil
 	}
+}
+
+// openExisting opens the registry of a data dir that must already exist:
+// commands that only read or change volumes do not create an empty one
+// where a mistyped --data-dir points.
+func (a *app) openExisting() (*volume.Registry, error) {
+	if err := a.requireDataDir(); err != nil {
+		return nil, err
+	}
+	return a.openRegistry()
+}
+
+// requireDataDir says so when the data dir does not exist.
+func (a *app) requireDataDir() error {
+	if _, err := os.Stat(a.dataDir); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("data dir %s does not exist (give --data-dir, or create a volume with goldilocks volume create)", a.dataDir)
+		}
+		return fmt.Errorf("data dir %s: %w", a.dataDir, err)
+	}
+	return nil
 }
 
 // openRegistry opens the data dir's volume registry, with the keystore
@@ -112,6 +207,7 @@ func (a *app) openRegistry() (*volume.Registry, error) {
 		RoleID:       os.Getenv("GOLDILOCKS_VAULT_ROLE_ID"),
 		SecretID:     os.Getenv("GOLDILOCKS_VAULT_SECRET_ID"),
 		Log:          a.logger(),
+		Observe:      a.vaultObserve,
 	}
 	if f := os.Getenv("GOLDILOCKS_VAULT_SECRET_ID_FILE"); f != "" {
 		b, err := os.ReadFile(f)

@@ -45,6 +45,8 @@ func TestVolumeCommands(t *testing.T) {
 		{[]string{"volume", "info"}, 2, "accepts 1 arg"},
 		{[]string{"volume", "info", "zzz"}, 1, "no such volume"},
 		{[]string{"nonsense"}, 2, "unknown command"},
+		{[]string{"volume", "frobnicate"}, 2, `unknown command "frobnicate" for "goldilocks volume"`},
+		{[]string{"key", "frobnicate"}, 2, `unknown command "frobnicate" for "goldilocks key"`},
 	} {
 		code, _, stderr := runCLI(t, append(tc.args, "--data-dir", dir)...)
 		if code != tc.code || !strings.Contains(stderr, tc.errPart) {
@@ -53,6 +55,16 @@ func TestVolumeCommands(t *testing.T) {
 		if code != 0 && strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
 			t.Errorf("%v: error is not one line: %q", tc.args, stderr)
 		}
+	}
+	typo := filepath.Join(dir, "typo")
+	for _, args := range [][]string{{"volume", "list"}, {"volume", "info", "a"}, {"volume", "delete", "a", "--yes"}, {"key", "status"}} {
+		code, _, stderr := runCLI(t, append(args, "--data-dir", typo)...)
+		if code != 1 || !strings.Contains(stderr, "typo does not exist") {
+			t.Errorf("%v on a missing data dir: exit %d, %q", args, code, stderr)
+		}
+	}
+	if _, err := os.Stat(typo); !os.IsNotExist(err) {
+		t.Errorf("a command on a missing data dir created it: %v", err)
 	}
 	code, out, _ := runCLI(t, "volume", "info", "a", "--json", "--data-dir", dir)
 	var v map[string]any
@@ -390,6 +402,88 @@ func TestVolumeExportTargets(t *testing.T) {
 		}
 		if !bytes.Equal(got, want) {
 			t.Errorf("export --to %s: %d bytes, not the imported %d", to, len(got), len(want))
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	for _, args := range [][]string{{"version"}, {"--version"}} {
+		code, out, stderr := runCLI(t, args...)
+		// A test binary has no -X version: the version comes from the
+		// build info Go recorded (or "dev" when it recorded none).
+		if code != 0 || !strings.HasPrefix(out, "goldilocks ") || strings.TrimSpace(strings.TrimPrefix(out, "goldilocks ")) == "" {
+			t.Errorf("%v: exit %d stdout %q stderr %q", args, code, out, stderr)
+		}
+	}
+}
+
+func TestVolumeDeleteResizeLabel(t *testing.T) {
+	dir := t.TempDir()
+	cli := func(args ...string) (int, string, string) {
+		return runCLI(t, append(args, "--data-dir", dir)...)
+	}
+	for _, args := range [][]string{
+		{"volume", "create", "p", "--size", "1M", "--plain"},
+		{"volume", "create", "q", "--size", "1.5M", "--plain"},
+		{"volume", "create", "e", "--size", "1M"},
+	} {
+		if code, _, stderr := cli(args...); code != 0 {
+			t.Fatalf("%v: %s", args, stderr)
+		}
+	}
+	backing := filepath.Join(dir, "volumes", "p.img")
+	if err := os.WriteFile(backing, bytes.Repeat([]byte{0xab}, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args    []string
+		code    int
+		outPart string // stdout, or stderr on failure
+	}{
+		// Destructive commands without a terminal need --yes.
+		{[]string{"volume", "delete", "p"}, 2, "refusing without a terminal"},
+		{[]string{"volume", "delete", "nope", "--yes"}, 1, "no such volume"},
+		// Labels.
+		{[]string{"volume", "label", "set", "p", "tier=gold", "os=debian"}, 0, "labels: os=debian,tier=gold"},
+		{[]string{"volume", "label", "set", "p", "novalue"}, 2, "want KEY=VALUE"},
+		{[]string{"volume", "label", "rm", "p", "os"}, 0, "labels: tier=gold"},
+		{[]string{"volume", "info", "p"}, 0, "tier=gold"},
+		{[]string{"volume", "list"}, 0, "tier=gold"},
+		// Resize: grow, shrink refused, shrink allowed, encrypted refused.
+		{[]string{"volume", "resize", "p", "--size", "2M"}, 0, "1 MiB to 2 MiB"},
+		{[]string{"volume", "resize", "p", "--size", "1M"}, 1, "--allow-shrink"},
+		{[]string{"volume", "resize", "p", "--size", "1M", "--allow-shrink"}, 0, "2 MiB to 1 MiB"},
+		{[]string{"volume", "resize", "p", "--size", "1000"}, 1, "multiple of 4096"},
+		{[]string{"volume", "resize", "e", "--size", "2M"}, 1, "size is fixed by its format"},
+		{[]string{"volume", "info", "q"}, 0, "1.5 MiB (1572864 bytes)"},
+		// Delete: plain keeps its backing file; encrypted is shredded.
+		{[]string{"volume", "delete", "p", "--yes"}, 0, "backing store stays"},
+		{[]string{"volume", "delete", "q", "--yes", "--shred"}, 0, "overwritten with zeros"},
+		{[]string{"volume", "delete", "e", "--yes"}, 0, "data key is destroyed"},
+	} {
+		code, stdout, stderr := cli(tc.args...)
+		got := stdout
+		if code != 0 {
+			got = stderr
+		}
+		if code != tc.code || !strings.Contains(got, tc.outPart) {
+			t.Errorf("%v: exit %d, stdout %q stderr %q; want exit %d with %q", tc.args, code, stdout, stderr, tc.code, tc.outPart)
+		}
+	}
+	if b, err := os.ReadFile(backing); err != nil || len(b) != 1<<20 || b[0] != 0xab {
+		t.Errorf("volume delete of a plain volume touched its backing file: %d bytes, %v", len(b), err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "volumes", "q.img")); !os.IsNotExist(err) {
+		t.Errorf("volume delete --shred left q's backing file: %v", err)
+	}
+	if _, out, _ := cli("volume", "list", "--json"); strings.TrimSpace(out) != "[]" {
+		t.Errorf("volumes left after delete: %s", out)
+	}
+	// Each change is on the audit trail, with who did it.
+	_, out, _ := cli("audit", "export")
+	for _, ev := range []string{`"volume_label"`, `"volume_resize"`, `"volume_delete"`} {
+		if !strings.Contains(out, ev) {
+			t.Errorf("audit trail lacks %s", ev)
 		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"runtime/pprof"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -40,6 +41,9 @@ type serveFlags struct {
 	shutdownTimeout               time.Duration
 	cpuProfile                    string
 	memProfile                    string
+	pidFile                       string
+	unixGroup, unixMode           string
+	demo                          bool
 }
 
 func newServeCmd(a *app) *cobra.Command {
@@ -49,8 +53,13 @@ func newServeCmd(a *app) *cobra.Command {
 		Short: "Run the NBD gateway",
 		Long: `Run the NBD gateway. Export names are volume names:
   nbd://127.0.0.1:10809/NAME   or   nbd+unix:///NAME?socket=DATA_DIR/nbd.sock
-With no volume in the data dir, a 1 GiB volume named "demo" is created.
-SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exits 0.`,
+With --demo and no volume in the data dir, an encrypted 1 GiB volume named
+"demo" is created (make run does this); without it an empty data dir stays
+empty and volumes created later are served without a restart.
+SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exits 0.
+Under systemd: READY=1 and STOPPING=1 on NOTIFY_SOCKET, WATCHDOG=1 when
+WatchdogSec= is set, and listeners passed by socket activation (LISTEN_FDS)
+replace --listen and --unix (contrib/systemd/).`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := applyConfig(a, cmd); err != nil {
@@ -63,6 +72,10 @@ SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exit
 	f.StringVar(&sf.listen, "listen", "127.0.0.1:10809", "TCP address for NBD (empty: none)")
 	f.StringVar(&sf.unix, "unix", "", "Unix socket for NBD (default DATA_DIR/nbd.sock; \"none\": none)")
 	f.StringVar(&sf.metrics, "metrics", "127.0.0.1:9810", "address for Prometheus /metrics, /healthz, /readyz (empty: none)")
+	f.StringVar(&sf.unixGroup, "unix-group", "", "group (name or number) that may connect to the Unix socket: mode 0660 (libvirt's QEMU: libvirt-qemu)")
+	f.StringVar(&sf.unixMode, "unix-mode", "", "permission bits of the Unix socket, octal (default 0600; 0660 with --unix-group; 0666 with --policy)")
+	f.StringVar(&sf.pidFile, "pid-file", "", "write the gateway's PID to FILE while it serves")
+	f.BoolVar(&sf.demo, "demo", false, "with no volume in the data dir, create an encrypted 1 GiB volume \"demo\" (make run)")
 	f.StringVar(&sf.policy, "policy", "", "access policy file (YAML)")
 	f.StringVar(&sf.tlsCert, "tls-cert", "", "server certificate (PEM)")
 	f.StringVar(&sf.tlsKey, "tls-key", "", "server private key (PEM)")
@@ -108,6 +121,11 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
+	// Caught from the start: a SIGTERM during start-up (a service manager
+	// stopping a slow start) is a clean stop once serving, never a kill.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
 	tlsCfg, err := tlsConfig(sf)
 	if err != nil {
 		return err
@@ -145,8 +163,12 @@ func serve(a *app, sf serveFlags) error {
 	if sf.auditOnFailure != "fail" && sf.auditOnFailure != "continue" {
 		return usagef("--audit-on-failure %q: want fail or continue", sf.auditOnFailure)
 	}
+	registry := prometheus.NewRegistry()
+	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	smet := newServeMetrics(registry)
+	a.vaultObserve = smet.observeVault
 	// The audit trail: events logged anywhere (event=…) are recorded too.
-	alog, err := audit.Open(a.auditDir(), audit.Options{Logger: log})
+	alog, err := audit.Open(a.auditDir(), audit.Options{Logger: log, Observe: smet.observeAudit})
 	switch {
 	case err == nil:
 		a.alog = alog
@@ -168,6 +190,22 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
+	unlock, err := lockDataDir(reg.Dir())
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if sf.pidFile != "" {
+		remove, err := writePIDFile(sf.pidFile)
+		if err != nil {
+			return err
+		}
+		defer remove()
+	}
+	access, err := parseSocketAccess(sf.unixGroup, sf.unixMode, pol != nil)
+	if err != nil {
+		return err
+	}
 	cacheBytes, err := parseSize(sf.mapCache)
 	if err != nil || cacheBytes < 1<<20 {
 		return usagef("--map-cache %q: want a size of at least 1MiB", sf.mapCache)
@@ -177,10 +215,10 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
-	example := "demo"
+	example := ""
 	if len(vols) > 0 {
 		example = vols[0].Name
-	} else {
+	} else if sf.demo {
 		v, err := reg.Create(volume.CreateOptions{Name: "demo", Size: 1 << 30, Encrypted: true})
 		if errors.Is(err, volume.ErrExists) {
 			err = nil
@@ -190,14 +228,13 @@ func serve(a *app, sf serveFlags) error {
 		}
 		log.Info("created the demo volume, encrypted with a key in the local keystore", "event", audit.EvVolumeCreate, "volume", v.Name, "size", v.Size, "backing", reg.BackingPath(v))
 		vols = append(vols, v)
+		example = v.Name
 	}
 	warnKeystore(reg, log, vols)
 	if pol == nil {
 		log.Warn("no --policy: every volume is served to any client that can reach the listeners (loopback and the Unix socket only)")
 	}
 
-	registry := prometheus.NewRegistry()
-	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	exports := volume.NewExports(reg, log)
 	gcfg := gateway.Config{
 		Exports:     gatewayExports{exports},
@@ -225,24 +262,36 @@ func serve(a *app, sf serveFlags) error {
 		go ignoreHUP(watchCtx, hup, log)
 	}
 
-	var listeners []net.Listener
-	closeAll := func() {
-		for _, l := range listeners {
-			l.Close()
-		}
+	listeners, err := activated()
+	if err != nil {
+		return err
 	}
-	if sf.listen != "" {
+	closeAll := func() { closeListeners(listeners) }
+	sock := sf.unix
+	if sock == "" {
+		sock = filepath.Join(reg.Dir(), "nbd.sock")
+	}
+	ownSocket := len(listeners) == 0 && sock != "none" // ours to create and remove
+	if len(listeners) > 0 {
+		log.Info("listeners passed by the service manager (socket activation): --listen and --unix are not used", "count", len(listeners))
+		sock = "none"
+		for _, l := range listeners {
+			if l.Addr().Network() == "unix" {
+				sock = l.Addr().String()
+			}
+		}
+	} else if sf.listen != "" {
 		l, err := net.Listen("tcp", sf.listen)
 		if err != nil {
 			return fmt.Errorf("--listen: %w", err)
 		}
 		listeners = append(listeners, l)
 	}
-	sock := sf.unix
-	if sock == "" {
-		sock = filepath.Join(reg.Dir(), "nbd.sock")
-	}
-	if sock != "none" {
+	if ownSocket {
+		if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+			closeAll()
+			return fmt.Errorf("--unix %s: %w", sock, err)
+		}
 		if err := removeStaleSocket(sock); err != nil {
 			closeAll()
 			return fmt.Errorf("--unix %s: %w", sock, err)
@@ -252,17 +301,13 @@ func serve(a *app, sf serveFlags) error {
 			closeAll()
 			return fmt.Errorf("--unix: %w", err)
 		}
-		// With a policy, any local user may connect and SO_PEERCRED decides;
-		// without one, only the gateway's user.
-		mode := os.FileMode(0o600)
-		if pol != nil {
-			mode = 0o666
-		}
-		if err := os.Chmod(sock, mode); err != nil {
-			closeAll()
-			return fmt.Errorf("--unix: %w", err)
-		}
 		listeners = append(listeners, l)
+		// Who may connect: --unix-group/--unix-mode; SO_PEERCRED and the
+		// policy then decide who attaches what.
+		if err := access.apply(sock, log); err != nil {
+			closeAll()
+			return fmt.Errorf("--unix %s: %w", sock, err)
+		}
 	}
 	if len(listeners) == 0 {
 		return usagef("nothing to listen on: give --listen or --unix")
@@ -278,9 +323,18 @@ func serve(a *app, sf serveFlags) error {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+			var why []string
 			if !ready.Load() {
-				http.Error(w, "not ready", http.StatusServiceUnavailable)
+				why = append(why, "not serving: starting or stopping")
+			}
+			why = append(why, notReady(r.Context(), a, reg, pol, sf)...)
+			if len(why) > 0 {
+				w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+				w.WriteHeader(http.StatusServiceUnavailable)
+				for _, s := range why {
+					fmt.Fprintln(w, s)
+				}
 				return
 			}
 			fmt.Fprintln(w, "ready")
@@ -298,6 +352,7 @@ func serve(a *app, sf serveFlags) error {
 		return err
 	}
 	keys := &volume.Keys{Reg: reg, Open: exports, Log: log, Who: "control-socket"}
+	registry.MustRegister(newKeyStateCollector(keys))
 	if a.alog != nil {
 		keys.Record = a.alog.Append
 		if sf.auditOnFailure == "continue" {
@@ -339,16 +394,16 @@ func serve(a *app, sf serveFlags) error {
 		go func() { errc <- srv.Serve(l) }()
 	}
 	if a.alog != nil {
-		details := map[string]any{"version": version, "listen": sf.listen, "unix": sock, "policy": sf.policy, "tls": tlsCfg != nil}
+		details := map[string]any{"version": buildVersion(), "listen": sf.listen, "unix": sock, "policy": sf.policy, "tls": tlsCfg != nil}
 		if err := a.alog.Append(audit.Event{Type: audit.EvGatewayStart, Reason: "started", Details: details}); err != nil {
 			log.Error("audit log unavailable at start: attaches will be refused until it is writable", "err", err)
 		}
 	}
 	ready.Store(true)
-	printAttachHelp(a, example, sock, listeners)
+	printAttachHelp(a, log, sf, example, sock, listeners)
+	notify(log, "READY=1\nSTATUS=serving")
+	go watchdog(watchCtx, log, func() error { return nil })
 
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	select {
 	case s := <-sigs:
 		log.Info("stopping: finishing in-flight requests", "signal", s.String())
@@ -358,6 +413,7 @@ func serve(a *app, sf serveFlags) error {
 		return fmt.Errorf("serving: %w", err)
 	}
 	ready.Store(false)
+	notify(log, "STOPPING=1\nSTATUS=finishing in-flight requests")
 	ctx, cancel := context.WithTimeout(context.Background(), sf.shutdownTimeout)
 	defer cancel()
 	go func() {
@@ -368,11 +424,48 @@ func serve(a *app, sf serveFlags) error {
 	if err := srv.Shutdown(ctx); err != nil {
 		return fmt.Errorf("stop: connections cut after %s: %w", sf.shutdownTimeout, err)
 	}
-	if sock != "none" {
+	if ownSocket {
 		os.Remove(sock)
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// notReady says why new attaches would be refused now: the audit trail
+// cannot be written (unless --audit-on-failure continue), the policy file
+// does not load, or Vault cannot serve a volume whose key it holds.
+func notReady(ctx context.Context, a *app, reg *volume.Registry, pol *policyHolder, sf serveFlags) []string {
+	var why []string
+	if a.alog != nil && sf.auditOnFailure != "continue" {
+		if err := a.alog.Writable(); err != nil {
+			why = append(why, err.Error())
+		}
+	}
+	if pol != nil {
+		if err := pol.loadable(); err != nil {
+			why = append(why, err.Error())
+		}
+	}
+	vols, err := reg.List()
+	if err != nil {
+		return append(why, fmt.Sprintf("volume registry: %v", err))
+	}
+	for _, v := range vols {
+		if v.KEK == nil || v.KEK.Provider != "vault" {
+			continue
+		}
+		kek, err := reg.KEK("vault")
+		if err == nil {
+			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			err = kek.(*crypto.VaultKEK).Health(ctx)
+			cancel()
+		}
+		if err != nil {
+			why = append(why, fmt.Sprintf("volume %s needs Vault: %v", v.Name, err))
+		}
+		break
+	}
+	return why
 }
 
 // removeStaleSocket removes a socket file nobody listens on any more.
@@ -394,23 +487,64 @@ func removeStaleSocket(path string) error {
 	return os.Remove(path)
 }
 
-func printAttachHelp(a *app, name, sock string, ls []net.Listener) {
+// printAttachHelp shows how to attach a volume with the configuration
+// the gateway runs with: on stderr as text, or, with --log-format json,
+// as one log record (stderr then holds only JSON lines).
+func printAttachHelp(a *app, log *slog.Logger, sf serveFlags, name, sock string, ls []net.Listener) {
+	var lines []string
+	add := func(format string, args ...any) { lines = append(lines, fmt.Sprintf(format, args...)) }
 	tcp := ""
 	for _, l := range ls {
 		if l.Addr().Network() == "tcp" {
 			tcp = l.Addr().String()
 		}
 	}
-	w := a.stderr
-	fmt.Fprintf(w, "Goldilocks is serving. Attach volume %s with:\n", name)
-	if tcp != "" {
-		host, port, _ := net.SplitHostPort(tcp)
-		fmt.Fprintf(w, "  qemu-img info nbd://%s/%s\n", tcp, name)
-		fmt.Fprintf(w, "  qemu-io -f raw -c 'write -P 0x5a 0 64k' -c 'read -P 0x5a 0 64k' nbd://%s/%s\n", tcp, name)
-		fmt.Fprintf(w, "  qemu-system-x86_64 ... -drive driver=nbd,host=%s,port=%s,export=%s,if=virtio,cache=none\n", host, port, name)
+	tlsOnly := sf.tlsRequired
+	switch {
+	case name == "":
+		add("no volume yet: create one (it is served at once, no restart):")
+		add("  goldilocks --data-dir %s volume create NAME --size 10G", a.dataDir)
+	case tlsOnly:
+		// QEMU's x509 credentials directory holds ca-cert.pem,
+		// client-cert.pem and client-key.pem; libnbd takes the same.
+		if tcp != "" {
+			host, port, _ := net.SplitHostPort(tcp)
+			add("  qemu-img info --object tls-creds-x509,id=tls0,dir=CLIENT_CERT_DIR,endpoint=client --image-opts driver=nbd,host=%s,port=%s,export=%s,tls-creds=tls0", host, port, name)
+			add("  nbdinfo 'nbds://%s/%s?tls-certificates=CLIENT_CERT_DIR'", tcp, name)
+			add("  qemu-system-x86_64 ... -object tls-creds-x509,id=tls0,dir=CLIENT_CERT_DIR,endpoint=client -drive driver=nbd,host=%s,port=%s,export=%s,tls-creds=tls0,if=virtio,cache=none", host, port, name)
+		}
+		if sock != "none" {
+			add("  nbdinfo 'nbds+unix:///%s?socket=%s&tls-certificates=CLIENT_CERT_DIR'", name, sock)
+		}
+	default:
+		if tcp != "" {
+			host, port, _ := net.SplitHostPort(tcp)
+			add("  qemu-img info nbd://%s/%s", tcp, name)
+			add("  qemu-io -f raw -c 'write -P 0x5a 0 64k' -c 'read -P 0x5a 0 64k' nbd://%s/%s", tcp, name)
+			add("  qemu-system-x86_64 ... -drive driver=nbd,host=%s,port=%s,export=%s,if=virtio,cache=none", host, port, name)
+		}
+		if sock != "none" {
+			add("  nbdinfo 'nbd+unix:///%s?socket=%s'", name, sock)
+		}
 	}
-	if sock != "none" {
-		fmt.Fprintf(w, "  nbdinfo 'nbd+unix:///%s?socket=%s'\n", name, sock)
+	if sf.logFormat == "json" {
+		for i := range lines {
+			lines[i] = strings.TrimSpace(lines[i])
+		}
+		log.Info("serving", "volume", name, "attach_with", lines)
+		return
+	}
+	w := a.stderr
+	if name != "" {
+		fmt.Fprintf(w, "Goldilocks is serving. Attach volume %s with:\n", name)
+		if tlsOnly {
+			fmt.Fprintln(w, "  (TLS is required: CLIENT_CERT_DIR holds ca-cert.pem, client-cert.pem and client-key.pem)")
+		}
+	} else {
+		fmt.Fprintln(w, "Goldilocks is serving.")
+	}
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
 	}
 	fmt.Fprintln(w, "Stop with Ctrl-C.")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -84,6 +85,16 @@ type policyHolder struct {
 	p    atomic.Pointer[policy.Policy]
 	log  *slog.Logger
 	st   os.FileInfo
+	bad  atomic.Pointer[string] // why the file on disk does not load; nil: it does
+}
+
+// loadable says why the policy file does not load now (the previous
+// policy is in force meanwhile, but a restart would fail), or nil.
+func (h *policyHolder) loadable() error {
+	if why := h.bad.Load(); why != nil {
+		return errors.New(*why)
+	}
+	return nil
 }
 
 func loadPolicy(file string, tlsConfigured bool, log *slog.Logger) (*policyHolder, error) {
@@ -138,8 +149,11 @@ func (h *policyHolder) watch(ctx context.Context, hup <-chan os.Signal, srv *gat
 		p, err := h.load()
 		if err != nil {
 			h.log.Error("policy reload failed; the previous policy stays in force", "event", audit.EvPolicyReloadFailed, "file", h.file, "trigger", why, "err", err)
+			msg := fmt.Sprintf("policy %s does not load (the previous policy stays in force): %v", h.file, err)
+			h.bad.Store(&msg)
 			continue
 		}
+		h.bad.Store(nil)
 		h.p.Store(p)
 		cut := srv.Reauthorize()
 		h.log.Info("policy reloaded", "event", audit.EvPolicyReload, "file", h.file, "trigger", why, "identities", len(p.Identities), "rules", len(p.Rules), "sessions_cut", cut)

@@ -3,20 +3,23 @@ package main
 import (
 	"errors"
 	"fmt"
+	"sort"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
 	"goldilocks/audit"
 	"goldilocks/crypto"
+	"goldilocks/internal/units"
 	"goldilocks/internal/volume"
 )
 
 func newVolumeCmd(a *app) *cobra.Command {
-	c := &cobra.Command{Use: "volume", Short: "Create, list and inspect volumes"}
+	c := &cobra.Command{Use: "volume", Short: "Create, list, inspect, resize, label and delete volumes"}
 	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a),
 		newVolumeImportCmd(a), newVolumeExportCmd(a), newVolumeShredCmd(a))
-	c.AddCommand(newVolumeUpgradeCmd(a))
+	c.AddCommand(newVolumeUpgradeCmd(a), newVolumeDeleteCmd(a), newVolumeResizeCmd(a), newVolumeLabelCmd(a))
 	return c
 }
 
@@ -125,7 +128,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 			if a.json {
 				return a.printJSON(toJSON(reg, v))
 			}
-			fmt.Fprintf(a.stdout, "created volume %s: %d bytes, %s, backing %s\n", v.Name, v.Size, kind(v), reg.BackingPath(v))
+			fmt.Fprintf(a.stdout, "created volume %s: %s, %s, backing %s\n", v.Name, units.Format(v.Size), kind(v), reg.BackingPath(v))
 			return nil
 		}),
 	}
@@ -138,6 +141,22 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
 	f.StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag the access policy can match (repeatable)")
 	return c
+}
+
+// labelList writes labels as k=v,k2=v2 in key order (none: empty).
+func labelList(labels map[string]string, none string) string {
+	if len(labels) == 0 {
+		return none
+	}
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for i, k := range keys {
+		keys[i] = k + "=" + labels[k]
+	}
+	return strings.Join(keys, ",")
 }
 
 func kind(v volume.Volume) string {
@@ -153,7 +172,7 @@ func newVolumeListCmd(a *app) *cobra.Command {
 		Short: "List volumes",
 		Args:  args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			reg, err := a.openRegistry()
+			reg, err := a.openExisting()
 			if err != nil {
 				return err
 			}
@@ -169,13 +188,13 @@ func newVolumeListCmd(a *app) *cobra.Command {
 				return a.printJSON(out)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 8, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tSIZE\tKIND\tACCESS\tBACKING")
+			fmt.Fprintln(tw, "NAME\tSIZE\tKIND\tACCESS\tLABELS\tBACKING")
 			for _, v := range vols {
 				access := "read-write"
 				if v.ReadOnly {
 					access = "read-only"
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", v.Name, v.Size, kind(v), access, reg.BackingPath(v))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, units.Format(v.Size), kind(v), access, labelList(v.Labels, "-"), reg.BackingPath(v))
 			}
 			return tw.Flush()
 		},
@@ -188,7 +207,7 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 		Short: "Show a volume (never key material)",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openRegistry()
+			reg, err := a.openExisting()
 			if err != nil {
 				return err
 			}
@@ -202,8 +221,8 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 				return a.printJSON(j)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 8, 2, ' ', 0)
-			fmt.Fprintf(tw, "name:\t%s\nuuid:\t%s\nsize:\t%d\nencrypted:\t%v\nbacking:\t%s\nread-only:\t%v\ncreated:\t%s\n",
-				j.Name, j.UUID, j.Size, j.Encrypted, j.Backing, j.ReadOnly, j.Created)
+			fmt.Fprintf(tw, "name:\t%s\nuuid:\t%s\nsize:\t%s (%d bytes)\nencrypted:\t%v\nbacking:\t%s\nread-only:\t%v\nlabels:\t%s\ncreated:\t%s\n",
+				j.Name, j.UUID, units.Format(j.Size), j.Size, j.Encrypted, j.Backing, j.ReadOnly, labelList(j.Labels, "none"), j.Created)
 			if j.KEK != nil {
 				fmt.Fprintf(tw, "kek:\t%s:%s version %d\n", j.KEK.Provider, j.KEK.Key, j.KEK.Version)
 			}

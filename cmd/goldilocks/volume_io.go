@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -21,44 +20,6 @@ import (
 
 // copyBlock is the unit of import and export.
 const copyBlock = 1 << 20
-
-// progress prints "\rverb NAME: 42% 512 MiB/s" to stderr at most five
-// times a second, and only when stderr is a terminal.
-type progress struct {
-	w     io.Writer
-	on    bool
-	label string
-	total int64
-	count bool // done/total are items, not bytes
-	start time.Time
-	last  time.Time
-}
-
-func newProgress(a *app, label string, total int64) *progress {
-	p := &progress{w: a.stderr, label: label, total: total, start: time.Now()}
-	if f, ok := a.stderr.(*os.File); ok {
-		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
-			p.on = true
-		}
-	}
-	return p
-}
-
-func (p *progress) update(done int64) {
-	if !p.on || time.Since(p.last) < 200*time.Millisecond && done < p.total {
-		return
-	}
-	p.last = time.Now()
-	rate := float64(done) / max(time.Since(p.start).Seconds(), 1e-3)
-	if p.count {
-		fmt.Fprintf(p.w, "\r%s: %3d%% %d/%d", p.label, done*100/max(p.total, 1), done, p.total)
-	} else {
-		fmt.Fprintf(p.w, "\r%s: %3d%% %6.0f MiB/s", p.label, done*100/max(p.total, 1), rate/(1<<20))
-	}
-	if done >= p.total {
-		fmt.Fprintln(p.w)
-	}
-}
 
 func quietLogger(a *app) *slog.Logger {
 	return slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -74,7 +35,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 			if to == "" {
 				return usagef("volume export: --to is required")
 			}
-			reg, err := a.openRegistry()
+			reg, err := a.openExisting()
 			if err != nil {
 				return err
 			}
@@ -238,7 +199,7 @@ it refuses unless --yes is given. (A Vault-keyed volume wrapped before
 destroyable secrets existed has none: it loses its header copies only.)`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeShred, func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openRegistry()
+			reg, err := a.openExisting()
 			if err != nil {
 				return err
 			}

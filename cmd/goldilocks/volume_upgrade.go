@@ -39,7 +39,7 @@ left as it is.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeUpgrade, func(cmd *cobra.Command, argv []string) error {
 			name := argv[0]
-			reg, err := a.openRegistry()
+			reg, err := a.openExisting()
 			if err != nil {
 				return err
 			}

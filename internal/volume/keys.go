@@ -369,7 +369,7 @@ func (k *Keys) Rekey(ctx context.Context, name string, o RekeyOptions) error {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
 	if err := k.record(audit.Event{Type: audit.EvRekeyStart, Volume: name, Reason: "requested",
-		Details: map[string]any{"rate": o.Rate, "resume": h.Rekeying()}}); err != nil {
+		Details: map[string]any{"rate": o.Rate, "resume": h.Rekeying(), "cursor": h.RekeyCursor, "chunks": uint64(v.Size) / crypto.ChunkSize}}); err != nil {
 		return err
 	}
 	vol, release, err := k.Open.OpenVolume(v)
