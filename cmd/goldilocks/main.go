@@ -51,16 +51,6 @@ type app struct {
 	vaultObserve func(op string, err error)
 }
 
-func defaultDataDir() string {
-	if d := os.Getenv("GOLDILOCKS_DATA_DIR"); d != "" {
-		return d
-	}
-	if os.Geteuid() == 0 {
-		return "/var/lib/goldilocks"
-	}
-	return "./goldilocks-data"
-}
-
 func newRoot(a *app) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "goldilocks",
@@ -74,10 +64,16 @@ func newRoot(a *app) *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	pf := root.PersistentFlags()
 	pf.StringVar(&a.dataDir, "data-dir", defaultDataDir(), "volumes, keystore, audit log and state (env GOLDILOCKS_DATA_DIR; /var/lib/goldilocks for root, ./goldilocks-data otherwise)")
-	pf.StringVar(&a.config, "config", os.Getenv("GOLDILOCKS_CONFIG"), "configuration file (env GOLDILOCKS_CONFIG); every setting also has a flag or a default")
+	// Every command's flags: the command line, else GOLDILOCKS_… variables,
+	// else the --config file (config.go).
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
+		_, err := settle(cmd)
+		return err
+	}
+	pf.StringVar(&a.config, "config", "", "configuration file, YAML (env GOLDILOCKS_CONFIG): a flag > its GOLDILOCKS_… variable > this file > the default, for every command")
 	pf.BoolVar(&a.json, "json", false, "print the result as one JSON document on stdout")
 	root.SetVersionTemplate("goldilocks {{.Version}}\n")
-	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a), newAuditCmd(a), newVersionCmd(a))
+	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a), newAuditCmd(a), newVersionCmd(a), newConfigCmd(a))
 	strictGroups(root)
 	return root
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -485,5 +486,94 @@ func TestVolumeDeleteResizeLabel(t *testing.T) {
 		if !strings.Contains(out, ev) {
 			t.Errorf("audit trail lacks %s", ev)
 		}
+	}
+}
+
+// Every setting: flag > environment > config file > default, for every
+// command, and config show says which.
+func TestConfigPrecedence(t *testing.T) {
+	dirFile, dirEnv, dirFlag := t.TempDir(), t.TempDir(), t.TempDir()
+	for _, d := range []string{dirFile, dirEnv, dirFlag} {
+		if code, _, stderr := runCLI(t, "volume", "create", "in-"+filepath.Base(d), "--size", "1M", "--plain", "--data-dir", d); code != 0 {
+			t.Fatal(stderr)
+		}
+	}
+	cfg := filepath.Join(t.TempDir(), "goldilocks.yaml")
+	os.WriteFile(cfg, []byte("data_dir: "+dirFile+"\nlisten: 127.0.0.1:10999\naudit:\n  on_failure: continue\nmap_cache: 64MiB\n"), 0o600)
+	list := func(args ...string) string {
+		t.Helper()
+		code, out, stderr := runCLI(t, append([]string{"volume", "list", "--json"}, args...)...)
+		if code != 0 {
+			t.Fatalf("volume list %v: %s", args, stderr)
+		}
+		return out
+	}
+	// The file alone (volume list used to ignore it).
+	if out := list("--config", cfg); !strings.Contains(out, "in-"+filepath.Base(dirFile)) {
+		t.Errorf("volume list --config: the file's data_dir not used:\n%s", out)
+	}
+	// GOLDILOCKS_CONFIG names the file too.
+	t.Setenv("GOLDILOCKS_CONFIG", cfg)
+	if out := list(); !strings.Contains(out, "in-"+filepath.Base(dirFile)) {
+		t.Errorf("GOLDILOCKS_CONFIG: the file's data_dir not used:\n%s", out)
+	}
+	// The environment beats the file (the file's data_dir used to win).
+	t.Setenv("GOLDILOCKS_DATA_DIR", dirEnv)
+	if out := list(); !strings.Contains(out, "in-"+filepath.Base(dirEnv)) {
+		t.Errorf("GOLDILOCKS_DATA_DIR lost to the file:\n%s", out)
+	}
+	// The flag beats both.
+	if out := list("--data-dir", dirFlag); !strings.Contains(out, "in-"+filepath.Base(dirFlag)) {
+		t.Errorf("--data-dir lost:\n%s", out)
+	}
+	// config show names each source; GOLDILOCKS_POLICY reaches serve.
+	t.Setenv("GOLDILOCKS_POLICY", "/etc/goldilocks/policy.yaml")
+	t.Setenv("GOLDILOCKS_MAP_CACHE", "48MiB")
+	code, out, _ := runCLI(t, "config", "show", "--json", "--listen", "127.0.0.1:1")
+	if code != 2 {
+		t.Fatalf("config show accepted a flag of serve as its own: %d %s", code, out)
+	}
+	code, out, stderr := runCLI(t, "config", "show", "--json")
+	if code != 0 {
+		t.Fatalf("config show: %s", stderr)
+	}
+	var doc struct {
+		Command  string    `json:"command"`
+		Settings []setting `json:"settings"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]setting{}
+	for _, s := range doc.Settings {
+		got[s.Name] = s
+	}
+	for name, want := range map[string]setting{
+		"policy":           {Value: "/etc/goldilocks/policy.yaml", Source: fromEnv, Origin: "GOLDILOCKS_POLICY"},
+		"data-dir":         {Value: dirEnv, Source: fromEnv, Origin: "GOLDILOCKS_DATA_DIR"},
+		"map-cache":        {Value: "48MiB", Source: fromEnv, Origin: "GOLDILOCKS_MAP_CACHE"},
+		"listen":           {Value: "127.0.0.1:10999", Source: fromFile, Origin: cfg},
+		"audit-on-failure": {Value: "continue", Source: fromFile, Origin: cfg},
+		"config":           {Value: cfg, Source: fromEnv, Origin: "GOLDILOCKS_CONFIG"},
+		"max-inflight":     {Value: "32", Source: fromDefault},
+	} {
+		want.Name = name
+		if got[name] != want {
+			t.Errorf("config show %s = %+v, want %+v", name, got[name], want)
+		}
+	}
+	if doc.Command != "goldilocks serve" {
+		t.Errorf("config show describes %q", doc.Command)
+	}
+	// A flag given to config show counts as given.
+	_, out, _ = runCLI(t, "config", "show", "--data-dir", dirFlag)
+	if !regexp.MustCompile(`data-dir +` + regexp.QuoteMeta(dirFlag) + ` +flag`).MatchString(out) {
+		t.Errorf("config show --data-dir: %s", out)
+	}
+	// A bad value names where it came from.
+	t.Setenv("GOLDILOCKS_MAX_INFLIGHT", "many")
+	code, _, stderr = runCLI(t, "serve")
+	if code != 2 || !strings.Contains(stderr, "GOLDILOCKS_MAX_INFLIGHT") {
+		t.Errorf("bad GOLDILOCKS_MAX_INFLIGHT: exit %d %s", code, stderr)
 	}
 }

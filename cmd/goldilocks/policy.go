@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -114,7 +113,7 @@ func newPolicyExplainCmd(a *app) *cobra.Command {
 		},
 	}
 	f := c.Flags()
-	f.StringVar(&file, "policy", os.Getenv("GOLDILOCKS_POLICY"), "policy file (env GOLDILOCKS_POLICY)")
+	f.StringVar(&file, "policy", "", "policy file (env GOLDILOCKS_POLICY)")
 	f.StringVar(&identity, "identity", "", "identity name as the policy defines it (empty: a connection with no identity)")
 	f.StringVar(&vol, "volume", "", "volume name (its labels are read from the data dir's registry if it is there)")
 	return c

@@ -61,12 +61,7 @@ Under systemd: READY=1 and STOPPING=1 on NOTIFY_SOCKET, WATCHDOG=1 when
 WatchdogSec= is set, and listeners passed by socket activation (LISTEN_FDS)
 replace --listen and --unix (contrib/systemd/).`,
 		Args: args(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := applyConfig(a, cmd); err != nil {
-				return err
-			}
-			return serve(a, sf)
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return serve(a, sf) },
 	}
 	f := c.Flags()
 	f.StringVar(&sf.listen, "listen", "127.0.0.1:10809", "TCP address for NBD (empty: none)")
@@ -76,7 +71,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.StringVar(&sf.unixMode, "unix-mode", "", "permission bits of the Unix socket, octal (default 0600; 0660 with --unix-group; 0666 with --policy)")
 	f.StringVar(&sf.pidFile, "pid-file", "", "write the gateway's PID to FILE while it serves")
 	f.BoolVar(&sf.demo, "demo", false, "with no volume in the data dir, create an encrypted 1 GiB volume \"demo\" (make run)")
-	f.StringVar(&sf.policy, "policy", "", "access policy file (YAML)")
+	f.StringVar(&sf.policy, "policy", "", "access policy file, YAML (env GOLDILOCKS_POLICY)")
 	f.StringVar(&sf.tlsCert, "tls-cert", "", "server certificate (PEM)")
 	f.StringVar(&sf.tlsKey, "tls-key", "", "server private key (PEM)")
 	f.StringVar(&sf.tlsCA, "tls-ca", "", "CA that signs client certificates (PEM)")
