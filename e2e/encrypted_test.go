@@ -187,7 +187,7 @@ func TestImportExportShred(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer idle.Process.Kill()
-	attached := regexp.MustCompile(`msg=attached .*export=img `)
+	attached := regexp.MustCompile(`msg=attached .*volume=img `)
 	for deadline := time.Now().Add(10 * time.Second); !attached.MatchString(g.logText()); {
 		if time.Now().After(deadline) {
 			t.Fatalf("qemu-io did not attach:\n%s", g.logText())

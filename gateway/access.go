@@ -253,7 +253,7 @@ func (c *conn) pause(d time.Duration) {
 func (c *conn) revoke(reason string) {
 	c.cutOnce.Do(func() {
 		c.srv.cfg.Metrics.sessionRevoked()
-		c.log.Warn("access revoked: cutting the session", "event", audit.EvSessionRevoked, "export", c.expName(), "reason", reason)
+		c.log.Warn("access revoked: cutting the session", "event", audit.EvSessionRevoked, "reason", reason)
 		close(c.cut)
 		c.nc.Close()
 	})

@@ -151,12 +151,13 @@ func (c *conn) serve() {
 	defer c.recordDetach()
 	c.stats.start = time.Now()
 	c.attached.Store(true)
+	c.log = c.log.With("volume", c.exp.Name) // every request's log line names the volume
 	if g := c.grant.Load(); g != nil {
 		c.log = c.log.With("identity", g.identity)
 	}
-	c.log.Info("attached", "export", c.exp.Name, "structured", c.structured, "tls", c.tls, "flags", transmissionFlagNames(c.flags))
+	c.log.Info("attached", "structured", c.structured, "tls", c.tls, "flags", transmissionFlagNames(c.flags))
 	c.transmit()
-	c.log.Info("detached", "export", c.exp.Name)
+	c.log.Info("detached")
 }
 
 // openExport opens export name for this connection under grant g (nil:
@@ -293,7 +294,7 @@ func (c *conn) transmit() {
 	// nbdkit and qemu-nbd); a server that stops flushes for its clients.
 	if c.stopping.Load() && !c.readOnly && c.wrote.Load() {
 		if err := dev.Flush(); err != nil {
-			c.log.Error("flush at stop failed", "export", c.exp.Name, "err", err)
+			c.log.Error("flush at stop failed", "err", err)
 		}
 	}
 }
@@ -598,7 +599,7 @@ func (c *conn) finish(r *request, n int64, err error) {
 	if err != nil {
 		errno = errnoOf(err)
 		if !(r.typ == cmdWriteZeroes && errno == errNotSup) { // FAST_ZERO refusal is routine
-			c.log.Error("request failed", "cmd", commandName(r.typ), "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+			c.log.Error("request failed", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "err", err)
 		}
 	}
 	c.count(r, n, err != nil)
@@ -628,7 +629,7 @@ func (c *conn) read(r *request) {
 	data := r.buf.b[:r.length]
 	if _, err := c.exp.Device.ReadAt(data, int64(r.off)); err != nil {
 		errno := errnoOf(err)
-		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.log.Error("request failed", "cmd", "read", "offset", r.off, "length", r.length, "err", err)
 		c.count(r, 0, true)
 		c.replyError(r, errno)
 		return
@@ -686,7 +687,7 @@ func (c *conn) blockStatus(r *request) {
 	}
 	r.extents = tidyExtents(r.extents, n)
 	if err != nil {
-		c.log.Error("request failed", "cmd", "block_status", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.log.Error("request failed", "cmd", "block_status", "offset", r.off, "length", r.length, "err", err)
 		c.count(r, 0, true)
 		c.replyError(r, errnoOf(err))
 		return

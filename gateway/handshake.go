@@ -197,7 +197,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 		if attach {
 			m.attachRefused(RefusedUnavailable)
 		}
-		c.log.Error("opening export", "export", name, "err", err)
+		c.log.Error("opening export", "volume", name, "err", err)
 		if oe := (*OpenError)(nil); errors.As(err, &oe) {
 			return repErrUnknown, oe.Public
 		}
@@ -216,7 +216,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 		m.attachRefused(RefusedAudit)
 		c.detach()
 		c.closeExport()
-		c.log.Error("attach refused: the audit log cannot be written (fail closed)", "export", name, "err", err)
+		c.log.Error("attach refused: the audit log cannot be written (fail closed)", "volume", name, "err", err)
 		return repErrShutdown, "attach refused: the gateway's audit log cannot be written"
 	}
 	if c.metaExport != name {
@@ -232,7 +232,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 
 // refused logs, and so audits, an attach the policy refused.
 func (c *conn) refused(name, identity, reason string) {
-	c.log.Warn("attach refused by policy", "event", audit.EvAttachRefused, "export", name,
+	c.log.Warn("attach refused by policy", "event", audit.EvAttachRefused, "volume", name,
 		"identity", identity, "decision", "deny", "reason", reason)
 }
 

@@ -121,7 +121,7 @@ func (c *conn) sendfileReply(r *request) {
 		err = r.sfErr
 	}
 	if err != nil && (!c.structured || len(r.sfHdr) > 0 || socketError(err)) {
-		c.log.Error("zero-copy read failed", "export", c.exp.Name, "offset", r.off, "length", r.length, "err", err)
+		c.log.Error("zero-copy read failed", "offset", r.off, "length", r.length, "err", err)
 		c.fail("closing connection", err)
 		return
 	}
@@ -131,7 +131,7 @@ func (c *conn) sendfileReply(r *request) {
 	t := c.chunkHeader(r.trailer[:], r, replyFlagDone, replyNone, 0)
 	if err != nil {
 		at := r.off + r.length - uint64(r.sfRemain)
-		c.log.Error("request failed", "cmd", "read", "export", c.exp.Name, "offset", r.off, "length", r.length, "failed_at", at, "err", err)
+		c.log.Error("request failed", "cmd", "read", "offset", r.off, "length", r.length, "failed_at", at, "err", err)
 		c.stats.errors.Add(1)
 		if !c.pad(r.sfRemain) {
 			return

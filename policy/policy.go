@@ -5,10 +5,14 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"path"
+	"reflect"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,6 +26,35 @@ const Version = 1
 
 // ErrInvalid is wrapped by every error about a policy file's contents.
 var ErrInvalid = errors.New("invalid policy")
+
+// Problem is one thing wrong in a policy file, at a line (0: the file as
+// a whole).
+type Problem struct {
+	File string `json:"file"`
+	Line int    `json:"line"`
+	Msg  string `json:"message"`
+}
+
+func (p Problem) String() string {
+	if p.Line == 0 {
+		return p.File + ": " + p.Msg
+	}
+	return fmt.Sprintf("%s:%d: %s", p.File, p.Line, p.Msg)
+}
+
+// InvalidError lists every problem found in a policy file (all of them,
+// not the first). It wraps ErrInvalid.
+type InvalidError struct{ Problems []Problem }
+
+func (e *InvalidError) Error() string {
+	lines := make([]string, len(e.Problems))
+	for i, p := range e.Problems {
+		lines[i] = p.String()
+	}
+	return ErrInvalid.Error() + ":\n" + strings.Join(lines, "\n")
+}
+
+func (e *InvalidError) Unwrap() error { return ErrInvalid }
 
 // Commands is a set of optional NBD commands a grant allows.
 type Commands uint8
@@ -196,22 +229,26 @@ func Load(file string) (*Policy, error) {
 	return Parse(b, file)
 }
 
-// Parse parses a policy. Every problem found is reported, one per line of
-// the error, as "FILE:LINE: what".
+// Parse parses a policy. Every problem found is reported (an
+// *InvalidError), one per line of the error, as "FILE:LINE: what": the
+// fields YAML could not decode and, in what it could, every rule broken.
 func Parse(b []byte, file string) (*Policy, error) {
 	var raw rawDoc
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
-	if err := dec.Decode(&raw); err != nil {
-		return nil, fmt.Errorf("%w: %s", ErrInvalid, yamlError(file, err))
+	var problems []Problem
+	if err := dec.Decode(&raw); err != nil && !errors.Is(err, io.EOF) {
+		problems = yamlProblems(file, err)
+		if _, typed := err.(*yaml.TypeError); !typed {
+			return nil, &InvalidError{problems} // not YAML at all: nothing more to check
+		}
 	}
 	var root yaml.Node
 	yaml.Unmarshal(b, &root)
 	lines := itemLines(&root)
 
-	var errs []string
 	bad := func(line int, format string, args ...any) {
-		errs = append(errs, fmt.Sprintf("%s:%d: %s", file, line, fmt.Sprintf(format, args...)))
+		problems = append(problems, Problem{File: file, Line: line, Msg: fmt.Sprintf(format, args...)})
 	}
 	p := &Policy{File: file, TLSRequired: raw.TLSRequired}
 	if raw.Version != nil && *raw.Version != Version {
@@ -303,8 +340,9 @@ func Parse(b []byte, file string) (*Policy, error) {
 	checkGlobs(bad, lines.quarantine, raw.Quarantine.Identities)
 	checkGlobs(bad, lines.quarantine, raw.Quarantine.Volumes)
 	p.Quarantine.Identities, p.Quarantine.Volumes = raw.Quarantine.Identities, raw.Quarantine.Volumes
-	if len(errs) > 0 {
-		return nil, fmt.Errorf("%w:\n%s", ErrInvalid, strings.Join(errs, "\n"))
+	if len(problems) > 0 {
+		slices.SortStableFunc(problems, func(a, b Problem) int { return a.Line - b.Line })
+		return nil, &InvalidError{problems}
 	}
 	return p, nil
 }
@@ -340,29 +378,101 @@ func parseLimit(bad func(int, string, ...any), line int, r rawLimit) Limit {
 	return l
 }
 
-// yamlError turns a yaml error ("yaml: line 3: …") into "FILE:3: …".
-func yamlError(file string, err error) string {
+// yamlProblems turns a yaml decoding error into problems: "line 3: field
+// x not found in type …" becomes line 3, "unknown field x (fields here:
+// a, b, c)"; a type mismatch says what was found and what is wanted in
+// words, never in Go types.
+func yamlProblems(file string, err error) []Problem {
 	var te *yaml.TypeError
 	msgs := []string{err.Error()}
 	if errors.As(err, &te) {
 		msgs = te.Errors
 	}
-	for i, m := range msgs {
+	out := make([]Problem, 0, len(msgs))
+	for _, m := range msgs {
 		m = strings.TrimPrefix(m, "yaml: ")
-		if j := strings.Index(m, " in type policy."); j >= 0 { // Go type names mean nothing to an operator
-			m = m[:j]
-		}
-		m = strings.Replace(m, "field ", "unknown field ", 1)
-		m = strings.TrimSuffix(m, " not found")
+		line := 0
 		if rest, ok := strings.CutPrefix(m, "line "); ok {
 			if n, tail, ok := strings.Cut(rest, ": "); ok {
-				msgs[i] = fmt.Sprintf("%s:%s: %s", file, n, tail)
-				continue
+				line, _ = strconv.Atoi(n)
+				m = tail
 			}
 		}
-		msgs[i] = file + ": " + m
+		out = append(out, Problem{File: file, Line: line, Msg: humanYAML(m)})
 	}
-	return strings.Join(msgs, "\n")
+	return out
+}
+
+var (
+	unknownFieldRE = regexp.MustCompile(`^field (\S+) not found in type (.*)$`)
+	unmarshalRE    = regexp.MustCompile("^cannot unmarshal (!!\\w+) `(.*)` into (.+)$")
+	tagRE          = regexp.MustCompile(`yaml:\\?"([a-z_]+)`)
+)
+
+// yamlWords name YAML tags and Go types in an operator's words.
+var yamlWords = map[string]string{
+	"!!str": "text", "!!int": "a whole number", "!!float": "a number", "!!bool": "true or false",
+	"!!map": "a mapping (key: value)", "!!seq": "a list", "!!null": "nothing",
+	"string": "text", "int": "a whole number", "int64": "a whole number", "float64": "a number",
+	"bool": "true or false", "[]string": "a list", "map[string]string": "a mapping (key: value)",
+}
+
+func humanYAML(m string) string {
+	if g := unknownFieldRE.FindStringSubmatch(m); g != nil {
+		known := knownFields(g[2])
+		if len(known) == 0 {
+			return "unknown field " + g[1]
+		}
+		return fmt.Sprintf("unknown field %s (fields here: %s)", g[1], strings.Join(known, ", "))
+	}
+	if g := unmarshalRE.FindStringSubmatch(m); g != nil {
+		found, want := yamlWords[g[1]], yamlWords[strings.TrimPrefix(g[3], "*")]
+		if found == "" {
+			found = "a value"
+		}
+		if want == "" {
+			want = "a value of another kind"
+		}
+		return fmt.Sprintf("%q is %s, where %s is wanted", g[2], found, want)
+	}
+	return m
+}
+
+// knownFields lists the YAML fields of the Go type yaml named in an
+// error: one of the raw types, or an anonymous struct (its tags).
+func knownFields(typ string) []string {
+	var names []string
+	if t, ok := rawTypes[strings.TrimPrefix(typ, "*")]; ok {
+		names = yamlFields(t)
+	} else {
+		for _, g := range tagRE.FindAllStringSubmatch(typ, -1) {
+			names = append(names, g[1])
+		}
+	}
+	return names
+}
+
+var rawTypes = map[string]reflect.Type{
+	"policy.rawDoc":      reflect.TypeFor[rawDoc](),
+	"policy.rawIdentity": reflect.TypeFor[rawIdentity](),
+	"policy.rawRule":     reflect.TypeFor[rawRule](),
+	"policy.rawVolume":   reflect.TypeFor[rawVolume](),
+}
+
+func yamlFields(t reflect.Type) []string {
+	var names []string
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if opts == "inline" {
+			names = append(names, yamlFields(f.Type)...)
+			continue
+		}
+		if name != "" && name != "-" {
+			names = append(names, name)
+		}
+	}
+	return names
 }
 
 // docLines holds the line of each list item of the top-level sections.

@@ -109,6 +109,15 @@ func TestParseErrors(t *testing.T) {
 		}},
 		{"testdata/unknown-field.yaml", []string{"testdata/unknown-field.yaml:7: unknown field acess"}},
 		{"testdata/syntax.yaml", []string{"testdata/syntax.yaml:"}},
+		// Decoding errors and rule errors together, each at its line, in
+		// words: the fields a place has, what a value is and should be.
+		{"testdata/many-errors.yaml", []string{
+			"testdata/many-errors.yaml:3: unknown field uri_sanx (fields here: uri_san, dns_san, cn)",
+			`testdata/many-errors.yaml:5: "abc" is text, where a whole number is wanted`,
+			"testdata/many-errors.yaml:9: unknown field acess (fields here: identity, volumes, labels, access, commands, max_connections, tls_required, iops, bandwidth, burst)",
+			`testdata/many-errors.yaml:10: rule names identity "vm-c", which is not defined`,
+			"testdata/many-errors.yaml:10: iops -5 is negative",
+		}},
 	} {
 		_, err := Load(tc.file)
 		if !errors.Is(err, ErrInvalid) {
@@ -118,6 +127,11 @@ func TestParseErrors(t *testing.T) {
 		for _, w := range tc.want {
 			if !strings.Contains(err.Error(), w) {
 				t.Errorf("%s: error lacks %q:\n%v", tc.file, w, err)
+			}
+		}
+		for _, goWord := range []string{"struct {", "int64", "policy.raw", "!!str", "yaml: line", `yaml:"`} {
+			if strings.Contains(err.Error(), goWord) {
+				t.Errorf("%s: error speaks Go or YAML internals (%q):\n%v", tc.file, goWord, err)
 			}
 		}
 	}

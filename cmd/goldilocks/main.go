@@ -33,6 +33,12 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
+// exitStatus ends a command with that status and no message: the
+// command's output already said it (policy explain's deny).
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
 func usagef(format string, args ...any) error {
 	return usageError{fmt.Errorf(format, args...)}
 }
@@ -75,6 +81,7 @@ func newRoot(a *app) *cobra.Command {
 	root.SetVersionTemplate("goldilocks {{.Version}}\n")
 	root.AddCommand(newServeCmd(a), newVolumeCmd(a), newKeyCmd(a), newPolicyCmd(a), newAuditCmd(a), newVersionCmd(a), newConfigCmd(a))
 	strictGroups(root)
+	addCompletions(a, root)
 	return root
 }
 
@@ -247,6 +254,10 @@ func run(a *app, argv []string) int {
 	a.closeAudit()
 	if err == nil {
 		return 0
+	}
+	var es exitStatus
+	if errors.As(err, &es) {
+		return int(es)
 	}
 	msg := strings.ReplaceAll(err.Error(), "\n", "; ")
 	fmt.Fprintf(a.stderr, "%s: %s\n", filepath.Base(os.Args[0]), msg)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -147,6 +148,18 @@ rules:
 	if code != 1 || !strings.Contains(stderr, "bad.yaml:2: rule names identity \"ghost\"") || !strings.Contains(stderr, "bad.yaml:3: access \"sometimes\"") {
 		t.Errorf("check of a bad file: %d\n%s", code, stderr)
 	}
+	// --json on failure too: every problem, with its line.
+	code, out, _ := runCLI(t, "policy", "check", bad, "--json")
+	var doc struct {
+		Valid  bool `json:"valid"`
+		Errors []struct {
+			Line    int    `json:"line"`
+			Message string `json:"message"`
+		} `json:"errors"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); code != 1 || err != nil || doc.Valid || len(doc.Errors) != 2 || doc.Errors[0].Line != 2 || doc.Errors[1].Line != 3 {
+		t.Errorf("check --json of a bad file: %d %v %s", code, err, out)
+	}
 	// Labels come from the registry.
 	runCLI(t, "volume", "create", "gold1", "--size", "1M", "--plain", "--label", "tier=gold", "--data-dir", dir)
 	runCLI(t, "volume", "create", "plain1", "--size", "1M", "--plain", "--data-dir", dir)
@@ -156,7 +169,8 @@ rules:
 		out  string
 	}{
 		{[]string{"--identity", "vm-a", "--volume", "gold1"}, 0, "allow read-write: identity vm-a may attach gold1 read-write (rule at " + pol + ":4)"},
-		{[]string{"--identity", "vm-a", "--volume", "plain1"}, 0, "deny: no rule grants identity vm-a volume plain1 (default deny)"},
+		{[]string{"--identity", "vm-a", "--volume", "plain1"}, 1, "deny: no rule grants identity vm-a volume plain1 (default deny)"},
+		{[]string{"--identity", "vm-a", "--volume", "plain1", "--json"}, 1, `"allow": false`},
 		{[]string{"--identity", "vm-z", "--volume", "gold1"}, 1, ""},
 		{[]string{"--identity", "vm-a"}, 2, ""},
 	} {
@@ -575,5 +589,44 @@ func TestConfigPrecedence(t *testing.T) {
 	code, _, stderr = runCLI(t, "serve")
 	if code != 2 || !strings.Contains(stderr, "GOLDILOCKS_MAX_INFLIGHT") {
 		t.Errorf("bad GOLDILOCKS_MAX_INFLIGHT: exit %d %s", code, stderr)
+	}
+}
+
+func TestShellCompletion(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"vm-root", "vm-data", "other"} {
+		if code, _, stderr := runCLI(t, "volume", "create", n, "--size", "1M", "--plain", "--data-dir", dir); code != 0 {
+			t.Fatal(stderr)
+		}
+	}
+	for _, tc := range []struct {
+		args []string
+		want []string
+		not  []string
+	}{
+		{[]string{"volume", "info", "--data-dir", dir, "vm-"}, []string{"vm-root", "vm-data"}, []string{"other"}},
+		{[]string{"volume", "delete", "--data-dir", dir, ""}, []string{"vm-root", "other"}, nil},
+		{[]string{"volume", "info", "--data-dir", dir, "vm-root", ""}, nil, []string{"vm-data"}}, // one name only
+		{[]string{"serve", "--log-format", ""}, []string{"text", "json"}, nil},
+		{[]string{"volume", "create", "x", "--cipher", ""}, []string{"aes-256-gcm", "chacha20-poly1305"}, nil},
+	} {
+		code, out, stderr := runCLI(t, append([]string{"__complete"}, tc.args...)...)
+		if code != 0 {
+			t.Fatalf("complete %v: %s", tc.args, stderr)
+		}
+		lines := strings.Split(out, "\n")
+		for _, w := range tc.want {
+			if !slices.Contains(lines, w) {
+				t.Errorf("complete %v: no %q in %q", tc.args, w, out)
+			}
+		}
+		for _, w := range tc.not {
+			if slices.Contains(lines, w) {
+				t.Errorf("complete %v: %q offered in %q", tc.args, w, out)
+			}
+		}
+	}
+	if code, out, _ := runCLI(t, "completion", "bash"); code != 0 || !strings.Contains(out, "__start_goldilocks") {
+		t.Errorf("completion bash: %d", code)
 	}
 }

@@ -7,7 +7,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"goldilocks/internal/volume"
 	"goldilocks/policy"
 )
 
@@ -27,6 +26,13 @@ func newPolicyCheckCmd(a *app) *cobra.Command {
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
 			p, err := policy.Load(argv[0])
+			var inv *policy.InvalidError
+			if errors.As(err, &inv) && a.json {
+				if jerr := a.printJSON(map[string]any{"file": argv[0], "valid": false, "errors": inv.Problems}); jerr != nil {
+					return jerr
+				}
+				return fmt.Errorf("%s: invalid policy: %d errors (in the JSON above)", argv[0], len(inv.Problems))
+			}
 			if err != nil {
 				if errors.Is(err, policy.ErrInvalid) {
 					// One error per line on stderr, as compilers do.
@@ -66,7 +72,7 @@ func newPolicyExplainCmd(a *app) *cobra.Command {
 				return err
 			}
 			v := policy.Volume{Name: vol}
-			if reg, err := volume.Open(a.dataDir); err == nil { // labels, if the volume is known here
+			if reg, err := a.openExisting(); err == nil { // labels, if the volume is known here
 				if rv, err := reg.Get(vol); err == nil {
 					v.Labels = rv.Labels
 				}
@@ -86,11 +92,17 @@ func newPolicyExplainCmd(a *app) *cobra.Command {
 					out["identity_limit"] = map[string]any{"iops": d.Identity.IOPS, "bandwidth": d.Identity.Bandwidth}
 					out["volume_limit"] = map[string]any{"iops": d.Volume.IOPS, "bandwidth": d.Volume.Bandwidth}
 				}
-				return a.printJSON(out)
+				if err := a.printJSON(out); err != nil {
+					return err
+				}
+				if !d.Allow {
+					return exitStatus(1) // a deny, as grep's "no match"
+				}
+				return nil
 			}
 			if !d.Allow {
 				fmt.Fprintf(a.stdout, "deny: %s\n", d.Reason)
-				return nil
+				return exitStatus(1)
 			}
 			fmt.Fprintf(a.stdout, "allow %s: %s\n", access(d.ReadOnly), d.Reason)
 			fmt.Fprintf(a.stdout, "  commands: %s", d.Commands)
