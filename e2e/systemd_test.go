@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"net"
 	"os"
 	"os/exec"
@@ -299,5 +300,82 @@ func TestUnitFilesVerify(t *testing.T) {
 		if !strings.Contains(string(b), opt) {
 			t.Errorf("goldilocks.service lacks %s", opt)
 		}
+	}
+}
+
+// The start banner's commands work as printed with the configuration the
+// gateway runs with: plain, and TLS-only (with the client's certificate
+// directory put in); with --log-format json every stderr line is JSON and
+// the banner is one of them, and nothing goes to stdout.
+func TestStartBannerCommandsWork(t *testing.T) {
+	need(t, "qemu-img")
+	banner := func(log string) []string {
+		var cmds []string
+		for _, l := range strings.Split(log, "\n") {
+			if l = strings.TrimSpace(l); strings.HasPrefix(l, "qemu-img info ") {
+				cmds = append(cmds, l)
+			}
+		}
+		return cmds
+	}
+	dir := newDataDir(t, "bn:8M")
+	g := startGateway(t, dir)
+	waitLog(t, g, "Stop with Ctrl-C", 1)
+	cmds := banner(g.logText())
+	if len(cmds) != 1 {
+		t.Fatalf("banner qemu-img commands: %q", cmds)
+	}
+	if out, err := runErr("sh", "-c", cmds[0]); err != nil {
+		t.Fatalf("%s: %v\n%s", cmds[0], err, out)
+	}
+	g.stop(syscall.SIGTERM)
+
+	p := newPKI(t)
+	pol := filepath.Join(t.TempDir(), "policy.yaml")
+	writePolicy(t, pol, tlsPolicy)
+	tdir := newDataDir(t, "a-root:8M")
+	g = startGateway(t, tdir, append(p.serverFlags(), "--policy", pol, "--tls-required")...)
+	waitLog(t, g, "Stop with Ctrl-C", 1)
+	cmds = banner(g.logText())
+	if len(cmds) != 1 || !strings.Contains(cmds[0], "tls-creds") {
+		t.Fatalf("TLS banner qemu-img commands: %q", cmds)
+	}
+	cmd := strings.ReplaceAll(cmds[0], "CLIENT_CERT_DIR", p.clients["vm-a"])
+	if out, err := runErr("sh", "-c", cmd); err != nil {
+		t.Fatalf("%s: %v\n%s", cmd, err, out)
+	}
+	g.stop(syscall.SIGTERM)
+
+	c := exec.Command(goldilocksBin, "serve", "--data-dir", dir, "--listen", "127.0.0.1:0", "--metrics", "", "--log-format", "json")
+	var stdout, stderr syncBuffer
+	c.Stdout, c.Stderr = &stdout, &stderr
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(stderr.String(), `"msg":"serving"`) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.Process.Signal(syscall.SIGTERM)
+	c.Wait()
+	if stdout.String() != "" {
+		t.Errorf("stdout in --log-format json: %q", stdout.String())
+	}
+	var found bool
+	for _, l := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(l), &rec); err != nil {
+			t.Errorf("a stderr line is not JSON: %q", l)
+			continue
+		}
+		if rec["msg"] == "serving" {
+			found = true
+			if cmds, _ := rec["attach_with"].([]any); len(cmds) == 0 {
+				t.Errorf("the banner record has no commands: %q", l)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("no banner record in --log-format json:\n%s", stderr.String())
 	}
 }
