@@ -1,0 +1,294 @@
+package upstream
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"goldilocks/internal/block"
+)
+
+// The client against real NBD servers: nbdkit (memory plugin, with the
+// error and blocksize-policy filters) and qemu-nbd.
+
+func needTool(t *testing.T, tool string) {
+	t.Helper()
+	if _, err := exec.LookPath(tool); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("%s is not installed; CI must install it (make deps)", tool)
+		}
+		t.Skipf("%s is not installed (apt-get install nbdkit qemu-utils)", tool)
+	}
+}
+
+// nbdkit starts nbdkit on a Unix socket with args and returns the URI of
+// its export (nbdkit serves any export name).
+func nbdkit(t *testing.T, args ...string) (uri string, stop func()) {
+	t.Helper()
+	needTool(t, "nbdkit")
+	sock := filepath.Join(t.TempDir(), "nbdkit.sock")
+	cmd := exec.Command("nbdkit", append([]string{"-f", "-U", sock}, args...)...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop = func() { cmd.Process.Kill(); cmd.Wait() }
+	t.Cleanup(stop)
+	waitSocket(t, "unix", sock)
+	return "nbd+unix:///disk?socket=" + sock, stop
+}
+
+func waitSocket(t *testing.T, network, addr string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err := net.Dial(network, addr); err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listens on %s", addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func dial(t *testing.T, uri string) *Device {
+	t.Helper()
+	d, err := Dial(context.Background(), uri, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestParseURI(t *testing.T) {
+	for _, tc := range []struct {
+		uri, network, addr, export string
+		err                        error
+	}{
+		{"nbd://10.0.0.5/vm1", "tcp", "10.0.0.5:10809", "vm1", nil},
+		{"nbd://[::1]:10900/", "tcp", "[::1]:10900", "", nil},
+		{"nbd+unix:///vm1?socket=/run/x.sock", "unix", "/run/x.sock", "vm1", nil},
+		{"nbd+unix:///vm1", "", "", "", ErrURI},
+		{"nbd:///vm1", "", "", "", ErrURI},
+		{"nbds://h/vm1", "", "", "", ErrUnsupported},
+		{"/var/lib/disk.img", "", "", "", ErrURI},
+	} {
+		n, a, e, err := parse(tc.uri)
+		if !errors.Is(err, tc.err) || n != tc.network || a != tc.addr || e != tc.export {
+			t.Errorf("parse(%q) = %q %q %q %v", tc.uri, n, a, e, err)
+		}
+	}
+}
+
+// TestReadWriteModel runs random reads, writes, trims and zeroes from
+// many goroutines against nbdkit's memory plugin and checks every read
+// against a model of the disk.
+func TestReadWriteModel(t *testing.T) {
+	const size = 16 << 20
+	uri, _ := nbdkit(t, "memory", "16M")
+	d := dial(t, uri)
+	if d.Size() != size {
+		t.Fatalf("size %d, want %d", d.Size(), size)
+	}
+	var (
+		mu    sync.Mutex
+		model = make([]byte, size)
+		locks [size / 65536]sync.Mutex // one region per goroutine at a time
+	)
+	var wg sync.WaitGroup
+	errc := make(chan error, 16)
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 7))
+			for range 200 {
+				region := rng.IntN(len(locks))
+				off := int64(region*65536 + rng.IntN(60000))
+				n := 1 + rng.IntN(65536-int(off%65536))
+				locks[region].Lock()
+				var err error
+				switch op := rng.IntN(10); {
+				case op < 5:
+					p := make([]byte, n)
+					for i := range p {
+						p[i] = byte(rng.Uint32())
+					}
+					if _, err = d.WriteAt(p, off); err == nil {
+						mu.Lock()
+						copy(model[off:], p)
+						mu.Unlock()
+					}
+				case op < 8:
+					p := make([]byte, n)
+					if _, err = d.ReadAt(p, off); err == nil {
+						mu.Lock()
+						if !bytes.Equal(p, model[off:off+int64(n)]) {
+							err = errors.New("read data differs from what was written")
+						}
+						mu.Unlock()
+					}
+				case op < 9:
+					if err = d.Zero(off, int64(n), rng.IntN(2) == 0, false); err == nil {
+						mu.Lock()
+						clear(model[off : off+int64(n)])
+						mu.Unlock()
+					}
+				default:
+					err = d.Flush()
+				}
+				locks[region].Unlock()
+				if err != nil {
+					errc <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		t.Fatal(err)
+	}
+	// All of it, once more, in large reads.
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("the disk differs from the model")
+	}
+	if _, err := d.ReadAt(make([]byte, 4096), size-2048); !errors.Is(err, block.ErrOutOfRange) {
+		t.Fatalf("read past the end: %v", err)
+	}
+}
+
+// A server with a small maximum request: large requests are split.
+func TestSplitsToServerMaximum(t *testing.T) {
+	uri, _ := nbdkit(t, "--filter=blocksize-policy", "memory", "8M",
+		"blocksize-maximum=64K", "blocksize-error-policy=error")
+	d := dial(t, uri)
+	if d.maxIO != 64<<10 {
+		t.Fatalf("max request %d, want the server's 65536", d.maxIO)
+	}
+	p := bytes.Repeat([]byte("0123456789abcdef"), 3<<16) // 3 MiB
+	if _, err := d.WriteAt(p, 4096); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(p))
+	if _, err := d.ReadAt(got, 4096); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("read back: %v", err)
+	}
+}
+
+// The upstream's error reaches the caller as its errno; the connection
+// stays usable.
+func TestServerErrors(t *testing.T) {
+	uri, _ := nbdkit(t, "--filter=error", "memory", "8M", "error-pwrite=ENOSPC", "error-pwrite-rate=100%")
+	d := dial(t, uri)
+	if _, err := d.WriteAt(make([]byte, 4096), 0); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("write on a full upstream: %v, want ENOSPC", err)
+	}
+	if _, err := d.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatalf("read after the error: %v", err)
+	}
+	// A failed read carries no data: the next replies still line up.
+	uri, _ = nbdkit(t, "--filter=error", "memory", "8M", "error-pread=EIO", "error-pread-rate=100%")
+	d = dial(t, uri)
+	done := make(chan error, 1)
+	go func() {
+		_, rerr := d.ReadAt(make([]byte, 4096), 0)
+		if !errors.Is(rerr, syscall.EIO) {
+			done <- fmt.Errorf("read on a failing upstream: %v, want EIO", rerr)
+			return
+		}
+		_, werr := d.WriteAt(make([]byte, 4096), 0)
+		done <- werr
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection is out of step after a failed read")
+	}
+}
+
+// A lost connection fails the calls waiting on it and every later one,
+// at once, with ErrDisconnect.
+func TestServerGone(t *testing.T) {
+	uri, stop := nbdkit(t, "--filter=delay", "memory", "8M", "rdelay=2")
+	d := dial(t, uri)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := d.ReadAt(make([]byte, 4096), 0)
+		errc <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	stop()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrDisconnect) {
+			t.Fatalf("read in flight when the server died: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the read in flight hangs after the server died")
+	}
+	if _, err := d.WriteAt(make([]byte, 512), 0); !errors.Is(err, ErrDisconnect) {
+		t.Fatalf("write after: %v", err)
+	}
+}
+
+// qemu-nbd over TCP, with a named export: the right name attaches, a
+// wrong one is refused with the name.
+func TestQemuNbdTCP(t *testing.T) {
+	needTool(t, "qemu-nbd")
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(img, bytes.Repeat([]byte{0xab}, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	_, port, _ := net.SplitHostPort(addr)
+	cmd := exec.Command("qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", port, "-x", "vm1", "-t", "-e", "2", "--cache=none", img)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitSocket(t, "tcp", addr)
+	d := dial(t, "nbd://"+addr+"/vm1")
+	got := make([]byte, 8192)
+	if _, err := d.ReadAt(got, 1<<19); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0xab}, 8192)) {
+		t.Fatalf("read: %v", err)
+	}
+	if _, err := d.WriteAt([]byte("goldilocks"), 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(img); !bytes.Equal(b[100:110], []byte("goldilocks")) {
+		t.Fatal("the flushed write is not in qemu-nbd's file")
+	}
+	_, err = Dial(context.Background(), "nbd://"+addr+"/nope", Options{})
+	if !errors.Is(err, ErrHandshake) || !strings.Contains(err.Error(), `"nope"`) {
+		t.Fatalf("unknown export: %v", err)
+	}
+}
