@@ -35,7 +35,7 @@ func keystoreExposed(reg *volume.Registry, v volume.Volume) (bool, error) {
 	if err != nil || sealed || !exists {
 		return false, err
 	}
-	return inDir(reg.Dir(), reg.BackingPath(v)), nil
+	return !volume.IsRemote(v) && inDir(reg.Dir(), reg.BackingPath(v)), nil
 }
 
 // volumeWarnings are the warnings `volume info` shows for v.

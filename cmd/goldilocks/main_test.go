@@ -282,7 +282,7 @@ func TestVolumeShredConfirm(t *testing.T) {
 	if err := os.WriteFile(backup, img[:2*crypto.HeaderBlockSize], 0o600); err != nil {
 		t.Fatal(err)
 	}
-	h, err := volume.ReadHeader(backup)
+	h, err := volume.ReadHeaderFile(backup)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -52,8 +52,8 @@ func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
 		Created: v.Created.Format("2006-01-02T15:04:05.000Z07:00"), KEK: v.KEK,
 	}
 	if v.Encrypted {
-		j.FormatVersion, _ = volume.VolumeFormat(reg.BackingPath(v))
-		h, err := volume.ReadHeader(reg.BackingPath(v))
+		j.FormatVersion, _ = reg.Format(v)
+		h, err := reg.Header(v)
 		if errors.Is(err, crypto.ErrNeedsUpgrade) {
 			j.HeaderError = fmt.Sprintf("format 1, which this build does not attach: run goldilocks volume upgrade %s", v.Name)
 			return j
@@ -87,7 +87,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 		labels                        map[string]string
 	)
 	c := &cobra.Command{
-		Use:   "create NAME --size SIZE [--plain] [--backing PATH]",
+		Use:   "create NAME --size SIZE [--plain] [--backing PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH]",
 		Short: "Create a volume (its NBD export name is NAME)",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeCreate, func(cmd *cobra.Command, argv []string) error {
@@ -137,7 +137,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	f.BoolVar(&plain, "plain", false, "store the guest's bytes unencrypted")
 	f.StringVar(&kek, "kek", "", "key-encryption key: local (default) or vault:KEYNAME")
 	f.StringVar(&cipher, "cipher", "aes-256-gcm", "aes-256-gcm or chacha20-poly1305")
-	f.StringVar(&backing, "backing", "", "existing file or block device to hold the volume (default: a sparse file in the data dir)")
+	f.StringVar(&backing, "backing", "", "existing file, block device or upstream NBD export (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH) to hold the volume (default: a sparse file in the data dir)")
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
 	f.StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag the access policy can match (repeatable)")
 	return c

@@ -448,8 +448,15 @@ func (d *Device) ranged(what string, typ, flags uint16, off, length int64) error
 	return nil
 }
 
-// Size is the export's size.
+// Size is the export's size (or the Limit set).
 func (d *Device) Size() int64 { return d.size }
+
+// Limit serves only the first size bytes of a larger export.
+func (d *Device) Limit(size int64) {
+	if size >= 0 && size < d.size {
+		d.size = size
+	}
+}
 
 // ReadOnly reports whether the server serves the export read-only.
 func (d *Device) ReadOnly() bool { return d.flags&flagReadOnly != 0 }

@@ -108,13 +108,9 @@ func (e *Exports) List() ([]Volume, error) { return e.reg.List() }
 func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) {
 	// Encrypted volumes are opened read-write even when served read-only:
 	// the nonce reservation lives in the header.
-	f, err := block.OpenFile(r.BackingPath(v), v.ReadOnly && !v.Encrypted)
+	f, err := r.openStore(v, v.ReadOnly && !v.Encrypted)
 	if err != nil {
-		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
-	}
-	if err := f.Lock(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		return nil, err
 	}
 	if !v.Encrypted {
 		if f.Size() < v.Size {

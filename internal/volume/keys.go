@@ -11,7 +11,6 @@ import (
 
 	"goldilocks/audit"
 	"goldilocks/crypto"
-	"goldilocks/internal/block"
 )
 
 // KeyOpener opens what key operations work on. A running gateway's opens
@@ -109,7 +108,7 @@ func (k *Keys) groups() (map[string]*keyGroup, error) {
 		if !v.Encrypted {
 			continue
 		}
-		h, err := ReadHeader(k.Reg.BackingPath(v))
+		h, err := k.Reg.Header(v)
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
@@ -360,7 +359,7 @@ func (k *Keys) Rekey(ctx context.Context, name string, o RekeyOptions) error {
 	if !v.Encrypted {
 		return fmt.Errorf("volume %s: not encrypted: nothing to rekey", name)
 	}
-	h, err := ReadHeader(k.Reg.BackingPath(v))
+	h, err := k.Reg.Header(v)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
@@ -421,7 +420,7 @@ func (k *Keys) Status(names ...string) ([]KeyStatus, error) {
 	}
 	out := make([]KeyStatus, 0, len(vols))
 	for _, v := range vols {
-		h, err := ReadHeader(k.Reg.BackingPath(v))
+		h, err := k.Reg.Header(v)
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
@@ -448,20 +447,16 @@ type LocalOpener struct {
 
 // OpenKeys opens a volume's header only (its map is not read).
 func (l LocalOpener) OpenKeys(v Volume) (crypto.KeyHeader, func(), error) {
-	f, err := block.OpenFile(l.Reg.BackingPath(v), false)
+	f, err := l.Reg.openStore(v, false)
 	if err != nil {
-		return nil, nil, fmt.Errorf("volume %s: %w", v.Name, err)
-	}
-	if err := f.Lock(); err != nil {
-		f.Close()
-		return nil, nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		return nil, nil, err
 	}
 	id, err := v.UUIDBytes()
 	if err != nil {
 		f.Close()
 		return nil, nil, err
 	}
-	h, err := ReadHeader(l.Reg.BackingPath(v))
+	h, err := l.Reg.Header(v)
 	if err != nil {
 		f.Close()
 		return nil, nil, fmt.Errorf("volume %s: %w", v.Name, err)

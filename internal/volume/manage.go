@@ -18,14 +18,10 @@ var (
 
 // lockBacking opens v's backing store and takes its lock: the volume is
 // not attached (a gateway that serves it holds the lock).
-func (r *Registry) lockBacking(v Volume) (*block.File, error) {
-	f, err := block.OpenFile(r.BackingPath(v), false)
+func (r *Registry) lockBacking(v Volume) (store, error) {
+	f, err := r.openStore(v, false)
 	if err != nil {
-		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
-	}
-	if err := f.Lock(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("volume %s: %w: detach its clients first", v.Name, err)
+		return nil, fmt.Errorf("%w: detach its clients first", err)
 	}
 	return f, nil
 }
@@ -85,6 +81,9 @@ func (r *Registry) Resize(name string, size int64, allowShrink bool) (Volume, er
 	if v.Encrypted {
 		return Volume{}, fmt.Errorf("volume %s: %w: export it, create a new volume and import", name, ErrResizeFormat)
 	}
+	if IsRemote(v) {
+		return Volume{}, fmt.Errorf("volume %s: its size is the upstream export's (%s): resize it there, then create the volume again", name, v.Backing)
+	}
 	if size < v.Size && !allowShrink {
 		return Volume{}, fmt.Errorf("volume %s: %d to %d bytes: %w (--allow-shrink if that is what you want)", name, v.Size, size, ErrShrink)
 	}
@@ -93,15 +92,16 @@ func (r *Registry) Resize(name string, size int64, allowShrink bool) (Volume, er
 		return Volume{}, err
 	}
 	defer f.Close()
-	st, err := f.File().Stat()
+	file := f.(*block.File)
+	st, err := file.File().Stat()
 	if err != nil {
 		return Volume{}, fmt.Errorf("volume %s: %w", name, err)
 	}
 	if st.Mode().IsRegular() {
-		if err := f.File().Truncate(size); err != nil {
+		if err := file.File().Truncate(size); err != nil {
 			return Volume{}, fmt.Errorf("volume %s: %w", name, err)
 		}
-		if err := f.File().Sync(); err != nil {
+		if err := file.File().Sync(); err != nil {
 			return Volume{}, fmt.Errorf("volume %s: %w", name, err)
 		}
 	} else if f.Size() < size {
@@ -147,7 +147,7 @@ func (r *Registry) Delete(name string, shred bool, progress func(done, total int
 	if err := r.Remove(name); err != nil {
 		return err
 	}
-	if shred && !filepath.IsAbs(v.Backing) {
+	if shred && !filepath.IsAbs(v.Backing) && !IsRemote(v) {
 		if err := os.Remove(r.BackingPath(v)); err != nil {
 			return fmt.Errorf("volume %s: removed, but its backing file stays: %w", name, err)
 		}
@@ -156,7 +156,7 @@ func (r *Registry) Delete(name string, shred bool, progress func(done, total int
 }
 
 // zeroAll writes zeros over the first size bytes of f and syncs.
-func zeroAll(f *block.File, size int64, progress func(done, total int64)) error {
+func zeroAll(f block.Device, size int64, progress func(done, total int64)) error {
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < size; {
 		n := min(int64(len(buf)), size-off)

@@ -25,7 +25,7 @@ import (
 	"goldilocks/crypto"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/atomicfile"
-	"goldilocks/internal/block"
+	"goldilocks/internal/upstream"
 )
 
 // Format constants of volumes.json (FORMAT.md). Part of the on-disk format.
@@ -136,7 +136,7 @@ func (r *Registry) Dir() string { return r.dir }
 
 // BackingPath resolves a volume's backing store to a path.
 func (r *Registry) BackingPath(v Volume) string {
-	if filepath.IsAbs(v.Backing) {
+	if filepath.IsAbs(v.Backing) || IsRemote(v) {
 		return v.Backing
 	}
 	return filepath.Join(r.dir, v.Backing)
@@ -367,7 +367,19 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 				return nil, fmt.Errorf("volume %s: %w", o.Name, ErrExists)
 			}
 		}
-		if o.Backing != "" {
+		if upstream.IsURI(o.Backing) {
+			size, err := remoteSize(o.Backing)
+			if err != nil {
+				return nil, fmt.Errorf("volume %s: %w", o.Name, err)
+			}
+			if v.Size == 0 {
+				v.Size = size &^ (SizeAlign - 1)
+			}
+			if v.Size == 0 || storeSize > size {
+				return nil, fmt.Errorf("volume %s: backing %s holds %d bytes, volume needs %d", o.Name, o.Backing, size, max(v.Size, storeSize))
+			}
+			v.Backing = o.Backing
+		} else if o.Backing != "" {
 			abs, err := filepath.Abs(o.Backing)
 			if err != nil {
 				return nil, err
@@ -405,6 +417,11 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 				return nil, fmt.Errorf("volume %s: backing file: %w", o.Name, err)
 			}
 		}
+		for _, e := range vols { // one store, one volume
+			if r.BackingPath(e) == r.BackingPath(v) {
+				return nil, fmt.Errorf("volume %s: backing %s already holds volume %s", o.Name, r.BackingPath(v), e.Name)
+			}
+		}
 		if o.Encrypted {
 			ref, err := r.format(v, kek, o.KEK, o.Suite)
 			if err != nil {
@@ -429,27 +446,27 @@ func (r *Registry) format(v Volume, kek crypto.KEKProvider, keyName string, suit
 	if err != nil {
 		return nil, err
 	}
-	dev, err := block.OpenFile(r.BackingPath(v), false)
+	dev, err := r.openStore(v, false)
 	if err != nil {
-		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		return nil, err
 	}
 	defer dev.Close()
-	if err := dev.Lock(); err != nil {
-		return nil, fmt.Errorf("volume %s: backing store: %w", v.Name, err)
-	}
 	if err := crypto.Format(context.Background(), dev, id, uint64(v.Size), suite, kek, keyName); err != nil {
 		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 	}
-	h, err := ReadHeader(r.BackingPath(v))
+	if err := dev.Flush(); err != nil {
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	h, err := r.Header(v)
 	if err != nil {
 		return nil, err
 	}
 	return &KEKRef{Provider: h.KEK.Provider, Key: h.KEK.Name, Version: int(h.KEK.Version)}, nil
 }
 
-// ReadHeader reads an encrypted volume's current header without its key
-// (the MAC is not checked): for `volume info`.
-func ReadHeader(path string) (*crypto.Header, error) {
+// ReadHeaderFile reads the current header of an encrypted volume in a
+// file without its key (the MAC is not checked).
+func ReadHeaderFile(path string) (*crypto.Header, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -466,9 +483,9 @@ func ReadHeader(path string) (*crypto.Header, error) {
 	return h, nil
 }
 
-// VolumeFormat is the format version an encrypted volume's header
-// claims (1 for volumes that need `volume upgrade`).
-func VolumeFormat(path string) (int, error) {
+// fileFormat is the format version the header of an encrypted volume in
+// a file claims.
+func fileFormat(path string) (int, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
@@ -495,7 +512,7 @@ func (r *Registry) destroyKeys(v Volume) error {
 	if err != nil {
 		return err
 	}
-	h, herr := ReadHeader(r.BackingPath(v))
+	h, herr := r.Header(v)
 	provider := "local" // as the registry says; the store could say another
 	switch {
 	case v.KEK != nil:
@@ -586,13 +603,9 @@ func (r *Registry) Shred(name string) error {
 	// An attached volume's gateway holds its key in memory and may write
 	// its header again (the nonce reservation): shredding under it would
 	// not stick. Live revocation is the policy issue's quarantine.
-	f, err := block.OpenFile(r.BackingPath(v), false)
+	f, err := r.openStore(v, false)
 	if err != nil {
-		return fmt.Errorf("volume %s: %w", name, err)
-	}
-	if err := f.Lock(); err != nil {
-		f.Close()
-		return fmt.Errorf("volume %s: %w: detach its clients first", name, err)
+		return fmt.Errorf("%w: detach its clients first", err)
 	}
 	if err := r.destroyKeys(v); err != nil {
 		f.Close()
@@ -616,7 +629,7 @@ func (r *Registry) Shred(name string) error {
 	if err := r.Remove(name); err != nil {
 		return err
 	}
-	if !filepath.IsAbs(v.Backing) {
+	if !filepath.IsAbs(v.Backing) && !IsRemote(v) {
 		os.Remove(r.BackingPath(v))
 	}
 	if id, err := v.UUIDBytes(); err == nil {

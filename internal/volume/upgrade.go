@@ -122,6 +122,9 @@ func (r *Registry) Upgrade(ctx context.Context, name string, progress func(done,
 	if !v.Encrypted {
 		return res, fmt.Errorf("volume %s is plain: it has no on-disk format to upgrade", name)
 	}
+	if IsRemote(v) { // format 1 volumes were never on an upstream server
+		return res, fmt.Errorf("volume %s: %w", name, ErrUpToDate)
+	}
 	id, err := v.UUIDBytes()
 	if err != nil {
 		return res, err
@@ -252,7 +255,7 @@ func (r *Registry) Upgrade(ctx context.Context, name string, progress func(done,
 
 // checkFormat refuses anything but a store whose header claims format 1.
 func checkFormat(name, path string) error {
-	f, err := VolumeFormat(path)
+	f, err := fileFormat(path)
 	switch {
 	case err != nil:
 		return fmt.Errorf("volume %s: %w", name, err)
@@ -387,7 +390,7 @@ func (r *Registry) discardPartial(ctx context.Context, tmp string, id [16]byte, 
 	} else if err != nil {
 		return false, err
 	}
-	if h, err := ReadHeader(tmp); err == nil && h.UUID == id {
+	if h, err := ReadHeaderFile(tmp); err == nil && h.UUID == id {
 		if d, ok := kek.(crypto.KeyDestroyer); ok && h.KEK.Provider == kek.Name() {
 			for _, w := range h.DEK {
 				if len(w) > 0 {

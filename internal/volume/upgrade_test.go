@@ -149,7 +149,7 @@ func TestUpgradeFormat1(t *testing.T) {
 		t.Fatal(err)
 	}
 	path := r.BackingPath(v)
-	if f, err := VolumeFormat(path); f != 1 || err != nil {
+	if f, err := fileFormat(path); f != 1 || err != nil {
 		t.Fatalf("format %d %v", f, err)
 	}
 	// Refused at attach, naming the command, by the registry and by the
@@ -185,7 +185,7 @@ func TestUpgradeFormat1(t *testing.T) {
 	if last != [2]uint64{16, 16} || calls == 0 {
 		t.Fatalf("last progress %v after %d calls", last, calls)
 	}
-	if f, err := VolumeFormat(path); f != 2 || err != nil {
+	if f, err := fileFormat(path); f != 2 || err != nil {
 		t.Fatalf("format after the upgrade: %d %v", f, err)
 	}
 	if _, err := os.Stat(path + UpgradeSuffix); !errors.Is(err, os.ErrNotExist) {
@@ -195,7 +195,7 @@ func TestUpgradeFormat1(t *testing.T) {
 	if _, ok, err := r.Anchor().Load(id); !ok || err != nil {
 		t.Fatalf("no rollback anchor after the upgrade: %v", err)
 	}
-	h, err := ReadHeader(path)
+	h, err := ReadHeaderFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -284,13 +284,13 @@ func TestUpgradeInterrupted(t *testing.T) {
 	if !errors.Is(err, errCrash) {
 		t.Fatalf("crashed upgrade: %v", err)
 	}
-	if f, _ := VolumeFormat(path + UpgradeSuffix); f != 2 {
+	if f, _ := fileFormat(path + UpgradeSuffix); f != 2 {
 		t.Fatalf("the crash should leave a complete format-2 copy: format %d", f)
 	}
 	if fileSHA(t, path) != before {
 		t.Fatal("the old store changed before the rename")
 	}
-	if f, _ := VolumeFormat(path); f != 1 {
+	if f, _ := fileFormat(path); f != 1 {
 		t.Fatalf("format %d after a crash before the rename", f)
 	}
 	if got := v1SHA(t, r, "v1vol"); got != want {
@@ -426,7 +426,7 @@ func TestUpgradeDamagedChunk(t *testing.T) {
 	if !errors.Is(err, crypto.ErrChunkAuth) || !strings.Contains(err.Error(), "chunk 3") || !strings.Contains(err.Error(), "still format 1") {
 		t.Fatalf("upgrade of a damaged volume: %v", err)
 	}
-	if f, _ := VolumeFormat(path); f != 1 {
+	if f, _ := fileFormat(path); f != 1 {
 		t.Fatalf("format %d", f)
 	}
 	if _, err := os.Stat(path + UpgradeSuffix); !errors.Is(err, os.ErrNotExist) {
@@ -483,7 +483,7 @@ func TestUpgradeBackingOutsideDataDir(t *testing.T) {
 	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
 		t.Fatalf("the link is gone: %v", err)
 	}
-	if f, _ := VolumeFormat(real); f != 2 {
+	if f, _ := fileFormat(real); f != 2 {
 		t.Fatalf("format %d", f)
 	}
 	if got := plaintextSHA(t, r, "v1vol"); got != want {

@@ -1,0 +1,132 @@
+package e2e
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Volumes on an upstream NBD server (--backing nbd+unix://…): nbdkit's
+// memory plugin stands for the SAN or the NBD service the gateway fronts.
+
+// startNbdkit serves a memory disk of size with extra filter arguments
+// on a Unix socket and returns the backing URI.
+func startNbdkit(t *testing.T, size string, args ...string) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "upstream.sock")
+	argv := []string{"-f", "-U", sock}
+	var params []string // key=value go after the plugin, filters before
+	for _, a := range args {
+		if strings.HasPrefix(a, "--") {
+			argv = append(argv, a)
+		} else {
+			params = append(params, a)
+		}
+	}
+	cmd := exec.Command("nbdkit", append(append(argv, "memory", size), params...)...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("nbdkit did not start")
+		}
+	}
+	return "nbd+unix:///disk?socket=" + sock
+}
+
+func TestUpstreamBackedVolumes(t *testing.T) {
+	need(t, "nbdkit", "qemu-io", "nbdcopy")
+	plain := startNbdkit(t, "64M")
+	enc := startNbdkit(t, "40M")
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "up", "--plain", "--backing", plain)
+	goldilocks(t, dir, "volume", "create", "upe", "--size", "16M", "--backing", enc)
+	if out, err := runGoldilocks(dir, "volume", "create", "again", "--plain", "--backing", plain); err == nil || !strings.Contains(out, "already holds volume up") {
+		t.Fatalf("a second volume on the same upstream export: %v %s", err, out)
+	}
+	g := startGateway(t, dir)
+	secret := "GOLDILOCKS-UPSTREAM-SECRET"
+	for _, v := range []string{"up", "upe"} {
+		run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x21 2M 64k", "-c", "flush", g.unixURI(v))
+	}
+	nbdsh(t, g.unixURI("upe"), `h.pwrite(b"`+secret+`" * 100, 4 << 20); h.flush(); print("ok")`)
+	// Plain: the bytes are on the upstream as written. Encrypted: no
+	// plaintext reaches it.
+	raw := func(uri string) []byte {
+		out := filepath.Join(t.TempDir(), "copy.raw")
+		run(t, "nbdcopy", uri, out)
+		b, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	if b := raw(plain); !bytes.Equal(b[2<<20:2<<20+65536], bytes.Repeat([]byte{0x21}, 65536)) {
+		t.Fatal("the plain volume's write is not on the upstream export")
+	}
+	if b := raw(enc); bytes.Contains(b, []byte(secret)) || bytes.Contains(b, bytes.Repeat([]byte{0x5a}, 64)) {
+		t.Fatal("plaintext of the encrypted volume reached the upstream export")
+	}
+	// A restart of the gateway: everything flushed is still there.
+	if err := g.stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	g = startGateway(t, dir)
+	for _, v := range []string{"up", "upe"} {
+		run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", "-c", "read -P 0x21 2M 64k", g.unixURI(v))
+	}
+	if out := nbdsh(t, g.unixURI("upe"), `print(h.pread(26, 4 << 20).decode())`); !strings.Contains(out, secret) {
+		t.Fatalf("encrypted volume after a restart: %q", out)
+	}
+}
+
+// The upstream's errors reach the client as such, and nothing written
+// before is harmed: a full upstream (ENOSPC), then an upstream that is
+// gone (the attach refused, naming it).
+func TestUpstreamFaults(t *testing.T) {
+	need(t, "nbdkit", "qemu-io")
+	trigger := filepath.Join(t.TempDir(), "fail-writes")
+	uri := startNbdkit(t, "32M", "--filter=error", "error-pwrite=ENOSPC", "error-pwrite-rate=100%", "error-file="+trigger)
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "uf", "--plain", "--backing", uri)
+	g := startGateway(t, dir)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "flush", g.unixURI("uf"))
+	os.WriteFile(trigger, nil, 0o600) // the upstream is full from now on
+	out, err := runErr("qemu-io", "-f", "raw", "-c", "write -P 0x45 64k 64k", g.unixURI("uf"))
+	if err == nil && !strings.Contains(out, "No space left on device") {
+		t.Fatalf("write to a full upstream: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "No space left on device") {
+		t.Fatalf("the client did not see ENOSPC:\n%s", out)
+	}
+	run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x44 0 64k", g.unixURI("uf")) // reads still serve
+	os.Remove(trigger)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x46 64k 64k", "-c", "read -P 0x46 64k 64k", "-c", "read -P 0x44 0 64k", g.unixURI("uf"))
+	if !strings.Contains(g.logText(), "no space left on device") {
+		t.Errorf("the gateway log does not name the upstream's error:\n%s", g.logText())
+	}
+
+	// The upstream gone: the attach is refused with a reason; the gateway
+	// keeps serving.
+	gone := startNbdkit(t, "8M")
+	goldilocks(t, dir, "volume", "create", "ug", "--plain", "--backing", gone)
+	os.Remove(strings.TrimPrefix(gone, "nbd+unix:///disk?socket="))
+	out, err = runErr("qemu-io", "-f", "raw", "-c", "read 0 4k", g.unixURI("ug"))
+	if err == nil || !strings.Contains(out, "unavailable") {
+		t.Fatalf("attach of a volume whose upstream is gone: %v\n%s", err, out)
+	}
+	if !strings.Contains(g.logText(), "upstream") {
+		t.Errorf("the gateway log does not say the upstream is unreachable:\n%s", g.logText())
+	}
+	run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x44 0 64k", g.unixURI("uf"))
+}

@@ -1,0 +1,108 @@
+package volume
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"goldilocks/crypto"
+	"goldilocks/internal/block"
+	"goldilocks/internal/upstream"
+)
+
+// A volume's backing store is a file or block device (a path, locked
+// with flock against a second gateway on the same host), or an export of
+// another NBD server (upstream.IsURI: nbd://… or nbd+unix://…), which no
+// flock can guard: two gateways attaching the same upstream export at
+// once is the operator's to prevent (the upstream server's connection
+// limit, or one gateway per volume).
+
+// IsRemote reports whether v's backing store is an upstream NBD export.
+func IsRemote(v Volume) bool { return upstream.IsURI(v.Backing) }
+
+// store is an open backing store.
+type store interface {
+	block.Device
+	// Limit serves only the first size bytes.
+	Limit(size int64)
+}
+
+// openStore opens v's backing store for I/O; a local one is locked.
+func (r *Registry) openStore(v Volume, readOnly bool) (store, error) {
+	if IsRemote(v) {
+		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{})
+		if err != nil {
+			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		return d, nil
+	}
+	f, err := block.OpenFile(r.BackingPath(v), readOnly)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	if err := f.Lock(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	return f, nil
+}
+
+// remoteSize is the size of the upstream export uri.
+func remoteSize(uri string) (int64, error) {
+	d, err := upstream.Dial(context.Background(), uri, upstream.Options{})
+	if err != nil {
+		return 0, err
+	}
+	defer d.Close()
+	return d.Size(), nil
+}
+
+// header reads the first n bytes of v's backing store without a lock.
+func (r *Registry) header(v Volume, n int) ([]byte, error) {
+	b := make([]byte, n)
+	if IsRemote(v) {
+		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{})
+		if err != nil {
+			return nil, err
+		}
+		defer d.Close()
+		if _, err := d.ReadAt(b, 0); err != nil {
+			return nil, err
+		}
+		return b, nil
+	}
+	f, err := block.OpenFile(r.BackingPath(v), true)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if _, err := io.ReadFull(io.NewSectionReader(f, 0, int64(n)), b); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// Header reads an encrypted volume's current header without its key (the
+// MAC is not checked): for `volume info` and key status.
+func (r *Registry) Header(v Volume) (*crypto.Header, error) {
+	b, err := r.header(v, 2*crypto.HeaderBlockSize)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: reading the volume header: %w", v.Name, err)
+	}
+	h, _, err := crypto.PickHeader(b[:crypto.HeaderBlockSize], b[crypto.HeaderBlockSize:])
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+	}
+	return h, nil
+}
+
+// Format is the format version v's header claims (1 for volumes that
+// need `volume upgrade`).
+func (r *Registry) Format(v Volume) (int, error) {
+	b, err := r.header(v, 16)
+	if err != nil {
+		return 0, err
+	}
+	f, err := crypto.HeaderFormat(b)
+	return int(f), err
+}
