@@ -35,5 +35,7 @@ const (
 	EvVaultUnreachable   EventType = "vault_unreachable"
 	EvVaultBack          EventType = "vault_back"
 	EvAuditRecovered     EventType = "audit_recovered"
+	EvBackingOutage      EventType = "backing_outage"
+	EvBackingRestored    EventType = "backing_restored"
 	EvCheckpoint         EventType = "checkpoint"
 )

@@ -130,3 +130,58 @@ func TestUpstreamFaults(t *testing.T) {
 	}
 	run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x44 0 64k", g.unixURI("uf"))
 }
+
+// The upstream server killed and started again under a running client:
+// the client sees latency, not errors; everything it wrote and read back
+// is right; the outage is on the audit trail and in the metrics.
+func TestUpstreamRestartUnderLoad(t *testing.T) {
+	need(t, "nbdkit", "nbdsh")
+	img := filepath.Join(t.TempDir(), "upstream.raw")
+	os.WriteFile(img, make([]byte, 32<<20), 0o600)
+	sock := filepath.Join(t.TempDir(), "up.sock")
+	startFile := func() *exec.Cmd {
+		os.Remove(sock)
+		cmd := exec.Command("nbdkit", "-f", "-U", sock, "file", img)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if _, err := os.Stat(sock); err == nil {
+				return cmd
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("nbdkit did not start")
+			}
+		}
+	}
+	k := startFile()
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "ur", "--plain", "--backing", "nbd+unix:///disk?socket="+sock)
+	g := startGateway(t, dir, "--metrics", "127.0.0.1:0")
+	live := startLoop(t, g.unixURI("ur"), 8)
+	waitLog(t, g, "msg=attached", 1)
+	time.Sleep(time.Second)
+	k.Process.Kill() // SIGKILL
+	k.Wait()
+	time.Sleep(2 * time.Second)
+	startFile()
+	if err := live.wait(); err != nil {
+		t.Fatalf("the client saw the upstream's restart: %v", err)
+	}
+	waitLog(t, g, "event=backing_restored", 1)
+	if !strings.Contains(g.logText(), "event=backing_outage") {
+		t.Errorf("no backing_outage in the log:\n%s", g.logText())
+	}
+	_, body := httpGet(t, "http://"+metricsAddr(t, g)+"/metrics")
+	if !strings.Contains(body, `goldilocks_backing_outages_total{volume="ur"} 1`) {
+		t.Errorf("/metrics lacks the outage:\n%s", grepLines(body, "backing"))
+	}
+	g.stop(syscall.SIGTERM)
+	out := goldilocks(t, dir, "audit", "export", "--volume", "ur")
+	for _, ev := range []string{`"backing_outage"`, `"backing_restored"`} {
+		if !strings.Contains(out, ev) {
+			t.Errorf("the audit trail lacks %s", ev)
+		}
+	}
+}

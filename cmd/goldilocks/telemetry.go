@@ -28,6 +28,7 @@ type serveMetrics struct {
 	vaultRequests *prometheus.CounterVec
 	vaultErrors   *prometheus.CounterVec
 	vaultUp       prometheus.Gauge
+	outages       *prometheus.CounterVec
 }
 
 func newServeMetrics(reg prometheus.Registerer) *serveMetrics {
@@ -59,6 +60,9 @@ func newServeMetrics(reg prometheus.Registerer) *serveMetrics {
 		vaultErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "goldilocks_vault_errors_total", Help: "Requests to Vault that failed, by operation.",
 		}, []string{"op"}),
+		outages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "goldilocks_backing_outages_total", Help: "Outages of an upstream backing store (requests waited while it reconnected), by volume.",
+		}, []string{"volume"}),
 		vaultUp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "goldilocks_vault_up", Help: "1 while Vault answers (or is not used), 0 after a request found it unreachable, until one succeeds.",
 		}),
@@ -78,7 +82,7 @@ func newServeMetrics(reg prometheus.Registerer) *serveMetrics {
 	}, []string{"version", "goversion"})
 	build.WithLabelValues(buildVersion(), runtime.Version()).Set(1)
 	reg.MustRegister(m.auditRecords, m.auditFailures, m.integrity, m.reloads, m.rotations,
-		m.rekeyDone, m.rekeyTotal, m.vaultRequests, m.vaultErrors, m.vaultUp, build)
+		m.rekeyDone, m.rekeyTotal, m.vaultRequests, m.vaultErrors, m.vaultUp, m.outages, build)
 	return m
 }
 
@@ -110,6 +114,10 @@ func (m *serveMetrics) observeAudit(e audit.Event, err error) {
 		if okd && okt {
 			m.rekeyDone.WithLabelValues(e.Volume).Set(done * 4096)
 			m.rekeyTotal.WithLabelValues(e.Volume).Set(total * 4096)
+		}
+	case audit.EvBackingOutage:
+		if e.Details["failed"] == nil { // the outage's start, not its limit
+			m.outages.WithLabelValues(e.Volume).Inc()
 		}
 	case audit.EvVaultUnreachable:
 		m.vaultUp.Set(0)

@@ -15,8 +15,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -24,6 +26,7 @@ import (
 
 	"github.com/pojntfx/go-nbd/pkg/protocol"
 
+	"goldilocks/audit"
 	"goldilocks/internal/block"
 )
 
@@ -56,33 +59,60 @@ const (
 
 // Options tune a connection.
 type Options struct {
-	// DialTimeout bounds the connection and the handshake (0: 10 s).
+	// DialTimeout bounds one connection attempt and its handshake (0: 10 s).
 	DialTimeout time.Duration
+	// OutageLimit is how long requests wait while the server is
+	// unreachable, reconnecting with backoff, before they fail with EIO
+	// (0: 30 s). Within it a client sees latency, not errors.
+	OutageLimit time.Duration
+	// Log receives outages and recoveries (event=backing_outage,
+	// backing_restored: they reach the audit trail); nil: discarded.
+	Log *slog.Logger
 }
 
 // Device is an NBD export used as a block device. It is safe for
 // concurrent use: requests from many goroutines share one connection.
+//
+// When the connection is lost, requests in flight are kept and sent
+// again once it is back (a write at a fixed offset is idempotent; a FLUSH
+// goes after the writes sent before it), new ones wait, and the device
+// reconnects with backoff; after Options.OutageLimit they all fail with
+// EIO (ErrDisconnect), and later ones fail at once until a reconnection
+// in the background succeeds.
 type Device struct {
-	uri   string
-	nc    net.Conn
-	size  int64
-	flags uint16
-	maxIO int
-
-	wmu sync.Mutex // one request on the wire at a time
-	w   *bufio.Writer
+	uri                   string
+	network, addr, export string
+	o                     Options
+	size                  int64
+	flags                 uint16
+	maxIO                 int
 
 	mu      sync.Mutex // guards the fields below
+	link    *link      // nil while disconnected
 	next    uint64
 	pending map[uint64]*call
-	err     error // set once the connection is lost
-	done    chan struct{}
+	down    time.Time // when the current outage began; zero: connected
+	failed  error     // set once an outage outlasts the limit
+	closed  bool
+	redial  bool // a reconnection loop runs
 }
 
-// call is one request waiting for its reply.
+// link is one connection to the server.
+type link struct {
+	nc   net.Conn
+	wmu  sync.Mutex // one request on the wire at a time
+	w    *bufio.Writer
+	done chan struct{} // the reader ended
+}
+
+// call is one request, kept until its reply so that it can be sent again.
 type call struct {
-	buf  []byte // READ: where the data goes
-	errc chan error
+	typ, flags uint16
+	off        int64
+	length     uint32
+	payload    []byte // WRITE
+	buf        []byte // READ: where the data goes
+	errc       chan error
 }
 
 var (
@@ -134,45 +164,68 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	if o.DialTimeout <= 0 {
 		o.DialTimeout = 10 * time.Second
 	}
-	ctx, cancel := context.WithTimeout(ctx, o.DialTimeout)
-	defer cancel()
-	var dialer net.Dialer
-	nc, err := dialer.DialContext(ctx, network, addr)
+	if o.OutageLimit <= 0 {
+		o.OutageLimit = 30 * time.Second
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	d := &Device{uri: uri, network: network, addr: addr, export: export, o: o, maxIO: defaultMaxIO, pending: map[uint64]*call{}}
+	l, r, err := d.connect(ctx, true)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", uri, err)
+	}
+	d.link = l
+	go d.readReplies(l, r)
+	return d, nil
+}
+
+// connect dials and negotiates one connection; first records the
+// export's size and flags, a later one checks them.
+func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader, error) {
+	ctx, cancel := context.WithTimeout(ctx, d.o.DialTimeout)
+	defer cancel()
+	var dialer net.Dialer
+	nc, err := dialer.DialContext(ctx, d.network, d.addr)
+	if err != nil {
+		return nil, nil, err
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(dl)
 	}
-	d := &Device{uri: uri, nc: nc, w: bufio.NewWriterSize(nc, 256<<10), maxIO: defaultMaxIO,
-		pending: map[uint64]*call{}, done: make(chan struct{})}
 	r := bufio.NewReaderSize(nc, 256<<10)
-	if err := d.handshake(r, export); err != nil {
+	size, flags, maxIO, err := handshake(nc, r, d.export)
+	if err == nil && !first && (size != d.size || flags != d.flags) {
+		err = fmt.Errorf("%w: the export changed while disconnected (size %d, was %d)", ErrHandshake, size, d.size)
+	}
+	if err != nil {
 		nc.Close()
-		return nil, fmt.Errorf("upstream %s: %w", uri, err)
+		return nil, nil, err
+	}
+	if first {
+		d.size, d.flags, d.maxIO = size, flags, maxIO
 	}
 	nc.SetDeadline(time.Time{})
-	go d.readReplies(r)
-	return d, nil
+	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{})}, r, nil
 }
 
 // handshake: fixed newstyle, NBD_OPT_GO with a block size request.
-func (d *Device) handshake(r *bufio.Reader, export string) error {
+func handshake(nc net.Conn, r *bufio.Reader, export string) (size int64, flags uint16, maxIO int, err error) {
+	maxIO = defaultMaxIO
 	var hello [18]byte
 	if _, err := io.ReadFull(r, hello[:]); err != nil {
-		return fmt.Errorf("%w: reading the greeting: %v", ErrHandshake, err)
+		return 0, 0, 0, fmt.Errorf("%w: reading the greeting: %v", ErrHandshake, err)
 	}
 	if binary.BigEndian.Uint64(hello[0:]) != protocol.NEGOTIATION_MAGIC_OLDSTYLE ||
 		binary.BigEndian.Uint64(hello[8:]) != protocol.NEGOTIATION_MAGIC_OPTION {
-		return fmt.Errorf("%w: not a newstyle NBD server", ErrHandshake)
+		return 0, 0, 0, fmt.Errorf("%w: not a newstyle NBD server", ErrHandshake)
 	}
 	hs := binary.BigEndian.Uint16(hello[16:])
 	if hs&protocol.NEGOTIATION_HANDSHAKE_FLAG_FIXED_NEWSTYLE == 0 {
-		return fmt.Errorf("%w: the server does not speak fixed newstyle", ErrHandshake)
+		return 0, 0, 0, fmt.Errorf("%w: the server does not speak fixed newstyle", ErrHandshake)
 	}
 	cf := clientFixed
-	noZeroes := hs&hsNoZeroes != 0
-	if noZeroes {
+	if hs&hsNoZeroes != 0 {
 		cf |= clientNoZeroes
 	}
 	// NBD_OPT_GO: name, then one information request (block size).
@@ -185,97 +238,184 @@ func (d *Device) handshake(r *bufio.Reader, export string) error {
 	msg = binary.BigEndian.AppendUint32(msg, protocol.NEGOTIATION_ID_OPTION_GO)
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
 	msg = append(msg, data...)
-	if _, err := d.nc.Write(msg); err != nil {
-		return fmt.Errorf("%w: %v", ErrHandshake, err)
+	if _, err := nc.Write(msg); err != nil {
+		return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
 	}
 	gotExport := false
 	for {
 		var h [20]byte
 		if _, err := io.ReadFull(r, h[:]); err != nil {
-			return fmt.Errorf("%w: reading an option reply: %v", ErrHandshake, err)
+			return 0, 0, 0, fmt.Errorf("%w: reading an option reply: %v", ErrHandshake, err)
 		}
 		if binary.BigEndian.Uint64(h[0:]) != protocol.NEGOTIATION_MAGIC_REPLY {
-			return fmt.Errorf("%w: bad option reply magic", ErrHandshake)
+			return 0, 0, 0, fmt.Errorf("%w: bad option reply magic", ErrHandshake)
 		}
 		typ, n := binary.BigEndian.Uint32(h[12:]), binary.BigEndian.Uint32(h[16:])
 		if n > 64<<10 {
-			return fmt.Errorf("%w: option reply of %d bytes", ErrHandshake, n)
+			return 0, 0, 0, fmt.Errorf("%w: option reply of %d bytes", ErrHandshake, n)
 		}
 		body := make([]byte, n)
 		if _, err := io.ReadFull(r, body); err != nil {
-			return fmt.Errorf("%w: %v", ErrHandshake, err)
+			return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
 		}
 		switch {
 		case typ == protocol.NEGOTIATION_TYPE_REPLY_ACK:
 			if !gotExport {
-				return fmt.Errorf("%w: the server sent no export size", ErrHandshake)
+				return 0, 0, 0, fmt.Errorf("%w: the server sent no export size", ErrHandshake)
 			}
-			return nil
+			return size, flags, maxIO, nil
 		case typ == protocol.NEGOTIATION_TYPE_REPLY_INFO && n >= 2:
 			switch binary.BigEndian.Uint16(body) {
 			case protocol.NEGOTIATION_TYPE_INFO_EXPORT:
 				if n < 12 {
-					return fmt.Errorf("%w: short export information", ErrHandshake)
+					return 0, 0, 0, fmt.Errorf("%w: short export information", ErrHandshake)
 				}
-				d.size = int64(binary.BigEndian.Uint64(body[2:]))
-				d.flags = binary.BigEndian.Uint16(body[10:])
+				size = int64(binary.BigEndian.Uint64(body[2:]))
+				flags = binary.BigEndian.Uint16(body[10:])
 				gotExport = true
 			case protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE:
 				if n >= 14 {
-					if max := int(binary.BigEndian.Uint32(body[10:])); max >= 4096 && max < d.maxIO {
-						d.maxIO = max
+					if m := int(binary.BigEndian.Uint32(body[10:])); m >= 4096 && m < maxIO {
+						maxIO = m
 					}
 				}
 			}
 		case typ&repErrBit != 0:
 			text := string(body)
 			if typ == protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN {
-				return fmt.Errorf("%w: no export %q (%s)", ErrHandshake, export, text)
+				return 0, 0, 0, fmt.Errorf("%w: no export %q (%s)", ErrHandshake, export, text)
 			}
-			return fmt.Errorf("%w: the server refused export %q: error %d: %s", ErrHandshake, export, typ&^repErrBit, text)
+			return 0, 0, 0, fmt.Errorf("%w: the server refused export %q: error %d: %s", ErrHandshake, export, typ&^repErrBit, text)
 		}
 	}
 }
 
-// readReplies reads simple replies and wakes their callers, until the
-// connection ends; then every waiting call fails.
-func (d *Device) readReplies(r *bufio.Reader) {
-	err := func() error {
-		var h [16]byte
-		for {
-			if _, err := io.ReadFull(r, h[:]); err != nil {
-				return err
-			}
-			if m := binary.BigEndian.Uint32(h[0:]); m != protocol.TRANSMISSION_MAGIC_REPLY {
-				return fmt.Errorf("reply magic %#x (a structured reply? none was asked for)", m)
-			}
-			errno, cookie := binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
-			d.mu.Lock()
-			c := d.pending[cookie]
-			delete(d.pending, cookie)
-			d.mu.Unlock()
-			if c == nil {
-				return fmt.Errorf("a reply to request %d, which is not in flight", cookie)
-			}
-			if errno == 0 && c.buf != nil { // a READ's data follows
-				if _, err := io.ReadFull(r, c.buf); err != nil {
-					c.errc <- ErrDisconnect
-					return err
-				}
-			}
-			c.errc <- errnoError(errno)
+// readReplies reads simple replies on l and wakes their callers, until
+// the connection ends; then the outage begins (lost).
+func (d *Device) readReplies(l *link, r *bufio.Reader) {
+	defer close(l.done)
+	var h [16]byte
+	for {
+		if _, err := io.ReadFull(r, h[:]); err != nil {
+			d.lost(l, err)
+			return
 		}
-	}()
-	d.mu.Lock()
-	if d.err == nil {
-		d.err = fmt.Errorf("%w (%s): %v", ErrDisconnect, d.uri, err)
+		if m := binary.BigEndian.Uint32(h[0:]); m != protocol.TRANSMISSION_MAGIC_REPLY {
+			d.lost(l, fmt.Errorf("reply magic %#x (a structured reply? none was asked for)", m))
+			return
+		}
+		errno, cookie := binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
+		d.mu.Lock()
+		c := d.pending[cookie]
+		d.mu.Unlock()
+		if c == nil {
+			d.lost(l, fmt.Errorf("a reply to request %d, which is not in flight", cookie))
+			return
+		}
+		if errno == 0 && c.buf != nil { // a READ's data follows
+			if _, err := io.ReadFull(r, c.buf); err != nil {
+				d.lost(l, err) // c stays pending: it is sent again
+				return
+			}
+		}
+		d.mu.Lock()
+		delete(d.pending, cookie)
+		d.mu.Unlock()
+		c.errc <- errnoError(errno)
 	}
+}
+
+// lost handles the end of connection l: unless the device is closed, an
+// outage begins (or goes on) and a reconnection loop starts.
+func (d *Device) lost(l *link, cause error) {
+	l.nc.Close()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.link != l {
+		return
+	}
+	d.link = nil
+	if d.closed {
+		d.failLocked(fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri))
+		return
+	}
+	if d.down.IsZero() {
+		d.down = time.Now()
+		d.o.Log.Error("backing store unreachable: requests wait while reconnecting", "event", audit.EvBackingOutage,
+			"backing", d.uri, "err", cause, "in_flight", len(d.pending), "limit", d.o.OutageLimit.String())
+	}
+	if !d.redial {
+		d.redial = true
+		go d.reconnect()
+	}
+}
+
+// failLocked fails every request in flight with err.
+func (d *Device) failLocked(err error) {
 	for k, c := range d.pending {
-		c.errc <- d.err
+		c.errc <- err
 		delete(d.pending, k)
 	}
-	d.mu.Unlock()
-	close(d.done)
+}
+
+// reconnect dials with backoff until it succeeds or the device closes;
+// past the outage limit the requests waiting fail, and it keeps trying.
+func (d *Device) reconnect() {
+	wait := 50 * time.Millisecond
+	for {
+		l, r, err := d.connect(context.Background(), false)
+		d.mu.Lock()
+		if d.closed {
+			d.redial = false
+			d.mu.Unlock()
+			if l != nil {
+				l.nc.Close()
+			}
+			return
+		}
+		if err == nil {
+			d.link, d.redial = l, false
+			outage := time.Since(d.down)
+			d.down, d.failed = time.Time{}, nil
+			again := make([]*call, 0, len(d.pending))
+			cookies := make([]uint64, 0, len(d.pending))
+			for k := range d.pending {
+				cookies = append(cookies, k)
+			}
+			slices.Sort(cookies) // in the order first sent: a FLUSH after its writes
+			for _, k := range cookies {
+				again = append(again, d.pending[k])
+			}
+			l.wmu.Lock() // new requests queue behind the ones sent again
+			d.mu.Unlock()
+			go d.readReplies(l, r)
+			var werr error
+			for i, c := range again {
+				if werr == nil {
+					werr = l.write(cookies[i], c)
+				}
+			}
+			if werr == nil {
+				werr = l.w.Flush()
+			}
+			l.wmu.Unlock()
+			if werr != nil {
+				l.nc.Close() // the reader sees it: the outage goes on
+			}
+			d.o.Log.Info("backing store reachable again", "event", audit.EvBackingRestored, "backing", d.uri,
+				"outage_seconds", outage.Round(time.Millisecond).Seconds(), "resent", len(again))
+			return
+		}
+		if d.failed == nil && time.Since(d.down) > d.o.OutageLimit {
+			d.failed = fmt.Errorf("%w (%s) for more than %s: %v", ErrDisconnect, d.uri, d.o.OutageLimit, err)
+			d.o.Log.Error("backing store unreachable beyond the outage limit: requests fail with EIO until it is back",
+				"event", audit.EvBackingOutage, "backing", d.uri, "err", err, "failed", len(d.pending))
+			d.failLocked(syscall.EIO)
+		}
+		d.mu.Unlock()
+		time.Sleep(wait)
+		wait = min(2*wait, 2*time.Second)
+	}
 }
 
 // errnoError maps an NBD error to the errno it names, so that a client of
@@ -304,37 +444,54 @@ func errnoError(e uint32) error {
 	return syscall.EIO
 }
 
-// do sends one request and waits for its reply.
+// write puts c's request (and payload) in l's buffer; the caller holds
+// l.wmu and flushes.
+func (l *link) write(cookie uint64, c *call) error {
+	var h [28]byte
+	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
+	binary.BigEndian.PutUint16(h[4:], c.flags)
+	binary.BigEndian.PutUint16(h[6:], c.typ)
+	binary.BigEndian.PutUint64(h[8:], cookie)
+	binary.BigEndian.PutUint64(h[16:], uint64(c.off))
+	binary.BigEndian.PutUint32(h[24:], c.length)
+	if _, err := l.w.Write(h[:]); err != nil {
+		return err
+	}
+	if c.payload != nil {
+		_, err := l.w.Write(c.payload)
+		return err
+	}
+	return nil
+}
+
+// do sends one request and waits for its reply, across reconnections.
 func (d *Device) do(typ, flags uint16, off int64, length uint32, payload, into []byte) error {
-	c := &call{buf: into, errc: make(chan error, 1)}
+	c := &call{typ: typ, flags: flags, off: off, length: length, payload: payload, buf: into, errc: make(chan error, 1)}
 	d.mu.Lock()
-	if d.err != nil {
+	switch {
+	case d.closed:
 		d.mu.Unlock()
-		return d.err
+		return fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri)
+	case d.failed != nil:
+		err := errors.Join(syscall.EIO, d.failed)
+		d.mu.Unlock()
+		return err
 	}
 	d.next++
 	cookie := d.next
 	d.pending[cookie] = c
+	l := d.link // nil while reconnecting: the request is sent on reconnection
 	d.mu.Unlock()
-
-	var h [28]byte
-	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
-	binary.BigEndian.PutUint16(h[4:], flags)
-	binary.BigEndian.PutUint16(h[6:], typ)
-	binary.BigEndian.PutUint64(h[8:], cookie)
-	binary.BigEndian.PutUint64(h[16:], uint64(off))
-	binary.BigEndian.PutUint32(h[24:], length)
-	d.wmu.Lock()
-	_, err := d.w.Write(h[:])
-	if err == nil && payload != nil {
-		_, err = d.w.Write(payload)
-	}
-	if err == nil {
-		err = d.w.Flush()
-	}
-	d.wmu.Unlock()
-	if err != nil {
-		d.nc.Close() // the reader then fails every call, this one too
+	if l != nil {
+		l.wmu.Lock()
+		err := l.write(cookie, c)
+		if err == nil {
+			err = l.w.Flush()
+		}
+		l.wmu.Unlock()
+		if err != nil {
+			l.nc.Close() // the reader sees it; c is sent again on reconnection
+		}
 	}
 	return <-c.errc
 }
@@ -463,14 +620,24 @@ func (d *Device) ReadOnly() bool { return d.flags&flagReadOnly != 0 }
 
 // Close ends the connection (NBD_CMD_DISC); requests still in flight fail.
 func (d *Device) Close() error {
-	d.wmu.Lock()
+	d.mu.Lock()
+	d.closed = true
+	l := d.link
+	d.mu.Unlock()
+	if l == nil {
+		d.mu.Lock()
+		d.failLocked(fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri))
+		d.mu.Unlock()
+		return nil
+	}
+	l.wmu.Lock()
 	var h [28]byte
 	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
 	binary.BigEndian.PutUint16(h[6:], protocol.TRANSMISSION_TYPE_REQUEST_DISC)
-	d.w.Write(h[:])
-	d.w.Flush()
-	d.wmu.Unlock()
-	err := d.nc.Close()
-	<-d.done
+	l.w.Write(h[:])
+	l.w.Flush()
+	l.wmu.Unlock()
+	err := l.nc.Close()
+	<-l.done
 	return err
 }

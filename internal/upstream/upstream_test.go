@@ -227,28 +227,136 @@ func TestServerErrors(t *testing.T) {
 	}
 }
 
-// A lost connection fails the calls waiting on it and every later one,
-// at once, with ErrDisconnect.
-func TestServerGone(t *testing.T) {
-	uri, stop := nbdkit(t, "--filter=delay", "memory", "8M", "rdelay=2")
-	d := dial(t, uri)
-	errc := make(chan error, 1)
-	go func() {
-		_, err := d.ReadAt(make([]byte, 4096), 0)
-		errc <- err
-	}()
-	time.Sleep(300 * time.Millisecond)
-	stop()
-	select {
-	case err := <-errc:
-		if !errors.Is(err, ErrDisconnect) {
-			t.Fatalf("read in flight when the server died: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the read in flight hangs after the server died")
+// A server gone for longer than the outage limit: the calls waiting
+// fail with EIO when the limit passes (not at once, not never), later
+// ones at once; when the server is back, calls work again.
+func TestServerGoneBeyondLimit(t *testing.T) {
+	needTool(t, "nbdkit")
+	sock := filepath.Join(t.TempDir(), "k.sock")
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, make([]byte, 8<<20), 0o600)
+	stop := startFileServer(t, sock, img)
+	d, err := Dial(context.Background(), "nbd+unix:///disk?socket="+sock, Options{OutageLimit: time.Second})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := d.WriteAt(make([]byte, 512), 0); !errors.Is(err, ErrDisconnect) {
-		t.Fatalf("write after: %v", err)
+	defer d.Close()
+	stop()
+	start := time.Now()
+	_, err = d.ReadAt(make([]byte, 4096), 0)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read while the server is gone: %v, want EIO", err)
+	}
+	if waited := time.Since(start); waited < 900*time.Millisecond || waited > 10*time.Second {
+		t.Fatalf("the read failed after %v, want about the 1 s limit", waited)
+	}
+	t0 := time.Now()
+	if _, err := d.WriteAt(make([]byte, 512), 0); !errors.Is(err, syscall.EIO) || time.Since(t0) > 500*time.Millisecond {
+		t.Fatalf("write past the limit: %v after %v, want EIO at once", err, time.Since(t0))
+	}
+	startFileServer(t, sock, img)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if _, err := d.WriteAt([]byte("back"), 0); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no recovery after the server came back: %v", err)
+		}
+	}
+}
+
+// startFileServer serves img with nbdkit's file plugin on sock (removed
+// first) and returns a stop that kills it with SIGKILL.
+func startFileServer(t *testing.T, sock, img string) (stop func()) {
+	t.Helper()
+	os.Remove(sock)
+	cmd := exec.Command("nbdkit", "-f", "-U", sock, "file", img)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cmd.Process.Kill(); cmd.Wait() }) }
+	t.Cleanup(stop)
+	waitSocket(t, "unix", sock)
+	return stop
+}
+
+// The server killed (SIGKILL) and started again while clients write,
+// flush and read: no call returns an error, every byte is as written.
+func TestReconnectUnderLoad(t *testing.T) {
+	needTool(t, "nbdkit")
+	const size = 8 << 20
+	sock := filepath.Join(t.TempDir(), "k.sock")
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, make([]byte, size), 0o600)
+	stop := startFileServer(t, sock, img)
+	d, err := Dial(context.Background(), "nbd+unix:///disk?socket="+sock, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	model := make([]byte, size)
+	var wg sync.WaitGroup
+	errc := make(chan error, 8)
+	quit := make(chan struct{})
+	for g := range 8 { // each goroutine owns one 1 MiB region
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 9))
+			base := int64(g) << 20
+			for i := 0; ; i++ {
+				select {
+				case <-quit:
+					return
+				default:
+				}
+				off := base + int64(rng.IntN(1<<20-65536))
+				p := make([]byte, 1+rng.IntN(65536))
+				for j := range p {
+					p[j] = byte(rng.Uint32())
+				}
+				if _, err := d.WriteAt(p, off); err != nil {
+					errc <- err
+					return
+				}
+				copy(model[off:], p)
+				if i%8 == 0 {
+					if err := d.Flush(); err != nil {
+						errc <- err
+						return
+					}
+				}
+				got := make([]byte, len(p))
+				if _, err := d.ReadAt(got, off); err != nil || !bytes.Equal(got, p) {
+					errc <- fmt.Errorf("read back at %d: %v", off, err)
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(500 * time.Millisecond)
+	stop() // SIGKILL: its page cache keeps what it wrote
+	time.Sleep(1500 * time.Millisecond)
+	startFileServer(t, sock, img)
+	time.Sleep(time.Second)
+	close(quit)
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(30 * time.Second):
+		t.Fatal("calls hang after the server came back")
+	}
+	close(errc)
+	for err := range errc {
+		t.Fatalf("a call failed across the server's restart: %v", err)
+	}
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("after the restart the disk differs from what was written")
 	}
 }
 

@@ -108,7 +108,7 @@ func (e *Exports) List() ([]Volume, error) { return e.reg.List() }
 func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) {
 	// Encrypted volumes are opened read-write even when served read-only:
 	// the nonce reservation lives in the header.
-	f, err := r.openStore(v, v.ReadOnly && !v.Encrypted)
+	f, err := r.openStoreLog(v, v.ReadOnly && !v.Encrypted, log)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 
 	"goldilocks/crypto"
 	"goldilocks/internal/block"
@@ -29,8 +30,16 @@ type store interface {
 
 // openStore opens v's backing store for I/O; a local one is locked.
 func (r *Registry) openStore(v Volume, readOnly bool) (store, error) {
+	return r.openStoreLog(v, readOnly, nil)
+}
+
+// openStoreLog is openStore with a logger for an upstream's outages.
+func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (store, error) {
 	if IsRemote(v) {
-		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{})
+		if log != nil {
+			log = log.With("volume", v.Name)
+		}
+		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{Log: log})
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
