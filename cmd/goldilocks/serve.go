@@ -39,6 +39,7 @@ type serveFlags struct {
 	maxInflight                   int
 	mapCache                      string
 	shutdownTimeout               time.Duration
+	outageLimit                   time.Duration
 	cpuProfile                    string
 	memProfile                    string
 	pidFile                       string
@@ -83,6 +84,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
 	f.StringVar(&sf.mapCache, "map-cache", "32MiB", "memory for the chunk-map nodes of all encrypted volumes together")
 	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
+	f.DurationVar(&sf.outageLimit, "backing-outage-limit", 30*time.Second, "how long requests to an unreachable upstream backing store (nbd://…) wait, reconnecting, before they fail with EIO")
 	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
 	f.MarkHidden("cpuprofile")
 	f.StringVar(&sf.memProfile, "memprofile", "", "write a Go heap profile to FILE at exit (for bench/)")
@@ -206,6 +208,10 @@ func serve(a *app, sf serveFlags) error {
 		return usagef("--map-cache %q: want a size of at least 1MiB", sf.mapCache)
 	}
 	reg.SetCacheBytes(int(cacheBytes))
+	if sf.outageLimit <= 0 {
+		return usagef("--backing-outage-limit %s: want a positive duration", sf.outageLimit)
+	}
+	reg.SetOutageLimit(sf.outageLimit)
 	vols, err := reg.List()
 	if err != nil {
 		return err

@@ -85,6 +85,7 @@ type stamp struct {
 // Registry is the volume registry of one data dir. It is safe for
 // concurrent use, and other processes may change the file underneath it.
 type Registry struct {
+	outageLimit time.Duration // upstream backing stores; 0: the default
 	dir        string
 	passphrase []byte // seals the local keystore; see SetKeystorePassphrase
 	vaultCfg   crypto.VaultConfig

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"time"
 
 	"goldilocks/crypto"
 	"goldilocks/internal/block"
@@ -17,6 +18,10 @@ import (
 // flock can guard: two gateways attaching the same upstream export at
 // once is the operator's to prevent (the upstream server's connection
 // limit, or one gateway per volume).
+
+// SetOutageLimit sets how long requests to an upstream backing store wait
+// while it is unreachable before they fail (0: upstream's default, 30 s).
+func (r *Registry) SetOutageLimit(d time.Duration) { r.outageLimit = d }
 
 // IsRemote reports whether v's backing store is an upstream NBD export.
 func IsRemote(v Volume) bool { return upstream.IsURI(v.Backing) }
@@ -39,7 +44,7 @@ func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (stor
 		if log != nil {
 			log = log.With("volume", v.Name)
 		}
-		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{Log: log})
+		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{Log: log, OutageLimit: r.outageLimit})
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
