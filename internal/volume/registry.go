@@ -86,9 +86,9 @@ type stamp struct {
 // concurrent use, and other processes may change the file underneath it.
 type Registry struct {
 	outageLimit time.Duration // upstream backing stores; 0: the default
-	dir        string
-	passphrase []byte // seals the local keystore; see SetKeystorePassphrase
-	vaultCfg   crypto.VaultConfig
+	dir         string
+	passphrase  []byte // seals the local keystore; see SetKeystorePassphrase
+	vaultCfg    crypto.VaultConfig
 
 	cache *cowmap.Cache // map nodes of every volume this process opens
 	pools *crypto.Pools // their batch buffers
