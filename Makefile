@@ -10,6 +10,8 @@ TEST_DEBS := qemu-utils libnbd-bin python3-libnbd nbdkit fio
 # and its xmllint), prometheus
 # (promtool; its daemon is not started by the tests).
 TOOL_DEBS := systemd libvirt-clients libxml2-utils prometheus
+# A single-node Ceph cluster for the RBD tests, and librbd to build against.
+CEPH_DEBS := ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev
 
 .PHONY: all build run test deps check unit bench fuzz torture vault clean
 
@@ -17,8 +19,14 @@ all: build
 
 VERSION := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
+# The Ceph RBD backend (internal/rbd) is cgo against librbd: built in when
+# librbd-dev and librados-dev are installed (make deps installs them),
+# else the binary is pure Go and --backing rbd: says it lacks Ceph.
+CEPH_TAGS = $(shell [ -f /usr/include/rbd/librbd.h ] && echo ceph pacific)
+
 build:
-	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/goldilocks
+	$(GO) build -trimpath -tags "$(CEPH_TAGS)" -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/goldilocks
+	@[ -n "$(CEPH_TAGS)" ] || echo "note: built without Ceph RBD support (apt-get install librbd-dev librados-dev, then make build)"
 
 run: build
 	./$(BIN) serve --demo
@@ -31,6 +39,10 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing test peers: $(TEST_DEBS)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS) >/dev/null; \
+	fi
+	@if [ ! -f /usr/include/rbd/librbd.h ] || ! command -v ceph-mon >/dev/null; then \
+		echo "installing Ceph (for the RBD tests and backend): $(CEPH_DEBS)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CEPH_DEBS) >/dev/null; \
 	fi
 	@missing=""; for t in systemd-analyze systemd-socket-activate virt-xml-validate xmllint promtool; do \
 		command -v $$t >/dev/null || missing=1; done; \
@@ -47,6 +59,8 @@ check:
 	if [ -n "$$bad" ]; then echo "gofmt needed:"; echo "$$bad"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(GO) run $(STATICCHECK) $(PKGS)
+	@if [ -n "$(CEPH_TAGS)" ]; then echo "vet and staticcheck with -tags '$(CEPH_TAGS)'"; \
+		$(GO) vet -tags "$(CEPH_TAGS)" ./internal/rbd/ && $(GO) run $(STATICCHECK) -tags "$(CEPH_TAGS)" ./internal/rbd/; fi
 
 # The interop tests drive bin/goldilocks (built without -race) with real
 # clients and a real Vault (bin/vault); the in-process tests run under the

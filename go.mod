@@ -3,6 +3,7 @@ module goldilocks
 go 1.26.0
 
 require (
+	github.com/ceph/go-ceph v0.41.0
 	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/google/uuid v1.6.0
 	github.com/hashicorp/vault/api v1.23.0

@@ -11,6 +11,7 @@ import (
 
 	"goldilocks/audit"
 	"goldilocks/crypto"
+	"goldilocks/internal/rbd"
 	"goldilocks/internal/units"
 	"goldilocks/internal/volume"
 )
@@ -83,14 +84,34 @@ func cipherName(s byte) string {
 func newVolumeCreateCmd(a *app) *cobra.Command {
 	var (
 		sizeStr, kek, backing, cipher string
+		cephConf, cephID              string
 		plain, readOnly               bool
 		labels                        map[string]string
 	)
 	c := &cobra.Command{
-		Use:   "create NAME --size SIZE [--plain] [--backing PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH]",
+		Use:   "create NAME --size SIZE [--plain] [--backing PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH|rbd:POOL/IMAGE]",
 		Short: "Create a volume (its NBD export name is NAME)",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeCreate, func(cmd *cobra.Command, argv []string) error {
+			rbdBacking := backing
+			if rbd.IsSpec(backing) {
+				spec, err := rbd.Parse(backing)
+				if err != nil {
+					return usageError{err}
+				}
+				if cephConf != "" {
+					spec.Conf = cephConf
+				}
+				if cephID != "" {
+					spec.ID = cephID
+				}
+				if !rbd.Supported {
+					return rbd.ErrNoCeph
+				}
+				rbdBacking = spec.String()
+			} else if cephConf != "" || cephID != "" {
+				return usagef("volume create: --ceph-conf and --ceph-id go with --backing rbd:POOL/IMAGE")
+			}
 			var size int64
 			if sizeStr != "" {
 				s, err := parseSize(sizeStr)
@@ -118,7 +139,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 				return err
 			}
 			v, err := reg.Create(volume.CreateOptions{
-				Name: argv[0], Size: size, Backing: backing, Encrypted: !plain, ReadOnly: readOnly, Labels: labels,
+				Name: argv[0], Size: size, Backing: rbdBacking, Encrypted: !plain, ReadOnly: readOnly, Labels: labels,
 				KEK: kek, Suite: suite,
 			})
 			if err != nil {
@@ -137,7 +158,9 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	f.BoolVar(&plain, "plain", false, "store the guest's bytes unencrypted")
 	f.StringVar(&kek, "kek", "", "key-encryption key: local (default) or vault:KEYNAME")
 	f.StringVar(&cipher, "cipher", "aes-256-gcm", "aes-256-gcm or chacha20-poly1305")
-	f.StringVar(&backing, "backing", "", "existing file, block device or upstream NBD export (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH) to hold the volume (default: a sparse file in the data dir)")
+	f.StringVar(&backing, "backing", "", "existing file, block device, upstream NBD export (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH) or Ceph RBD image (rbd:POOL/IMAGE) to hold the volume (default: a sparse file in the data dir)")
+	f.StringVar(&cephConf, "ceph-conf", "", "with --backing rbd:…: the cluster's ceph.conf (default CEPH_CONF, else /etc/ceph/ceph.conf)")
+	f.StringVar(&cephID, "ceph-id", "", "with --backing rbd:…: the Ceph client id (default admin), whose keyring the conf names")
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
 	f.StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag the access policy can match (repeatable)")
 	return c

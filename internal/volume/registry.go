@@ -25,7 +25,6 @@ import (
 	"goldilocks/crypto"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/atomicfile"
-	"goldilocks/internal/upstream"
 )
 
 // Format constants of volumes.json (FORMAT.md). Part of the on-disk format.
@@ -368,8 +367,8 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 				return nil, fmt.Errorf("volume %s: %w", o.Name, ErrExists)
 			}
 		}
-		if upstream.IsURI(o.Backing) {
-			size, err := remoteSize(o.Backing)
+		if isRemote(o.Backing) {
+			size, err := r.remoteSize(o.Backing)
 			if err != nil {
 				return nil, fmt.Errorf("volume %s: %w", o.Name, err)
 			}

@@ -9,6 +9,7 @@ import (
 
 	"goldilocks/crypto"
 	"goldilocks/internal/block"
+	"goldilocks/internal/rbd"
 	"goldilocks/internal/upstream"
 )
 
@@ -23,8 +24,11 @@ import (
 // while it is unreachable before they fail (0: upstream's default, 30 s).
 func (r *Registry) SetOutageLimit(d time.Duration) { r.outageLimit = d }
 
-// IsRemote reports whether v's backing store is an upstream NBD export.
-func IsRemote(v Volume) bool { return upstream.IsURI(v.Backing) }
+// IsRemote reports whether v's backing store is not a local path: an
+// upstream NBD export or a Ceph RBD image.
+func IsRemote(v Volume) bool { return isRemote(v.Backing) }
+
+func isRemote(backing string) bool { return upstream.IsURI(backing) || rbd.IsSpec(backing) }
 
 // store is an open backing store.
 type store interface {
@@ -40,6 +44,17 @@ func (r *Registry) openStore(v Volume, readOnly bool) (store, error) {
 
 // openStoreLog is openStore with a logger for an upstream's outages.
 func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (store, error) {
+	if rbd.IsSpec(v.Backing) {
+		spec, err := rbd.Parse(v.Backing)
+		if err != nil {
+			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		img, err := rbd.Open(spec)
+		if err != nil {
+			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		return img, nil
+	}
 	if IsRemote(v) {
 		if log != nil {
 			log = log.With("volume", v.Name)
@@ -61,9 +76,17 @@ func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (stor
 	return f, nil
 }
 
-// remoteSize is the size of the upstream export uri.
-func remoteSize(uri string) (int64, error) {
-	d, err := upstream.Dial(context.Background(), uri, upstream.Options{})
+// remoteSize is the size of a remote backing store.
+func (r *Registry) remoteSize(backing string) (int64, error) {
+	if rbd.IsSpec(backing) {
+		d, err := r.openStore(Volume{Name: "(new)", Backing: backing}, true)
+		if err != nil {
+			return 0, err
+		}
+		defer d.Close()
+		return d.Size(), nil
+	}
+	d, err := upstream.Dial(context.Background(), backing, upstream.Options{})
 	if err != nil {
 		return 0, err
 	}
@@ -75,7 +98,7 @@ func remoteSize(uri string) (int64, error) {
 func (r *Registry) header(v Volume, n int) ([]byte, error) {
 	b := make([]byte, n)
 	if IsRemote(v) {
-		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{})
+		d, err := r.openStore(v, true)
 		if err != nil {
 			return nil, err
 		}

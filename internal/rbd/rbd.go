@@ -1,0 +1,185 @@
+//go:build ceph
+
+package rbd
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"github.com/ceph/go-ceph/rados"
+	gorbd "github.com/ceph/go-ceph/rbd"
+
+	"goldilocks/internal/block"
+)
+
+// Supported reports whether this binary has the RBD backend.
+const Supported = true
+
+// Image is an open RBD image as a block device. librbd is safe for
+// concurrent calls on one image: every goroutine's request is in flight
+// at once.
+type Image struct {
+	spec  Spec
+	conn  *rados.Conn
+	ioctx *rados.IOContext
+	img   *gorbd.Image
+	size  int64
+}
+
+var (
+	_ block.Device  = (*Image)(nil)
+	_ block.Trimmer = (*Image)(nil)
+	_ block.Zeroer  = (*Image)(nil)
+)
+
+// Open connects to the cluster and opens the image.
+func Open(s Spec) (*Image, error) {
+	id := s.ID
+	if id == "" {
+		id = "admin"
+	}
+	conn, err := rados.NewConnWithUser(id)
+	if err != nil {
+		return nil, fmt.Errorf("rbd %s: %w", s, err)
+	}
+	conf := s.Conf
+	if conf == "" {
+		conf = os.Getenv("CEPH_CONF")
+	}
+	if conf != "" {
+		err = conn.ReadConfigFile(conf)
+	} else {
+		err = conn.ReadDefaultConfigFile()
+	}
+	if err == nil {
+		conn.SetConfigOption("client_mount_timeout", "30")
+		err = conn.Connect()
+	}
+	if err != nil {
+		conn.Shutdown()
+		return nil, fmt.Errorf("rbd %s: connecting to the cluster: %w", s, err)
+	}
+	ioctx, err := conn.OpenIOContext(s.Pool)
+	if err != nil {
+		conn.Shutdown()
+		return nil, fmt.Errorf("rbd %s: pool %s: %w", s, s.Pool, err)
+	}
+	img, err := gorbd.OpenImage(ioctx, s.Image, gorbd.NoSnapshot)
+	if err != nil {
+		ioctx.Destroy()
+		conn.Shutdown()
+		return nil, fmt.Errorf("rbd %s: image %s: %w", s, s.Image, err)
+	}
+	size, err := img.GetSize()
+	if err != nil {
+		img.Close()
+		ioctx.Destroy()
+		conn.Shutdown()
+		return nil, fmt.Errorf("rbd %s: %w", s, err)
+	}
+	return &Image{spec: s, conn: conn, ioctx: ioctx, img: img, size: int64(size)}, nil
+}
+
+// errno turns a librbd error into the errno it carries, so that a client
+// sees ENOSPC as ENOSPC.
+func errno(err error) error {
+	var ce interface{ ErrorCode() int }
+	if errors.As(err, &ce) {
+		if c := ce.ErrorCode(); c < 0 {
+			return syscall.Errno(-c)
+		} else if c > 0 {
+			return syscall.Errno(c)
+		}
+	}
+	return err
+}
+
+// ReadAt reads len(p) bytes at off.
+func (i *Image) ReadAt(p []byte, off int64) (int, error) {
+	if !block.CheckRange(i.size, off, int64(len(p))) {
+		return 0, block.ErrOutOfRange
+	}
+	n, err := i.img.ReadAt(p, off)
+	if err != nil || n < len(p) {
+		return 0, fmt.Errorf("rbd %s: read %d bytes at %d: %w", i.spec, len(p), off, errno(err))
+	}
+	return n, nil
+}
+
+// WriteAt writes p at off.
+func (i *Image) WriteAt(p []byte, off int64) (int, error) {
+	if !block.CheckRange(i.size, off, int64(len(p))) {
+		return 0, block.ErrOutOfRange
+	}
+	n, err := i.img.WriteAt(p, off)
+	if err != nil || n < len(p) {
+		return 0, fmt.Errorf("rbd %s: write %d bytes at %d: %w", i.spec, len(p), off, errno(err))
+	}
+	return n, nil
+}
+
+// Flush makes completed writes durable (rbd_flush).
+func (i *Image) Flush() error {
+	if err := i.img.Flush(); err != nil {
+		return fmt.Errorf("rbd %s: flush: %w", i.spec, errno(err))
+	}
+	return nil
+}
+
+// Trim discards a range (rbd_discard: it then reads as zeros).
+func (i *Image) Trim(off, length int64) error {
+	if !block.CheckRange(i.size, off, length) {
+		return block.ErrOutOfRange
+	}
+	if _, err := i.img.Discard(uint64(off), uint64(length)); err != nil {
+		return fmt.Errorf("rbd %s: discard %d bytes at %d: %w", i.spec, length, off, errno(err))
+	}
+	return nil
+}
+
+// Zero writes zeros over a range: a discard where it may unmap (RBD reads
+// a discarded range as zeros), else rbd_writesame of a zero block.
+func (i *Image) Zero(off, length int64, mayUnmap, fast bool) error {
+	if !block.CheckRange(i.size, off, length) {
+		return block.ErrOutOfRange
+	}
+	if mayUnmap {
+		return i.Trim(off, length)
+	}
+	if fast {
+		return block.ErrNotSupported
+	}
+	zero := make([]byte, 4096)
+	for length > 0 {
+		n := min(length, 1<<30)
+		if n%4096 != 0 || off%4096 != 0 {
+			if _, err := i.WriteAt(make([]byte, n), off); err != nil {
+				return err
+			}
+		} else if _, err := i.img.WriteSame(uint64(off), uint64(n), zero, 0); err != nil {
+			return fmt.Errorf("rbd %s: write zeros %d bytes at %d: %w", i.spec, n, off, errno(err))
+		}
+		off, length = off+n, length-n
+	}
+	return nil
+}
+
+// Size is the image's size (or the Limit set).
+func (i *Image) Size() int64 { return i.size }
+
+// Limit serves only the first size bytes of a larger image.
+func (i *Image) Limit(size int64) {
+	if size >= 0 && size < i.size {
+		i.size = size
+	}
+}
+
+// Close closes the image and the cluster connection.
+func (i *Image) Close() error {
+	err := i.img.Close()
+	i.ioctx.Destroy()
+	i.conn.Shutdown()
+	return err
+}

@@ -1,0 +1,21 @@
+//go:build !ceph
+
+package rbd
+
+// Supported reports whether this binary has the RBD backend.
+const Supported = false
+
+// Image is an open RBD image; a binary without Ceph support has none.
+type Image struct{ noImage }
+
+// Open fails: this binary was built without Ceph support.
+func Open(s Spec) (*Image, error) { return nil, ErrNoCeph }
+
+type noImage struct{}
+
+func (noImage) ReadAt([]byte, int64) (int, error)  { return 0, ErrNoCeph }
+func (noImage) WriteAt([]byte, int64) (int, error) { return 0, ErrNoCeph }
+func (noImage) Size() int64                        { return 0 }
+func (noImage) Flush() error                       { return ErrNoCeph }
+func (noImage) Close() error                       { return nil }
+func (noImage) Limit(int64)                        {}
