@@ -75,6 +75,7 @@ bench: deps build vault
 	bash bench/keys.sh | tee bench/keys.md
 	bash bench/tls.sh | tee bench/tls.md
 	bash bench/scale.sh | tee bench/scale.md
+	bash bench/storage.sh | tee bench/storage.md
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/

@@ -369,7 +369,13 @@ func (v *Volume) Size() int64 { return v.size }
 // Caps: an encrypted volume trims, zeroes and reports extents from its
 // map; its bytes are not its file's (no zero-copy), nor cached by the
 // kernel as plaintext (no TryReadAt, no Cache).
-func (v *Volume) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanExtents }
+func (v *Volume) Caps() block.Caps {
+	c := block.CanTrim | block.CanZero | block.CanExtents
+	if block.OptionalOf(v.store).FastWrite { // a seal and a write to a fast store
+		c |= block.CanFastWrite
+	}
+	return c
+}
 
 // Header returns a copy of the current header (for `volume info`).
 func (v *Volume) Header() Header {

@@ -59,6 +59,7 @@ type conn struct {
 	extenter      block.Extenter
 	cacher        block.Cacher
 	tryRead       block.TryReader
+	fastWrite     bool            // the device's writes are memory-speed: small ones run inline
 	raw           syscall.RawConn // the socket, when it is one (not TLS)
 	sendFD        int             // the file of a plain device (splice, sendfile), or -1
 	sendfileReads bool            // large plain reads go by sendfile (TCP only)
@@ -242,6 +243,7 @@ func (c *conn) transmit() {
 	dev := c.exp.Device
 	o := block.OptionalOf(dev) // what the device declares (block.Caps)
 	c.trimmer, c.zeroer, c.extenter, c.cacher, c.tryRead = o.Trimmer, o.Zeroer, o.Extenter, o.Cacher, o.TryReader
+	c.fastWrite = o.FastWrite
 	if f := o.Filer; f != nil && !c.tls {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
@@ -497,7 +499,7 @@ func (c *conn) inline(r *request) bool {
 		c.sendRead(r, data)
 		return true
 	case cmdWrite:
-		if r.flags&cmdFlagFUA != 0 {
+		if r.flags&cmdFlagFUA != 0 || !c.fastWrite {
 			return false
 		}
 		now := time.Now()

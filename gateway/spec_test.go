@@ -10,9 +10,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -860,5 +862,56 @@ func TestExtendedHeaders(t *testing.T) {
 	cl2.option(1, []byte("disk"))
 	if _, err := cl2.r.ReadByte(); !errors.Is(err, io.EOF) {
 		t.Fatalf("EXPORT_NAME after EXTENDED_HEADERS: not closed (%v)", err)
+	}
+}
+
+// slowDev is a device whose writes wait (as a network store's do) and
+// that does not declare CanFastWrite; it records how many writes ran at
+// once.
+type slowDev struct {
+	*block.Mem
+	now, most atomic.Int32
+}
+
+func (d *slowDev) Caps() block.Caps { return block.CanTrim | block.CanZero }
+
+func (d *slowDev) WriteAt(p []byte, off int64) (int, error) {
+	n := d.now.Add(1)
+	for m := d.most.Load(); n > m && !d.most.CompareAndSwap(m, n); m = d.most.Load() {
+	}
+	// A network round trip, below the inline pause's 1 ms: spun, since a
+	// sleep this short can take longer than that on a busy machine.
+	for t0 := time.Now(); time.Since(t0) < 300*time.Microsecond; {
+		runtime.Gosched()
+	}
+	d.now.Add(-1)
+	return d.Mem.WriteAt(p, off)
+}
+
+// Small writes run on the connection's reader only on a device that
+// declares its writes memory-speed (block.CanFastWrite); on a slow one
+// (Ceph, an upstream server) pipelined writes run side by side. The
+// first RBD benchmark found them one at a time: 1,252 4k IOPS against
+// qemu-nbd's 3,189.
+func TestSlowDeviceWritesInParallel(t *testing.T) {
+	dev := &slowDev{Mem: block.NewMem(1 << 20)}
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	const n = 32
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, reqHeader(false, 0, 1, uint64(i+1), uint64(i)*4096, 4096)...)
+		reqs = append(reqs, make([]byte, 4096)...)
+	}
+	cl.write(reqs)
+	for range n {
+		if e, _ := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("write: errno %d", e)
+		}
+	}
+	t.Logf("at most %d writes at once", dev.most.Load())
+	if m := dev.most.Load(); m < 2 {
+		t.Fatalf("at most %d write ran at once on a device without CanFastWrite: pipelined writes were serialized", m)
 	}
 }

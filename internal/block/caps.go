@@ -19,6 +19,12 @@ const (
 	CanCache                    // Cacher
 	CanTryRead                  // TryReader
 	CanFile                     // Filer: the device's bytes are its file's, in order (zero-copy)
+	// CanFastWrite: no interface, a promise: a write completes at memory
+	// speed (a page cache takes it), so a transport may run small writes
+	// on its reader instead of handing them to a worker. A device whose
+	// writes wait for a network round trip (an upstream server, Ceph)
+	// must not declare it: its writes would then run one at a time.
+	CanFastWrite
 )
 
 // Capable is implemented by devices that declare their Caps.
@@ -35,6 +41,7 @@ type Optional struct {
 	Cacher    Cacher
 	TryReader TryReader
 	Filer     Filer
+	FastWrite bool // CanFastWrite declared
 }
 
 // OptionalOf returns d's optional interfaces: for a Capable device those
@@ -63,12 +70,15 @@ func OptionalOf(d Device) Optional {
 	if caps&CanFile != 0 {
 		o.Filer, _ = d.(Filer)
 	}
+	if _, ok := d.(Capable); ok {
+		o.FastWrite = caps&CanFastWrite != 0 // an undeclared device promises nothing
+	}
 	return o
 }
 
 // Caps of the devices of this package.
 func (d *File) Caps() Caps {
-	return CanTrim | CanZero | CanExtents | CanCache | CanTryRead | CanFile
+	return CanTrim | CanZero | CanExtents | CanCache | CanTryRead | CanFile | CanFastWrite
 }
 
-func (m *Mem) Caps() Caps { return CanTrim | CanZero }
+func (m *Mem) Caps() Caps { return CanTrim | CanZero | CanFastWrite }

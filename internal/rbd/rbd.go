@@ -30,9 +30,13 @@ type Image struct {
 
 var (
 	_ block.Device  = (*Image)(nil)
+	_ block.Capable = (*Image)(nil)
 	_ block.Trimmer = (*Image)(nil)
 	_ block.Zeroer  = (*Image)(nil)
 )
+
+// Caps: trim and zero; not CanFastWrite (every write waits for the OSDs).
+func (i *Image) Caps() block.Caps { return block.CanTrim | block.CanZero }
 
 // Open connects to the cluster and opens the image.
 func Open(s Spec) (*Image, error) {

@@ -86,6 +86,7 @@ type Device struct {
 	size                  int64
 	flags                 uint16
 	maxIO                 int
+	calls                 sync.Pool // *call: a request allocates nothing once warm
 
 	mu      sync.Mutex // guards the fields below
 	link    *link      // nil while disconnected
@@ -117,9 +118,13 @@ type call struct {
 
 var (
 	_ block.Device  = (*Device)(nil)
+	_ block.Capable = (*Device)(nil)
 	_ block.Trimmer = (*Device)(nil)
 	_ block.Zeroer  = (*Device)(nil)
 )
+
+// Caps: trim and zero; not CanFastWrite (every write is a round trip).
+func (d *Device) Caps() block.Caps { return block.CanTrim | block.CanZero }
 
 // IsURI reports whether s names an upstream NBD export.
 func IsURI(s string) bool {
@@ -171,6 +176,7 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	d := &Device{uri: uri, network: network, addr: addr, export: export, o: o, maxIO: defaultMaxIO, pending: map[uint64]*call{}}
+	d.calls.New = func() any { return &call{errc: make(chan error, 1)} }
 	l, r, err := d.connect(ctx, true)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", uri, err)
@@ -466,7 +472,16 @@ func (l *link) write(cookie uint64, c *call) error {
 
 // do sends one request and waits for its reply, across reconnections.
 func (d *Device) do(typ, flags uint16, off int64, length uint32, payload, into []byte) error {
-	c := &call{typ: typ, flags: flags, off: off, length: length, payload: payload, buf: into, errc: make(chan error, 1)}
+	c := d.calls.Get().(*call)
+	c.typ, c.flags, c.off, c.length, c.payload, c.buf = typ, flags, off, length, payload, into
+	err := d.wait(c)
+	c.payload, c.buf = nil, nil
+	d.calls.Put(c) // no one holds c once its reply is taken
+	return err
+}
+
+// wait registers c, sends it and waits for its reply.
+func (d *Device) wait(c *call) error {
 	d.mu.Lock()
 	switch {
 	case d.closed:
