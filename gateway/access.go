@@ -252,7 +252,7 @@ func (c *conn) pause(d time.Duration) {
 // revoke cuts a live session: its connection closes at once.
 func (c *conn) revoke(reason string) {
 	c.cutOnce.Do(func() {
-		c.srv.cfg.Metrics.sessionRevoked()
+		c.srv.cfg.Metrics.note(sessionRevoked)
 		c.log.Warn("access revoked: cutting the session", "event", audit.EvSessionRevoked, "reason", reason)
 		close(c.cut)
 		c.nc.Close()

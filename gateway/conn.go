@@ -127,8 +127,8 @@ func (c *conn) serve() {
 	defer c.nc.Close()
 	defer c.recoverPanic()
 	m := c.srv.cfg.Metrics
-	m.connOpened()
-	defer m.connClosed()
+	m.note(connOpened)
+	defer m.note(connClosed)
 	err := c.handshake()
 	if err != nil {
 		// A GO or EXPORT_NAME whose reply could not be sent was counted
@@ -363,14 +363,14 @@ func (c *conn) serveRequest(r *request) error {
 		return err
 	}
 	r.start = time.Now()
-	c.sm.started()
+	c.sm.inFlight(1)
 	errno := c.validate(r)
 	if errno == 0 {
 		errno = c.admit(r) // may wait
 	}
 	done, err := c.receivePayload(r, errno)
 	if err != nil {
-		c.sm.abandoned() // the connection ends unanswered
+		c.sm.inFlight(-1) // the connection ends unanswered
 		return err
 	}
 	if done {

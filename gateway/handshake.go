@@ -293,7 +293,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	}
 	tc := tls.Server(c.nc, c.srv.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
-		c.srv.cfg.Metrics.tlsFailed()
+		c.srv.cfg.Metrics.note(tlsFailed)
 		c.log.Warn("TLS handshake failed", "event", audit.EvTLSFailure, "err", err)
 		return fmt.Errorf("TLS handshake: %w", err)
 	}

@@ -116,15 +116,30 @@ func (m *Metrics) session(volume, identity string) *sessionMetrics {
 	return s
 }
 
-func (m *Metrics) connOpened() {
-	if m != nil {
-		m.connections.Inc()
-	}
-}
+// gatewayEvent is something the gateway counts, once each time.
+type gatewayEvent int
 
-func (m *Metrics) connClosed() {
-	if m != nil {
+const (
+	connOpened gatewayEvent = iota
+	connClosed
+	sessionRevoked
+	tlsFailed
+)
+
+// note counts e.
+func (m *Metrics) note(e gatewayEvent) {
+	if m == nil {
+		return
+	}
+	switch e {
+	case connOpened:
+		m.connections.Inc()
+	case connClosed:
 		m.connections.Dec()
+	case sessionRevoked:
+		m.revoked.Inc()
+	case tlsFailed:
+		m.tlsFailures.Inc()
 	}
 }
 
@@ -134,29 +149,11 @@ func (m *Metrics) attachRefused(reason string) {
 	}
 }
 
-func (m *Metrics) sessionRevoked() {
-	if m != nil {
-		m.revoked.Inc()
-	}
-}
-
-func (m *Metrics) tlsFailed() {
-	if m != nil {
-		m.tlsFailures.Inc()
-	}
-}
-
-// started counts a request in flight.
-func (s *sessionMetrics) started() {
+// inFlight adds delta to the requests in flight: +1 when one is read, -1
+// when one will not be answered (request() takes the answered ones off).
+func (s *sessionMetrics) inFlight(delta float64) {
 	if s != nil {
-		s.inflight.Inc()
-	}
-}
-
-// abandoned uncounts a request in flight that will not be answered.
-func (s *sessionMetrics) abandoned() {
-	if s != nil {
-		s.inflight.Dec()
+		s.inflight.Add(delta)
 	}
 }
 
