@@ -185,3 +185,31 @@ func TestUpstreamRestartUnderLoad(t *testing.T) {
 		}
 	}
 }
+
+// TLS to the upstream: a second gateway puts a volume on an export of a
+// first one that serves TLS only, with a client certificate the first
+// one's policy names; a client certificate from another CA is refused.
+func TestUpstreamTLS(t *testing.T) {
+	need(t, "qemu-io")
+	p := newPKI(t)
+	pol := filepath.Join(t.TempDir(), "policy.yaml")
+	writePolicy(t, pol, tlsPolicy)
+	up := startGateway(t, newDataDir(t, "a-root:8M"), append(p.serverFlags(), "--policy", pol, "--tls-required")...)
+	dir := t.TempDir()
+	uri := "nbds://" + up.addr + "/a-root?tls-certificates=" + p.clients["vm-a"]
+	goldilocks(t, dir, "volume", "create", "via-tls", "--plain", "--backing", uri)
+	g := startGateway(t, dir)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k", "-c", "flush", "-c", "read -P 0x77 0 64k", g.unixURI("via-tls"))
+	// The bytes are on the TLS upstream, read there with vm-a's certificate.
+	out, err := qemuTLS(up, p.clients["vm-a"], "a-root", "read -P 0x77 0 64k")
+	if err != nil || strings.Contains(out, "fail") {
+		t.Fatalf("reading the upstream over TLS: %v\n%s", err, out)
+	}
+	rogue := "nbds://" + up.addr + "/a-root?tls-certificates=" + p.clients["rogue"]
+	if out, err := runGoldilocks(dir, "volume", "create", "rogue", "--plain", "--backing", rogue); err == nil || !strings.Contains(out, "TLS") {
+		t.Fatalf("a client certificate from another CA: %v\n%s", err, out)
+	}
+	if out, err := runGoldilocks(dir, "volume", "create", "plain", "--plain", "--backing", "nbd://"+up.addr+"/a-root"); err == nil || !strings.Contains(strings.ToLower(out), "tls") {
+		t.Fatalf("plaintext to a TLS-only upstream: %v\n%s", err, out)
+	}
+}

@@ -11,6 +11,8 @@ package upstream
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -18,6 +20,8 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -32,10 +36,9 @@ import (
 
 // Errors callers branch on.
 var (
-	ErrURI         = errors.New("upstream: not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
-	ErrHandshake   = errors.New("upstream: NBD handshake failed")
-	ErrDisconnect  = errors.New("upstream: the connection to the NBD server is lost")
-	ErrUnsupported = errors.New("upstream: the NBD server does not support this")
+	ErrURI        = errors.New("upstream: not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+	ErrHandshake  = errors.New("upstream: NBD handshake failed")
+	ErrDisconnect = errors.New("upstream: the connection to the NBD server is lost")
 )
 
 // Protocol values go-nbd's protocol package lacks (doc/proto.md).
@@ -54,6 +57,7 @@ const (
 	reqNoHole        = uint16(1 << 1)
 	reqFastZero      = uint16(1 << 4)
 	repErrBit        = uint32(1 << 31)
+	optStartTLS      = uint32(5)
 	defaultMaxIO     = 32 << 20
 )
 
@@ -80,13 +84,13 @@ type Options struct {
 // EIO (ErrDisconnect), and later ones fail at once until a reconnection
 // in the background succeeds.
 type Device struct {
-	uri                   string
-	network, addr, export string
-	o                     Options
-	size                  int64
-	flags                 uint16
-	maxIO                 int
-	calls                 sync.Pool // *call: a request allocates nothing once warm
+	uri   string
+	t     target
+	o     Options
+	size  int64
+	flags uint16
+	maxIO int
+	calls sync.Pool // *call: a request allocates nothing once warm
 
 	mu      sync.Mutex // guards the fields below
 	link    *link      // nil while disconnected
@@ -128,41 +132,86 @@ func (d *Device) Caps() block.Caps { return block.CanTrim | block.CanZero }
 
 // IsURI reports whether s names an upstream NBD export.
 func IsURI(s string) bool {
-	return strings.HasPrefix(s, "nbd://") || strings.HasPrefix(s, "nbd+unix://")
+	for _, p := range []string{"nbd://", "nbd+unix://", "nbds://", "nbds+unix://"} {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
 }
 
-// parse returns the network, address and export name of an NBD URI.
-func parse(uri string) (network, addr, export string, err error) {
+// target is where an NBD URI points.
+type target struct {
+	network, addr, export string
+	tls                   *tls.Config // nbds: STARTTLS with this; nil: none
+}
+
+// parse reads an NBD URI: nbd://HOST[:PORT]/EXPORT,
+// nbd+unix:///EXPORT?socket=PATH, and with TLS nbds://… and
+// nbds+unix://… with tls-certificates=DIR (ca-cert.pem to verify the
+// server; client-cert.pem and client-key.pem, if there, as the client's
+// identity: QEMU's and libnbd's layout) and tls-hostname=NAME (the name
+// the server's certificate must carry: the host by default, localhost
+// over a Unix socket).
+func parse(uri string) (target, error) {
 	u, err := url.Parse(uri)
 	if err != nil {
-		return "", "", "", fmt.Errorf("%w: %v", ErrURI, err)
+		return target{}, fmt.Errorf("%w: %v", ErrURI, err)
 	}
-	export = strings.TrimPrefix(u.Path, "/")
+	t := target{export: strings.TrimPrefix(u.Path, "/")}
+	q := u.Query()
+	hostname := "localhost"
 	switch u.Scheme {
-	case "nbd":
+	case "nbd", "nbds":
 		if u.Host == "" {
-			return "", "", "", fmt.Errorf("%w: %q has no host", ErrURI, uri)
+			return target{}, fmt.Errorf("%w: %q has no host", ErrURI, uri)
 		}
 		host, port := u.Hostname(), u.Port()
 		if port == "" {
 			port = "10809"
 		}
-		return "tcp", net.JoinHostPort(host, port), export, nil
-	case "nbd+unix":
-		sock := u.Query().Get("socket")
+		t.network, t.addr, hostname = "tcp", net.JoinHostPort(host, port), host
+	case "nbd+unix", "nbds+unix":
+		sock := q.Get("socket")
 		if sock == "" || u.Host != "" {
-			return "", "", "", fmt.Errorf("%w: %q needs ?socket=PATH and no host", ErrURI, uri)
+			return target{}, fmt.Errorf("%w: %q needs ?socket=PATH and no host", ErrURI, uri)
 		}
-		return "unix", sock, export, nil
-	case "nbds", "nbds+unix":
-		return "", "", "", fmt.Errorf("%w: TLS to the upstream server (%s) is not supported yet", ErrUnsupported, u.Scheme)
+		t.network, t.addr = "unix", sock
+	default:
+		return target{}, fmt.Errorf("%w: scheme %q", ErrURI, u.Scheme)
 	}
-	return "", "", "", fmt.Errorf("%w: scheme %q", ErrURI, u.Scheme)
+	if !strings.HasPrefix(u.Scheme, "nbds") {
+		return t, nil
+	}
+	if h := q.Get("tls-hostname"); h != "" {
+		hostname = h
+	}
+	dir := q.Get("tls-certificates")
+	if dir == "" {
+		return target{}, fmt.Errorf("%w: %q: TLS needs tls-certificates=DIR (ca-cert.pem, and client-cert.pem with client-key.pem for a client identity)", ErrURI, uri)
+	}
+	ca, err := os.ReadFile(filepath.Join(dir, "ca-cert.pem"))
+	if err != nil {
+		return target{}, fmt.Errorf("upstream %s: %w", uri, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return target{}, fmt.Errorf("upstream %s: %s holds no certificate", uri, filepath.Join(dir, "ca-cert.pem"))
+	}
+	t.tls = &tls.Config{RootCAs: pool, ServerName: hostname, MinVersion: tls.VersionTLS12}
+	if _, err := os.Stat(filepath.Join(dir, "client-cert.pem")); err == nil {
+		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "client-cert.pem"), filepath.Join(dir, "client-key.pem"))
+		if err != nil {
+			return target{}, fmt.Errorf("upstream %s: client certificate: %w", uri, err)
+		}
+		t.tls.Certificates = []tls.Certificate{cert}
+	}
+	return t, nil
 }
 
 // Dial connects to the export uri names and negotiates it.
 func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
-	network, addr, export, err := parse(uri)
+	t, err := parse(uri)
 	if err != nil {
 		return nil, err
 	}
@@ -175,7 +224,7 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	d := &Device{uri: uri, network: network, addr: addr, export: export, o: o, maxIO: defaultMaxIO, pending: map[uint64]*call{}}
+	d := &Device{uri: uri, t: t, o: o, maxIO: defaultMaxIO, pending: map[uint64]*call{}}
 	d.calls.New = func() any { return &call{errc: make(chan error, 1)} }
 	l, r, err := d.connect(ctx, true)
 	if err != nil {
@@ -192,15 +241,14 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 	ctx, cancel := context.WithTimeout(ctx, d.o.DialTimeout)
 	defer cancel()
 	var dialer net.Dialer
-	nc, err := dialer.DialContext(ctx, d.network, d.addr)
+	nc, err := dialer.DialContext(ctx, d.t.network, d.t.addr)
 	if err != nil {
 		return nil, nil, err
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(dl)
 	}
-	r := bufio.NewReaderSize(nc, 256<<10)
-	size, flags, maxIO, err := handshake(nc, r, d.export)
+	nc, r, size, flags, maxIO, err := handshake(ctx, nc, d.t)
 	if err == nil && !first && (size != d.size || flags != d.flags) {
 		err = fmt.Errorf("%w: the export changed while disconnected (size %d, was %d)", ErrHandshake, size, d.size)
 	}
@@ -215,8 +263,16 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{})}, r, nil
 }
 
-// handshake: fixed newstyle, NBD_OPT_GO with a block size request.
-func handshake(nc net.Conn, r *bufio.Reader, export string) (size int64, flags uint16, maxIO int, err error) {
+// handshake: fixed newstyle, NBD_OPT_STARTTLS for nbds (the connection
+// it returns is then the TLS one), NBD_OPT_GO with a block size request.
+func handshake(ctx context.Context, nc net.Conn, t target) (conn net.Conn, r *bufio.Reader, size int64, flags uint16, maxIO int, err error) {
+	conn, r = nc, bufio.NewReaderSize(nc, 256<<10)
+	size, flags, maxIO, err = negotiate(ctx, &conn, &r, t)
+	return conn, r, size, flags, maxIO, err
+}
+
+func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (size int64, flags uint16, maxIO int, err error) {
+	export, r := t.export, *rp
 	maxIO = defaultMaxIO
 	var hello [18]byte
 	if _, err := io.ReadFull(r, hello[:]); err != nil {
@@ -234,17 +290,44 @@ func handshake(nc net.Conn, r *bufio.Reader, export string) (size int64, flags u
 	if hs&hsNoZeroes != 0 {
 		cf |= clientNoZeroes
 	}
+	if t.tls != nil { // NBD_OPT_STARTTLS, then TLS, then the rest inside it
+		msg := binary.BigEndian.AppendUint32(nil, cf)
+		msg = binary.BigEndian.AppendUint64(msg, protocol.NEGOTIATION_MAGIC_OPTION)
+		msg = binary.BigEndian.AppendUint32(msg, optStartTLS)
+		msg = binary.BigEndian.AppendUint32(msg, 0)
+		if _, err := (*nc).Write(msg); err != nil {
+			return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
+		}
+		var h [20]byte
+		if _, err := io.ReadFull(r, h[:]); err != nil {
+			return 0, 0, 0, fmt.Errorf("%w: reading the STARTTLS reply: %v", ErrHandshake, err)
+		}
+		typ, n := binary.BigEndian.Uint32(h[12:]), binary.BigEndian.Uint32(h[16:])
+		if binary.BigEndian.Uint64(h[0:]) != protocol.NEGOTIATION_MAGIC_REPLY || typ != protocol.NEGOTIATION_TYPE_REPLY_ACK || n != 0 {
+			return 0, 0, 0, fmt.Errorf("%w: the server refused TLS (reply %#x)", ErrHandshake, typ)
+		}
+		tc := tls.Client(*nc, t.tls)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return 0, 0, 0, fmt.Errorf("%w: TLS: %v", ErrHandshake, err)
+		}
+		*nc, r = tc, bufio.NewReaderSize(tc, 256<<10)
+		*rp = r
+		cf = 0 // the flags went with STARTTLS
+	}
 	// NBD_OPT_GO: name, then one information request (block size).
 	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
 	data = binary.BigEndian.AppendUint16(data, 1)
 	data = binary.BigEndian.AppendUint16(data, protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE)
-	msg := binary.BigEndian.AppendUint32(nil, cf)
+	var msg []byte
+	if t.tls == nil {
+		msg = binary.BigEndian.AppendUint32(msg, cf)
+	}
 	msg = binary.BigEndian.AppendUint64(msg, protocol.NEGOTIATION_MAGIC_OPTION)
 	msg = binary.BigEndian.AppendUint32(msg, protocol.NEGOTIATION_ID_OPTION_GO)
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
 	msg = append(msg, data...)
-	if _, err := nc.Write(msg); err != nil {
+	if _, err := (*nc).Write(msg); err != nil {
 		return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
 	}
 	gotExport := false

@@ -73,6 +73,8 @@ func dial(t *testing.T, uri string) *Device {
 }
 
 func TestParseURI(t *testing.T) {
+	certs := t.TempDir()
+	os.WriteFile(filepath.Join(certs, "ca-cert.pem"), []byte("not a certificate"), 0o600)
 	for _, tc := range []struct {
 		uri, network, addr, export string
 		err                        error
@@ -82,13 +84,16 @@ func TestParseURI(t *testing.T) {
 		{"nbd+unix:///vm1?socket=/run/x.sock", "unix", "/run/x.sock", "vm1", nil},
 		{"nbd+unix:///vm1", "", "", "", ErrURI},
 		{"nbd:///vm1", "", "", "", ErrURI},
-		{"nbds://h/vm1", "", "", "", ErrUnsupported},
+		{"nbds://h/vm1", "", "", "", ErrURI}, // TLS without certificates
 		{"/var/lib/disk.img", "", "", "", ErrURI},
 	} {
-		n, a, e, err := parse(tc.uri)
-		if !errors.Is(err, tc.err) || n != tc.network || a != tc.addr || e != tc.export {
-			t.Errorf("parse(%q) = %q %q %q %v", tc.uri, n, a, e, err)
+		got, err := parse(tc.uri)
+		if !errors.Is(err, tc.err) || got.network != tc.network || got.addr != tc.addr || got.export != tc.export {
+			t.Errorf("parse(%q) = %+v %v", tc.uri, got, err)
 		}
+	}
+	if _, err := parse("nbds://h/vm1?tls-certificates=" + certs); err == nil || !strings.Contains(err.Error(), "holds no certificate") {
+		t.Errorf("a CA file without a certificate: %v", err)
 	}
 }
 
