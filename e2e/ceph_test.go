@@ -8,9 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // Volumes on Ceph RBD, through librbd, on a real single-node cluster
@@ -124,5 +126,47 @@ func TestRBDVolumes(t *testing.T) {
 	cephCmd(t, conf, "rbd", "export", "rbd/plain", plain)
 	if b, _ := os.ReadFile(plain); !bytes.Contains(b, []byte(secret)) {
 		t.Fatal("the plain volume's bytes are not on its RBD image")
+	}
+}
+
+// The cluster's only OSD stopped and started again under a running
+// client: librbd holds the requests while no OSD serves their placement
+// group, so the client sees latency, not errors, and every byte it
+// wrote and read back is right.
+func TestRBDOSDRestartUnderLoad(t *testing.T) {
+	need(t, "nbdsh")
+	conf := cephCluster(t, "osd", "64M")
+	dir := t.TempDir()
+	out, err := runGoldilocks(dir, "volume", "create", "ro", "--plain", "--backing", "rbd:rbd/osd", "--ceph-conf", conf)
+	if err != nil && strings.Contains(out, "without Ceph") {
+		missing(t, "a goldilocks built with Ceph RBD support (make build with librbd-dev)")
+	}
+	if err != nil {
+		t.Fatalf("volume create on RBD: %v\n%s", err, out)
+	}
+	g := startGateway(t, dir)
+	live := startLoop(t, g.unixURI("ro"), 14)
+	waitLog(t, g, "msg=attached", 1)
+	time.Sleep(2 * time.Second)
+	pids := filepath.Join(filepath.Dir(conf), "cluster", "run")
+	pid, err := os.ReadFile(filepath.Join(pids, "osd.0.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
+	syscall.Kill(p, syscall.SIGTERM)
+	for deadline := time.Now().Add(20 * time.Second); syscall.Kill(p, 0) == nil; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the OSD did not stop")
+		}
+	}
+	time.Sleep(2 * time.Second)
+	osd := exec.Command("ceph-osd", "-i", "0")
+	osd.Env = append(os.Environ(), "CEPH_CONF="+conf)
+	if out, err := osd.CombinedOutput(); err != nil {
+		t.Fatalf("ceph-osd start: %v\n%s", err, out)
+	}
+	if err := live.wait(); err != nil {
+		t.Fatalf("the client saw the OSD restart: %v", err)
 	}
 }
