@@ -111,7 +111,7 @@ func settle(cmd *cobra.Command) ([]setting, error) {
 			if err := f.Value.Set(envs.String(f.Name)); err != nil {
 				errs = append(errs, fmt.Sprintf("%s: %v", s.Origin, err))
 			}
-		case fileVals[f.Name] != "" || hasKey(fileVals, f.Name):
+		case hasKey(fileVals, f.Name):
 			s.Source, s.Origin = fromFile, path
 			if err := f.Value.Set(fileVals[f.Name]); err != nil {
 				errs = append(errs, fmt.Sprintf("--config %s: %s: %v", path, f.Name, err))

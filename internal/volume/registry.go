@@ -1,7 +1,9 @@
 // Package volume owns the volume registry of a data dir (FORMAT.md): which
 // volumes exist, their sizes, backing stores and key references, and the
 // creation of their backing files. It opens backing stores as block
-// devices for the gateway; it does not speak NBD and holds no keys.
+// devices for the gateway (files here; upstream NBD exports and RBD images
+// through internal/upstream and internal/rbd); it serves no NBD and holds
+// no keys.
 package volume
 
 import (

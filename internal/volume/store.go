@@ -78,15 +78,7 @@ func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (stor
 
 // remoteSize is the size of a remote backing store.
 func (r *Registry) remoteSize(backing string) (int64, error) {
-	if rbd.IsSpec(backing) {
-		d, err := r.openStore(Volume{Name: "(new)", Backing: backing}, true)
-		if err != nil {
-			return 0, err
-		}
-		defer d.Close()
-		return d.Size(), nil
-	}
-	d, err := upstream.Dial(context.Background(), backing, upstream.Options{})
+	d, err := r.openStore(Volume{Name: "(new)", Backing: backing}, true)
 	if err != nil {
 		return 0, err
 	}
