@@ -97,3 +97,40 @@ func BenchmarkServer(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFlushQD1 is a client at queue depth one sending FLUSH after
+// FLUSH (fio --fsync=1's pattern): each runs on the reader goroutine (the
+// connection is idle), which looks at the socket once after it. No
+// allocations.
+func BenchmarkFlushQD1(b *testing.B) {
+	dev := newFileDevice(b, 1<<20)
+	dial := startServer(b, dev)
+	cl := newClient(b, dial(b))
+	cl.attach("disk", false)
+	c := cl.c.(*net.UnixConn)
+	c.SetDeadline(time.Time{})
+	req := make([]byte, 28)
+	reply := make([]byte, 16)
+	binary.BigEndian.PutUint32(req[0:], 0x25609513)
+	binary.BigEndian.PutUint16(req[6:], 3) // NBD_CMD_FLUSH
+	flush := func(i int) {
+		binary.BigEndian.PutUint64(req[8:], uint64(i))
+		if _, err := c.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, reply); err != nil {
+			b.Fatal(err)
+		}
+		if e := binary.BigEndian.Uint32(reply[4:]); e != 0 {
+			b.Fatalf("errno %d", e)
+		}
+	}
+	for i := range 64 {
+		flush(i)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		flush(i)
+	}
+}

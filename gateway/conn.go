@@ -70,6 +70,15 @@ type conn struct {
 	// replies of requests it ran, until flushDeferred.
 	noInlineUntil time.Time
 	deferred      []*request
+	// A FLUSH on an idle connection runs on the reader too (a client at
+	// queue depth one, as fio --fsync=1 or a guest's lone fsync, waits
+	// for it anyway); noInlineFlushUntil pauses that once a request
+	// arrived while one ran. sock and peekFn look at the socket for that.
+	noInlineFlushUntil time.Time
+	sock               syscall.RawConn // the socket when it is one (TLS: nil)
+	peekFn             func(fd uintptr)
+	peeked             bool // what peekFn found: bytes are waiting
+	peekBuf            [1]byte
 
 	stopping atomic.Bool
 
@@ -244,6 +253,12 @@ func (c *conn) transmit() {
 	o := block.OptionalOf(dev) // what the device declares (block.Caps)
 	c.trimmer, c.zeroer, c.extenter, c.cacher, c.tryRead = o.Trimmer, o.Zeroer, o.Extenter, o.Cacher, o.TryReader
 	c.fastWrite = o.FastWrite
+	if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
+		if raw, err := sc.SyscallConn(); err == nil {
+			c.sock = raw
+			c.peekFn = c.peek
+		}
+	}
 	if f := o.Filer; f != nil && !c.tls {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
@@ -512,8 +527,38 @@ func (c *conn) inline(r *request) bool {
 			c.noInlineUntil = now.Add(inlinePauseFor)
 		}
 		return true
+	case cmdFlush:
+		// Only when nothing else is in flight or received: then the
+		// client waits for this reply before it sends more (queue depth
+		// one), and a hop to a worker is pure latency.
+		if c.sock == nil || c.rd.Buffered() > 0 || len(c.free) != cap(c.free)-1 {
+			return false
+		}
+		now := time.Now()
+		if now.Before(c.noInlineFlushUntil) {
+			return false
+		}
+		c.onReader(r)
+		c.handle(r)
+		if c.waiting() { // the client did not wait: let workers overlap
+			c.noInlineFlushUntil = now.Add(inlinePauseFor)
+		}
+		return true
 	}
 	return false
+}
+
+// waiting reports whether the client has sent bytes not yet read.
+func (c *conn) waiting() bool {
+	c.peeked = false
+	c.sock.Control(c.peekFn)
+	return c.peeked
+}
+
+// peek is peekFn: a non-blocking MSG_PEEK of one byte.
+func (c *conn) peek(fd uintptr) {
+	n, _, err := syscall.Recvfrom(int(fd), c.peekBuf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	c.peeked = err == nil && n > 0
 }
 
 // readPayload fills p: what the read buffer already holds is copied, the

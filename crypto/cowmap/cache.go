@@ -26,15 +26,18 @@ type cacheShard struct {
 	_     [40]byte // keep shards on separate cache lines
 }
 
+// cacheKey names a node of a map, not a version of it: a node written by
+// a checkpoint takes its old version's place (keyed by home, both
+// versions would stay, and a random write load would keep half a cache of
+// dead nodes). The hash that get is given picks the version.
 type cacheKey struct {
 	owner uint64
 	level int
 	index uint64
-	loc   uint64
 }
 
 func (k cacheKey) shard() int {
-	h := k.owner*0x9e3779b97f4a7c15 ^ k.index*0xbf58476d1ce4e5b9 ^ uint64(k.level)<<7 ^ k.loc
+	h := k.owner*0x9e3779b97f4a7c15 ^ k.index*0xbf58476d1ce4e5b9 ^ uint64(k.level)<<7
 	return int(h>>32) % cacheShards
 }
 

@@ -915,3 +915,35 @@ func TestGeometry(t *testing.T) {
 		}
 	}
 }
+
+// A checkpoint's new version of a node replaces the old one in the cache:
+// after many checkpoints rewriting every node, the cache holds one
+// version per node and serves every lookup without a read. (With the
+// home in the cache key, both versions stayed and a cache sized for the
+// map held half of it.)
+func TestCacheOneVersionPerNode(t *testing.T) {
+	const chunks = 63 * 40
+	h := newHarness(t, chunks, 64, 1<<20)
+	h.cfg.Cache = NewCache(int(h.g.Nodes) * BlockSize * 4) // room for all, twice over
+	m := h.open()
+	md := model{}
+	for round := 1; round <= 4; round++ {
+		pending := make([]uint64, 0, chunks)
+		for c := uint64(0); c < chunks; c++ {
+			md.write(t, m, c, round)
+			pending = append(pending, c)
+		}
+		md.commit(t, m, pending)
+		if err := m.Checkpoint(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if nodes, _, _ := h.cfg.Cache.Stats(); nodes > int(h.g.Nodes) {
+		t.Errorf("cache holds %d nodes for a map of %d: old versions kept", nodes, h.g.Nodes)
+	}
+	reads := h.dev.reads
+	md.check(t, m, chunks, "after four checkpoints")
+	if h.dev.reads != reads {
+		t.Errorf("lookups read %d blocks with every node cached", h.dev.reads-reads)
+	}
+}

@@ -286,7 +286,7 @@ func (m *Map) load(level int, idx uint64, ref Ref) (*node, error) {
 	if ref.Loc != HomeA && ref.Loc != HomeB {
 		return nil, fmt.Errorf("%w: node %d/%d has location %d", ErrMapAuth, level, idx, ref.Loc)
 	}
-	k := cacheKey{m.owner, level, idx, ref.Loc}
+	k := cacheKey{m.owner, level, idx}
 	if n := m.cfg.Cache.get(k, ref.Hash); n != nil {
 		return n, nil
 	}
@@ -775,7 +775,7 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 		return Ref{}, fmt.Errorf("writing map node %d/%d: %w", level, idx, err)
 	}
 	h := n.hash()
-	m.cfg.Cache.put(cacheKey{m.owner, level, idx, loc}, n, h)
+	m.cfg.Cache.put(cacheKey{m.owner, level, idx}, n, h) // in place of the old version
 	if level == 0 {
 		m.homes.put(idx, homesOf(n, h))
 	}
