@@ -13,6 +13,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"sync"
@@ -219,5 +220,43 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.mu.Unlock()
 		<-done
 		return ctx.Err()
+	}
+}
+
+// Detach ends every session attached to export as Shutdown ends them all:
+// no new request is read, those in flight are answered, the device is
+// flushed, the connection closed. It returns how many sessions it ended,
+// once they are gone (their volume released), or when ctx ends. Callers
+// first make sure no new session can attach the export (`volume
+// release` removes it from the registry); one that attached meanwhile is
+// ended too.
+func (s *Server) Detach(ctx context.Context, export string) (int, error) {
+	ended := make(map[*conn]bool)
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		left := 0
+		s.mu.Lock()
+		for c := range s.live {
+			// attached is set after exp (Reauthorize reads it so too).
+			if !c.attached.Load() || c.expName() != export {
+				continue
+			}
+			left++
+			if !ended[c] {
+				ended[c] = true
+				s.log.Info("ending a session: its volume is being released", "volume", export, "peer", c.addr)
+				c.stop()
+			}
+		}
+		s.mu.Unlock()
+		if left == 0 {
+			return len(ended), nil
+		}
+		select {
+		case <-ctx.Done():
+			return len(ended), fmt.Errorf("%d of %d sessions of %s still open: %w", left, len(ended), export, ctx.Err())
+		case <-t.C:
+		}
 	}
 }

@@ -48,7 +48,7 @@ func cliIdentity() string { return "cli:uid:" + strconv.Itoa(os.Getuid()) }
 // argument.
 func audited(a *app, typ audit.EventType, run func(*cobra.Command, []string) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, argv []string) error {
-		if typ != audit.EvVolumeCreate && typ != audit.EvVolumeImport {
+		if typ != audit.EvVolumeCreate && typ != audit.EvVolumeImport && typ != audit.EvVolumeAdopt {
 			if err := a.requireDataDir(); err != nil {
 				return err // before the audit log would create it
 			}
@@ -60,6 +60,9 @@ func audited(a *app, typ audit.EventType, run func(*cobra.Command, []string) err
 		ev := audit.Event{Type: typ, Identity: cliIdentity(), Details: map[string]any{"result": "ok"}}
 		if len(argv) > 0 {
 			ev.Volume = argv[0]
+		}
+		for k, v := range a.auditDetails {
+			ev.Details[k] = v
 		}
 		if err != nil {
 			ev.Reason, ev.Details["result"] = err.Error(), "failed"

@@ -6,6 +6,7 @@ import (
 	"goldilocks/crypto"
 	"goldilocks/crypto/cowmap"
 	"goldilocks/gateway"
+	"goldilocks/internal/block"
 	"goldilocks/internal/volume"
 )
 
@@ -49,6 +50,8 @@ func openError(err error) error {
 		return gateway.ErrUnknownExport
 	case errors.Is(err, crypto.ErrVaultUnavailable):
 		public = "the key service (Vault) is unreachable: the volume's key cannot be unwrapped now; try again later"
+	case errors.Is(err, block.ErrLeased):
+		public = "the volume is in use by another gateway (its lease is held there): try again once it is released"
 	case errors.Is(err, crypto.ErrRollback):
 		public = "the volume's backing store is older than its rollback anchor: refused (the gateway's log says more)"
 	case errors.Is(err, crypto.ErrHeaderAuth), errors.Is(err, crypto.ErrHeaderCorrupt), errors.Is(err, crypto.ErrWrongVolume),

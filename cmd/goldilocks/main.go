@@ -53,6 +53,8 @@ type app struct {
 	stderr  io.Writer
 	log     *slog.Logger // set by serve from its flags, else made by logger()
 	alog    *audit.Log   // the audit log, once a command opened it
+	// auditDetails are added to the record an audited command writes.
+	auditDetails map[string]any
 	// vaultObserve, if set (serve), sees every request to Vault.
 	vaultObserve func(op string, err error)
 }

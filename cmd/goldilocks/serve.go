@@ -373,7 +373,7 @@ func serve(a *app, sf serveFlags) error {
 			}
 		}
 	}
-	cs := &http.Server{Handler: control.Handler(keys, log), ReadHeaderTimeout: 5 * time.Second}
+	cs := &http.Server{Handler: control.Handler(keys, srv.Detach, log), ReadHeaderTimeout: 5 * time.Second}
 	go cs.Serve(cl)
 	defer func() {
 		cs.Close()

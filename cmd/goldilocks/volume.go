@@ -11,7 +11,6 @@ import (
 
 	"goldilocks/audit"
 	"goldilocks/crypto"
-	"goldilocks/internal/rbd"
 	"goldilocks/internal/units"
 	"goldilocks/internal/volume"
 )
@@ -21,6 +20,7 @@ func newVolumeCmd(a *app) *cobra.Command {
 	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a),
 		newVolumeImportCmd(a), newVolumeExportCmd(a), newVolumeShredCmd(a))
 	c.AddCommand(newVolumeUpgradeCmd(a), newVolumeDeleteCmd(a), newVolumeResizeCmd(a), newVolumeLabelCmd(a))
+	c.AddCommand(newVolumeAdoptCmd(a), newVolumeReleaseCmd(a), newVolumeBreakLeaseCmd(a))
 	return c
 }
 
@@ -93,24 +93,9 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 		Short: "Create a volume (its NBD export name is NAME)",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeCreate, func(cmd *cobra.Command, argv []string) error {
-			rbdBacking := backing
-			if rbd.IsSpec(backing) {
-				spec, err := rbd.Parse(backing)
-				if err != nil {
-					return usageError{err}
-				}
-				if cephConf != "" {
-					spec.Conf = cephConf
-				}
-				if cephID != "" {
-					spec.ID = cephID
-				}
-				if !rbd.Supported {
-					return rbd.ErrNoCeph
-				}
-				rbdBacking = spec.String()
-			} else if cephConf != "" || cephID != "" {
-				return usagef("volume create: --ceph-conf and --ceph-id go with --backing rbd:POOL/IMAGE")
+			rbdBacking, err := withCeph("volume create", backing, cephConf, cephID)
+			if err != nil {
+				return err
 			}
 			var size int64
 			if sizeStr != "" {
@@ -159,8 +144,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	f.StringVar(&kek, "kek", "", "key-encryption key: local (default) or vault:KEYNAME")
 	f.StringVar(&cipher, "cipher", "aes-256-gcm", "aes-256-gcm or chacha20-poly1305")
 	f.StringVar(&backing, "backing", "", "existing file, block device, upstream NBD export (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH) or Ceph RBD image (rbd:POOL/IMAGE) to hold the volume (default: a sparse file in the data dir)")
-	f.StringVar(&cephConf, "ceph-conf", "", "with --backing rbd:…: the cluster's ceph.conf (default CEPH_CONF, else /etc/ceph/ceph.conf)")
-	f.StringVar(&cephID, "ceph-id", "", "with --backing rbd:…: the Ceph client id (default admin), whose keyring the conf names")
+	cephFlags(f, &cephConf, &cephID)
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
 	f.StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag the access policy can match (repeatable)")
 	return c

@@ -90,7 +90,10 @@ var (
 	ErrReadOnly     = errors.New("block: device is read-only")
 	ErrClosed       = errors.New("block: device is closed")
 	ErrWouldBlock   = errors.New("block: operation would block")
-	ErrInUse        = errors.New("block: in use by another process (a running gateway?)")
+	// ErrLeased: another gateway holds the store's lease (an RBD image's
+	// exclusive lock); only it may write the store.
+	ErrLeased = errors.New("the backing store is leased by another gateway")
+	ErrInUse  = errors.New("block: in use by another process (a running gateway?)")
 )
 
 // CheckRange reports whether [off, off+length) lies inside a device of the

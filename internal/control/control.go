@@ -51,9 +51,35 @@ type rekeyRequest struct {
 	volume.RekeyOptions
 }
 
-// Handler serves the control API over keys.
-func Handler(keys *volume.Keys, log *slog.Logger) http.Handler {
+// Releaser ends a volume's sessions in the gateway (`volume release`):
+// it returns how many it ended, once the volume is closed.
+type Releaser func(ctx context.Context, volume string) (int, error)
+
+type releaseRequest struct {
+	Volume string `json:"volume"`
+}
+
+// ReleaseResult is what a release did.
+type ReleaseResult struct {
+	Sessions int `json:"sessions"`
+}
+
+// Handler serves the control API over keys, and volume releases through
+// release (nil: none).
+func Handler(keys *volume.Keys, release Releaser, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/volumes/release", func(w http.ResponseWriter, r *http.Request) {
+		var o releaseRequest
+		if err := json.NewDecoder(r.Body).Decode(&o); err != nil || o.Volume == "" || release == nil {
+			http.Error(w, "bad request: a volume name is required", http.StatusBadRequest)
+			return
+		}
+		stream(w, func(func(done, total uint64)) (any, error) {
+			log.Info("control: volume release", "volume", o.Volume)
+			n, err := release(r.Context(), o.Volume)
+			return ReleaseResult{Sessions: n}, err
+		})
+	})
 	mux.HandleFunc("POST /v1/keys/rotate", func(w http.ResponseWriter, r *http.Request) {
 		var o volume.RotateOptions
 		if err := json.NewDecoder(r.Body).Decode(&o); err != nil {
@@ -219,4 +245,12 @@ func (c *Client) Rotate(ctx context.Context, o volume.RotateOptions) (volume.Rot
 // Rekey runs a rekey in the gateway; cancelling ctx stops it (resumable).
 func (c *Client) Rekey(ctx context.Context, name string, o volume.RekeyOptions) error {
 	return c.call(ctx, "/v1/keys/rekey", rekeyRequest{Volume: name, RekeyOptions: o}, o.Progress, nil)
+}
+
+// Release ends every session of a volume in the gateway (after the
+// volume left the registry) and returns once the volume is closed.
+func (c *Client) Release(ctx context.Context, name string) (ReleaseResult, error) {
+	var res ReleaseResult
+	err := c.call(ctx, "/v1/volumes/release", releaseRequest{Volume: name}, nil, &res)
+	return res, err
 }

@@ -26,6 +26,8 @@ type Image struct {
 	ioctx *rados.IOContext
 	img   *gorbd.Image
 	size  int64
+	// leased: this client holds the image's exclusive lock (lease.go).
+	leased bool
 }
 
 var (
@@ -182,6 +184,7 @@ func (i *Image) Limit(size int64) {
 
 // Close closes the image and the cluster connection.
 func (i *Image) Close() error {
+	i.releaseLease()
 	err := i.img.Close()
 	i.ioctx.Destroy()
 	i.conn.Shutdown()

@@ -19,3 +19,21 @@ func (noImage) Size() int64                        { return 0 }
 func (noImage) Flush() error                       { return ErrNoCeph }
 func (noImage) Close() error                       { return nil }
 func (noImage) Limit(int64)                        {}
+
+// MetaVolume and MetaLease are the image metadata keys (lease.go).
+const (
+	MetaVolume = "goldilocks.volume"
+	MetaLease  = "goldilocks.lease"
+)
+
+// AcquireLease fails: no Ceph support.
+func (*Image) AcquireLease(string) error { return ErrNoCeph }
+
+// BreakLease fails: no Ceph support.
+func BreakLease(Spec) (string, error) { return "", ErrNoCeph }
+
+// Metadata fails: no Ceph support.
+func (*Image) Metadata(string) (string, error) { return "", ErrNoCeph }
+
+// SetMetadata fails: no Ceph support.
+func (*Image) SetMetadata(string, string) error { return ErrNoCeph }

@@ -431,6 +431,9 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 			}
 			v.KEK = ref
 		}
+		if err := r.describeRemote(v); err != nil {
+			return nil, err
+		}
 		return append(vols, v), nil
 	})
 	if err != nil {

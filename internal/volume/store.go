@@ -14,11 +14,12 @@ import (
 )
 
 // A volume's backing store is a file or block device (a path, locked
-// with flock against a second gateway on the same host), or an export of
-// another NBD server (upstream.IsURI: nbd://… or nbd+unix://…), which no
-// flock can guard: two gateways attaching the same upstream export at
-// once is the operator's to prevent (the upstream server's connection
-// limit, or one gateway per volume).
+// with flock against a second gateway on the same host), a Ceph RBD image
+// (leased: its exclusive lock, taken at every read-write open, adopt.go),
+// or an export of another NBD server (upstream.IsURI: nbd://… or
+// nbd+unix://…), which nothing guards: two gateways attaching the same
+// upstream export at once is the operator's to prevent (the upstream
+// server's connection limit, or one gateway per volume).
 
 // SetOutageLimit sets how long requests to an upstream backing store wait
 // while it is unreachable before they fail (0: upstream's default, 30 s).
@@ -52,6 +53,12 @@ func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (stor
 		img, err := rbd.Open(spec)
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		if !readOnly { // the lease (adopt.go): one writing gateway
+			if err := img.AcquireLease(r.holder()); err != nil {
+				img.Close()
+				return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+			}
 		}
 		return img, nil
 	}
