@@ -8,6 +8,7 @@ import (
 	"errors"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -246,6 +247,8 @@ path "transit/decrypt/*" { capabilities = ["update"] }
 path "transit/rewrap/*"  { capabilities = ["update"] }
 path "secret/data/goldilocks/dek/*"     { capabilities = ["create", "read"] }
 path "secret/metadata/goldilocks/dek/*" { capabilities = ["list", "delete"] }
+path "secret/data/goldilocks/anchors/*"     { capabilities = ["create", "read", "update"] }
+path "secret/metadata/goldilocks/anchors/*" { capabilities = ["delete"] }
 `
 
 // gl2ID is the secret id of a gl2 wrapping.
@@ -711,3 +714,81 @@ func TestVaultKVMissing(t *testing.T) {
 	_, _, err = kek.Wrap(ctx, "m", [16]byte{1}, dek)
 	wantKVError(t, err, "secret")
 }
+
+// The Vault anchor: two gateways (two connections, each with its data
+// dir's file anchor beside it) see one anchor; it only moves forward,
+// field by field, also when both advance it at once (check-and-set);
+// Remove forgets it; a gateway whose data dir never saw the volume still
+// refuses an older store (what `volume adopt` relies on).
+func TestVaultAnchor(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{})
+	c := srv.Client()
+	if err := c.Sys().PutPolicy("goldilocks", vaultPolicy); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := c.Auth().Token().Create(&vault.TokenCreateRequest{Policies: []string{"goldilocks"}, NoDefaultPolicy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VAULT_ADDR", srv.Addr)
+	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
+	newGateway := func() Anchors {
+		k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Anchors{NewFileAnchor(t.TempDir()), k.Anchor()}
+	}
+	a, b := newGateway(), newGateway()
+	vol := [16]byte{0xa7, 7}
+	if _, ok, err := a.Load(vol); err != nil || ok {
+		t.Fatalf("new volume: ok %v err %v", ok, err)
+	}
+	if err := a.Advance(vol, AnchorState{Seq: 10, Generation: 3, Epoch: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Advance(vol, AnchorState{Seq: 7, Generation: 5}); err != nil {
+		t.Fatal(err)
+	}
+	want := AnchorState{Seq: 10, Generation: 5, Epoch: 1}
+	for i, g := range []Anchors{a, b, {g0(newGateway())}} {
+		st, ok, err := g.Load(vol)
+		if err != nil || !ok || st != want {
+			t.Errorf("gateway %d loads %+v ok %v err %v, want %+v", i, st, ok, err, want)
+		}
+	}
+	// Both at once, many times: the result is the maximum of everything.
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g := a
+			if i%2 == 1 {
+				g = b
+			}
+			if err := g.Advance(vol, AnchorState{Seq: uint64(100 + i)}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if st, _, _ := b[1].Load(vol); st.Seq != 107 {
+		t.Errorf("after concurrent advances the anchor is at %d, want 107", st.Seq)
+	}
+	// A fresh gateway's open of a store at commit 50 (< 107) is refused by
+	// Open's check, which compares with Load: shown here on the state.
+	fresh := Anchors{NewFileAnchor(t.TempDir()), b[1]}
+	if st, _, _ := fresh.Load(vol); st.Seq <= 50 {
+		t.Errorf("a new gateway would accept a store at commit 50: anchor %d", st.Seq)
+	}
+	if err := a.Remove(vol); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := b[1].Load(vol); err != nil || ok {
+		t.Errorf("after Remove: ok %v err %v", ok, err)
+	}
+}
+
+// g0 is the Vault part of a gateway's anchors.
+func g0(g Anchors) Anchor { return g[1] }

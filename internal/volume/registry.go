@@ -125,6 +125,26 @@ func (r *Registry) SetCacheBytes(n int) { r.cache = cowmap.NewCache(n) }
 // Anchor is the rollback anchor store of the data dir.
 func (r *Registry) Anchor() crypto.Anchor { return crypto.NewFileAnchor(r.dir) }
 
+// anchorFor is where v's rollback anchor lives: the data dir, and for a
+// volume whose key is in Vault also Vault's KV (crypto.VaultAnchor), so
+// that the anchor moves with the volume between gateways that share
+// storage and Vault.
+func (r *Registry) anchorFor(v Volume) (crypto.Anchor, error) {
+	file := r.Anchor()
+	if v.KEK == nil || v.KEK.Provider != "vault" {
+		return file, nil
+	}
+	kek, err := r.KEK("vault")
+	if err != nil {
+		return nil, err
+	}
+	vk, ok := kek.(*crypto.VaultKEK)
+	if !ok {
+		return file, nil
+	}
+	return crypto.Anchors{file, vk.Anchor()}, nil
+}
+
 // SetKeystorePassphrase sets the passphrase that seals the local keystore
 // (a new keystore is sealed by it; a sealed one needs it).
 func (r *Registry) SetKeystorePassphrase(p []byte) { r.passphrase = p }
@@ -638,7 +658,11 @@ func (r *Registry) Shred(name string) error {
 		os.Remove(r.BackingPath(v))
 	}
 	if id, err := v.UUIDBytes(); err == nil {
-		if err := r.Anchor().Remove(id); err != nil {
+		anchor, err := r.anchorFor(v)
+		if err == nil {
+			err = anchor.Remove(id)
+		}
+		if err != nil {
 			return fmt.Errorf("volume %s: shredded, but its rollback anchor stays: %w", name, err)
 		}
 	}
