@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"goldilocks/internal/atomicfile"
+	"goldilocks/internal/secretfile"
 	"io"
 	"log/slog"
 	"os"
@@ -681,7 +682,7 @@ func KeyID(pub ed25519.PublicKey) (string, error) {
 
 func loadOrCreateKey(dir string) (ed25519.PrivateKey, error) {
 	path := filepath.Join(dir, KeyFile)
-	b, err := os.ReadFile(path)
+	b, err := secretfile.Read(path)
 	if errors.Is(err, os.ErrNotExist) {
 		_, priv, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"goldilocks/internal/atomicfile"
+	"goldilocks/internal/secretfile"
 	"os"
 	"path/filepath"
 	"strings"
@@ -252,7 +253,7 @@ func (l *LocalKEK) withStore(fn func(*keystoreDoc) (changed bool, err error)) er
 // empty keystore (exists false). Every value of the result has its tag.
 func readKeystore(path string) (doc *keystoreDoc, exists bool, err error) {
 	doc = &keystoreDoc{Magic: KeystoreMagic, Version: KeystoreVersion, Keys: map[string][]localKey{}}
-	b, err := os.ReadFile(path)
+	b, err := secretfile.Read(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return doc, false, nil

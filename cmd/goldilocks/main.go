@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"goldilocks/internal/secretfile"
 	"io"
 	"log/slog"
 	"os"
@@ -196,7 +197,7 @@ func (a *app) openRegistry() (*volume.Registry, error) {
 	}
 	pass := []byte(os.Getenv("GOLDILOCKS_KEYSTORE_PASSPHRASE"))
 	if f := os.Getenv("GOLDILOCKS_KEYSTORE_PASSPHRASE_FILE"); f != "" {
-		b, err := os.ReadFile(f)
+		b, err := secretfile.Read(f)
 		if err != nil {
 			return nil, fmt.Errorf("GOLDILOCKS_KEYSTORE_PASSPHRASE_FILE: %w", err)
 		}
@@ -215,7 +216,7 @@ func (a *app) openRegistry() (*volume.Registry, error) {
 		Observe:      a.vaultObserve,
 	}
 	if f := os.Getenv("GOLDILOCKS_VAULT_SECRET_ID_FILE"); f != "" {
-		b, err := os.ReadFile(f)
+		b, err := secretfile.Read(f)
 		if err != nil {
 			return nil, fmt.Errorf("GOLDILOCKS_VAULT_SECRET_ID_FILE: %w", err)
 		}

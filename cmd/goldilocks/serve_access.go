@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"goldilocks/internal/secretfile"
 	"log/slog"
 	"net"
 	"os"
@@ -30,6 +31,9 @@ func tlsConfig(sf serveFlags) (*tls.Config, error) {
 	}
 	if sf.tlsCert == "" || sf.tlsKey == "" {
 		return nil, usagef("--tls-cert and --tls-key go together")
+	}
+	if err := secretfile.Check(sf.tlsKey); err != nil {
+		return nil, fmt.Errorf("--tls-key: %w", err)
 	}
 	cert, err := tls.LoadX509KeyPair(sf.tlsCert, sf.tlsKey)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"goldilocks/internal/secretfile"
 	"io"
 	"log/slog"
 	"net"
@@ -200,6 +201,9 @@ func parse(uri string) (target, error) {
 	}
 	t.tls = &tls.Config{RootCAs: pool, ServerName: hostname, MinVersion: tls.VersionTLS12}
 	if _, err := os.Stat(filepath.Join(dir, "client-cert.pem")); err == nil {
+		if err := secretfile.Check(filepath.Join(dir, "client-key.pem")); err != nil {
+			return target{}, fmt.Errorf("upstream %s: %w", uri, err)
+		}
 		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "client-cert.pem"), filepath.Join(dir, "client-key.pem"))
 		if err != nil {
 			return target{}, fmt.Errorf("upstream %s: client certificate: %w", uri, err)
