@@ -88,8 +88,12 @@ fuzz:
 # torture: the crash model over many more seeds than make test runs
 # (GOLDILOCKS_CRASH_FIRST shifts the range; about 7 minutes here without
 # the race detector, which make test already runs over 300 seeds).
-torture:
+# Then the real binary: 1,000 SIGKILLs and 1,000 power cuts per volume kind
+# under a random workload (e2e/torture_test.go; make test runs 6 of each).
+torture: build vault
 	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -count=1 -timeout 90m -run 'TestCrashModel|TestCrashEveryPoint' ./crypto/
+	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_VAULT_BIN=$(CURDIR)/bin/vault GOLDILOCKS_TORTURE_ROUNDS=$${GOLDILOCKS_TORTURE_ROUNDS:-1000} \
+		$(GO) test -count=1 -timeout 180m -v -run 'TestTorture' ./e2e/
 
 # vault: a real Vault server at bin/vault for the Transit provider's tests,
 # built once from the Go module proxy and cached outside the repo.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 
 	"goldilocks/audit"
 	"goldilocks/crypto/cowmap"
@@ -80,6 +81,7 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		v.integrityFailure("map", err)
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
 	}
+	runs := rb.runs[:0]
 	for i := 0; i < n; {
 		if !es[i].Mapped() {
 			clear(p[i*ChunkSize : (i+1)*ChunkSize])
@@ -90,16 +92,20 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		for j < n && es[j].Loc() == es[i].Loc() {
 			j++
 		}
-		if _, err := v.store.ReadAt(p[i*ChunkSize:j*ChunkSize], int64(v.geo.DataBlock(first+uint64(i), es[i].Loc())*ChunkSize)); err != nil {
-			return fmt.Errorf("volume %s chunk %d: %w", v.name, first+uint64(i), err)
+		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(v.geo.DataBlock(first+uint64(i), es[i].Loc()) * ChunkSize), first + uint64(i)})
+		i = j
+	}
+	if err := v.doRuns(runs, false); err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		if !es[i].Mapped() {
+			continue
 		}
-		for ; i < j; i++ {
-			c := first + uint64(i)
-			dst := p[i*ChunkSize : (i+1)*ChunkSize]
-			copy(b.pkg[HeaderSize:], dst)
-			if err := v.openPackage(c, &es[i], dst, b); err != nil {
-				return err
-			}
+		dst := p[i*ChunkSize : (i+1)*ChunkSize]
+		copy(b.pkg[HeaderSize:], dst)
+		if err := v.openPackage(first+uint64(i), &es[i], dst, b); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -108,6 +114,53 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 type readBuf struct {
 	es    [batchChunks]cowmap.Entry
 	locks [batchChunks]int
+	runs  [batchChunks]ioRun
+}
+
+// ioRun is one store request of a batch: a run of neighbouring chunks in
+// the same home.
+type ioRun struct {
+	p     []byte
+	off   int64
+	chunk uint64
+}
+
+// doRuns sends a batch's runs to the store: one after another, or on a
+// store with network latency all at once (a 1 MiB request over chunks
+// whose homes alternate is dozens of runs: a round trip each).
+func (v *Volume) doRuns(runs []ioRun, write bool) error {
+	if !v.parallel || len(runs) < 2 {
+		for _, r := range runs {
+			if err := v.doRun(r, write); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	errs := make([]error, len(runs))
+	var wg sync.WaitGroup
+	for i := range runs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = v.doRun(runs[i], write)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (v *Volume) doRun(r ioRun, write bool) error {
+	var err error
+	if write {
+		_, err = v.store.WriteAt(r.p, r.off)
+	} else {
+		_, err = v.store.ReadAt(r.p, r.off)
+	}
+	if err != nil {
+		return fmt.Errorf("volume %s chunk %d: %w", v.name, r.chunk, err)
+	}
+	return nil
 }
 
 // readChunk opens chunk c into dst (4096 bytes). Callers hold its lock.
@@ -240,6 +293,7 @@ type batchBuf struct {
 	homes [batchChunks]uint64
 	es    [batchChunks]cowmap.Entry
 	locks [batchChunks]int
+	runs  [batchChunks]ioRun
 }
 
 // writeChunks writes whole chunks first.. from p (at most batchChunks).
@@ -278,15 +332,17 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 		e.SetEpoch(epoch)
 		e.SetKeySlot(k)
 	}
+	runs := bb.runs[:0]
 	for i := 0; i < n; { // one write per run of neighbouring homes
 		j := i + 1
 		for j < n && homes[j] == homes[i] {
 			j++
 		}
-		if _, err := v.store.WriteAt(bb.ct[i*ChunkSize:j*ChunkSize], int64(v.geo.DataBlock(first+uint64(i), homes[i])*ChunkSize)); err != nil {
-			return fmt.Errorf("volume %s chunk %d: %w", v.name, first+uint64(i), err)
-		}
+		runs = append(runs, ioRun{bb.ct[i*ChunkSize : j*ChunkSize], int64(v.geo.DataBlock(first+uint64(i), homes[i]) * ChunkSize), first + uint64(i)})
 		i = j
+	}
+	if err := v.doRuns(runs, true); err != nil {
+		return err
 	}
 	if v.m.SetRange(first, bb.es[:n]) > maxDirty {
 		v.flushInBackground()

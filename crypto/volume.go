@@ -78,6 +78,10 @@ type Volume struct {
 	geo   cowmap.Geometry
 	size  int64
 	opt   Options
+	// parallel: the store answers at network speed (RBD, an upstream
+	// NBD server: no CanFastWrite), so the runs of a batch and the nodes
+	// of a checkpoint go to it at once rather than one after another.
+	parallel bool
 
 	m    *cowmap.Map
 	keys *keyring
@@ -195,7 +199,8 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	}
 	v := &Volume{
 		name: name, uuid: uuid, log: log, store: store, geo: g, size: int64(h.Size), opt: opt,
-		keys: newKeyring(uuid, h.Suite), epochLimit: epochLimit,
+		parallel: !block.OptionalOf(store).FastWrite,
+		keys:     newKeyring(uuid, h.Suite), epochLimit: epochLimit,
 		h:    headerState{store: store, name: name, hdr: h},
 		poke: make(chan struct{}, 1), done: make(chan struct{}),
 		bufs:  sync.Pool{New: func() any { return new(chunkBuf) }},
@@ -233,7 +238,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		return fail(err)
 	}
 	v.m, err = cowmap.Open(cowmap.Config{
-		Dev: store, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged,
+		Dev: store, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged, ParallelIO: v.parallel,
 		Verify: v.verifyData, WriteHeader: v.writeCheckpoint,
 	}, h.MapState())
 	if err != nil {

@@ -42,6 +42,10 @@ type Config struct {
 	WriteHeader func(State) error
 	// MaxLogged is how many logged entries trigger a checkpoint (0: 16384).
 	MaxLogged int
+	// ParallelIO sends a checkpoint's node writes to Dev all at once (a
+	// store with network latency: RBD, an upstream NBD server), instead
+	// of one after another.
+	ParallelIO bool
 }
 
 // Map is a volume's chunk map. Callers hold a lock per chunk around Home,
@@ -54,6 +58,9 @@ type Map struct {
 
 	commitMu sync.Mutex // one commit or checkpoint at a time
 	logBuf   []byte     // one log block; guarded by commitMu
+	// nodeWrites are a checkpoint's node writes (ParallelIO); guarded by
+	// commitMu.
+	nodeWrites []nodeWrite
 
 	mu      sync.Mutex // guards the fields below
 	cond    sync.Cond  // a commit ended
@@ -688,7 +695,11 @@ func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	root := old.Root
 	if len(recs) > 0 {
 		var err error
-		if root, err = m.update(m.top, 0, old.Root, recs, newSeq); err != nil {
+		m.nodeWrites = m.nodeWrites[:0]
+		if root, err = m.update(m.top, 0, old.Root, recs, newSeq); err == nil {
+			err = m.writeNodes()
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -771,7 +782,10 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 		}
 	}
 	loc := Other(ref.Loc)
-	if _, err := m.cfg.Dev.WriteAt(n[:], int64(m.cfg.Geo.nodeBlock(level, idx, loc)*BlockSize)); err != nil {
+	off := int64(m.cfg.Geo.nodeBlock(level, idx, loc) * BlockSize)
+	if m.cfg.ParallelIO { // written by writeNodes, before the checkpoint's flush
+		m.nodeWrites = append(m.nodeWrites, nodeWrite{n, off, level, idx})
+	} else if _, err := m.cfg.Dev.WriteAt(n[:], off); err != nil {
 		return Ref{}, fmt.Errorf("writing map node %d/%d: %w", level, idx, err)
 	}
 	h := n.hash()
@@ -814,3 +828,52 @@ func (m *Map) SwitchKey(key []byte, write func(State) error) error {
 	m.mu.Unlock()
 	return nil
 }
+
+// nodeWrite is a checkpoint's write of a node, when they go out at once.
+type nodeWrite struct {
+	n     *node
+	off   int64
+	level int
+	idx   uint64
+}
+
+// writeNodes writes the nodes update collected (ParallelIO), at most
+// parallelNodeWrites at a time. Callers hold commitMu.
+func (m *Map) writeNodes() error {
+	ws := m.nodeWrites
+	if len(ws) == 0 {
+		return nil
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		next  = make(chan int)
+	)
+	for range min(parallelNodeWrites, len(ws)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				w := ws[i]
+				if _, err := m.cfg.Dev.WriteAt(w.n[:], w.off); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = fmt.Errorf("writing map node %d/%d: %w", w.level, w.idx, err)
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for i := range ws {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	clear(m.nodeWrites) // drop the node references
+	return first
+}
+
+// parallelNodeWrites bounds a checkpoint's node writes in flight.
+const parallelNodeWrites = 32
