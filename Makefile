@@ -13,7 +13,7 @@ TOOL_DEBS := systemd libvirt-clients libxml2-utils prometheus
 # A single-node Ceph cluster for the RBD tests, and librbd to build against.
 CEPH_DEBS := ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev
 
-.PHONY: all build run test deps check unit bench fuzz torture vault clean
+.PHONY: all build run test deps check unit bench fuzz fuzz-brief torture vault clean
 
 all: build
 
@@ -67,6 +67,7 @@ check:
 # race detector. On a fresh machine `vault` builds Vault once (10-20 min).
 test: deps check build vault
 	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -race -count=1 -timeout 20m $(PKGS)
+	$(MAKE) --no-print-directory fuzz-brief
 
 # bench: Go hot-path benchmarks, then the peer comparison (bench/README.md).
 bench: deps build vault
@@ -77,13 +78,24 @@ bench: deps build vault
 	bash bench/scale.sh | tee bench/scale.md
 	bash bench/storage.sh | tee bench/storage.md
 
+# Every parser of bytes from a client, a disk, an upstream server or a file.
+FUZZ_TARGETS = gateway:FuzzHandshake gateway:FuzzTransmission \
+	crypto:FuzzParseHeader crypto:FuzzParseKeystore crypto:FuzzParseAnchor crypto/v1:FuzzParseHeader \
+	crypto/cowmap:FuzzOpenLogBlock crypto/cowmap:FuzzNode internal/volume:FuzzParseRegistry \
+	internal/upstream:FuzzHandshakeReplies internal/upstream:FuzzTransmissionReplies \
+	policy:FuzzParse audit:FuzzParse
+FUZZTIME ?= 2m
+
+# fuzz: each target for FUZZTIME (make fuzz FUZZTIME=30m for a long run);
+# make test runs each for 3 s (fuzz-brief) besides its seed corpus.
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzHandshake -fuzztime 2m ./gateway/
-	$(GO) test -run '^$$' -fuzz FuzzTransmission -fuzztime 2m ./gateway/
-	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 2m ./crypto/
-	$(GO) test -run '^$$' -fuzz FuzzOpenLogBlock -fuzztime 2m ./crypto/cowmap/
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 2m ./policy/
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 2m ./audit/
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t#*:} in ./$${t%%:*}/ for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) ./$${t%%:*}/; \
+	done
+
+fuzz-brief:
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
 
 # torture: the crash model over many more seeds than make test runs
 # (GOLDILOCKS_CRASH_FIRST shifts the range; about 7 minutes here without

@@ -148,7 +148,7 @@ func (tt *tortureTarget) start() {
 	if tt.restart != nil && tt.nbdkit == nil {
 		tt.restart()
 	}
-	tt.g = startGateway(tt.t, tt.dir, "--log-level", "warn")
+	tt.g = startGateway(tt.t, tt.dir)
 }
 
 func (tt *tortureTarget) crash() {
@@ -174,7 +174,7 @@ func torture(t *testing.T, tt *tortureTarget, rounds int, rng *rand.Rand, keyOps
 	m := newTortureModel(sectors)
 	buf := make([]byte, 256<<10)
 	var nextID uint64 = 1
-	for round := 0; round < rounds; round++ {
+	for round := 0; ; round++ { // a check after each crash, the last one too
 		cl, err := dialNBD(tt.g.sock, tt.volume)
 		if err != nil {
 			t.Fatalf("round %d: attach after restart: %v\n%s", round, err, tt.g.logText())
@@ -200,6 +200,10 @@ func torture(t *testing.T, tt *tortureTarget, rounds int, rng *rand.Rand, keyOps
 			t.Fatalf("round %d: flush after restart: %v", round, err)
 		}
 		m.settle(vals)
+		if round == rounds {
+			cl.close()
+			return ops
+		}
 
 		if keyOps && rng.IntN(3) == 0 { // a rotation or a rekey under the workload
 			args := []string{"key", "rekey", tt.volume, "--rate", "16MiB"}
@@ -284,7 +288,6 @@ func torture(t *testing.T, tt *tortureTarget, rounds int, rng *rand.Rand, keyOps
 		cl.close()
 		tt.start()
 	}
-	return ops
 }
 
 func tortureRounds(t *testing.T) int {

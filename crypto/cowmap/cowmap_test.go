@@ -947,3 +947,55 @@ func TestCacheOneVersionPerNode(t *testing.T) {
 		t.Errorf("lookups read %d blocks with every node cached", h.dev.reads-reads)
 	}
 }
+
+// A map node read from the store is used only if its hash matches its
+// parent's reference; behind that check its contents are still parsed
+// with care. Here the fuzzer plays an adversary who also controls the
+// reference (as if it could forge the header): whatever the leaf and
+// root hold, Open, Lookup, LookupRange and Homes return values or
+// errors, never panic, and never name a location other than A, B or
+// unmapped.
+func FuzzNode(f *testing.F) {
+	g, _ := NewGeometry(63*3, 16)
+	leaf := newNode(0, 1, 4, testUUID)
+	e := testEntry(70, HomeB, 2)
+	e.SetGen(4)
+	*leaf.entry(70 % LeafFanout) = e
+	f.Add(leaf[:], leaf[:], uint8(0))
+	root := newNode(1, 0, 4, testUUID)
+	root.setRef(1, Ref{Loc: HomeA, Hash: leaf.hash(), MaxGen: 4})
+	f.Add(root[:], leaf[:], uint8(1))
+	f.Fuzz(func(t *testing.T, rootB, leafB []byte, loc uint8) {
+		var r, l node
+		copy(r[:], rootB)
+		copy(l[:], leafB)
+		// The root names the fuzzed leaf as child 1 if it says so.
+		if loc&1 == 1 {
+			r.setRef(1, Ref{Loc: HomeA, Hash: l.hash(), MaxGen: r.ref(1).MaxGen})
+		}
+		d := newMemDev(g)
+		d.WriteAt(r[:], int64(g.nodeBlock(g.Levels-1, 0, HomeA)*BlockSize))
+		d.WriteAt(l[:], int64(g.nodeBlock(0, 1, HomeA)*BlockSize))
+		cfg := Config{Dev: d, Geo: g, UUID: testUUID, LogKey: testLogKey, WriteHeader: func(State) error { return nil }}
+		m, err := Open(cfg, State{Seq: 4, Root: Ref{Loc: HomeA, Hash: r.hash(), MaxGen: 4}, LogStart: 0})
+		if err != nil {
+			return
+		}
+		defer m.Close()
+		for c := uint64(0); c < g.Chunks; c++ {
+			if e, err := m.Lookup(c); err == nil && e.Loc() > HomeB {
+				t.Fatalf("chunk %d: location %d served", c, e.Loc())
+			}
+		}
+		es := make([]Entry, g.Chunks)
+		m.LookupRange(0, es)
+		homes := make([]uint64, g.Chunks)
+		if err := m.Homes(0, homes); err == nil {
+			for c, h := range homes {
+				if h != HomeA && h != HomeB {
+					t.Fatalf("chunk %d: a write would go to home %d", c, h)
+				}
+			}
+		}
+	})
+}

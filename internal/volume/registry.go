@@ -235,8 +235,9 @@ func parseRegistry(b []byte, path string) ([]Volume, error) {
 	if doc.Version != FormatVersion {
 		return nil, fmt.Errorf("%s: %w: format version %d, this build reads %d", path, ErrBadRegistry, doc.Version, FormatVersion)
 	}
-	seen := map[string]bool{}
+	seen, ids := map[string]bool{}, map[uuid.UUID]string{}
 	for _, v := range doc.Volumes {
+		id, uerr := uuid.Parse(v.UUID)
 		switch {
 		case !nameRE.MatchString(v.Name):
 			return nil, fmt.Errorf("%s: %w: volume name %q", path, ErrBadRegistry, v.Name)
@@ -246,8 +247,13 @@ func parseRegistry(b []byte, path string) ([]Volume, error) {
 			return nil, fmt.Errorf("%s: %w: volume %s: size %d", path, ErrBadRegistry, v.Name, v.Size)
 		case v.Backing == "":
 			return nil, fmt.Errorf("%s: %w: volume %s has no backing store", path, ErrBadRegistry, v.Name)
+		case uerr != nil:
+			return nil, fmt.Errorf("%s: %w: volume %s: uuid %q", path, ErrBadRegistry, v.Name, v.UUID)
+		case ids[id] != "":
+			// Two volumes, one anchor and one set of key secrets: never.
+			return nil, fmt.Errorf("%s: %w: volumes %s and %s have the same UUID %s", path, ErrBadRegistry, ids[id], v.Name, id)
 		}
-		seen[v.Name] = true
+		seen[v.Name], ids[id] = true, v.Name
 	}
 	return doc.Volumes, nil
 }

@@ -44,9 +44,11 @@ func TestRegistryRejectsDamage(t *testing.T) {
 		{"bad magic", `{"magic":"x","version":1,"volumes":[]}`, "magic"},
 		{"future version", `{"magic":"goldilocks-volumes","version":2,"volumes":[]}`, "format version 2"},
 		{"bad name", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"../x","size":4096,"backing":"b"}]}`, "volume name"},
-		{"duplicate", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","size":4096,"backing":"b"},{"name":"a","size":4096,"backing":"b"}]}`, "twice"},
-		{"unaligned size", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","size":4097,"backing":"b"}]}`, "size 4097"},
-		{"no backing", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","size":4096}]}`, "no backing"},
+		{"duplicate", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"backing":"b"},{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","size":4096,"backing":"b"}]}`, "twice"},
+		{"unaligned size", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4097,"backing":"b"}]}`, "size 4097"},
+		{"no backing", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096}]}`, "no backing"},
+		{"bad uuid", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"x","size":4096,"backing":"b"}]}`, "uuid"},
+		{"shared uuid", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"backing":"b"},{"name":"c","uuid":"9B2E1B9E-6B53-4D43-8F0B-3C2A3F5E7A10","size":4096,"backing":"d"}]}`, "same UUID"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseRegistry([]byte(tc.doc), "volumes.json")
