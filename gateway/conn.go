@@ -81,6 +81,7 @@ type conn struct {
 	peekBuf            [1]byte
 
 	stopping atomic.Bool
+	shakeKey string // counted in srv.peerShakes until handshakeDone
 
 	wmu     sync.Mutex // guards queue, spare and writing
 	queue   []*request // replies waiting for the writer, cap MaxInflight
@@ -139,6 +140,7 @@ func (c *conn) serve() {
 	m.note(connOpened)
 	defer m.note(connClosed)
 	err := c.handshake()
+	c.handshakeDone()
 	if err != nil {
 		// A GO or EXPORT_NAME whose reply could not be sent was counted
 		// and recorded: undo both, as for any detach.

@@ -60,7 +60,10 @@ func (c *conn) handshake() error {
 	}
 	c.noZeroes = clientFlags&clientNoZeroes != 0
 
-	for {
+	for n := 1; ; n++ {
+		if n > maxOptions {
+			return violation("more than %d options in one handshake", maxOptions)
+		}
 		var hdr [16]byte
 		if _, err := io.ReadFull(c.rd, hdr[:]); err != nil {
 			return err
@@ -176,6 +179,11 @@ func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
 func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) {
 	m := c.srv.cfg.Metrics
 	d := c.decide(name)
+	if ok, auditIt, suppressed := c.srv.attaches.allow(c.attachKey(d.identity), time.Now()); !ok {
+		m.attachRefused(RefusedRate)
+		c.rateRefused(name, d.identity, auditIt, suppressed)
+		return repErrPolicy, "too many attaches: try again later"
+	}
 	if d.code != 0 {
 		if d.code == repErrTLSReqd {
 			m.attachRefused(RefusedTLSRequired)

@@ -31,6 +31,7 @@ const (
 	RefusedPolicy      = "policy"          // no rule grants it
 	RefusedTLSRequired = "tls_required"    // the rule or the gateway needs TLS
 	RefusedMaxConns    = "max_connections" // the identity's connection limit
+	RefusedRate        = "attach_rate"     // the identity's attach rate (abuse.go)
 	RefusedAudit       = "audit"           // the audit trail cannot record it
 	RefusedUnknown     = "unknown_export"  // no such volume
 	RefusedUnavailable = "unavailable"     // the volume does not open (key, storage)
@@ -76,7 +77,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "goldilocks_tls_handshake_failures_total", Help: "TLS handshakes that failed.",
 		}),
 	}
-	for _, r := range []string{RefusedPolicy, RefusedTLSRequired, RefusedMaxConns, RefusedAudit, RefusedUnknown, RefusedUnavailable} {
+	for _, r := range []string{RefusedPolicy, RefusedTLSRequired, RefusedMaxConns, RefusedRate, RefusedAudit, RefusedUnknown, RefusedUnavailable} {
 		m.refused.WithLabelValues(r) // present at 0, for rate() and alerts
 	}
 	reg.MustRegister(m.connections, m.requests, m.bytes, m.errors, m.latency, m.inflight, m.throttled, m.refused, m.revoked, m.tlsFailures)

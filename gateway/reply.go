@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"syscall"
+	"time"
 )
 
 // Replies leave through one combining writer per connection. A goroutine
@@ -56,6 +57,9 @@ func (c *conn) writeQueueLocked() {
 		batch := c.queue
 		c.queue = c.spare[:0]
 		c.wmu.Unlock()
+		if t := c.srv.cfg.ReplyTimeout; t > 0 { // a client that does not read
+			c.nc.SetWriteDeadline(time.Now().Add(t))
+		}
 		c.writeBatch(batch)
 		c.wmu.Lock()
 		c.spare = batch[:0]

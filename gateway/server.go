@@ -93,6 +93,14 @@ type Config struct {
 	// continue).
 	Audit         Recorder
 	AuditContinue bool
+	// Abuse bounds (abuse.go); zero: the default, negative: none.
+	MaxHandshakes int // connections negotiating at once (256)
+	// MaxPeerHandshakes is the same per peer (a Unix socket's uid, a TCP
+	// client's address), so one client cannot take them all (32).
+	MaxPeerHandshakes int
+	AttachRate        float64       // attaches a second per identity (50)
+	AttachBurst       int           // ...of which at once (200)
+	ReplyTimeout      time.Duration // a reply waiting for a client that does not read (1 min)
 }
 
 // Server is an NBD server. Its zero value is not usable; call New.
@@ -112,6 +120,13 @@ type Server struct {
 	limMu    sync.Mutex // guards limiters
 	limiters map[limKey]*bucket
 	clock    *coarseClock // for the buckets
+
+	handshaking atomic.Int64   // connections negotiating (MaxHandshakes)
+	peerShakes  map[string]int // ...per peer; guarded by mu
+	attaches    *attachLimiter
+	ovMu        sync.Mutex // guards ovLast, ovCount (noteOverflow)
+	ovLast      time.Time
+	ovCount     int
 }
 
 // New returns a server for cfg.
@@ -125,15 +140,32 @@ func New(cfg Config) *Server {
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 30 * time.Second
 	}
+	if cfg.MaxHandshakes == 0 {
+		cfg.MaxHandshakes = defaultMaxHandshakes
+	}
+	if cfg.MaxPeerHandshakes == 0 {
+		cfg.MaxPeerHandshakes = defaultMaxPeerHandshakes
+	}
+	if cfg.AttachRate == 0 {
+		cfg.AttachRate = defaultAttachRate
+	}
+	if cfg.AttachBurst <= 0 {
+		cfg.AttachBurst = defaultAttachBurst
+	}
+	if cfg.ReplyTimeout == 0 {
+		cfg.ReplyTimeout = defaultReplyTimeout
+	}
 	return &Server{
-		cfg:       cfg,
-		log:       cfg.Logger,
-		pool:      newBufferPool(),
-		listeners: make(map[net.Listener]struct{}),
-		live:      make(map[*conn]struct{}),
-		idConns:   make(map[string]int),
-		limiters:  make(map[limKey]*bucket),
-		clock:     newCoarseClock(),
+		attaches:   newAttachLimiter(cfg.AttachRate, cfg.AttachBurst),
+		peerShakes: make(map[string]int),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		pool:       newBufferPool(),
+		listeners:  make(map[net.Listener]struct{}),
+		live:       make(map[*conn]struct{}),
+		idConns:    make(map[string]int),
+		limiters:   make(map[limKey]*bucket),
+		clock:      newCoarseClock(),
 	}
 }
 
@@ -173,18 +205,29 @@ func (s *Server) Serve(l net.Listener) error {
 		}
 		delay = 0
 		c := s.newConn(nc)
+		key := c.attachKey("")
 		s.mu.Lock()
 		if s.shutting.Load() {
 			s.mu.Unlock()
 			nc.Close()
 			continue
 		}
+		if over := s.overHandshakes(key); over != "" {
+			s.mu.Unlock()
+			nc.Close()
+			s.noteOverflow(over)
+			continue
+		}
+		s.handshaking.Add(1)
+		s.peerShakes[key]++
+		c.shakeKey = key
 		s.live[c] = struct{}{}
 		s.conns.Add(1)
 		s.mu.Unlock()
 		go func() {
 			defer s.conns.Done()
 			c.serve()
+			c.handshakeDone() // if serve ended in the handshake
 			s.mu.Lock()
 			delete(s.live, c)
 			s.mu.Unlock()

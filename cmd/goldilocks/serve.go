@@ -30,21 +30,25 @@ import (
 )
 
 type serveFlags struct {
-	listen, unix, metrics, policy string
-	tlsCert, tlsKey, tlsCA        string
-	tlsMinVersion                 string
-	auditOnFailure                string
-	tlsRequired                   bool
-	logLevel, logFormat           string
-	maxInflight                   int
-	mapCache                      string
-	shutdownTimeout               time.Duration
-	outageLimit                   time.Duration
-	cpuProfile                    string
-	memProfile                    string
-	pidFile                       string
-	unixGroup, unixMode           string
-	demo                          bool
+	listen, unix, metrics, policy  string
+	tlsCert, tlsKey, tlsCA         string
+	tlsMinVersion                  string
+	auditOnFailure                 string
+	tlsRequired                    bool
+	logLevel, logFormat            string
+	maxInflight                    int
+	maxHandshakes, attachBurst     int
+	maxPeerHandshakes              int
+	attachRate                     float64
+	replyTimeout, handshakeTimeout time.Duration
+	mapCache                       string
+	shutdownTimeout                time.Duration
+	outageLimit                    time.Duration
+	cpuProfile                     string
+	memProfile                     string
+	pidFile                        string
+	unixGroup, unixMode            string
+	demo                           bool
 }
 
 func newServeCmd(a *app) *cobra.Command {
@@ -82,6 +86,12 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
+	f.IntVar(&sf.maxHandshakes, "max-handshakes", 256, "connections still negotiating at once; more are closed at accept (-1: no limit)")
+	f.IntVar(&sf.maxPeerHandshakes, "max-peer-handshakes", 32, "connections still negotiating at once from one peer (uid or address) (-1: no limit)")
+	f.DurationVar(&sf.handshakeTimeout, "handshake-timeout", 30*time.Second, "time a client has to finish the handshake")
+	f.Float64Var(&sf.attachRate, "attach-rate", 50, "attaches a second per identity (or per uid or address without a policy); beyond the burst they are refused (-1: no limit)")
+	f.IntVar(&sf.attachBurst, "attach-burst", 200, "attaches an identity may make at once before --attach-rate applies")
+	f.DurationVar(&sf.replyTimeout, "reply-timeout", time.Minute, "how long a reply may wait for a client that does not read before the connection is closed")
 	f.StringVar(&sf.mapCache, "map-cache", "32MiB", "memory for the chunk-map nodes of all encrypted volumes together")
 	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
 	f.DurationVar(&sf.outageLimit, "backing-outage-limit", 30*time.Second, "how long requests to an unreachable upstream backing store (nbd://…) wait, reconnecting, before they fail with EIO")
@@ -244,6 +254,13 @@ func serve(a *app, sf serveFlags) error {
 		MaxInflight: sf.maxInflight,
 		TLS:         tlsCfg,
 		TLSRequired: sf.tlsRequired,
+
+		HandshakeTimeout:  sf.handshakeTimeout,
+		MaxHandshakes:     sf.maxHandshakes,
+		MaxPeerHandshakes: sf.maxPeerHandshakes,
+		AttachRate:        sf.attachRate,
+		AttachBurst:       sf.attachBurst,
+		ReplyTimeout:      sf.replyTimeout,
 	}
 	if pol != nil {
 		gcfg.Policy = pol.get
