@@ -37,8 +37,11 @@ const (
 var errNBD = errors.New("nbd: server error")
 
 // dialNBD connects to export on the Unix socket sock.
-func dialNBD(sock, export string) (*nbdClient, error) {
-	c, err := net.DialTimeout("unix", sock, 5*time.Second)
+func dialNBD(sock, export string) (*nbdClient, error) { return dialNBDOn("unix", sock, export) }
+
+// dialNBDOn connects to export at addr on network (unix, tcp).
+func dialNBDOn(network, addr, export string) (*nbdClient, error) {
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
 	if err != nil {
 		return nil, err
 	}
