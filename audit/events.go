@@ -40,5 +40,6 @@ const (
 	EvAuditRecovered     EventType = "audit_recovered"
 	EvBackingOutage      EventType = "backing_outage"
 	EvBackingRestored    EventType = "backing_restored"
+	EvIOError            EventType = "io_error"
 	EvCheckpoint         EventType = "checkpoint"
 )

@@ -156,3 +156,29 @@ func (s *Server) noteOverflow(bound string) {
 		s.ovLast, s.ovCount = now, 0
 	}
 }
+
+// ioErrorAuditEvery bounds the io_error records of one connection: a
+// failing store must not flood the audit trail (every failure is logged).
+const ioErrorAuditEvery = 10 * time.Second
+
+// requestFailed logs a request the device failed; the first failure of a
+// connection, then at most one every ioErrorAuditEvery (with the count of
+// those between), also goes to the audit trail as io_error.
+func (c *conn) requestFailed(r *request, errno uint32, err error) {
+	c.errMu.Lock()
+	now := time.Now()
+	auditIt := now.Sub(c.errAudited) >= ioErrorAuditEvery
+	suppressed := c.errSuppressed
+	if auditIt {
+		c.errAudited, c.errSuppressed = now, 0
+	} else {
+		c.errSuppressed++
+	}
+	c.errMu.Unlock()
+	if !auditIt {
+		c.log.Error("request failed", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "errno", errnoName(errno), "err", err)
+		return
+	}
+	c.log.Error("request failed", "event", audit.EvIOError, "volume", c.expName(), "cmd", commandName(r.typ), "offset", r.off, "length", r.length,
+		"errno", errnoName(errno), "err", err, "failures_since_last_record", suppressed)
+}

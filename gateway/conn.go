@@ -83,6 +83,10 @@ type conn struct {
 	stopping atomic.Bool
 	shakeKey string // counted in srv.peerShakes until handshakeDone
 
+	errMu         sync.Mutex // guards errAudited, errSuppressed
+	errAudited    time.Time  // the last io_error on the audit trail
+	errSuppressed int        // failed requests since, only logged
+
 	wmu     sync.Mutex // guards queue, spare and writing
 	queue   []*request // replies waiting for the writer, cap MaxInflight
 	spare   []*request // the other half of the queue's double buffer
@@ -648,7 +652,7 @@ func (c *conn) finish(r *request, n int64, err error) {
 	if err != nil {
 		errno = errnoOf(err)
 		if !(r.typ == cmdWriteZeroes && errno == errNotSup) { // FAST_ZERO refusal is routine
-			c.log.Error("request failed", "cmd", commandName(r.typ), "offset", r.off, "length", r.length, "err", err)
+			c.requestFailed(r, errno, err)
 		}
 	}
 	c.count(r, n, err != nil)
@@ -678,7 +682,7 @@ func (c *conn) read(r *request) {
 	data := r.buf.b[:r.length]
 	if _, err := c.exp.Device.ReadAt(data, int64(r.off)); err != nil {
 		errno := errnoOf(err)
-		c.log.Error("request failed", "cmd", "read", "offset", r.off, "length", r.length, "err", err)
+		c.requestFailed(r, errno, err)
 		c.count(r, 0, true)
 		c.replyError(r, errno)
 		return
@@ -736,7 +740,7 @@ func (c *conn) blockStatus(r *request) {
 	}
 	r.extents = tidyExtents(r.extents, n)
 	if err != nil {
-		c.log.Error("request failed", "cmd", "block_status", "offset", r.off, "length", r.length, "err", err)
+		c.requestFailed(r, errnoOf(err), err)
 		c.count(r, 0, true)
 		c.replyError(r, errnoOf(err))
 		return

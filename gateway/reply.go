@@ -3,6 +3,7 @@ package gateway
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"syscall"
@@ -135,7 +136,7 @@ func (c *conn) sendfileReply(r *request) {
 	t := c.chunkHeader(r.trailer[:], r, replyFlagDone, replyNone, 0)
 	if err != nil {
 		at := r.off + r.length - uint64(r.sfRemain)
-		c.log.Error("request failed", "cmd", "read", "offset", r.off, "length", r.length, "failed_at", at, "err", err)
+		c.requestFailed(r, errnoOf(err), fmt.Errorf("at offset %d: %w", at, err))
 		c.stats.errors.Add(1)
 		if !c.pad(r.sfRemain) {
 			return

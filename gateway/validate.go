@@ -3,6 +3,7 @@ package gateway
 import (
 	"errors"
 	"os"
+	"strconv"
 	"syscall"
 
 	"goldilocks/internal/block"
@@ -118,4 +119,25 @@ func errnoOf(err error) uint32 {
 		}
 	}
 	return errIO
+}
+
+// errnoName names an NBD error for logs and the audit trail.
+func errnoName(e uint32) string {
+	switch e {
+	case errPerm:
+		return "EPERM"
+	case errIO:
+		return "EIO"
+	case errNoMem:
+		return "ENOMEM"
+	case errInval:
+		return "EINVAL"
+	case errNoSpc:
+		return "ENOSPC"
+	case errOverflow:
+		return "EOVERFLOW"
+	case errNotSup:
+		return "ENOTSUP"
+	}
+	return "errno " + strconv.FormatUint(uint64(e), 10)
 }

@@ -264,6 +264,14 @@ func (d *File) Extents(dst []Extent, off, length int64, max int) ([]Extent, erro
 	}
 	for n := 0; off < end && n < max; n++ {
 		data, err := unix.Seek(d.fd, off, unix.SEEK_DATA)
+		if err == unix.ENXIO {
+			// No data from off to the end of the file: a hole, unless the
+			// file shrank underneath us (then it is not zeros, it is gone).
+			var st unix.Stat_t
+			if err := unix.Fstat(d.fd, &st); err != nil || st.Size < end {
+				return dst, fmt.Errorf("file ends at %d, before %d: %w", st.Size, end, io.ErrUnexpectedEOF)
+			}
+		}
 		if err == unix.ENXIO || (err == nil && data >= end) {
 			// Only a hole remains before end.
 			return append(dst, Extent{Length: end - off, Flags: ExtentHole | ExtentZero}), nil

@@ -169,3 +169,31 @@ func TestMem(t *testing.T) {
 		}
 	}
 }
+
+// A file that shrinks under an open device (an operator, a storage
+// tool): what is gone reads as an error, never as zeros, through ReadAt,
+// TryReadAt and Extents (a hole would let a read be answered as zeros).
+func TestFileShrunk(t *testing.T) {
+	d := newFile(t, 1<<20, false)
+	if _, err := d.WriteAt(bytes.Repeat([]byte{7}, 1<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(d.f.Name(), 256<<10); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	if _, err := d.ReadAt(buf, 512<<10); err == nil {
+		t.Error("ReadAt past the new end succeeded")
+	}
+	if _, err := d.TryReadAt(buf, 512<<10); err == nil {
+		t.Error("TryReadAt past the new end succeeded")
+	}
+	for _, off := range []int64{512 << 10, 128 << 10} { // past the end; across it
+		if es, err := d.Extents(nil, off, 512<<10, 8); err == nil {
+			t.Errorf("Extents(%d) past the new end: %+v, no error", off, es)
+		}
+	}
+	if es, err := d.Extents(nil, 0, 256<<10, 8); err != nil || len(es) != 1 || es[0].Flags != 0 {
+		t.Errorf("Extents within the file: %+v %v", es, err)
+	}
+}
