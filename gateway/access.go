@@ -106,6 +106,10 @@ func (g *grant) permits(cmd uint16) uint32 {
 
 // labels returns an export's labels for the policy (nil if unknown).
 func (s *Server) labels(name string) map[string]string {
+	if l, ok := s.cfg.Exports.(Labeler); ok {
+		labels, _ := l.Labels(name)
+		return labels
+	}
 	list, err := s.cfg.Exports.List()
 	if err != nil {
 		return nil

@@ -57,6 +57,12 @@ type Exports interface {
 	List() ([]ExportInfo, error)
 }
 
+// Labeler is implemented by Exports that can give one export's labels
+// without listing them all (the policy asks at every attach).
+type Labeler interface {
+	Labels(name string) (labels map[string]string, ok bool)
+}
+
 // ErrUnknownExport is returned by Exports.Open for a name it does not serve.
 var ErrUnknownExport = errors.New("gateway: no such export")
 

@@ -64,3 +64,12 @@ func openError(err error) error {
 	}
 	return &gateway.OpenError{Public: public, Err: err}
 }
+
+// Labels is one volume's labels (gateway.Labeler: no listing per attach).
+func (g gatewayExports) Labels(name string) (map[string]string, bool) {
+	v, err := g.vols.Get(name)
+	if err != nil {
+		return nil, false
+	}
+	return v.Labels, true
+}

@@ -102,6 +102,9 @@ func (e *Exports) release(name string, s *shared) {
 // List lists every volume.
 func (e *Exports) List() ([]Volume, error) { return e.reg.List() }
 
+// Get returns the named volume (ErrNotFound if there is none).
+func (e *Exports) Get(name string) (Volume, error) { return e.reg.Get(name) }
+
 // OpenDevice opens a volume's backing store, locked against other
 // processes, as the device the gateway serves: the file itself for a plain
 // volume, the decrypting crypto.Volume for an encrypted one.

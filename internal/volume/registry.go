@@ -97,9 +97,10 @@ type Registry struct {
 	kekMu sync.Mutex       // guards vault
 	vault *crypto.VaultKEK // made at first use
 
-	mu      sync.Mutex // guards stamp, volumes
+	mu      sync.Mutex // guards stamp, volumes, index
 	stamp   stamp
 	volumes []Volume
+	index   map[string]int // volumes by name
 }
 
 // Open opens (creating if needed) the registry of dataDir.
@@ -177,14 +178,13 @@ func (r *Registry) List() ([]Volume, error) {
 
 // Get returns the named volume.
 func (r *Registry) Get(name string) (Volume, error) {
-	vols, err := r.List()
-	if err != nil {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.refreshLocked(); err != nil {
 		return Volume{}, err
 	}
-	for _, v := range vols {
-		if v.Name == name {
-			return v, nil
-		}
+	if i, ok := r.index[name]; ok { // one lookup, whatever the number of volumes
+		return r.volumes[i], nil
 	}
 	return Volume{}, fmt.Errorf("volume %s: %w", name, ErrNotFound)
 }
@@ -194,7 +194,7 @@ func (r *Registry) path() string { return filepath.Join(r.dir, registryFile) }
 func (r *Registry) refreshLocked() error {
 	st, err := os.Stat(r.path())
 	if errors.Is(err, os.ErrNotExist) {
-		r.stamp, r.volumes = stamp{}, nil
+		r.stamp, r.volumes, r.index = stamp{}, nil, nil
 		return nil
 	}
 	if err != nil {
@@ -212,6 +212,10 @@ func (r *Registry) refreshLocked() error {
 		return err
 	}
 	r.stamp, r.volumes = s, vols
+	r.index = make(map[string]int, len(vols))
+	for i, v := range vols {
+		r.index[v.Name] = i
+	}
 	return nil
 }
 

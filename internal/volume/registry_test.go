@@ -2,6 +2,7 @@ package volume
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -9,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 )
 
 func TestRegistryVectorV1(t *testing.T) {
@@ -160,5 +163,38 @@ func TestExportsShareOneDevice(t *testing.T) {
 	rel2()
 	if _, _, err := e.Open("nope"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown volume: %v", err)
+	}
+}
+
+// BenchmarkRegistryGet: the lookup every attach makes (the volume, its
+// labels for the policy) costs the same with 10 volumes or 2,000: an
+// index, not a copy and scan of the registry.
+func BenchmarkRegistryGet(b *testing.B) {
+	for _, n := range []int{10, 2000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			dir := b.TempDir()
+			r, err := Open(dir)
+			if err != nil {
+				b.Fatal(err)
+			}
+			err = r.update(func(vols []Volume) ([]Volume, error) {
+				for i := range n {
+					vols = append(vols, Volume{Name: fmt.Sprintf("v%d", i), UUID: uuid.NewString(), Size: 4096, Backing: "x",
+						Labels: map[string]string{"tenant": "t"}})
+				}
+				return vols, nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			name := fmt.Sprintf("v%d", n/2)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				if _, err := r.Get(name); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
