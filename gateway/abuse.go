@@ -27,8 +27,8 @@ import (
 //	ReplyTimeout    how long a reply may wait for a client that does not
 //	                read (a slow reader): then the connection is closed
 const (
-	defaultMaxHandshakes     = 256
-	defaultMaxPeerHandshakes = 32
+	defaultMaxHandshakes     = 1024
+	defaultMaxPeerHandshakes = 128
 	maxOptions               = 256
 	defaultAttachRate        = 50
 	defaultAttachBurst       = 200

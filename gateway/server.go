@@ -100,9 +100,9 @@ type Config struct {
 	Audit         Recorder
 	AuditContinue bool
 	// Abuse bounds (abuse.go); zero: the default, negative: none.
-	MaxHandshakes int // connections negotiating at once (256)
+	MaxHandshakes int // connections negotiating at once (1024)
 	// MaxPeerHandshakes is the same per peer (a Unix socket's uid, a TCP
-	// client's address), so one client cannot take them all (32).
+	// client's address), so one client cannot take them all (128).
 	MaxPeerHandshakes int
 	AttachRate        float64       // attaches a second per identity (50)
 	AttachBurst       int           // ...of which at once (200)
