@@ -9,9 +9,12 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"goldilocks/internal/vaulttest"
 	"goldilocks/internal/volume"
@@ -171,4 +174,51 @@ func dataKeys(t *testing.T, dir string, names ...string) [][]byte {
 		out = append(out, dek)
 	}
 	return out
+}
+
+// A gateway that crashes writes no core file (GOTRACEBACK=crash and
+// SIGABRT, core files allowed by its rlimit and the kernel's
+// core_pattern): it makes itself non-dumpable. Its data keys live in
+// mappings marked MADV_DONTDUMP, but what is derived from them for the
+// cipher, and transient copies in the hash state HKDF leaves behind, are
+// in Go's heap: this test found the data key in such a core file before
+// the gateway made itself non-dumpable.
+func TestNoCoreDump(t *testing.T) {
+	need(t, "qemu-io", "prlimit")
+	if b, _ := os.ReadFile("/proc/sys/kernel/core_pattern"); strings.TrimSpace(string(b)) != "core" {
+		missing(t, "core_pattern \"core\" (the kernel writes core files to the process's directory; here it is "+strings.TrimSpace(string(b))+")")
+	}
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "c", "--size", "16M")
+	dek := dataKeys(t, dir, "c")[0]
+	work := t.TempDir()
+	cmd := exec.Command("prlimit", "--core=unlimited", "--", goldilocksBin, "serve", "--data-dir", dir, "--listen", "127.0.0.1:0", "--metrics", "")
+	cmd.Dir = work
+	cmd.Env = append(os.Environ(), "GOTRACEBACK=crash")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	sock := filepath.Join(dir, "nbd.sock")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the gateway did not start")
+		}
+	}
+	// An attached, written volume: its key is in use.
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 0 1M", "nbd+unix:///c?socket="+sock)
+	cl, err := dialNBD(sock, "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.close()
+	cmd.Process.Signal(syscall.SIGABRT)
+	cmd.Wait()
+	if files, _ := os.ReadDir(work); len(files) != 0 {
+		core, _ := os.ReadFile(filepath.Join(work, files[0].Name()))
+		t.Fatalf("the crashed gateway left %s (%d MiB; the data key in it: %v) in its directory: a core dump", files[0].Name(), len(core)>>20, bytes.Contains(core, dek))
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"goldilocks/internal/secretfile"
 	"io"
 	"log/slog"
@@ -246,6 +247,10 @@ func (a *app) printJSON(v any) error {
 }
 
 func main() {
+	// Every command may hold keys (a data key unwrapped, what is derived
+	// from it for the cipher, in Go's heap): no core file on a crash, and
+	// no ptrace by other users (root's still can; README "Secrets").
+	unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
 	a := &app{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
 	os.Exit(run(a, os.Args[1:]))
 }
