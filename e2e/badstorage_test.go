@@ -111,6 +111,61 @@ func TestBadStorage(t *testing.T) {
 		}
 	}
 
+	// Read-only: the upstream server comes back read-only (nbdkit -r on
+	// the same file): writes fail with EPERM, reads go on; back read-write,
+	// writes work and nothing was lost.
+	roImg := filepath.Join(t.TempDir(), "ro.img")
+	os.WriteFile(roImg, nil, 0o600)
+	os.Truncate(roImg, 8<<20)
+	roSock := filepath.Join(t.TempDir(), "ro.sock")
+	var roCmd *exec.Cmd
+	startRO := func(readOnly bool) {
+		t.Helper()
+		if roCmd != nil {
+			roCmd.Process.Kill()
+			roCmd.Wait()
+		}
+		os.Remove(roSock)
+		args := []string{"-f", "-U", roSock, "file", roImg}
+		if readOnly {
+			args = append([]string{"-r"}, args...)
+		}
+		roCmd = exec.Command("nbdkit", args...)
+		if err := roCmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if _, err := os.Stat(roSock); err == nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("nbdkit did not start")
+			}
+		}
+	}
+	defer func() { roCmd.Process.Kill(); roCmd.Wait() }()
+	startRO(false)
+	goldilocks(t, dir, "volume", "create", "ro", "--plain", "--size", "8M", "--backing", "nbd+unix:///?socket="+roSock)
+	roHold, err := dialNBD(g.sock, "ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer roHold.close()
+	if out, err := qio("ro", "write -P 0x55 0 1M", "flush"); err != nil {
+		t.Fatalf("ro: %v\n%s", err, out)
+	}
+	startRO(true)
+	if out, err := qio("ro", "write -P 0x66 0 64k"); err == nil || !strings.Contains(out, "Operation not permitted") {
+		t.Errorf("a write to a store that became read-only: %v\n%s", err, out)
+	}
+	if out, err := qio("ro", "read -P 0x55 0 1M"); err != nil {
+		t.Errorf("reads of a store that became read-only: %v\n%s", err, out)
+	}
+	startRO(false)
+	if out, err := qio("ro", "read -P 0x55 0 1M", "write -P 0x77 1M 64k", "read -P 0x77 1M 64k"); err != nil {
+		t.Errorf("the store read-write again: %v\n%s", err, out)
+	}
+
 	// Slow: latency, no error.
 	start := time.Now()
 	if out, err := qio("slow", "write -P 0x44 0 64k", "read -P 0x44 0 64k"); err != nil {

@@ -245,7 +245,7 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 }
 
 // connect dials and negotiates one connection; first records the
-// export's size and flags, a later one checks them.
+// export's size and flags, a later one checks that the size is the same.
 func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader, error) {
 	ctx, cancel := context.WithTimeout(ctx, d.o.DialTimeout)
 	defer cancel()
@@ -258,7 +258,10 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 		nc.SetDeadline(dl)
 	}
 	nc, r, size, flags, maxIO, err := handshake(ctx, nc, d.t)
-	if err == nil && !first && (size != d.size || flags != d.flags) {
+	// Coming back with another size is another disk: refused. Other flags
+	// may change (a server that comes back read-only answers writes with
+	// EPERM, which the client gets).
+	if err == nil && !first && size != d.size {
 		err = fmt.Errorf("%w: the export changed while disconnected (size %d, was %d)", ErrHandshake, size, d.size)
 	}
 	if err != nil {
