@@ -61,6 +61,13 @@ func Open(s Spec) (*Image, error) {
 	}
 	if err == nil {
 		conn.SetConfigOption("client_mount_timeout", "30")
+		// librbd's cache in writeback mode from the first write, as QEMU's
+		// rbd driver under cache=writeback (qemu-nbd's default): an NBD
+		// client's writes are durable at its FLUSH (rbd_flush) or FUA, not
+		// before, so nothing is promised that the cache breaks. (Left in
+		// writethrough until a first flush, a client that flushes rarely
+		// waits for the OSDs on every write.)
+		conn.SetConfigOption("rbd_cache_writethrough_until_flush", "false")
 		err = conn.Connect()
 	}
 	if err != nil {
