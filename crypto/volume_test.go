@@ -185,12 +185,14 @@ type countDev struct {
 	blocks  map[int64][]byte
 	written int64
 	flushes int
+	reads   int // ReadAt calls
 }
 
 func (d *countDev) Size() int64 { return d.size }
 func (d *countDev) ReadAt(p []byte, off int64) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.reads++
 	for i := 0; i < len(p); i += ChunkSize {
 		if b, ok := d.blocks[(off+int64(i))/ChunkSize]; ok {
 			copy(p[i:], b)
@@ -352,5 +354,58 @@ func TestTrimHugeVolume(t *testing.T) {
 	}
 	if ext, err := v.Extents(nil, 0, size, 16); err != nil || len(ext) != 1 || ext[0].Flags&block.ExtentZero == 0 {
 		t.Fatalf("extents after the TRIM: %v %v", ext, err)
+	}
+}
+
+// On a store with network latency (no CanFastWrite), a 1 MiB read over
+// chunks whose homes alternate (what random 4 KiB writes leave) is two
+// store reads, one per home, not one per run of chunks; and it returns
+// the right bytes.
+func TestFragmentedReadTwoSpans(t *testing.T) {
+	const size = 4 << 20
+	dev := &countDev{size: int64(LayoutFor(size).End)}
+	kek := NewLocalKEK(t.TempDir(), nil)
+	id := [16]byte{7}
+	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(context.Background(), dev, "frag", id, kek, quietLog(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	want := make([]byte, 1<<20)
+	for i := range want {
+		want[i] = byte(i * 7)
+	}
+	if _, err := v.WriteAt(want, 0); err != nil || v.Flush() != nil {
+		t.Fatal(err)
+	}
+	for c := 0; c < 256; c += 2 { // every other chunk to its other home
+		for i := c * ChunkSize; i < (c+1)*ChunkSize; i++ {
+			want[i] ^= 0xff
+		}
+		if _, err := v.WriteAt(want[c*ChunkSize:(c+1)*ChunkSize], int64(c*ChunkSize)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 1<<20)
+	dev.mu.Lock()
+	before := dev.reads
+	dev.mu.Unlock()
+	if _, err := v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	dev.mu.Lock()
+	reads := dev.reads - before
+	dev.mu.Unlock()
+	if !bytes.Equal(got, want) {
+		t.Fatal("a read over alternating homes returned other bytes")
+	}
+	if reads > 2 {
+		t.Errorf("a 1 MiB read over 256 alternating chunks took %d store reads, want 2", reads)
 	}
 }
