@@ -26,7 +26,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -110,10 +109,6 @@ type link struct {
 	wmu  sync.Mutex // one request on the wire at a time
 	w    *bufio.Writer
 	done chan struct{} // the reader ended
-	// queued counts callers waiting for wmu: a caller that sees another
-	// behind it leaves its request in w for that one to send, so that
-	// concurrent requests go out in one write (send).
-	queued atomic.Int32
 }
 
 // call is one request, kept until its reply so that it can be sent again.
@@ -547,21 +542,6 @@ func errnoError(e uint32) error {
 
 // write puts c's request (and payload) in l's buffer; the caller holds
 // l.wmu and flushes.
-// send puts c on the wire: buffered with whatever other callers queued,
-// and written out by the last caller in the queue (one system call for a
-// burst of requests).
-func (l *link) send(cookie uint64, c *call) error {
-	l.queued.Add(1)
-	l.wmu.Lock()
-	l.queued.Add(-1)
-	defer l.wmu.Unlock()
-	err := l.write(cookie, c)
-	if err == nil && l.queued.Load() == 0 {
-		err = l.w.Flush()
-	}
-	return err
-}
-
 func (l *link) write(cookie uint64, c *call) error {
 	var h [28]byte
 	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
@@ -573,20 +553,11 @@ func (l *link) write(cookie uint64, c *call) error {
 	if _, err := l.w.Write(h[:]); err != nil {
 		return err
 	}
-	if c.payload == nil {
-		return nil
-	}
-	if len(c.payload) < l.w.Available() {
+	if c.payload != nil {
 		_, err := l.w.Write(c.payload)
 		return err
 	}
-	// A large payload goes straight from the caller's buffer: what is
-	// buffered (this header and others' requests), then the payload.
-	if err := l.w.Flush(); err != nil {
-		return err
-	}
-	_, err := l.nc.Write(c.payload)
-	return err
+	return nil
 }
 
 // do sends one request and waits for its reply, across reconnections.
@@ -617,7 +588,13 @@ func (d *Device) wait(c *call) error {
 	l := d.link // nil while reconnecting: the request is sent on reconnection
 	d.mu.Unlock()
 	if l != nil {
-		if err := l.send(cookie, c); err != nil {
+		l.wmu.Lock()
+		err := l.write(cookie, c)
+		if err == nil {
+			err = l.w.Flush()
+		}
+		l.wmu.Unlock()
+		if err != nil {
 			l.nc.Close() // the reader sees it; c is sent again on reconnection
 		}
 	}
