@@ -463,16 +463,8 @@ func TestVaultOldFormat(t *testing.T) {
 // with a token holding no more than the documented policy.
 func TestVaultDestroyVolume(t *testing.T) {
 	srv := vaulttest.Start(t, vaulttest.Options{})
+	useGatewayToken(t, srv)
 	c := srv.Client()
-	if err := c.Sys().PutPolicy("goldilocks", vaultPolicy); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := c.Auth().Token().Create(&vault.TokenCreateRequest{Policies: []string{"goldilocks"}, NoDefaultPolicy: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("VAULT_ADDR", srv.Addr)
-	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
 	ctx := context.Background()
 	kek, err := NewVaultKEK(VaultConfig{Log: quietLog()})
 	if err != nil {
@@ -722,16 +714,7 @@ func TestVaultKVMissing(t *testing.T) {
 // refuses an older store (what `volume adopt` relies on).
 func TestVaultAnchor(t *testing.T) {
 	srv := vaulttest.Start(t, vaulttest.Options{})
-	c := srv.Client()
-	if err := c.Sys().PutPolicy("goldilocks", vaultPolicy); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := c.Auth().Token().Create(&vault.TokenCreateRequest{Policies: []string{"goldilocks"}, NoDefaultPolicy: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("VAULT_ADDR", srv.Addr)
-	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
+	useGatewayToken(t, srv)
 	newGateway := func() Anchors {
 		k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
 		if err != nil {
@@ -792,3 +775,19 @@ func TestVaultAnchor(t *testing.T) {
 
 // g0 is the Vault part of a gateway's anchors.
 func g0(g Anchors) Anchor { return g[1] }
+
+// useGatewayToken points the Vault environment at srv with a token that
+// holds only the gateway's policy (README), as a deployment's would.
+func useGatewayToken(t *testing.T, srv *vaulttest.Server) {
+	t.Helper()
+	c := srv.Client()
+	if err := c.Sys().PutPolicy("goldilocks", vaultPolicy); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := c.Auth().Token().Create(&vault.TokenCreateRequest{Policies: []string{"goldilocks"}, NoDefaultPolicy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VAULT_ADDR", srv.Addr)
+	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
+}

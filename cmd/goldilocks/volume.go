@@ -214,11 +214,7 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 		Short: "Show a volume (never key material)",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openExisting()
-			if err != nil {
-				return err
-			}
-			v, err := reg.Get(argv[0])
+			reg, v, err := a.targetVolume(argv[0])
 			if err != nil {
 				return err
 			}

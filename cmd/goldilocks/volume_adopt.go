@@ -118,11 +118,7 @@ is released. Then another gateway can attach it (volume adopt there). The
 backing store and the key stay; volume adopt here takes it back.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeRelease, func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openExisting()
-			if err != nil {
-				return err
-			}
-			v, err := reg.Get(argv[0])
+			reg, v, err := a.targetVolume(argv[0])
 			if err != nil {
 				return err
 			}
@@ -172,11 +168,7 @@ default). On a terminal it asks you to type the volume's name; without one
 it refuses unless --yes is given.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvLeaseBroken, func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openExisting()
-			if err != nil {
-				return err
-			}
-			v, err := reg.Get(argv[0])
+			reg, v, err := a.targetVolume(argv[0])
 			if err != nil {
 				return err
 			}

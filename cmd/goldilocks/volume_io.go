@@ -35,11 +35,7 @@ func newVolumeExportCmd(a *app) *cobra.Command {
 			if to == "" {
 				return usagef("volume export: --to is required")
 			}
-			reg, err := a.openExisting()
-			if err != nil {
-				return err
-			}
-			v, err := reg.Get(argv[0])
+			reg, v, err := a.targetVolume(argv[0])
 			if err != nil {
 				return err
 			}
@@ -199,11 +195,7 @@ it refuses unless --yes is given. (A Vault-keyed volume wrapped before
 destroyable secrets existed has none: it loses its header copies only.)`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeShred, func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openExisting()
-			if err != nil {
-				return err
-			}
-			v, err := reg.Get(argv[0])
+			reg, v, err := a.targetVolume(argv[0])
 			if err != nil {
 				return err
 			}

@@ -8,10 +8,25 @@ import (
 
 	"goldilocks/audit"
 	"goldilocks/internal/units"
+	"goldilocks/internal/volume"
 )
 
 // volume delete, resize and label: registry changes an operator makes
 // on a volume that no client has attached.
+
+// targetVolume opens this data dir's registry (which must exist) and the
+// named volume: the start of every command that acts on one volume.
+func (a *app) targetVolume(name string) (*volume.Registry, volume.Volume, error) {
+	reg, err := a.openExisting()
+	if err != nil {
+		return nil, volume.Volume{}, err
+	}
+	v, err := reg.Get(name)
+	if err != nil {
+		return nil, volume.Volume{}, err
+	}
+	return reg, v, nil
+}
 
 func newVolumeDeleteCmd(a *app) *cobra.Command {
 	var yes, shred bool
@@ -27,11 +42,7 @@ On a terminal it asks you to type the volume's name; without one it
 refuses unless --yes is given. The volume must not be attached.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeDelete, func(cmd *cobra.Command, argv []string) error {
-			reg, err := a.openExisting()
-			if err != nil {
-				return err
-			}
-			v, err := reg.Get(argv[0])
+			reg, v, err := a.targetVolume(argv[0])
 			if err != nil {
 				return err
 			}
