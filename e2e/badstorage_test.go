@@ -22,20 +22,8 @@ func nbdkitFile(t *testing.T, size int64, filters []string, params ...string) st
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "nbdkit.sock")
-	args := append(append([]string{"-f", "-U", sock}, filters...), append([]string{"file", img}, params...)...)
-	cmd := exec.Command("nbdkit", args...)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
-			return "nbd+unix:///?socket=" + sock
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("nbdkit did not start")
-		}
-	}
+	runNbdkit(t, sock, append(append(filters, "file", img), params...)...)
+	return "nbd+unix:///?socket=" + sock
 }
 
 // Bad storage: a backing store that runs out of space, returns EIO on
@@ -125,25 +113,12 @@ func TestBadStorage(t *testing.T) {
 			roCmd.Process.Kill()
 			roCmd.Wait()
 		}
-		os.Remove(roSock)
-		args := []string{"-f", "-U", roSock, "file", roImg}
+		args := []string{"file", roImg}
 		if readOnly {
 			args = append([]string{"-r"}, args...)
 		}
-		roCmd = exec.Command("nbdkit", args...)
-		if err := roCmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			if _, err := os.Stat(roSock); err == nil {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("nbdkit did not start")
-			}
-		}
+		roCmd = runNbdkit(t, roSock, args...)
 	}
-	defer func() { roCmd.Process.Kill(); roCmd.Wait() }()
 	startRO(false)
 	goldilocks(t, dir, "volume", "create", "ro", "--plain", "--size", "8M", "--backing", "nbd+unix:///?socket="+roSock)
 	roHold, err := dialNBD(g.sock, "ro")

@@ -385,21 +385,7 @@ func TestTorturePowerCut(t *testing.T) {
 			sock := filepath.Join(dir, "nbdkit.sock")
 			tt := &tortureTarget{t: t, dir: dir, volume: "tv"}
 			tt.restart = func() {
-				os.Remove(sock)
-				cmd := exec.Command("nbdkit", "-f", "-U", sock, "--filter=cache", "file", img, "cache=writeback")
-				if err := cmd.Start(); err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-					if _, err := os.Stat(sock); err == nil {
-						break
-					}
-					if time.Now().After(deadline) {
-						t.Fatal("nbdkit did not start")
-					}
-				}
-				tt.nbdkit = cmd
+				tt.nbdkit = runNbdkit(t, sock, "--filter=cache", "file", img, "cache=writeback")
 			}
 			tt.restart()
 			args := append([]string{"volume", "create", "tv", "--backing", "nbd+unix:///?socket=" + sock}, v.args...)

@@ -19,7 +19,7 @@ import (
 func startNbdkit(t *testing.T, size string, args ...string) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "upstream.sock")
-	argv := []string{"-f", "-U", sock}
+	argv := []string{}
 	var params []string // key=value go after the plugin, filters before
 	for _, a := range args {
 		if strings.HasPrefix(a, "--") {
@@ -28,20 +28,29 @@ func startNbdkit(t *testing.T, size string, args ...string) string {
 			params = append(params, a)
 		}
 	}
-	cmd := exec.Command("nbdkit", append(append(argv, "memory", size), params...)...)
+	runNbdkit(t, sock, append(append(argv, "memory", size), params...)...)
+	return "nbd+unix:///disk?socket=" + sock
+}
+
+// runNbdkit starts nbdkit -f -U sock with args (a stale socket file is
+// removed first), stops it at the test's end, and returns once it
+// listens.
+func runNbdkit(t *testing.T, sock string, args ...string) *exec.Cmd {
+	t.Helper()
+	os.Remove(sock)
+	cmd := exec.Command("nbdkit", append([]string{"-f", "-U", sock}, args...)...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if _, err := os.Stat(sock); err == nil {
-			break
+			return cmd
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("nbdkit did not start")
 		}
 	}
-	return "nbd+unix:///disk?socket=" + sock
 }
 
 func TestUpstreamBackedVolumes(t *testing.T) {
@@ -139,22 +148,7 @@ func TestUpstreamRestartUnderLoad(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "upstream.raw")
 	os.WriteFile(img, make([]byte, 32<<20), 0o600)
 	sock := filepath.Join(t.TempDir(), "up.sock")
-	startFile := func() *exec.Cmd {
-		os.Remove(sock)
-		cmd := exec.Command("nbdkit", "-f", "-U", sock, "file", img)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			if _, err := os.Stat(sock); err == nil {
-				return cmd
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("nbdkit did not start")
-			}
-		}
-	}
+	startFile := func() *exec.Cmd { return runNbdkit(t, sock, "file", img) }
 	k := startFile()
 	dir := t.TempDir()
 	goldilocks(t, dir, "volume", "create", "ur", "--plain", "--backing", "nbd+unix:///disk?socket="+sock)
