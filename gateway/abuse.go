@@ -38,10 +38,11 @@ const (
 
 // attachLimiter keeps the attach rate of each identity.
 type attachLimiter struct {
-	mu   sync.Mutex
-	ids  map[string]*attachState
-	rate float64
-	cap  float64
+	mu     sync.Mutex
+	ids    map[string]*attachState
+	pruned time.Time // the last sweep of idle identities (at most one a second)
+	rate   float64
+	cap    float64
 }
 
 type attachState struct {
@@ -66,7 +67,8 @@ func (l *attachLimiter) allow(id string, now time.Time) (ok, audit bool, suppres
 	defer l.mu.Unlock()
 	s := l.ids[id]
 	if s == nil {
-		if len(l.ids) >= 1<<14 { // many identities: forget the idle ones
+		if len(l.ids) >= 1<<14 && now.Sub(l.pruned) > time.Second { // forget the idle ones
+			l.pruned = now
 			for k, v := range l.ids {
 				if now.Sub(v.last) > time.Minute {
 					delete(l.ids, k)

@@ -63,3 +63,42 @@ func TestAdmit(t *testing.T) {
 		t.Errorf("6 requests at 100 IOPS (burst 1) took %v, want about 50 ms", d)
 	}
 }
+
+// The attach limiter: one identity's burst, then its rate; another
+// identity is not affected; a refusal goes on the trail once per
+// attachAuditEvery with the count of those it stands for.
+func TestAttachLimiter(t *testing.T) {
+	l := newAttachLimiter(2, 3)
+	now := time.Unix(1000, 0)
+	for i := range 3 {
+		if ok, _, _ := l.allow("a", now); !ok {
+			t.Fatalf("attach %d within the burst refused", i)
+		}
+	}
+	ok, audit, _ := l.allow("a", now)
+	if ok || !audit {
+		t.Fatalf("beyond the burst: ok %v audit %v", ok, audit)
+	}
+	for range 5 {
+		if ok, audit, _ := l.allow("a", now); ok || audit {
+			t.Fatal("a refusal within the audit interval allowed or audited")
+		}
+	}
+	if ok, _, _ := l.allow("b", now); !ok {
+		t.Fatal("another identity refused")
+	}
+	if ok, _, _ := l.allow("a", now.Add(500*time.Millisecond)); !ok {
+		t.Fatal("one token after half a second at 2/s refused")
+	}
+	// A rate too slow to refill: the next audited refusal counts the five
+	// left out.
+	slow := newAttachLimiter(1e-6, 1)
+	slow.allow("c", now)
+	slow.allow("c", now) // refused, audited
+	for range 5 {
+		slow.allow("c", now.Add(time.Second))
+	}
+	if ok, audit, n := slow.allow("c", now.Add(attachAuditEvery+time.Second)); ok || !audit || n != 5 {
+		t.Fatalf("after the audit interval: ok %v audit %v suppressed %d, want a refusal audited with 5 left out", ok, audit, n)
+	}
+}
