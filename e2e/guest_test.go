@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -52,7 +53,7 @@ func TestGuestOnEncryptedVolume(t *testing.T) {
 			"-object", "tls-creds-x509,id=tls0,dir="+p.clients["vm-a"]+",endpoint=client",
 			"-blockdev", "driver=nbd,node-name=n0,server.type=inet,server.host="+host+",server.port="+port+",export=vm-a-disk,tls-creds=tls0",
 			"-device", "virtio-blk-pci,drive=n0")
-		var out bytes.Buffer
+		var out lockedBuffer // read while QEMU writes it
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -260,4 +261,23 @@ func writeCPIO(w *bytes.Buffer, files map[string][]byte, dirs []string) {
 		entry(name, 0o100755, data)
 	}
 	entry("TRAILER!!!", 0, nil)
+}
+
+// lockedBuffer is a bytes.Buffer that one goroutine may read while
+// another writes (a child process's output, watched as it comes).
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
