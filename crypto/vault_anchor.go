@@ -46,7 +46,7 @@ func (a *VaultAnchor) read(ctx context.Context, volume [16]byte) (AnchorState, i
 		return a.k.c.Logical().ReadWithContext(ctx, p)
 	})
 	if err != nil {
-		return AnchorState{}, 0, a.k.kvError(err)
+		return AnchorState{}, 0, a.kvError(err)
 	}
 	var data, meta map[string]any
 	if s != nil {
@@ -120,7 +120,7 @@ func (a *VaultAnchor) Advance(volume [16]byte, st AnchorState) error {
 			return nil
 		}
 		if !casMismatch(err) || try == 8 {
-			return a.k.kvError(err)
+			return a.kvError(err)
 		}
 	}
 }
@@ -141,9 +141,20 @@ func (a *VaultAnchor) Remove(volume [16]byte) error {
 		return a.k.c.Logical().DeleteWithContext(ctx, p)
 	})
 	if err != nil {
-		return a.k.kvError(err)
+		return a.kvError(err)
 	}
 	return nil
+}
+
+// kvError says, with a refusal of an anchor request, what the token
+// needs (not for an unavailable Vault).
+func (a *VaultAnchor) kvError(err error) error {
+	if errors.Is(err, ErrVaultUnavailable) {
+		return err
+	}
+	m := a.k.cfg.KVMount
+	return fmt.Errorf("%w (%s/): rollback anchors: the token needs create, read and update on %s/data/%s/* and delete on %s/metadata/%s/* (README, the gateway's Vault policy): %w",
+		ErrVaultKV, m, m, vaultAnchorDir, m, vaultAnchorDir, err)
 }
 
 // Anchors is an Anchor kept in several places at once (a data dir's file

@@ -771,6 +771,25 @@ func TestVaultAnchor(t *testing.T) {
 	if _, ok, err := b[1].Load(vol); err != nil || ok {
 		t.Errorf("after Remove: ok %v err %v", ok, err)
 	}
+	// A token with the policy of before the anchors: the refusal names
+	// the paths to grant.
+	c := srv.Client()
+	old := strings.Split(vaultPolicy, "path \"secret/data/goldilocks/anchors")[0]
+	if err := c.Sys().PutPolicy("before-anchors", old); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := c.Auth().Token().Create(&vault.TokenCreateRequest{Policies: []string{"before-anchors"}, NoDefaultPolicy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
+	k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Anchor().Advance(vol, AnchorState{Seq: 1}); !errors.Is(err, ErrVaultKV) || !strings.Contains(err.Error(), "secret/data/goldilocks/anchors/*") {
+		t.Errorf("an anchor refused by the token's policy: %v", err)
+	}
 }
 
 // g0 is the Vault part of a gateway's anchors.
