@@ -119,6 +119,10 @@ type call struct {
 	payload    []byte // WRITE
 	buf        []byte // READ: where the data goes
 	errc       chan error
+	// resending: reconnect is writing it on a new link; guarded by the
+	// Device's mu. A reply to it meanwhile is a protocol violation (its
+	// caller would go on while reconnect still reads it).
+	resending bool
 }
 
 var (
@@ -403,9 +407,14 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		errno, cookie := binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
 		d.mu.Lock()
 		c := d.pending[cookie]
+		early := c != nil && c.resending
 		d.mu.Unlock()
 		if c == nil {
 			d.lost(l, fmt.Errorf("a reply to request %d, which is not in flight", cookie))
+			return
+		}
+		if early { // a hostile or broken server: c is still being sent
+			d.lost(l, fmt.Errorf("a reply to request %d before it was sent again", cookie))
 			return
 		}
 		if errno == 0 && c.buf != nil { // a READ's data follows
@@ -480,7 +489,9 @@ func (d *Device) reconnect() {
 			}
 			slices.Sort(cookies) // in the order first sent: a FLUSH after its writes
 			for _, k := range cookies {
-				again = append(again, d.pending[k])
+				c := d.pending[k]
+				c.resending = true // readReplies: no reply to it before it is sent
+				again = append(again, c)
 			}
 			l.wmu.Lock() // new requests queue behind the ones sent again
 			d.mu.Unlock()
@@ -490,6 +501,9 @@ func (d *Device) reconnect() {
 				if werr == nil {
 					werr = l.write(cookies[i], c)
 				}
+				d.mu.Lock()
+				c.resending = false // from here on this goroutine leaves c alone
+				d.mu.Unlock()
 			}
 			if werr == nil {
 				werr = l.w.Flush()
