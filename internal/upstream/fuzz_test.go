@@ -112,11 +112,23 @@ func FuzzTransmissionReplies(f *testing.F) {
 		if err != nil {
 			return
 		}
-		defer d.Close()
-		buf := make([]byte, 4096)
-		d.ReadAt(buf, 0)
-		d.WriteAt(buf, 4096)
-		d.Flush()
+		// A server that breaks every connection keeps the requests
+		// waiting up to the outage limit and its backoff: give each input
+		// a second, then Close fails what still waits.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			buf := make([]byte, 4096)
+			d.ReadAt(buf, 0)
+			d.WriteAt(buf, 4096)
+			d.Flush()
+		}()
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+		}
+		d.Close()
+		<-done
 	})
 }
 

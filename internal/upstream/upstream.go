@@ -408,6 +408,9 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		d.mu.Lock()
 		c := d.pending[cookie]
 		early := c != nil && c.resending
+		if c != nil && !early {
+			d.down = time.Time{} // the server answers: any outage is over
+		}
 		d.mu.Unlock()
 		if c == nil {
 			d.lost(l, fmt.Errorf("a reply to request %d, which is not in flight", cookie))
@@ -417,6 +420,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 			d.lost(l, fmt.Errorf("a reply to request %d before it was sent again", cookie))
 			return
 		}
+
 		if errno == 0 && c.buf != nil { // a READ's data follows
 			if _, err := io.ReadFull(r, c.buf); err != nil {
 				d.lost(l, err) // c stays pending: it is sent again
@@ -448,6 +452,13 @@ func (d *Device) lost(l *link, cause error) {
 		d.down = time.Now()
 		d.o.Log.Error("backing store unreachable: requests wait while reconnecting", "event", audit.EvBackingOutage,
 			"backing", d.uri, "err", cause, "in_flight", len(d.pending), "limit", d.o.OutageLimit.String())
+	} else if d.failed == nil && time.Since(d.down) > d.o.OutageLimit {
+		// Reconnections that succeed and break again before an answer:
+		// the same outage, and it has lasted too long.
+		d.failed = fmt.Errorf("%w (%s) for more than %s: %v", ErrDisconnect, d.uri, d.o.OutageLimit, cause)
+		d.o.Log.Error("backing store unreachable beyond the outage limit: requests fail with EIO until it is back",
+			"event", audit.EvBackingOutage, "backing", d.uri, "err", cause, "failed", len(d.pending))
+		d.failLocked(syscall.EIO)
 	}
 	if !d.redial {
 		d.redial = true
@@ -481,7 +492,13 @@ func (d *Device) reconnect() {
 		if err == nil {
 			d.link, d.redial = l, false
 			outage := time.Since(d.down)
-			d.down, d.failed = time.Time{}, nil
+			d.failed = nil
+			if len(d.pending) == 0 {
+				d.down = time.Time{}
+			} // else the outage ends at the first reply on l (readReplies): a
+			// server that accepts and then breaks every connection must not
+			// keep requests waiting past the limit
+
 			again := make([]*call, 0, len(d.pending))
 			cookies := make([]uint64, 0, len(d.pending))
 			for k := range d.pending {
