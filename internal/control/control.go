@@ -1,7 +1,8 @@
 // Package control owns a running gateway's control socket
 // (DATA_DIR/control.sock, mode 0600, so root or the gateway's user only):
 // the HTTP API through which key commands run inside the gateway, where
-// attached volumes are open, instead of beside it. It carries requests and
+// attached volumes are open, instead of beside it, and through which
+// `volume release` ends a volume's sessions there. It carries requests and
 // streams progress; the work is internal/volume's. It decides nothing about
 // who may do what beyond the socket's file mode.
 //
