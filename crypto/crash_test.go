@@ -46,6 +46,19 @@ type crashDev struct {
 	// flushHook, if set, runs at the start of every Flush, before the
 	// volatile writes become durable (tests that act during a flush).
 	flushHook func()
+	// fast declares the device a fast local store (block.CanFastWrite),
+	// on which small flushed writes go into the log; logLo..logHi is the
+	// log's byte range, logData counts chunk data written there.
+	fast         bool
+	logLo, logHi int64
+	logData      int
+}
+
+func (d *crashDev) Caps() block.Caps {
+	if d.fast {
+		return block.CanFastWrite
+	}
+	return 0
 }
 
 type pendingWrite struct {
@@ -81,6 +94,9 @@ func (d *crashDev) WriteAt(p []byte, off int64) (int, error) {
 	}
 	d.pending = append(d.pending, pendingWrite{off, bytes.Clone(p)})
 	d.writes += int64(len(p))
+	if off >= d.logLo && off < d.logHi && !bytes.HasPrefix(p, []byte("GLML")) {
+		d.logData++
+	}
 	d.tickLocked()
 	return len(p), nil
 }
@@ -134,7 +150,7 @@ func (d *crashDev) crash(rng *rand.Rand) *crashDev {
 }
 
 func (d *crashDev) crashLocked(rng *rand.Rand) *crashDev {
-	after := &crashDev{durable: bytes.Clone(d.durable)}
+	after := &crashDev{durable: bytes.Clone(d.durable), fast: d.fast}
 	for _, w := range d.pending {
 		switch rng.IntN(3) {
 		case 0: // lost
@@ -205,22 +221,26 @@ func TestCrashModel(t *testing.T) {
 	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_FIRST")); err == nil {
 		first = s
 	}
-	var writes, flushes, failed int
+	var writes, flushes, failed, inLog int
 	for seed := first; seed < first+seeds; seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			st := crashOnce(t, uint64(seed))
 			writes += st.writes
 			flushes += st.flushes
 			failed += st.failedFlushes
+			inLog += st.inLog
 		})
 	}
-	t.Logf("%d seeds: %d chunk writes, %d flushes, %d failed fdatasyncs", seeds, writes, flushes, failed)
+	t.Logf("%d seeds: %d chunk writes (%d into the log), %d flushes, %d failed fdatasyncs", seeds, writes, inLog, flushes, failed)
 	if writes < seeds*5 {
 		t.Fatalf("the model wrote only %d chunks over %d seeds: its write branch does not run", writes, seeds)
 	}
+	if inLog < seeds {
+		t.Fatalf("only %d chunk writes went into the log over %d seeds: that path is not exercised", inLog, seeds)
+	}
 }
 
-type crashStats struct{ writes, flushes, failedFlushes int }
+type crashStats struct{ writes, flushes, failedFlushes, inLog int }
 
 // chunkModel is the set of values each chunk may legally hold after a
 // crash: its value as of the last flush known complete, then every value
@@ -273,6 +293,8 @@ func crashOnce(t *testing.T, seed uint64) crashStats {
 		t.Fatal(err)
 	}
 	dev := newCrashDev(int64(g.End * ChunkSize))
+	dev.fast = seed%4 != 3 // three seeds in four: small flushed writes go into the log
+	dev.logLo, dev.logHi = int64(g.LogBase*ChunkSize), int64(g.NodeBase*ChunkSize)
 	uuid := [16]byte{byte(seed), byte(seed >> 8), 7}
 	if err := format(ctx, dev, uuid, size, byte(seed%2), kek, "default", logBlocks); err != nil {
 		t.Fatal(err)
@@ -316,6 +338,9 @@ func crashOnce(t *testing.T, seed uint64) crashStats {
 	} else {
 		st = crashWorkload(t, v, dev, m, rng, size, kek)
 	}
+	dev.mu.Lock()
+	st.inLog = dev.logData
+	dev.mu.Unlock()
 	if dev.failed > 0 {
 		st.failedFlushes++
 		if _, err := v.WriteAt(make([]byte, ChunkSize), 0); !errors.Is(err, ErrVolumeFailed) {

@@ -30,6 +30,7 @@ const (
 	infoHeaderMAC   = "goldilocks header v2"
 	infoLogMAC      = "goldilocks map log v2"
 	flagOpen        = 1 << 0
+	flagLogData     = 1 << 1
 )
 
 // Header errors callers branch on.
@@ -61,6 +62,7 @@ type Header struct {
 	Suite       byte
 	Active      byte // DEK slot whose DEK keys the header MAC and the log
 	Open        bool // attached and not cleanly detached
+	LogData     bool // the log may hold chunk data (FORMAT.md, "Small writes into the log")
 	Seq         uint64
 	LogBlocks   uint32
 	LogStart    uint64
@@ -115,7 +117,10 @@ func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 	b[48] = h.Suite
 	b[49] = h.Active
 	if h.Open {
-		b[50] = flagOpen
+		b[50] |= flagOpen
+	}
+	if h.LogData {
+		b[50] |= flagLogData
 	}
 	le.PutUint64(b[56:], h.Seq)
 	le.PutUint32(b[64:], h.LogBlocks)
@@ -193,6 +198,7 @@ func ParseHeader(b []byte) (*Header, error) {
 		Suite:       b[48],
 		Active:      b[49],
 		Open:        b[50]&flagOpen != 0,
+		LogData:     b[50]&flagLogData != 0,
 		Seq:         le.Uint64(b[56:]),
 		LogBlocks:   le.Uint32(b[64:]),
 		LogStart:    le.Uint64(b[72:]),
@@ -231,7 +237,7 @@ func ParseHeader(b []byte) (*Header, error) {
 			h.DEK[i] = append([]byte(nil), f...)
 		}
 	}
-	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 || b[50]&^flagOpen != 0 {
+	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 || b[50]&^(flagOpen|flagLogData) != 0 {
 		return nil, ErrHeaderCorrupt
 	}
 	for _, r := range [][]byte{b[51:56], b[68:72], b[92:96], b[152:192]} {

@@ -82,20 +82,23 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
 	}
 	runs := rb.runs[:0]
+	inLog := false
 	for i := 0; i < n; {
 		if !es[i].Mapped() {
 			clear(p[i*ChunkSize : (i+1)*ChunkSize])
 			i++
 			continue
 		}
+		blk := v.geo.DataBlock(first+uint64(i), es[i].Loc())
 		j := i + 1
-		for j < n && es[j].Loc() == es[i].Loc() {
+		for j < n && es[j].Mapped() && v.geo.DataBlock(first+uint64(j), es[j].Loc()) == blk+uint64(j-i) {
 			j++
 		}
-		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(v.geo.DataBlock(first+uint64(i), es[i].Loc()) * ChunkSize), first + uint64(i)})
+		inLog = inLog || cowmap.IsInLog(es[i].Loc())
+		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
 		i = j
 	}
-	if v.parallel && len(runs) > spanRuns {
+	if v.parallel && len(runs) > spanRuns && !inLog {
 		// Homes that alternate chunk by chunk (what random writes leave)
 		// make dozens of small requests; on a store that counts requests
 		// (RBD: an OSD operation each) two reads, of the span of each
@@ -112,6 +115,14 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		}
 		dst := p[i*ChunkSize : (i+1)*ChunkSize]
 		copy(b.pkg[HeaderSize:], dst)
+		if cowmap.IsInLog(es[i].Loc()) && v.openQuiet(first+uint64(i), &es[i], dst, b) != nil {
+			// A checkpoint may have moved it home and the ring moved on
+			// since the lookup: read it again from where it is now.
+			if err := v.readChunk(first+uint64(i), dst, b); err != nil {
+				return err
+			}
+			continue
+		}
 		if err := v.openPackage(first+uint64(i), &es[i], dst, b); err != nil {
 			return err
 		}
@@ -233,6 +244,18 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 		return nil
 	}
 	err = v.openEntry(c, &e, dst, b)
+	if err != nil && cowmap.IsInLog(e.Loc()) {
+		// A checkpoint may have moved it home and the ring moved on since
+		// the lookup: once more, from where the map says it is now.
+		if e2, lerr := v.m.Lookup(c); lerr == nil && e2 != e {
+			e = e2
+			if !e.Mapped() {
+				clear(dst)
+				return nil
+			}
+			err = v.openEntry(c, &e, dst, b)
+		}
+	}
 	if errors.Is(err, ErrChunkAuth) {
 		v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
 			"chunk", c, "kind", "chunk")
@@ -258,6 +281,21 @@ func (v *Volume) openEntry(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) e
 	copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
 	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
 		clear(dst)
+		return ErrChunkAuth
+	}
+	return nil
+}
+
+// openQuiet opens chunk c whose ciphertext is already in b.pkg, into
+// dst, reporting a failure only to its caller.
+func (v *Volume) openQuiet(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) error {
+	s := v.keys.sealer(e.KeySlot(), e.Epoch())
+	if s == nil {
+		return ErrChunkAuth
+	}
+	copy(b.pkg[:HeaderSize], e.DAREHeader())
+	copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
+	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
 		return ErrChunkAuth
 	}
 	return nil
@@ -390,12 +428,13 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 		e.SetKeySlot(k)
 	}
 	runs := bb.runs[:0]
-	for i := 0; i < n; { // one write per run of neighbouring homes
+	for i := 0; i < n; { // one write per run of neighbouring blocks
+		blk := v.geo.DataBlock(first+uint64(i), homes[i])
 		j := i + 1
-		for j < n && homes[j] == homes[i] {
+		for j < n && v.geo.DataBlock(first+uint64(j), homes[j]) == blk+uint64(j-i) {
 			j++
 		}
-		runs = append(runs, ioRun{bb.ct[i*ChunkSize : j*ChunkSize], int64(v.geo.DataBlock(first+uint64(i), homes[i]) * ChunkSize), first + uint64(i)})
+		runs = append(runs, ioRun{bb.ct[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
 		i = j
 	}
 	if err := v.doRuns(runs, true); err != nil {

@@ -65,6 +65,10 @@ type Options struct {
 	// write and two fsyncs in the data dir per FLUSH (FORMAT.md, "The
 	// window"). By default the anchor follows at most a second behind.
 	AnchorEveryFlush bool
+	// NoLogData keeps small flushed writes out of the log (FORMAT.md,
+	// "Small writes into the log"): every write goes to a home. For
+	// comparisons; a store with network latency never uses the log.
+	NoLogData bool
 }
 
 // Volume is an open encrypted volume (format 2): a block.Device whose
@@ -239,7 +243,8 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	}
 	v.m, err = cowmap.Open(cowmap.Config{
 		Dev: store, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged, ParallelIO: v.parallel,
-		Verify: v.verifyData, WriteHeader: v.writeCheckpoint,
+		LogData: !v.parallel && !opt.NoLogData, // used by writes, after the header below sets its flag
+		Verify:  v.verifyData, WriteHeader: v.writeCheckpoint,
 	}, h.MapState())
 	if err != nil {
 		v.integrityFailure("map", err)
@@ -283,6 +288,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	v.h.mu.Lock()
 	nh := v.h.hdr.Clone()
 	nh.Open, nh.Epoch, nh.EpochSeals = true, epoch, n
+	nh.LogData = nh.LogData || !v.parallel && !opt.NoLogData
 	err = v.h.writeLocked(nh)
 	gen := v.h.hdr.Generation
 	v.h.mu.Unlock()

@@ -569,12 +569,12 @@ func TestTamper(t *testing.T) {
 	t.Run("log record location 3, MACed", func(t *testing.T) {
 		h, _, _ := setup(t)
 		b := h.dev.block(h.g.logBlock(h.st.LogStart))
-		recs, commit, _, ok := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart))
+		recs, commit, _, _, ok := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart))
 		if !ok {
 			t.Fatal("the first log block does not open")
 		}
 		recs[0].e.SetLoc(3)
-		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart))
+		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, 0, Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart))
 		if _, err := Open(h.cfg, h.st); !errors.Is(err, ErrMapAuth) {
 			t.Fatalf("%v, want ErrMapAuth", err)
 		}
@@ -583,9 +583,9 @@ func TestTamper(t *testing.T) {
 		h, _, _ := setup(t)
 		b := h.dev.block(h.g.logBlock(h.st.LogStart))
 		seed := Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart)
-		recs, commit, _, _ := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, seed)
+		recs, commit, _, _, _ := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, seed)
 		recs[0].chunk = 200
-		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, seed)
+		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, 0, seed)
 		if _, err := Open(h.cfg, h.st); !errors.Is(err, ErrMapAuth) {
 			t.Fatalf("%v, want ErrMapAuth", err)
 		}
@@ -750,7 +750,7 @@ func TestVectorLogBlock(t *testing.T) {
 	recs[1].e.SetGen(77)
 	recs[2].e.SetGen(77)
 	b := make([]byte, BlockSize)
-	mac := sealLogBlock(b, testLogKey, testUUID, recs, true, 77, 12, prev)
+	mac := sealLogBlock(b, testLogKey, testUUID, recs, true, 77, 12, 0, prev)
 	vector(t, b, "testdata/log-block.hex")
 	le := binary.LittleEndian
 	if string(b[0:4]) != "GLML" || le.Uint16(b[4:]) != 3 || b[6] != 1 || le.Uint64(b[8:]) != 77 || le.Uint64(b[16:]) != 12 ||
@@ -764,8 +764,8 @@ func TestVectorLogBlock(t *testing.T) {
 	if !hmac.Equal(hm.Sum(nil), mac[:]) {
 		t.Fatal("the MAC is not HMAC-SHA256(Kl, block ‖ UUID)")
 	}
-	got, commit, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 77, 12, prev)
-	if !ok || !commit || gotMAC != mac || !reflect.DeepEqual(got, recs) {
+	got, commit, data, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 77, 12, prev)
+	if !ok || !commit || data != 0 || gotMAC != mac || !reflect.DeepEqual(got, recs) {
 		t.Fatalf("open: ok %v commit %v records %v", ok, commit, got)
 	}
 	for _, bad := range []struct {
@@ -781,7 +781,7 @@ func TestVectorLogBlock(t *testing.T) {
 		{"key", 77, 12, prev, bytes.Repeat([]byte{1}, 32), testUUID},
 		{"uuid", 77, 12, prev, testLogKey, [16]byte{1}},
 	} {
-		if _, _, _, ok := openLogBlock(b, bad.key, bad.uuid, bad.seq, bad.pos, bad.prev); ok {
+		if _, _, _, _, ok := openLogBlock(b, bad.key, bad.uuid, bad.seq, bad.pos, bad.prev); ok {
 			t.Errorf("opened with the wrong %s", bad.name)
 		}
 	}
@@ -818,7 +818,7 @@ func FuzzOpenLogBlock(f *testing.F) {
 	var prev [32]byte
 	prev[0] = 9
 	good := make([]byte, BlockSize)
-	sealLogBlock(good, testLogKey, testUUID, []record{{3, testEntry(3, HomeA, 1)}}, true, 5, 2, prev)
+	sealLogBlock(good, testLogKey, testUUID, []record{{3, testEntry(3, HomeA, 1)}}, true, 5, 2, 0, prev)
 	f.Add(good, uint64(5), uint64(2), false)
 	f.Add(good[:100], uint64(5), uint64(2), true)
 	f.Add([]byte{}, uint64(0), uint64(0), false)
@@ -838,7 +838,7 @@ func FuzzOpenLogBlock(f *testing.F) {
 			hm.Write(testUUID[:])
 			copy(b[BlockSize-32:], hm.Sum(nil))
 		}
-		recs, commit, _, ok := openLogBlock(b, testLogKey, testUUID, seq, pos, prev)
+		recs, commit, nData, _, ok := openLogBlock(b, testLogKey, testUUID, seq, pos, prev)
 		if !ok {
 			return
 		}
@@ -854,6 +854,9 @@ func FuzzOpenLogBlock(f *testing.F) {
 		}
 		if len(recs) > LogPerBlock || len(recs) != int(le.Uint16(b[4:])) || commit != (b[6] == 1) || b[6] > 1 {
 			t.Fatalf("accepted %d records, flags %x", len(recs), b[6])
+		}
+		if nData > maxLogData || nData != le.Uint32(b[24:]) || b[7] != 0 || le.Uint32(b[28:]) != 0 {
+			t.Fatalf("accepted %d data blocks, reserved bytes %x %x", nData, b[7], b[28:32])
 		}
 		for i, r := range recs {
 			if r.chunk != le.Uint64(b[logHdr+i*logRecord:]) || !bytes.Equal(r.e[:], b[logHdr+i*logRecord+8:][:EntrySize]) {

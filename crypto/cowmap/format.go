@@ -14,9 +14,47 @@ const (
 	HomeB    uint64 = 2
 )
 
-// Other is the home that loc is not; for Unmapped, home A.
+// A location with InLogBit set is "in the log" (FORMAT.md, "Map entry"):
+// bit 62 names the home the data moves to at the next checkpoint, bits
+// 0..61 the ring position of its ciphertext.
+const (
+	InLogBit  uint64 = 1 << 63
+	logHomeB  uint64 = 1 << 62
+	logPosMax uint64 = logHomeB - 1
+)
+
+// InLog returns the location of data at ring position pos that moves to
+// home at the next checkpoint.
+func InLog(pos, home uint64) uint64 {
+	l := InLogBit | pos
+	if home == HomeB {
+		l |= logHomeB
+	}
+	return l
+}
+
+// IsInLog reports whether loc is in the log.
+func IsInLog(loc uint64) bool { return loc&InLogBit != 0 }
+
+// LogPos is the ring position of a location in the log.
+func LogPos(loc uint64) uint64 { return loc & logPosMax }
+
+// HomeOf is the home loc is, or for a location in the log the home its
+// data moves to; Unmapped stays Unmapped.
+func HomeOf(loc uint64) uint64 {
+	if !IsInLog(loc) {
+		return loc
+	}
+	if loc&logHomeB != 0 {
+		return HomeB
+	}
+	return HomeA
+}
+
+// Other is the home that loc is not (or, in the log, does not move to);
+// for Unmapped, home A.
 func Other(loc uint64) uint64 {
-	if loc == HomeA {
+	if HomeOf(loc) == HomeA {
 		return HomeB
 	}
 	return HomeA
@@ -41,9 +79,19 @@ func (e *Entry) SetGen(g uint64)    { binary.LittleEndian.PutUint64(e[8:], g) }
 func (e *Entry) SetEpoch(x uint32)  { binary.LittleEndian.PutUint32(e[16:], x) }
 func (e *Entry) SetKeySlot(k uint8) { e[20] = k }
 
-// valid reports whether the reserved bytes are zero and the location known.
-func (e *Entry) valid() bool {
-	if e.Loc() > HomeB || e[21]|e[22]|e[23] != 0 || e.KeySlot() > 1 {
+// valid reports whether the reserved bytes are zero and the location a
+// home or unmapped (a node's entry).
+func (e *Entry) valid() bool { return e.Loc() <= HomeB && e.validRest() }
+
+// validLogged is valid for a log record, whose entry may also be in the
+// log at a ring position below logBlocks.
+func (e *Entry) validLogged(logBlocks uint64) bool {
+	l := e.Loc()
+	return (l <= HomeB || IsInLog(l) && LogPos(l) < logBlocks) && e.validRest()
+}
+
+func (e *Entry) validRest() bool {
+	if e[21]|e[22]|e[23] != 0 || e.KeySlot() > 1 {
 		return false
 	}
 	for _, b := range e[56:] {
@@ -147,8 +195,12 @@ type record struct {
 	e     Entry
 }
 
-// sealLogBlock fills b (4096 bytes) and returns its MAC.
-func sealLogBlock(b []byte, key []byte, uuid [16]byte, recs []record, commit bool, seq, pos uint64, prev [32]byte) [32]byte {
+// maxLogData bounds a log block's data blocks (FORMAT.md, "Log block").
+const maxLogData = 64
+
+// sealLogBlock fills b (4096 bytes) and returns its MAC; data is how many
+// ring positions after it hold chunk data of its commit.
+func sealLogBlock(b []byte, key []byte, uuid [16]byte, recs []record, commit bool, seq, pos uint64, data uint32, prev [32]byte) [32]byte {
 	clear(b)
 	copy(b[0:4], logMagic)
 	binary.LittleEndian.PutUint16(b[4:], uint16(len(recs)))
@@ -157,6 +209,7 @@ func sealLogBlock(b []byte, key []byte, uuid [16]byte, recs []record, commit boo
 	}
 	binary.LittleEndian.PutUint64(b[8:], seq)
 	binary.LittleEndian.PutUint64(b[16:], pos)
+	binary.LittleEndian.PutUint32(b[24:], data)
 	copy(b[32:64], prev[:])
 	for i, r := range recs {
 		o := b[logHdr+i*logRecord:]
@@ -179,19 +232,20 @@ func logMAC(key []byte, uuid [16]byte, b []byte) [32]byte {
 
 // openLogBlock checks a log block read at ring position pos that must
 // chain to prev with commit sequence seq; it returns its records, whether
-// it ends a commit, and its MAC.
-func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32]byte) (recs []record, commit bool, mac [32]byte, ok bool) {
+// it ends a commit, how many data blocks follow it, and its MAC.
+func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32]byte) (recs []record, commit bool, data uint32, mac [32]byte, ok bool) {
 	if string(b[0:4]) != logMagic || binary.LittleEndian.Uint64(b[8:]) != seq ||
 		binary.LittleEndian.Uint64(b[16:]) != pos || [32]byte(b[32:64]) != prev {
-		return nil, false, mac, false
+		return nil, false, 0, mac, false
 	}
 	mac = logMAC(key, uuid, b)
 	if !hmac.Equal(mac[:], b[logMACOff:]) {
-		return nil, false, mac, false
+		return nil, false, 0, mac, false
 	}
 	n := int(binary.LittleEndian.Uint16(b[4:]))
-	if n > LogPerBlock || b[6]&^flagCommit != 0 {
-		return nil, false, mac, false
+	data = binary.LittleEndian.Uint32(b[24:])
+	if n > LogPerBlock || b[6]&^flagCommit != 0 || data > maxLogData || b[7]|b[28]|b[29]|b[30]|b[31] != 0 {
+		return nil, false, 0, mac, false
 	}
 	recs = make([]record, n)
 	for i := range recs {
@@ -199,7 +253,7 @@ func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32
 		recs[i].chunk = binary.LittleEndian.Uint64(o)
 		copy(recs[i].e[:], o[8:8+EntrySize])
 	}
-	return recs, b[6]&flagCommit != 0, mac, true
+	return recs, b[6]&flagCommit != 0, data, mac, true
 }
 
 // Seed is the MAC chain's seed after a checkpoint (FORMAT.md, "Log block").

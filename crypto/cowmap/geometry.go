@@ -75,8 +75,12 @@ func (g *Geometry) nodeBlock(level int, index, loc uint64) uint64 {
 	return g.NodeBase + 2*(g.LevelStart[level]+index) + loc - 1
 }
 
-// DataBlock is the block of chunk c at home loc (1: A, 2: B).
+// DataBlock is the block of chunk c's data at location loc: home A or
+// B, or a ring position in the log.
 func (g *Geometry) DataBlock(c, loc uint64) uint64 {
+	if IsInLog(loc) {
+		return g.logBlock(LogPos(loc))
+	}
 	return g.DataBase + (loc-1)*g.Chunks + c
 }
 

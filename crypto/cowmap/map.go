@@ -46,7 +46,19 @@ type Config struct {
 	// store with network latency: RBD, an upstream NBD server), instead
 	// of one after another.
 	ParallelIO bool
+	// LogData lets small writes go into the log while the client flushes
+	// often (FORMAT.md, "Small writes into the log"). The caller sets the
+	// header's log-data flag before it turns this on.
+	LogData bool
 }
+
+// Small writes into the log (FORMAT.md): a commit of at most smallCommit
+// entries turns it on for the next one; a write of at most smallWrite
+// chunks goes there.
+const (
+	smallCommit = 8
+	smallWrite  = 4
+)
 
 // Map is a volume's chunk map. Callers hold a lock per chunk around Home,
 // Set and the write between them; Lookup needs the chunk's lock (read or
@@ -62,16 +74,24 @@ type Map struct {
 	// commitMu.
 	nodeWrites []nodeWrite
 
-	mu      sync.Mutex // guards the fields below
-	cond    sync.Cond  // a commit ended
-	dirty   map[uint64]Entry
-	snap    map[uint64]Entry // being committed; nil between commits
-	logged  map[uint64]Entry // committed since the checkpoint
-	failed  error
-	seq     uint64 // last durable commit
-	used    uint64 // log blocks since the checkpoint
-	prev    [32]byte
-	dropped bool // recovery dropped a last commit whose data was missing
+	mu     sync.Mutex // guards the fields below
+	cond   sync.Cond  // a commit ended
+	dirty  map[uint64]Entry
+	snap   map[uint64]Entry // being committed; nil between commits
+	logged map[uint64]Entry // committed since the checkpoint
+	failed error
+	seq    uint64 // last durable commit
+	prev   [32]byte
+
+	// Ring positions, as offsets from state.LogStart (FORMAT.md, "Log
+	// block"): used ends the last durable commit; tail is the next free
+	// position; slot, once reserved (slotSet), is the next commit's first
+	// log block, and pend positions after it hold data of that commit.
+	used, tail, slot uint64
+	slotSet          bool
+	pend             uint32
+	small            bool // the last commit was small: small writes go into the log
+	dropped          bool // recovery dropped a last commit whose data was missing
 
 	replayed int    // commits recovery replayed
 	maxEpoch uint32 // largest seal epoch among them
@@ -105,39 +125,62 @@ func Open(cfg Config, st State) (*Map, error) {
 }
 
 type commit struct {
-	recs   []record
-	blocks uint64
-	end    [32]byte // MAC of its last block: the next commit chains to it
+	recs []record
+	data [][2]uint64 // ranges of ring offsets [lo, hi) that hold its data
+	next uint64      // ring offset after it
+	end  [32]byte    // MAC of its last block: the next commit chains to it
+}
+
+// holds reports whether ring offset o is one of the commit's data blocks.
+func (c *commit) holds(o uint64) bool {
+	for _, r := range c.data {
+		if o >= r[0] && o < r[1] {
+			return true
+		}
+	}
+	return false
 }
 
 func (m *Map) replay() error {
 	g := &m.cfg.Geo
-	prev := Seed(m.cfg.LogKey, m.state.Seq, m.state.Root, m.state.LogStart)
+	start := m.state.LogStart
+	prev := Seed(m.cfg.LogKey, m.state.Seq, m.state.Root, start)
 	var (
 		commits []commit
 		cur     commit
-		pos     = m.state.LogStart
+		off     uint64 // ring offset of the next block from start
 		b       = make([]byte, BlockSize)
 	)
-	for i := uint64(0); i+1 < g.LogBlocks; i++ {
+	for off+1 < g.LogBlocks {
+		pos := (start + off) % g.LogBlocks
 		if _, err := m.cfg.Dev.ReadAt(b, int64(g.logBlock(pos)*BlockSize)); err != nil {
 			return fmt.Errorf("reading the map log: %w", err)
 		}
-		recs, end, mac, ok := openLogBlock(b, m.cfg.LogKey, m.cfg.UUID, m.seq+uint64(len(commits))+1, pos, prev)
+		recs, end, data, mac, ok := openLogBlock(b, m.cfg.LogKey, m.cfg.UUID, m.seq+uint64(len(commits))+1, pos, prev)
 		if !ok {
 			break
 		}
+		if off+1+uint64(data) >= g.LogBlocks {
+			return fmt.Errorf("%w: log block at %d names data beyond the log", ErrMapAuth, pos)
+		}
 		for _, r := range recs {
-			if r.chunk >= g.Chunks || !r.e.valid() {
+			if r.chunk >= g.Chunks || !r.e.validLogged(g.LogBlocks) {
 				return fmt.Errorf("%w: log record for chunk %d is malformed", ErrMapAuth, r.chunk)
 			}
 		}
 		cur.recs = append(cur.recs, recs...)
-		cur.blocks++
+		if data > 0 {
+			cur.data = append(cur.data, [2]uint64{off + 1, off + 1 + uint64(data)})
+		}
 		prev = mac
-		pos = (pos + 1) % g.LogBlocks
+		off += 1 + uint64(data)
 		if end {
-			cur.end = mac
+			for _, r := range cur.recs {
+				if l := r.e.Loc(); IsInLog(l) && !cur.holds((LogPos(l)+g.LogBlocks-start)%g.LogBlocks) {
+					return fmt.Errorf("%w: log record for chunk %d names ring position %d, not its commit's data", ErrMapAuth, r.chunk, LogPos(l))
+				}
+			}
+			cur.end, cur.next = mac, off
 			commits = append(commits, cur)
 			cur = commit{}
 		}
@@ -159,9 +202,10 @@ func (m *Map) replay() error {
 			m.logged[r.chunk] = r.e
 			m.maxEpoch = max(m.maxEpoch, r.e.Epoch())
 		}
-		m.used += c.blocks
+		m.used = c.next
 		m.seq++
 	}
+	m.tail = m.used
 	if n := len(commits); n > 0 { // the chain goes on from the last commit kept
 		m.prev = commits[n-1].end
 	}
@@ -319,34 +363,14 @@ func (m *Map) load(level int, idx uint64, ref Ref) (*node, error) {
 }
 
 // Home returns where a write of chunk c goes: the home its durable entry
-// does not name, or the one it was written to since the last commit. It
-// waits while a commit that includes c is in progress. The caller holds
-// c's write lock until Set.
+// does not name (or, in the log, does not move to), or the place it was
+// written to since the last commit, or a position in the log (FORMAT.md,
+// "Small writes into the log"). It waits while a commit that includes c
+// is in progress. The caller holds c's write lock until Set.
 func (m *Map) Home(c uint64) (uint64, error) {
-	m.mu.Lock()
-	for {
-		if m.failed != nil {
-			m.mu.Unlock()
-			return 0, ErrFailed
-		}
-		if _, in := m.snap[c]; !in {
-			break
-		}
-		m.cond.Wait()
-	}
-	if d, ok := m.dirty[c]; ok && d.Mapped() {
-		m.mu.Unlock()
-		return d.Loc(), nil
-	}
-	if l, ok := m.logged[c]; ok {
-		m.mu.Unlock()
-		return Other(l.Loc()), nil
-	}
-	m.mu.Unlock()
-	m.treeMu.RLock()
-	defer m.treeMu.RUnlock()
-	h, err := m.leafHomesLocked(c / LeafFanout)
-	return Other(h.loc(int(c % LeafFanout))), err
+	var out [1]uint64
+	err := m.Homes(c, out[:])
+	return out[0], err
 }
 
 // Homes is Home for chunks first..first+len(out)-1, which the caller
@@ -374,11 +398,17 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 	}
 	const inTree = ^uint64(0)
 	pending := false
+	var fresh uint8 // bit i: out[i] is not a rewrite of a dirty entry (small writes only)
 	for i := range out {
 		c := first + uint64(i)
 		if d, ok := m.dirty[c]; ok && d.Mapped() {
 			out[i] = d.Loc()
-		} else if l, ok := m.logged[c]; ok {
+			continue
+		}
+		if i < smallWrite {
+			fresh |= 1 << i
+		}
+		if l, ok := m.logged[c]; ok {
 			out[i] = Other(l.Loc())
 		} else {
 			out[i] = inTree
@@ -386,6 +416,47 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 		}
 	}
 	m.mu.Unlock()
+	if err := m.treeHomes(first, out, pending); err != nil {
+		return err
+	}
+	if fresh != 0 && len(out) <= smallWrite && m.cfg.LogData {
+		m.intoLog(out, fresh)
+	}
+	return nil
+}
+
+// intoLog moves the small write's fresh places into the log while the
+// client flushes often and the log has room.
+func (m *Map) intoLog(out []uint64, fresh uint8) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.small {
+		return
+	}
+	for i := range out {
+		if fresh&(1<<i) == 0 {
+			continue
+		}
+		need := uint64(1)
+		if !m.slotSet {
+			need++
+		}
+		if m.pend >= maxLogData || m.tail+need > m.cfg.Geo.LogBlocks/2 {
+			return
+		}
+		if !m.slotSet {
+			m.slot, m.slotSet = m.tail, true
+			m.tail++
+		}
+		out[i] = InLog((m.state.LogStart+m.tail)%m.cfg.Geo.LogBlocks, out[i])
+		m.tail++
+		m.pend++
+	}
+}
+
+// treeHomes fills the places in out that Homes marked for the tree.
+func (m *Map) treeHomes(first uint64, out []uint64, pending bool) error {
+	const inTree = ^uint64(0)
 	if !pending {
 		return nil
 	}
@@ -549,6 +620,18 @@ func (m *Map) Commit(quiesce func() func()) error {
 	}
 	m.snap, m.dirty = m.dirty, make(map[uint64]Entry)
 	seq := m.seq + 1
+	// The commit's first log block is its slot, followed by the data
+	// written into the log since; its further blocks come after them.
+	if !m.slotSet {
+		m.slot = m.tail
+		m.tail++
+	}
+	blocks := (uint64(len(m.snap)) + LogPerBlock - 1) / LogPerBlock
+	slot, data := m.slot, m.pend
+	m.tail += blocks - 1
+	end := m.tail
+	m.slotSet, m.pend = false, 0
+	m.small = len(m.snap) <= smallCommit
 	m.mu.Unlock()
 	release()
 
@@ -556,12 +639,11 @@ func (m *Map) Commit(quiesce func() func()) error {
 	for i := range recs {
 		recs[i].e.SetGen(seq)
 	}
-	blocks := (uint64(len(recs)) + LogPerBlock - 1) / LogPerBlock
 	var (
 		err  error
 		last [32]byte
 	)
-	if m.used+blocks > m.cfg.Geo.LogBlocks-1 {
+	if end > m.cfg.Geo.LogBlocks-1 {
 		err = m.checkpointLocked(seq, recs)
 		if err == nil {
 			m.mu.Lock()
@@ -571,7 +653,7 @@ func (m *Map) Commit(quiesce func() func()) error {
 		}
 		return m.fail(err)
 	}
-	last, err = m.writeLog(recs, seq, blocks)
+	last, err = m.writeLog(recs, seq, slot, data)
 	if err == nil {
 		err = m.cfg.Dev.Flush()
 	}
@@ -584,7 +666,7 @@ func (m *Map) Commit(quiesce func() func()) error {
 	}
 	m.snap = nil
 	m.seq = seq
-	m.used += blocks
+	m.used = end
 	m.prev = last
 	full := len(m.logged) >= m.cfg.MaxLogged || m.used > m.cfg.Geo.LogBlocks/2
 	m.cond.Broadcast()
@@ -623,9 +705,12 @@ func cmpU64(a, b uint64) int {
 	return 0
 }
 
-// writeLog writes recs as one commit at the log's head.
-func (m *Map) writeLog(recs []record, seq, blocks uint64) ([32]byte, error) {
+// writeLog writes recs as one commit: its first block at ring offset
+// slot, followed there by data blocks of chunk data, its other blocks
+// after those.
+func (m *Map) writeLog(recs []record, seq, slot uint64, data uint32) ([32]byte, error) {
 	g := &m.cfg.Geo
+	blocks := (uint64(len(recs)) + LogPerBlock - 1) / LogPerBlock
 	// One block is kept (a FLUSH after each write needs no more); a larger
 	// commit takes a buffer of up to logBufBlocks for its duration.
 	buf := m.logBuf
@@ -637,16 +722,31 @@ func (m *Map) writeLog(recs []record, seq, blocks uint64) ([32]byte, error) {
 		buf = make([]byte, min(blocks, logBufBlocks)*BlockSize)
 	}
 	m.mu.Lock()
-	prev, head := m.prev, (m.state.LogStart+m.used)%g.LogBlocks
+	prev, start := m.prev, m.state.LogStart
 	m.mu.Unlock()
-	// In pieces of at most logBufBlocks, never across the ring's end.
+	// Block i sits at offset slot (i = 0) or slot+data+i; written in
+	// pieces of neighbouring blocks, at most logBufBlocks, never across
+	// the ring's end.
+	at := func(i uint64) uint64 {
+		if i == 0 {
+			return (start + slot) % g.LogBlocks
+		}
+		return (start + slot + uint64(data) + i) % g.LogBlocks
+	}
 	for i := uint64(0); i < blocks; {
-		pos := (head + i) % g.LogBlocks
-		n := min(blocks-i, uint64(len(buf)/BlockSize), g.LogBlocks-pos)
+		pos := at(i)
+		n := uint64(1)
+		for i+n < blocks && n < uint64(len(buf)/BlockSize) && at(i+n) == pos+n {
+			n++
+		}
 		for j := uint64(0); j < n; j++ {
 			lo := int(i+j) * LogPerBlock
 			hi := min(lo+LogPerBlock, len(recs))
-			prev = sealLogBlock(buf[j*BlockSize:][:BlockSize], m.cfg.LogKey, m.cfg.UUID, recs[lo:hi], i+j == blocks-1, seq, pos+j, prev)
+			d := uint32(0)
+			if i+j == 0 {
+				d = data
+			}
+			prev = sealLogBlock(buf[j*BlockSize:][:BlockSize], m.cfg.LogKey, m.cfg.UUID, recs[lo:hi], i+j == blocks-1, seq, pos+j, d, prev)
 		}
 		if _, err := m.cfg.Dev.WriteAt(buf[:n*BlockSize], int64(g.logBlock(pos)*BlockSize)); err != nil {
 			return prev, fmt.Errorf("writing the map log: %w", err)
@@ -680,13 +780,25 @@ func (m *Map) Checkpoint() error {
 // not yet durable: its data is synced here before the header names it),
 // into the tree. Callers hold commitMu.
 func (m *Map) checkpointLocked(seq uint64, extra []record) error {
+	g := &m.cfg.Geo
 	m.mu.Lock()
 	recs := sortedRecords(m.logged, extra)
 	newSeq := m.seq
-	head := (m.state.LogStart + m.used) % m.cfg.Geo.LogBlocks
+	// The log starts again at the next commit's first block: its slot,
+	// reserved now if no write into the log has yet.
+	if !m.slotSet {
+		m.slot, m.slotSet = m.tail, true
+		m.tail++
+	}
+	shift := m.slot
+	head := (m.state.LogStart + shift) % g.LogBlocks
 	m.mu.Unlock()
 	if extra != nil {
 		newSeq = seq
+	}
+	// Data in the log moves to its home first (FORMAT.md, "Checkpoint").
+	if err := m.moveHome(recs); err != nil {
+		return err
 	}
 
 	m.treeMu.RLock()
@@ -717,8 +829,34 @@ func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	m.logged = make(map[uint64]Entry) // a cleared map keeps its buckets
 	m.seq = newSeq
 	m.used = 0
+	m.tail -= shift
+	m.slot -= shift
 	m.prev = Seed(m.cfg.LogKey, st.Seq, st.Root, st.LogStart)
 	m.mu.Unlock()
+	return nil
+}
+
+// moveHome copies the data of recs that is in the log to its home and
+// points their entries there. Callers hold commitMu.
+func (m *Map) moveHome(recs []record) error {
+	var b []byte
+	for i := range recs {
+		l := recs[i].e.Loc()
+		if !IsInLog(l) {
+			continue
+		}
+		if b == nil {
+			b = make([]byte, BlockSize)
+		}
+		c, home := recs[i].chunk, HomeOf(l)
+		if _, err := m.cfg.Dev.ReadAt(b, int64(m.cfg.Geo.DataBlock(c, l)*BlockSize)); err != nil {
+			return fmt.Errorf("checkpoint: reading chunk %d from the log: %w", c, err)
+		}
+		if _, err := m.cfg.Dev.WriteAt(b, int64(m.cfg.Geo.DataBlock(c, home)*BlockSize)); err != nil {
+			return fmt.Errorf("checkpoint: moving chunk %d home: %w", c, err)
+		}
+		recs[i].e.SetLoc(home)
+	}
 	return nil
 }
 
