@@ -244,6 +244,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	v.m, err = cowmap.Open(cowmap.Config{
 		Dev: store, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged, ParallelIO: v.parallel,
 		LogData: !v.parallel && !opt.NoLogData, // used by writes, after the header below sets its flag
+		Written: v.homeWritten(store),
 		Verify:  v.verifyData, WriteHeader: v.writeCheckpoint,
 	}, h.MapState())
 	if err != nil {
@@ -324,6 +325,16 @@ func isIntegrity(err error) bool {
 // audit trail records.
 func (v *Volume) integrityFailure(kind string, err error) {
 	v.log.Error("integrity failure", "event", audit.EvIntegrityFailure, "volume", v.name, "kind", kind, "err", err)
+}
+
+// homeWritten is the map's Written on a store that can tell (a file:
+// SEEK_DATA), or nil: then small flushed writes always go into the log.
+func (v *Volume) homeWritten(store block.Device) func(c, home uint64) bool {
+	p, ok := store.(block.Prober)
+	if !ok {
+		return nil
+	}
+	return func(c, home uint64) bool { return p.Written(int64(v.geo.DataBlock(c, home) * ChunkSize)) }
 }
 
 // verifyData reports whether chunk c's data matches entry e (recovery).

@@ -287,3 +287,48 @@ func TestLogDataInALargeCommit(t *testing.T) {
 		dm.check(t, h, h.open(), chunks, "recovered")
 	}
 }
+
+// With Written, a small flushed write goes into the log only when its
+// home is not yet written on the store; after a checkpoint moved it home,
+// its next write goes to the other home if that one is written.
+func TestLogDataOnlyForUnwrittenHomes(t *testing.T) {
+	h := newHarness(t, 200, 64, 1<<20)
+	h.cfg.LogData = true
+	written := map[uint64]bool{} // data blocks
+	h.cfg.Written = func(c, home uint64) bool { return written[h.g.DataBlock(c, home)] }
+	m := h.open()
+	dm := dataModel{}
+	commit := func() {
+		t.Helper()
+		if err := m.Commit(noQuiesce); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dm.write(t, h, m, 1, 1)
+	commit()
+	if loc := dm.write(t, h, m, 2, 2); !IsInLog(loc) || HomeOf(loc) != HomeA {
+		t.Fatalf("a write to an unwritten home went to %x, want the log (home A)", loc)
+	}
+	commit()
+	written[h.g.DataBlock(3, HomeA)] = true
+	if loc := dm.write(t, h, m, 3, 3); loc != HomeA {
+		t.Fatalf("a write to a written home went to %x, want home A", loc)
+	}
+	commit()
+	if err := m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := m.Lookup(2); e.Loc() != HomeA {
+		t.Fatalf("chunk 2 at %x after the checkpoint, want home A", e.Loc())
+	}
+	if loc := dm.write(t, h, m, 2, 4); !IsInLog(loc) || HomeOf(loc) != HomeB {
+		t.Fatalf("the next write of chunk 2 went to %x, want the log (home B, unwritten)", loc)
+	}
+	commit()
+	written[h.g.DataBlock(3, HomeB)] = true
+	if loc := dm.write(t, h, m, 3, 5); loc != HomeB {
+		t.Fatalf("the next write of chunk 3 went to %x, want home B (written)", loc)
+	}
+	commit()
+	dm.check(t, h, h.open(), 200, "recovered")
+}

@@ -50,6 +50,11 @@ type Config struct {
 	// often (FORMAT.md, "Small writes into the log"). The caller sets the
 	// header's log-data flag before it turns this on.
 	LogData bool
+	// Written, if set, reports whether chunk c's block at home is already
+	// written on the store; a small write then goes there, not into the
+	// log: a write into a written block allocates nothing, and the
+	// checkpoint would only have to move it.
+	Written func(c, home uint64) bool
 }
 
 // Small writes into the log (FORMAT.md): a commit of at most smallCommit
@@ -420,6 +425,13 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 		return err
 	}
 	if fresh != 0 && len(out) <= smallWrite && m.cfg.LogData {
+		if w := m.cfg.Written; w != nil {
+			for i := range out {
+				if fresh&(1<<i) != 0 && w(first+uint64(i), out[i]) {
+					fresh &^= 1 << i
+				}
+			}
+		}
 		m.intoLog(out, fresh)
 	}
 	return nil

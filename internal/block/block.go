@@ -63,6 +63,14 @@ type Extenter interface {
 	Extents(dst []Extent, off, length int64, max int) ([]Extent, error)
 }
 
+// Prober is implemented by devices that tell cheaply (one system call,
+// no allocation) whether the block at off has been written: a write
+// there allocates nothing. A file answers with SEEK_DATA; a device
+// without holes always says yes.
+type Prober interface {
+	Written(off int64) bool
+}
+
 // Filer is implemented by devices whose bytes are the bytes of a file at
 // the same offsets, with no transformation. The transport may then send
 // them with sendfile. Stages that change bytes (encryption) must not

@@ -297,6 +297,16 @@ func (d *File) Extents(dst []Extent, off, length int64, max int) ([]Extent, erro
 	return dst, nil
 }
 
+// Written reports whether the block at off holds data (SEEK_DATA finds it
+// there): a write to it allocates nothing.
+func (d *File) Written(off int64) bool {
+	if d.blockDev {
+		return true
+	}
+	data, err := unix.Seek(d.fd, off, unix.SEEK_DATA)
+	return err == nil && data == off
+}
+
 // Cache asks the kernel to read the range ahead.
 func (d *File) Cache(off, length int64) error {
 	if !CheckRange(d.size, off, length) {

@@ -197,3 +197,29 @@ func TestFileShrunk(t *testing.T) {
 		t.Errorf("Extents within the file: %+v %v", es, err)
 	}
 }
+
+// Written tells a written block from a hole, also one that a trim made.
+func TestFileWritten(t *testing.T) {
+	d := newFile(t, 1<<20, false)
+	if d.Written(64 << 10) {
+		t.Fatal("a block of a new sparse file reads as written")
+	}
+	if _, err := d.WriteAt(make([]byte, 4096), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if !d.Written(64 << 10) {
+		t.Fatal("a written block reads as a hole")
+	}
+	if d.Written(512 << 10) {
+		t.Fatal("a block far from the written one reads as written")
+	}
+	if err := d.Trim(0, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if d.Written(64 << 10) {
+		t.Fatal("a trimmed block reads as written")
+	}
+}
