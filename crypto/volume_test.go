@@ -186,9 +186,26 @@ type countDev struct {
 	written int64
 	flushes int
 	reads   int // ReadAt calls
+	// fast declares a fast local store (block.CanFastWrite) that tells
+	// written blocks from holes (block.Prober), as a sparse file does.
+	fast bool
 }
 
 func (d *countDev) Size() int64 { return d.size }
+
+func (d *countDev) Caps() block.Caps {
+	if d.fast {
+		return block.CanFastWrite
+	}
+	return 0
+}
+
+func (d *countDev) Written(off int64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	_, ok := d.blocks[off/ChunkSize]
+	return ok
+}
 func (d *countDev) ReadAt(p []byte, off int64) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -332,3 +332,30 @@ func TestLogDataOnlyForUnwrittenHomes(t *testing.T) {
 	commit()
 	dm.check(t, h, h.open(), 200, "recovered")
 }
+
+// The first log block of a commit with two data blocks after it, one
+// record in the log (position 13, moving to home B) and one at home A:
+// FORMAT.md's offsets for the data count and the location's bits.
+func TestVectorLogBlockWithData(t *testing.T) {
+	var prev [32]byte
+	for i := range prev {
+		prev[i] = byte(0x0f ^ i)
+	}
+	recs := []record{{9, testEntry(9, InLog(13, HomeB), 4)}, {10, testEntry(10, HomeA, 4)}}
+	recs[0].e.SetGen(78)
+	recs[1].e.SetGen(78)
+	b := make([]byte, BlockSize)
+	mac := sealLogBlock(b, testLogKey, testUUID, recs, true, 78, 12, 2, prev)
+	vector(t, b, "testdata/log-block-data.hex")
+	le := binary.LittleEndian
+	if le.Uint32(b[24:]) != 2 || le.Uint64(b[logHdr+8:]) != 1<<63|1<<62|13 || le.Uint64(b[logHdr+logRecord+8:]) != 1 {
+		t.Fatal("data count or in-log location not at FORMAT.md's offsets")
+	}
+	got, commit, data, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 78, 12, prev)
+	if !ok || !commit || data != 2 || gotMAC != mac || len(got) != 2 || got[0] != recs[0] {
+		t.Fatalf("open: ok %v commit %v data %d", ok, commit, data)
+	}
+	if l := got[0].e.Loc(); !IsInLog(l) || LogPos(l) != 13 || HomeOf(l) != HomeB || Other(l) != HomeA {
+		t.Fatalf("location %x: in log %v, position %d, home %d", l, IsInLog(l), LogPos(l), HomeOf(l))
+	}
+}
