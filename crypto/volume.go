@@ -101,6 +101,10 @@ type Volume struct {
 	// where its data goes to the Set that records it; a commit takes it
 	// exclusively to snapshot the map (quiesce).
 	gate sync.RWMutex
+	// quiesceFn and unquiesce are quiesce and gate.Unlock as values, made
+	// once: a FLUSH allocates nothing.
+	quiesceFn func() func()
+	unquiesce func()
 
 	bgFlush    atomic.Bool
 	bg         sync.WaitGroup
@@ -213,6 +217,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	if v.pools == nil {
 		v.pools = NewPools()
 	}
+	v.quiesceFn, v.unquiesce = v.quiesce, v.gate.Unlock
 	fail := func(err error) (*Volume, error) {
 		v.keys.free()
 		return nil, err
@@ -425,13 +430,13 @@ func (v *Volume) lock(c uint64) *sync.RWMutex { return &v.locks[c%uint64(len(v.l
 // its place and the Set that records it (cowmap.Map.Commit).
 func (v *Volume) quiesce() func() {
 	v.gate.Lock()
-	return v.gate.Unlock
+	return v.unquiesce
 }
 
 // Flush makes every completed write durable: one map commit, one flush of
 // the store (FORMAT.md, "Writes, FLUSH, checkpoints").
 func (v *Volume) Flush() error {
-	if err := v.m.Commit(v.quiesce); err != nil {
+	if err := v.m.Commit(v.quiesceFn); err != nil {
 		return fmt.Errorf("volume %s: flush: %w", v.name, err)
 	}
 	v.lastCommit.Store(time.Now().UnixNano())

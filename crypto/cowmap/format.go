@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"hash"
 )
 
 // Locations of a chunk or node (FORMAT.md, "Map entry").
@@ -201,6 +202,14 @@ const maxLogData = 64
 // sealLogBlock fills b (4096 bytes) and returns its MAC; data is how many
 // ring positions after it hold chunk data of its commit.
 func sealLogBlock(b []byte, key []byte, uuid [16]byte, recs []record, commit bool, seq, pos uint64, data uint32, prev [32]byte) [32]byte {
+	fillLogBlock(b, recs, commit, seq, pos, data, prev)
+	mac := logMAC(key, uuid, b)
+	copy(b[logMACOff:], mac[:])
+	return mac
+}
+
+// fillLogBlock is sealLogBlock without the MAC.
+func fillLogBlock(b []byte, recs []record, commit bool, seq, pos uint64, data uint32, prev [32]byte) {
 	clear(b)
 	copy(b[0:4], logMagic)
 	binary.LittleEndian.PutUint16(b[4:], uint16(len(recs)))
@@ -216,9 +225,25 @@ func sealLogBlock(b []byte, key []byte, uuid [16]byte, recs []record, commit boo
 		binary.LittleEndian.PutUint64(o, r.chunk)
 		copy(o[8:8+EntrySize], r.e[:])
 	}
-	mac := logMAC(key, uuid, b)
-	copy(b[logMACOff:], mac[:])
-	return mac
+}
+
+// logMACer computes log block MACs with one HMAC, reset for each block:
+// no allocation per block. Not safe for concurrent use.
+type logMACer struct {
+	h   hash.Hash
+	sum [32]byte
+}
+
+func newLogMACer(key []byte) *logMACer { return &logMACer{h: hmac.New(sha256.New, key)} }
+
+// seal puts the MAC of a filled block b (with uuid) into it and returns it.
+func (l *logMACer) seal(b []byte, uuid [16]byte) [32]byte {
+	l.h.Reset()
+	l.h.Write(b[:logMACOff])
+	l.h.Write(uuid[:])
+	l.h.Sum(l.sum[:0])
+	copy(b[logMACOff:], l.sum[:])
+	return l.sum
 }
 
 func logMAC(key []byte, uuid [16]byte, b []byte) [32]byte {

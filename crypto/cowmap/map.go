@@ -75,6 +75,13 @@ type Map struct {
 
 	commitMu sync.Mutex // one commit or checkpoint at a time
 	logBuf   []byte     // one log block; guarded by commitMu
+	// A small commit's sort buffers and its emptied map, kept for the
+	// next one (a FLUSH after each write allocates nothing); guarded by
+	// commitMu, spare by mu.
+	keyBuf []uint64
+	recBuf []record
+	spare  map[uint64]Entry
+	macer  *logMACer // MACs the log blocks a commit writes; guarded by commitMu
 	// nodeWrites are a checkpoint's node writes (ParallelIO); guarded by
 	// commitMu.
 	nodeWrites []nodeWrite
@@ -119,6 +126,7 @@ func Open(cfg Config, st State) (*Map, error) {
 	m := &Map{cfg: cfg, owner: cfg.Cache.owner(), top: cfg.Geo.Levels - 1,
 		dirty: make(map[uint64]Entry), logged: make(map[uint64]Entry), state: st, seq: st.Seq}
 	m.cond.L = &m.mu
+	m.macer = newLogMACer(cfg.LogKey)
 	m.homes.m = make(map[uint64]leafHomes)
 	if st.Root.Loc > HomeB || st.LogStart >= cfg.Geo.LogBlocks {
 		return nil, fmt.Errorf("%w: the header's map root is malformed", ErrMapAuth)
@@ -630,7 +638,11 @@ func (m *Map) Commit(quiesce func() func()) error {
 		release()
 		return m.fail(m.cfg.Dev.Flush())
 	}
-	m.snap, m.dirty = m.dirty, make(map[uint64]Entry)
+	m.snap, m.dirty = m.dirty, m.spare
+	if m.dirty == nil {
+		m.dirty = make(map[uint64]Entry)
+	}
+	m.spare = nil
 	seq := m.seq + 1
 	// The commit's first log block is its slot, followed by the data
 	// written into the log since; its further blocks come after them.
@@ -647,7 +659,10 @@ func (m *Map) Commit(quiesce func() func()) error {
 	m.mu.Unlock()
 	release()
 
-	recs := sortedRecords(m.snap, nil)
+	recs, keys := sortedRecords(m.snap, nil, m.keyBuf[:0], m.recBuf[:0])
+	if len(recs) <= smallKeep { // a large commit's buffers are not kept
+		m.keyBuf, m.recBuf = keys, recs
+	}
 	for i := range recs {
 		recs[i].e.SetGen(seq)
 	}
@@ -659,7 +674,7 @@ func (m *Map) Commit(quiesce func() func()) error {
 		err = m.checkpointLocked(seq, recs)
 		if err == nil {
 			m.mu.Lock()
-			m.snap = nil
+			m.endSnap()
 			m.cond.Broadcast()
 			m.mu.Unlock()
 		}
@@ -676,7 +691,7 @@ func (m *Map) Commit(quiesce func() func()) error {
 	for _, r := range recs {
 		m.logged[r.chunk] = r.e
 	}
-	m.snap = nil
+	m.endSnap()
 	m.seq = seq
 	m.used = end
 	m.prev = last
@@ -687,6 +702,20 @@ func (m *Map) Commit(quiesce func() func()) error {
 		return m.fail(m.checkpointLocked(0, nil))
 	}
 	return nil
+}
+
+// smallKeep: a commit of at most this many entries leaves its buffers and
+// its emptied map for the next one; a larger one's go to the collector.
+const smallKeep = 64
+
+// endSnap ends a commit's snapshot, keeping a small one's map emptied for
+// the next commit. Callers hold mu.
+func (m *Map) endSnap() {
+	if len(m.snap) <= smallKeep && m.spare == nil {
+		clear(m.snap)
+		m.spare = m.snap
+	}
+	m.snap = nil
 }
 
 // Fail fails the map (a flush of the store failed elsewhere, such as in
@@ -758,7 +787,8 @@ func (m *Map) writeLog(recs []record, seq, slot uint64, data uint32) ([32]byte, 
 			if i+j == 0 {
 				d = data
 			}
-			prev = sealLogBlock(buf[j*BlockSize:][:BlockSize], m.cfg.LogKey, m.cfg.UUID, recs[lo:hi], i+j == blocks-1, seq, pos+j, d, prev)
+			fillLogBlock(buf[j*BlockSize:][:BlockSize], recs[lo:hi], i+j == blocks-1, seq, pos+j, d, prev)
+			prev = m.macer.seal(buf[j*BlockSize:][:BlockSize], m.cfg.UUID)
 		}
 		if _, err := m.cfg.Dev.WriteAt(buf[:n*BlockSize], int64(g.logBlock(pos)*BlockSize)); err != nil {
 			return prev, fmt.Errorf("writing the map log: %w", err)
@@ -794,7 +824,7 @@ func (m *Map) Checkpoint() error {
 func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	g := &m.cfg.Geo
 	m.mu.Lock()
-	recs := sortedRecords(m.logged, extra)
+	recs, _ := sortedRecords(m.logged, extra, nil, nil)
 	newSeq := m.seq
 	// The log starts again at the next commit's first block: its slot,
 	// reserved now if no write into the log has yet.
@@ -872,16 +902,16 @@ func (m *Map) moveHome(recs []record) error {
 	return nil
 }
 
-// sortedRecords returns the entries of mp, with those of extra (sorted,
-// one per chunk) in place of mp's for the same chunk, in chunk order. It
-// sorts the chunk numbers, not the 72-byte records.
-func sortedRecords(mp map[uint64]Entry, extra []record) []record {
-	keys := make([]uint64, 0, len(mp))
+// sortedRecords appends to out the entries of mp, with those of extra
+// (sorted, one per chunk) in place of mp's for the same chunk, in chunk
+// order, and returns it with keys, the chunk numbers it sorted (appended
+// to keys; it sorts them, not the 72-byte records).
+func sortedRecords(mp map[uint64]Entry, extra []record, keys []uint64, out []record) ([]record, []uint64) {
 	for c := range mp {
 		keys = append(keys, c)
 	}
 	slices.Sort(keys)
-	out := make([]record, 0, len(keys)+len(extra))
+	out = slices.Grow(out, len(keys)+len(extra))
 	for _, c := range keys {
 		for len(extra) > 0 && extra[0].chunk < c {
 			out = append(out, extra[0])
@@ -892,7 +922,7 @@ func sortedRecords(mp map[uint64]Entry, extra []record) []record {
 		}
 		out = append(out, record{c, mp[c]})
 	}
-	return append(out, extra...)
+	return append(out, extra...), keys
 }
 
 // update writes node (level, idx), now at ref, with recs (sorted, all
@@ -974,6 +1004,7 @@ func (m *Map) SwitchKey(key []byte, write func(State) error) error {
 	}
 	m.mu.Lock()
 	m.cfg.LogKey = key
+	m.macer = newLogMACer(key) // commitMu is held
 	m.prev = Seed(key, st.Seq, st.Root, st.LogStart)
 	m.mu.Unlock()
 	return nil
