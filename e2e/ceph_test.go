@@ -84,6 +84,37 @@ func TestRBDVolumes(t *testing.T) {
 		run(t, "nbdcopy", src, g.unixURI(v))
 		nbdsh(t, g.unixURI(v), `h.pwrite(b"`+secret+`" * 200, 12 << 20); h.flush(); print("ok")`)
 	}
+	// Block status of the plain volume comes from the image's object map
+	// (4 MiB objects): objects 0 and 1 (the 8 MiB copied) and 3 (the
+	// secret at 12 MiB) are data, object 2 and everything from 16 MiB
+	// are holes; after a discard of object 3, it is a hole too.
+	rbdMap := func() (data []int64) {
+		t.Helper()
+		var m []struct {
+			Offset, Length int64
+			Type           int
+		}
+		out := run(t, "nbdinfo", "--map", "--json", g.unixURI("rp"))
+		if err := json.Unmarshal([]byte(out), &m); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		for _, e := range m {
+			if e.Type&1 == 0 {
+				for o := e.Offset; o < e.Offset+e.Length; o += 4 << 20 {
+					data = append(data, o>>20)
+				}
+			}
+		}
+		return data
+	}
+	if got := fmt.Sprint(rbdMap()); got != "[0 4 12]" {
+		t.Fatalf("data at MiB %s of the RBD volume, want [0 4 12] (its objects that exist)", got)
+	}
+	run(t, "qemu-io", "-f", "raw", "-c", "discard 12M 4M", g.unixURI("rp"))
+	if got := fmt.Sprint(rbdMap()); got != "[0 4]" {
+		t.Fatalf("after a discard of 12M..16M: data at MiB %s, want [0 4]", got)
+	}
+	nbdsh(t, g.unixURI("rp"), `h.pwrite(b"`+secret+`" * 200, 12 << 20); h.flush(); print("ok")`)
 	if err := g.stop(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

@@ -28,17 +28,28 @@ type Image struct {
 	size  int64
 	// leased: this client holds the image's exclusive lock (lease.go).
 	leased bool
+	// fastDiff: the image keeps an object map with fast-diff, so block
+	// status is answered from it (Extents) without reading objects.
+	fastDiff bool
 }
 
 var (
-	_ block.Device  = (*Image)(nil)
-	_ block.Capable = (*Image)(nil)
-	_ block.Trimmer = (*Image)(nil)
-	_ block.Zeroer  = (*Image)(nil)
+	_ block.Device   = (*Image)(nil)
+	_ block.Capable  = (*Image)(nil)
+	_ block.Trimmer  = (*Image)(nil)
+	_ block.Zeroer   = (*Image)(nil)
+	_ block.Extenter = (*Image)(nil)
 )
 
-// Caps: trim and zero; not CanFastWrite (every write waits for the OSDs).
-func (i *Image) Caps() block.Caps { return block.CanTrim | block.CanZero }
+// Caps: trim and zero, block status where the image has fast-diff; not
+// CanFastWrite (every write waits for the OSDs).
+func (i *Image) Caps() block.Caps {
+	c := block.CanTrim | block.CanZero
+	if i.fastDiff {
+		c |= block.CanExtents
+	}
+	return c
+}
 
 // Open connects to the cluster and opens the image.
 func Open(s Spec) (*Image, error) {
@@ -92,7 +103,15 @@ func Open(s Spec) (*Image, error) {
 		conn.Shutdown()
 		return nil, fmt.Errorf("rbd %s: %w", s, err)
 	}
-	return &Image{spec: s, conn: conn, ioctx: ioctx, img: img, size: int64(size)}, nil
+	feat, err := img.GetFeatures()
+	if err != nil {
+		img.Close()
+		ioctx.Destroy()
+		conn.Shutdown()
+		return nil, fmt.Errorf("rbd %s: %w", s, err)
+	}
+	return &Image{spec: s, conn: conn, ioctx: ioctx, img: img, size: int64(size),
+		fastDiff: feat&gorbd.FeatureObjectMap != 0 && feat&gorbd.FeatureFastDiff != 0}, nil
 }
 
 // errno turns a librbd error into the errno it carries, so that a client
@@ -177,6 +196,67 @@ func (i *Image) Zero(off, length int64, mayUnmap, fast bool) error {
 		off, length = off+n, length-n
 	}
 	return nil
+}
+
+// Extents reports which RADOS objects of the range exist, from the
+// image's object map (rbd_diff_iterate2 from the image's creation, whole
+// objects): an object that was never written, or was discarded whole, is
+// a hole that reads as zeros; an existing one is data, at object
+// granularity (4 MiB by default).
+func (i *Image) Extents(dst []block.Extent, off, length int64, maxN int) ([]block.Extent, error) {
+	if !block.CheckRange(i.size, off, length) {
+		return dst, block.ErrOutOfRange
+	}
+	if length == 0 || maxN <= 0 {
+		return dst, nil
+	}
+	end, cur, n := off+length, off, 0
+	add := func(to int64, fl uint32) {
+		if k := len(dst); n > 0 && dst[k-1].Flags == fl {
+			dst[k-1].Length += to - cur
+		} else {
+			dst = append(dst, block.Extent{Length: to - cur, Flags: fl})
+			n++
+		}
+		cur = to
+	}
+	// full reports whether an extent of flags fl would be one too many.
+	full := func(fl uint32) bool { return n >= maxN && dst[len(dst)-1].Flags != fl }
+	const hole = block.ExtentHole | block.ExtentZero
+	stopped := false
+	err := i.img.DiffIterate(gorbd.DiffIterateConfig{
+		Offset: uint64(off), Length: uint64(length), WholeObject: gorbd.EnableWholeObject,
+		Callback: func(o, l uint64, exists int, _ interface{}) int {
+			s, e := max(int64(o), cur), min(int64(o+l), end)
+			if e <= s {
+				return 0
+			}
+			fl := uint32(0)
+			if exists == 0 {
+				fl = hole
+			}
+			if s > cur {
+				if full(hole) {
+					stopped = true
+					return -1
+				}
+				add(s, hole)
+			}
+			if full(fl) {
+				stopped = true
+				return -1
+			}
+			add(e, fl)
+			return 0
+		},
+	})
+	if err != nil && !stopped {
+		return dst, fmt.Errorf("rbd %s: block status at %d: %w", i.spec, off, errno(err))
+	}
+	if !stopped && cur < end && !full(hole) {
+		add(end, hole)
+	}
+	return dst, nil
 }
 
 // Size is the image's size (or the Limit set).
