@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -96,6 +98,31 @@ func TestUpstreamBackedVolumes(t *testing.T) {
 	}
 	if out := nbdsh(t, g.unixURI("upe"), `print(h.pread(26, 4 << 20).decode())`); !strings.Contains(out, secret) {
 		t.Fatalf("encrypted volume after a restart: %q", out)
+	}
+	// Block status passes through (structured replies, base:allocation):
+	// the plain volume's map is the upstream's own, 1 MiB + 64 KiB of data.
+	dataOf := func(uri string) (ranges [][2]int64, total int64) {
+		t.Helper()
+		var m []struct {
+			Offset, Length int64
+			Type           int
+		}
+		out := run(t, "nbdinfo", "--map", "--json", uri)
+		if err := json.Unmarshal([]byte(out), &m); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		for _, e := range m {
+			if e.Type&1 == 0 {
+				ranges = append(ranges, [2]int64{e.Offset, e.Offset + e.Length})
+				total += e.Length
+			}
+		}
+		return ranges, total
+	}
+	want, total := dataOf(plain)
+	got, _ := dataOf(g.unixURI("up"))
+	if total != 1<<20+64<<10 || fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("data through the gateway %v, on the upstream %v (%d bytes, want %d)", got, want, total, 1<<20+64<<10)
 	}
 }
 

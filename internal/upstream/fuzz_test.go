@@ -6,6 +6,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"goldilocks/internal/block"
 )
 
 // What an upstream server sends is hostile until parsed, as a client's
@@ -47,25 +49,52 @@ func fuzzServer(t *testing.T, hello, replies []byte) string {
 	return "nbd+unix:///disk?socket=" + sock
 }
 
-// goodHello is a fixed newstyle greeting and the replies to NBD_OPT_GO of
-// a 1 MiB export.
-func goodHello() (hello, goReplies []byte) {
+// optRep appends an option reply to b.
+func optRep(b []byte, opt, typ uint32, data []byte) []byte {
+	b = binary.BigEndian.AppendUint64(b, 0x3e889045565a9)
+	b = binary.BigEndian.AppendUint32(b, opt)
+	b = binary.BigEndian.AppendUint32(b, typ)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	return append(b, data...)
+}
+
+// goodHello is a fixed newstyle greeting and the option replies of a
+// server without structured replies (NBD_REP_ERR_UNSUP) that serves a
+// 1 MiB export (NBD_OPT_GO).
+func goodHello() (hello, replies []byte) {
 	hello = binary.BigEndian.AppendUint64(nil, 0x4e42444d41474943)
 	hello = binary.BigEndian.AppendUint64(hello, 0x49484156454F5054)
 	hello = binary.BigEndian.AppendUint16(hello, 3)
-	rep := func(b []byte, typ uint32, data []byte) []byte {
-		b = binary.BigEndian.AppendUint64(b, 0x3e889045565a9)
-		b = binary.BigEndian.AppendUint32(b, 7)
-		b = binary.BigEndian.AppendUint32(b, typ)
-		b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
-		return append(b, data...)
-	}
+	replies = optRep(nil, 8, 1<<31|1, nil)
+	return hello, goReplies(replies)
+}
+
+func goReplies(b []byte) []byte {
 	info := binary.BigEndian.AppendUint16(nil, 0)
 	info = binary.BigEndian.AppendUint64(info, 1<<20)
 	info = binary.BigEndian.AppendUint16(info, 1|4|32)
-	goReplies = rep(nil, 3, info)
-	goReplies = rep(goReplies, 1, nil)
-	return hello, goReplies
+	b = optRep(b, 7, 3, info)
+	return optRep(b, 7, 1, nil)
+}
+
+// structuredHello is goodHello for a server with structured replies and
+// base:allocation (context id 7).
+func structuredHello() (hello, replies []byte) {
+	hello, _ = goodHello()
+	replies = optRep(nil, 8, 1, nil)
+	replies = optRep(replies, 10, 4, append([]byte{0, 0, 0, 7}, "base:allocation"...))
+	replies = optRep(replies, 10, 1, nil)
+	return hello, goReplies(replies)
+}
+
+// chunkRep is a structured reply chunk.
+func chunkRep(flags, typ uint16, cookie uint64, payload []byte) []byte {
+	b := binary.BigEndian.AppendUint32(nil, 0x668e33ef)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
+	return append(b, payload...)
 }
 
 func FuzzHandshakeReplies(f *testing.F) {
@@ -97,15 +126,28 @@ func FuzzTransmissionReplies(f *testing.F) {
 		b = binary.BigEndian.AppendUint64(b, cookie)
 		return append(b, data...)
 	}
-	f.Add(reply(0, 1, make([]byte, 4096)))
-	f.Add(reply(5, 1, nil))
-	f.Add(reply(0, 99, make([]byte, 4096)))
-	f.Add(append(reply(0, 1, make([]byte, 4096)), reply(0, 1, nil)...))
-	f.Add([]byte{0x67, 0x44})
+	f.Add(reply(0, 1, make([]byte, 4096)), false)
+	f.Add(reply(5, 1, nil), false)
+	f.Add(reply(0, 99, make([]byte, 4096)), false)
+	f.Add(append(reply(0, 1, make([]byte, 4096)), reply(0, 1, nil)...), false)
+	f.Add([]byte{0x67, 0x44}, false)
+	at := func(off uint64, rest ...byte) []byte { return append(binary.BigEndian.AppendUint64(nil, off), rest...) }
+	f.Add(chunkRep(1, 1, 1, at(0, make([]byte, 4096)...)), true)
+	f.Add(append(chunkRep(0, 1, 1, at(0, make([]byte, 1024)...)), chunkRep(1, 2, 1, at(1024, 0, 0, 12, 0))...), true)
+	f.Add(chunkRep(1, 1<<15+1, 1, []byte{0, 0, 0, 5, 0, 2, 'n', 'o'}), true)
+	f.Add(append(chunkRep(1, 1, 1, at(0, make([]byte, 4096)...)), reply(0, 2, nil)...), true)
+	f.Add(append(append(append(chunkRep(1, 1, 1, at(0, make([]byte, 4096)...)), reply(0, 2, nil)...), reply(0, 3, nil)...),
+		chunkRep(1, 5, 4, []byte{0, 0, 0, 7, 0, 0, 16, 0, 0, 0, 0, 3})...), true)
+	f.Add(chunkRep(1, 0, 1, nil), true)
+	helloS, goodS := structuredHello()
 	hello, good := goodHello()
-	f.Fuzz(func(t *testing.T, replies []byte) {
+	f.Fuzz(func(t *testing.T, replies []byte, structured bool) {
 		// The option replies, then the fuzzed transmission replies.
-		uri := fuzzServer(t, hello, append(append([]byte(nil), good...), replies...))
+		h, opts := hello, good
+		if structured {
+			h, opts = helloS, goodS
+		}
+		uri := fuzzServer(t, h, append(append([]byte(nil), opts...), replies...))
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
 		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 10 * time.Millisecond})
@@ -122,6 +164,18 @@ func FuzzTransmissionReplies(f *testing.F) {
 			d.ReadAt(buf, 0)
 			d.WriteAt(buf, 4096)
 			d.Flush()
+			if ext, err := d.Extents(nil, 0, 1<<20, 4); err == nil {
+				var sum int64
+				for _, e := range ext {
+					sum += e.Length
+					if e.Length <= 0 {
+						t.Errorf("extent of length %d", e.Length)
+					}
+				}
+				if len(ext) > 4 || sum > 1<<20 {
+					t.Errorf("%d extents, %d bytes, for 4 extents of at most 1 MiB", len(ext), sum)
+				}
+			}
 		}()
 		select {
 		case <-done:
@@ -153,5 +207,39 @@ func TestFuzzServerWorks(t *testing.T) {
 	buf := make([]byte, 4096)
 	if _, err := d.ReadAt(buf, 0); err != nil || buf[7] != 42 {
 		t.Fatalf("read: %v %d", err, buf[7])
+	}
+}
+
+// The structured seed server works too: a READ answered by a data chunk
+// and a hole chunk; block status through base:allocation.
+func TestFuzzServerWorksStructured(t *testing.T) {
+	hello, good := structuredHello()
+	dial := func(r []byte) *Device {
+		t.Helper()
+		d, err := Dial(context.Background(), fuzzServer(t, hello, append(append([]byte(nil), good...), r...)), Options{OutageLimit: 10 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		if d.Caps()&block.CanExtents == 0 {
+			t.Fatal("no block status although the server offered base:allocation")
+		}
+		return d
+	}
+	data := make([]byte, 1024)
+	data[7] = 42
+	r := chunkRep(0, 1, 1, append(binary.BigEndian.AppendUint64(nil, 0), data...))
+	r = append(r, chunkRep(1, 2, 1, []byte{0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 12, 0})...) // hole at 1024, 3072 bytes
+	buf := make([]byte, 4096)
+	for i := range buf {
+		buf[i] = 0xee // the hole must clear what was there
+	}
+	if _, err := dial(r).ReadAt(buf, 0); err != nil || buf[7] != 42 || buf[2000] != 0 {
+		t.Fatalf("read: %v %d %d", err, buf[7], buf[2000])
+	}
+	r = chunkRep(1, 5, 1, []byte{0, 0, 0, 7, 0, 0, 16, 0, 0, 0, 0, 3, 0, 16, 0, 0, 0, 0, 0, 0})
+	ext, err := dial(r).Extents(nil, 0, 1<<20, 8)
+	if err != nil || len(ext) != 2 || ext[0] != (block.Extent{Length: 4096, Flags: 3}) || ext[1].Length != 1<<20-4096 || ext[1].Flags != 0 {
+		t.Fatalf("extents %v, %v", ext, err)
 	}
 }

@@ -2,7 +2,9 @@
 // live on another NBD server (nbd://HOST:PORT/EXPORT or
 // nbd+unix:///EXPORT?socket=PATH): a SAN gateway, nbdkit, qemu-nbd, or
 // another Goldilocks. It is an NBD client: fixed newstyle handshake,
-// NBD_OPT_GO, simple replies, many requests in flight on one connection.
+// structured replies and the base:allocation meta context where the
+// server offers them (block status passed through), NBD_OPT_GO, many
+// requests in flight on one connection.
 //
 // It owns the client side of the protocol and nothing else: it knows
 // nothing of encryption, policy or the gateway that serves its bytes.
@@ -59,7 +61,20 @@ const (
 	reqFastZero      = uint16(1 << 4)
 	repErrBit        = uint32(1 << 31)
 	optStartTLS      = uint32(5)
+	optStructured    = uint32(8)
+	optSetMeta       = uint32(10)
+	repMetaContext   = uint32(4)
+	opBlockStatus    = uint16(7)
+	structuredMagic  = uint32(0x668e33ef)
+	chunkDone        = uint16(1 << 0)
+	chunkNone        = uint16(0)
+	chunkData        = uint16(1)
+	chunkHole        = uint16(2)
+	chunkStatus      = uint16(5)
+	chunkErrBit      = uint16(1 << 15)
+	chunkErrOffset   = uint16(1<<15 + 2)
 	defaultMaxIO     = 32 << 20
+	metaAllocation   = "base:allocation"
 )
 
 // Options tune a connection.
@@ -91,6 +106,10 @@ type Device struct {
 	size  int64
 	flags uint16
 	maxIO int
+	// meta: the server answers NBD_CMD_BLOCK_STATUS for base:allocation
+	// (structured replies negotiated; nonzero, the first connection's
+	// context id); 0: it does not. Set at Dial, then read only.
+	meta  uint32
 	calls sync.Pool // *call: a request allocates nothing once warm
 
 	mu      sync.Mutex // guards the fields below
@@ -109,6 +128,7 @@ type link struct {
 	wmu  sync.Mutex // one request on the wire at a time
 	w    *bufio.Writer
 	done chan struct{} // the reader ended
+	meta uint32        // base:allocation's context id on this connection; 0: none
 }
 
 // call is one request, kept until its reply so that it can be sent again.
@@ -119,6 +139,13 @@ type call struct {
 	payload    []byte // WRITE
 	buf        []byte // READ: where the data goes
 	errc       chan error
+	// Structured replies, reset at each send: the first error chunk's
+	// errno, how much of a READ's buffer the chunks filled (in order), a
+	// block status request's extents (at most max).
+	serr    uint32
+	got     int64
+	extents []block.Extent
+	max     int
 	// resending: reconnect is writing it on a new link; guarded by the
 	// Device's mu. A reply to it meanwhile is a protocol violation (its
 	// caller would go on while reconnect still reads it).
@@ -130,10 +157,18 @@ var (
 	_ block.Capable = (*Device)(nil)
 	_ block.Trimmer = (*Device)(nil)
 	_ block.Zeroer  = (*Device)(nil)
+	_ block.Extenter = (*Device)(nil)
 )
 
-// Caps: trim and zero; not CanFastWrite (every write is a round trip).
-func (d *Device) Caps() block.Caps { return block.CanTrim | block.CanZero }
+// Caps: trim and zero, block status if the server offers base:allocation;
+// not CanFastWrite (every write is a round trip).
+func (d *Device) Caps() block.Caps {
+	c := block.CanTrim | block.CanZero
+	if d.meta != 0 {
+		c |= block.CanExtents
+	}
+	return c
+}
 
 // IsURI reports whether s names an upstream NBD export.
 func IsURI(s string) bool {
@@ -256,155 +291,215 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 	if dl, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(dl)
 	}
-	nc, r, size, flags, maxIO, err := handshake(ctx, nc, d.t)
+	nc, r, neg, err := handshake(ctx, nc, d.t)
+	size, flags, maxIO := neg.size, neg.flags, neg.maxIO
 	// Coming back with another size is another disk: refused. Other flags
 	// may change (a server that comes back read-only answers writes with
-	// EPERM, which the client gets).
+	// EPERM, which the client gets). Block status must stay as it was
+	// (its context id is the new connection's).
 	if err == nil && !first && size != d.size {
 		err = fmt.Errorf("%w: the export changed while disconnected (size %d, was %d)", ErrHandshake, size, d.size)
+	}
+	if err == nil && !first && (neg.meta == 0) != (d.meta == 0) {
+		err = fmt.Errorf("%w: the server no longer offers the same block status", ErrHandshake)
 	}
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
 	}
 	if first {
-		d.size, d.flags, d.maxIO = size, flags, maxIO
+		d.size, d.flags, d.maxIO, d.meta = size, flags, maxIO, neg.meta
 	}
 	nc.SetDeadline(time.Time{})
-	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{})}, r, nil
+	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{}), meta: neg.meta}, r, nil
+}
+
+// negotiated is what a handshake settled.
+type negotiated struct {
+	size  int64
+	flags uint16
+	maxIO int
+	meta  uint32 // base:allocation's context id; 0: no block status
 }
 
 // handshake: fixed newstyle, NBD_OPT_STARTTLS for nbds (the connection
-// it returns is then the TLS one), NBD_OPT_GO with a block size request.
-func handshake(ctx context.Context, nc net.Conn, t target) (conn net.Conn, r *bufio.Reader, size int64, flags uint16, maxIO int, err error) {
+// it returns is then the TLS one), NBD_OPT_STRUCTURED_REPLY and
+// NBD_OPT_SET_META_CONTEXT base:allocation where the server has them,
+// NBD_OPT_GO with a block size request.
+func handshake(ctx context.Context, nc net.Conn, t target) (conn net.Conn, r *bufio.Reader, neg negotiated, err error) {
 	conn, r = nc, bufio.NewReaderSize(nc, 256<<10)
-	size, flags, maxIO, err = negotiate(ctx, &conn, &r, t)
-	return conn, r, size, flags, maxIO, err
+	neg, err = negotiate(ctx, &conn, &r, t)
+	return conn, r, neg, err
 }
 
-func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (size int64, flags uint16, maxIO int, err error) {
+// optReply is one reply to an option.
+type optReply struct {
+	typ  uint32
+	body []byte
+}
+
+// option sends option opt with data and reads its replies up to the
+// final one (an ACK, or an error, which ends the list).
+func option(nc net.Conn, r *bufio.Reader, opt uint32, data []byte) ([]optReply, error) {
+	msg := binary.BigEndian.AppendUint64(nil, protocol.NEGOTIATION_MAGIC_OPTION)
+	msg = binary.BigEndian.AppendUint32(msg, opt)
+	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
+	msg = append(msg, data...)
+	if _, err := nc.Write(msg); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrHandshake, err)
+	}
+	var out []optReply
+	for len(out) < 1024 {
+		var h [20]byte
+		if _, err := io.ReadFull(r, h[:]); err != nil {
+			return nil, fmt.Errorf("%w: reading an option reply: %v", ErrHandshake, err)
+		}
+		if binary.BigEndian.Uint64(h[0:]) != protocol.NEGOTIATION_MAGIC_REPLY || binary.BigEndian.Uint32(h[8:]) != opt {
+			return nil, fmt.Errorf("%w: bad option reply magic or option", ErrHandshake)
+		}
+		typ, n := binary.BigEndian.Uint32(h[12:]), binary.BigEndian.Uint32(h[16:])
+		if n > 64<<10 {
+			return nil, fmt.Errorf("%w: option reply of %d bytes", ErrHandshake, n)
+		}
+		body := make([]byte, n)
+		if _, err := io.ReadFull(r, body); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrHandshake, err)
+		}
+		out = append(out, optReply{typ, body})
+		if typ == protocol.NEGOTIATION_TYPE_REPLY_ACK || typ&repErrBit != 0 {
+			return out, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: too many replies to option %d", ErrHandshake, opt)
+}
+
+func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (neg negotiated, err error) {
 	export, r := t.export, *rp
-	maxIO = defaultMaxIO
+	neg.maxIO = defaultMaxIO
 	var hello [18]byte
 	if _, err := io.ReadFull(r, hello[:]); err != nil {
-		return 0, 0, 0, fmt.Errorf("%w: reading the greeting: %v", ErrHandshake, err)
+		return neg, fmt.Errorf("%w: reading the greeting: %v", ErrHandshake, err)
 	}
 	if binary.BigEndian.Uint64(hello[0:]) != protocol.NEGOTIATION_MAGIC_OLDSTYLE ||
 		binary.BigEndian.Uint64(hello[8:]) != protocol.NEGOTIATION_MAGIC_OPTION {
-		return 0, 0, 0, fmt.Errorf("%w: not a newstyle NBD server", ErrHandshake)
+		return neg, fmt.Errorf("%w: not a newstyle NBD server", ErrHandshake)
 	}
 	hs := binary.BigEndian.Uint16(hello[16:])
 	if hs&protocol.NEGOTIATION_HANDSHAKE_FLAG_FIXED_NEWSTYLE == 0 {
-		return 0, 0, 0, fmt.Errorf("%w: the server does not speak fixed newstyle", ErrHandshake)
+		return neg, fmt.Errorf("%w: the server does not speak fixed newstyle", ErrHandshake)
 	}
 	cf := clientFixed
 	if hs&hsNoZeroes != 0 {
 		cf |= clientNoZeroes
 	}
+	if _, err := (*nc).Write(binary.BigEndian.AppendUint32(nil, cf)); err != nil {
+		return neg, fmt.Errorf("%w: %v", ErrHandshake, err)
+	}
 	if t.tls != nil { // NBD_OPT_STARTTLS, then TLS, then the rest inside it
-		msg := binary.BigEndian.AppendUint32(nil, cf)
-		msg = binary.BigEndian.AppendUint64(msg, protocol.NEGOTIATION_MAGIC_OPTION)
-		msg = binary.BigEndian.AppendUint32(msg, optStartTLS)
-		msg = binary.BigEndian.AppendUint32(msg, 0)
-		if _, err := (*nc).Write(msg); err != nil {
-			return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
+		rs, err := option(*nc, r, optStartTLS, nil)
+		if err != nil {
+			return neg, err
 		}
-		var h [20]byte
-		if _, err := io.ReadFull(r, h[:]); err != nil {
-			return 0, 0, 0, fmt.Errorf("%w: reading the STARTTLS reply: %v", ErrHandshake, err)
-		}
-		typ, n := binary.BigEndian.Uint32(h[12:]), binary.BigEndian.Uint32(h[16:])
-		if binary.BigEndian.Uint64(h[0:]) != protocol.NEGOTIATION_MAGIC_REPLY || typ != protocol.NEGOTIATION_TYPE_REPLY_ACK || n != 0 {
-			return 0, 0, 0, fmt.Errorf("%w: the server refused TLS (reply %#x)", ErrHandshake, typ)
+		if typ := rs[0].typ; len(rs) != 1 || typ != protocol.NEGOTIATION_TYPE_REPLY_ACK || len(rs[0].body) != 0 {
+			return neg, fmt.Errorf("%w: the server refused TLS (reply %#x)", ErrHandshake, typ)
 		}
 		tc := tls.Client(*nc, t.tls)
 		if err := tc.HandshakeContext(ctx); err != nil {
-			return 0, 0, 0, fmt.Errorf("%w: TLS: %v", ErrHandshake, err)
+			return neg, fmt.Errorf("%w: TLS: %v", ErrHandshake, err)
 		}
 		*nc, r = tc, bufio.NewReaderSize(tc, 256<<10)
 		*rp = r
-		cf = 0 // the flags went with STARTTLS
+	}
+	// Structured replies, then base:allocation: block status passed
+	// through. A server without them is used without them.
+	rs, err := option(*nc, r, optStructured, nil)
+	if err != nil {
+		return neg, err
+	}
+	if rs[len(rs)-1].typ == protocol.NEGOTIATION_TYPE_REPLY_ACK {
+		q := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
+		q = append(q, export...)
+		q = binary.BigEndian.AppendUint32(q, 1)
+		q = binary.BigEndian.AppendUint32(q, uint32(len(metaAllocation)))
+		q = append(q, metaAllocation...)
+		if rs, err = option(*nc, r, optSetMeta, q); err != nil {
+			return neg, err
+		}
+		if rs[len(rs)-1].typ == protocol.NEGOTIATION_TYPE_REPLY_ACK {
+			for _, x := range rs {
+				if x.typ == repMetaContext && len(x.body) > 4 && string(x.body[4:]) == metaAllocation {
+					neg.meta = binary.BigEndian.Uint32(x.body) // (an id of 0 is legal, and then not used)
+				}
+			}
+		}
 	}
 	// NBD_OPT_GO: name, then one information request (block size).
 	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
 	data = binary.BigEndian.AppendUint16(data, 1)
 	data = binary.BigEndian.AppendUint16(data, protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE)
-	var msg []byte
-	if t.tls == nil {
-		msg = binary.BigEndian.AppendUint32(msg, cf)
-	}
-	msg = binary.BigEndian.AppendUint64(msg, protocol.NEGOTIATION_MAGIC_OPTION)
-	msg = binary.BigEndian.AppendUint32(msg, protocol.NEGOTIATION_ID_OPTION_GO)
-	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
-	msg = append(msg, data...)
-	if _, err := (*nc).Write(msg); err != nil {
-		return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
+	if rs, err = option(*nc, r, protocol.NEGOTIATION_ID_OPTION_GO, data); err != nil {
+		return neg, err
 	}
 	gotExport := false
-	for {
-		var h [20]byte
-		if _, err := io.ReadFull(r, h[:]); err != nil {
-			return 0, 0, 0, fmt.Errorf("%w: reading an option reply: %v", ErrHandshake, err)
-		}
-		if binary.BigEndian.Uint64(h[0:]) != protocol.NEGOTIATION_MAGIC_REPLY {
-			return 0, 0, 0, fmt.Errorf("%w: bad option reply magic", ErrHandshake)
-		}
-		typ, n := binary.BigEndian.Uint32(h[12:]), binary.BigEndian.Uint32(h[16:])
-		if n > 64<<10 {
-			return 0, 0, 0, fmt.Errorf("%w: option reply of %d bytes", ErrHandshake, n)
-		}
-		body := make([]byte, n)
-		if _, err := io.ReadFull(r, body); err != nil {
-			return 0, 0, 0, fmt.Errorf("%w: %v", ErrHandshake, err)
-		}
+	for _, x := range rs {
+		typ, body, n := x.typ, x.body, len(x.body)
 		switch {
 		case typ == protocol.NEGOTIATION_TYPE_REPLY_ACK:
 			if !gotExport {
-				return 0, 0, 0, fmt.Errorf("%w: the server sent no export size", ErrHandshake)
+				return neg, fmt.Errorf("%w: the server sent no export size", ErrHandshake)
 			}
-			return size, flags, maxIO, nil
+			return neg, nil
 		case typ == protocol.NEGOTIATION_TYPE_REPLY_INFO && n >= 2:
 			switch binary.BigEndian.Uint16(body) {
 			case protocol.NEGOTIATION_TYPE_INFO_EXPORT:
 				if n < 12 {
-					return 0, 0, 0, fmt.Errorf("%w: short export information", ErrHandshake)
+					return neg, fmt.Errorf("%w: short export information", ErrHandshake)
 				}
-				size = int64(binary.BigEndian.Uint64(body[2:]))
-				flags = binary.BigEndian.Uint16(body[10:])
+				neg.size = int64(binary.BigEndian.Uint64(body[2:]))
+				neg.flags = binary.BigEndian.Uint16(body[10:])
 				gotExport = true
 			case protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE:
 				if n >= 14 {
-					if m := int(binary.BigEndian.Uint32(body[10:])); m >= 4096 && m < maxIO {
-						maxIO = m
+					if m := int(binary.BigEndian.Uint32(body[10:])); m >= 4096 && m < neg.maxIO {
+						neg.maxIO = m
 					}
 				}
 			}
 		case typ&repErrBit != 0:
 			text := string(body)
 			if typ == protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN {
-				return 0, 0, 0, fmt.Errorf("%w: no export %q (%s)", ErrHandshake, export, text)
+				return neg, fmt.Errorf("%w: no export %q (%s)", ErrHandshake, export, text)
 			}
-			return 0, 0, 0, fmt.Errorf("%w: the server refused export %q: error %d: %s", ErrHandshake, export, typ&^repErrBit, text)
+			return neg, fmt.Errorf("%w: the server refused export %q: error %d: %s", ErrHandshake, export, typ&^repErrBit, text)
 		}
 	}
+	return neg, fmt.Errorf("%w: no final reply to NBD_OPT_GO", ErrHandshake)
 }
 
-// readReplies reads simple replies on l and wakes their callers, until
-// the connection ends; then the outage begins (lost).
+// readReplies reads replies on l, simple or structured, and wakes their
+// callers, until the connection ends; then the outage begins (lost).
 func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	defer close(l.done)
-	var h [16]byte
+	var h [20]byte
 	for {
-		if _, err := io.ReadFull(r, h[:]); err != nil {
+		if _, err := io.ReadFull(r, h[:16]); err != nil {
 			d.lost(l, err)
 			return
 		}
-		if m := binary.BigEndian.Uint32(h[0:]); m != protocol.TRANSMISSION_MAGIC_REPLY {
-			d.lost(l, fmt.Errorf("reply magic %#x (a structured reply? none was asked for)", m))
+		m := binary.BigEndian.Uint32(h[0:])
+		structured := m == structuredMagic
+		if !structured && m != protocol.TRANSMISSION_MAGIC_REPLY {
+			d.lost(l, fmt.Errorf("reply magic %#x", m))
 			return
 		}
-		errno, cookie := binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
+		if structured {
+			if _, err := io.ReadFull(r, h[16:20]); err != nil {
+				d.lost(l, err)
+				return
+			}
+		}
+		cookie := binary.BigEndian.Uint64(h[8:])
 		d.mu.Lock()
 		c := d.pending[cookie]
 		early := c != nil && c.resending
@@ -420,10 +515,27 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 			d.lost(l, fmt.Errorf("a reply to request %d before it was sent again", cookie))
 			return
 		}
-
-		if errno == 0 && c.buf != nil { // a READ's data follows
-			if _, err := io.ReadFull(r, c.buf); err != nil {
+		var errno uint32
+		if structured {
+			done, err := d.chunk(l, r, c, h[:])
+			if err != nil {
 				d.lost(l, err) // c stays pending: it is sent again
+				return
+			}
+			if !done {
+				continue
+			}
+			errno = c.serr
+		} else {
+			errno = binary.BigEndian.Uint32(h[4:])
+			if errno == 0 && c.buf != nil { // a READ's data follows
+				if _, err := io.ReadFull(r, c.buf); err != nil {
+					d.lost(l, err) // c stays pending: it is sent again
+					return
+				}
+			}
+			if errno == 0 && c.typ == opBlockStatus {
+				d.lost(l, errors.New("a simple reply to a block status request"))
 				return
 			}
 		}
@@ -432,6 +544,110 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		d.mu.Unlock()
 		c.errc <- errnoError(errno)
 	}
+}
+
+// chunk reads the rest of one structured reply chunk for c (its 20-byte
+// header in h) and reports whether it was the last. A chunk that does not
+// fit its request is a protocol violation: the connection ends, and c is
+// sent again on the next.
+func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, err error) {
+	flags, typ, n := binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:])
+	done = flags&chunkDone != 0
+	var b [16]byte
+	readN := func(k int) ([]byte, error) {
+		if uint32(k) > n {
+			return nil, fmt.Errorf("structured reply type %d of %d bytes, too short", typ, n)
+		}
+		_, err := io.ReadFull(r, b[:k])
+		n -= uint32(k)
+		return b[:k], err
+	}
+	switch {
+	case typ == chunkNone:
+		if n != 0 || !done {
+			return false, errors.New("a NONE chunk with a payload or without DONE")
+		}
+	case typ == chunkData && c.buf != nil:
+		p, err := readN(8)
+		if err != nil {
+			return false, err
+		}
+		at := int64(binary.BigEndian.Uint64(p)) - c.off
+		if at != c.got || at+int64(n) > int64(len(c.buf)) {
+			return false, fmt.Errorf("read data chunk at %d+%d: not the next part of the request", at, n)
+		}
+		if _, err := io.ReadFull(r, c.buf[at:at+int64(n)]); err != nil {
+			return false, err
+		}
+		c.got += int64(n)
+		n = 0
+	case typ == chunkHole && c.buf != nil:
+		p, err := readN(12)
+		if err != nil {
+			return false, err
+		}
+		at, size := int64(binary.BigEndian.Uint64(p))-c.off, int64(binary.BigEndian.Uint32(p[8:]))
+		if n != 0 || at != c.got || size == 0 || at+size > int64(len(c.buf)) {
+			return false, fmt.Errorf("read hole chunk at %d+%d: not the next part of the request", at, size)
+		}
+		clear(c.buf[at : at+size])
+		c.got += size
+	case typ == chunkStatus && c.typ == opBlockStatus:
+		p, err := readN(4)
+		if err != nil {
+			return false, err
+		}
+		if binary.BigEndian.Uint32(p) != l.meta || n%8 != 0 {
+			return false, errors.New("a block status chunk for another context, or malformed")
+		}
+		for n > 0 {
+			if p, err = readN(8); err != nil {
+				return false, err
+			}
+			length, fl := int64(binary.BigEndian.Uint32(p)), binary.BigEndian.Uint32(p[4:])&(block.ExtentHole|block.ExtentZero)
+			if length == 0 {
+				return false, errors.New("a block status extent of length 0")
+			}
+			if len(c.extents) < c.max {
+				c.extents = append(c.extents, block.Extent{Length: length, Flags: fl})
+			}
+		}
+	case typ&chunkErrBit != 0:
+		p, err := readN(6)
+		if err != nil {
+			return false, err
+		}
+		if c.serr == 0 {
+			c.serr = binary.BigEndian.Uint32(p)
+			if c.serr == 0 {
+				c.serr = 5 // an error chunk without an error: EIO
+			}
+		}
+		msg := int(binary.BigEndian.Uint16(p[4:]))
+		if uint32(msg) > n || typ == chunkErrOffset && n != uint32(msg)+8 {
+			return false, fmt.Errorf("error chunk of %d bytes with a %d-byte message", n, msg)
+		}
+		if _, err := r.Discard(int(n)); err != nil {
+			return false, err
+		}
+		n = 0
+	default:
+		return false, fmt.Errorf("structured reply type %d to a request of type %d", typ, c.typ)
+	}
+	if n != 0 {
+		return false, fmt.Errorf("structured reply type %d longer than its content", typ)
+	}
+	if done && c.serr == 0 {
+		// A READ's chunks must have filled it (in order, so no byte of
+		// the buffer is left as it was); a block status must say something.
+		if c.buf != nil && c.got != int64(len(c.buf)) {
+			return false, fmt.Errorf("a read of %d bytes answered with %d", len(c.buf), c.got)
+		}
+		if c.typ == opBlockStatus && len(c.extents) == 0 {
+			return false, errors.New("a block status reply without extents")
+		}
+	}
+	return done, nil
 }
 
 // lost handles the end of connection l: unless the device is closed, an
@@ -574,6 +790,7 @@ func errnoError(e uint32) error {
 // write puts c's request (and payload) in l's buffer; the caller holds
 // l.wmu and flushes.
 func (l *link) write(cookie uint64, c *call) error {
+	c.serr, c.got, c.extents = 0, 0, c.extents[:0] // what a reply to it fills
 	var h [28]byte
 	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
 	binary.BigEndian.PutUint16(h[4:], c.flags)
@@ -680,6 +897,38 @@ func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("upstream %s: write %d bytes at %d: %w", d.uri, len(p), off, err)
 	}
 	return len(p), nil
+}
+
+// Extents asks the server which parts of the range are holes and zeros
+// (NBD_CMD_BLOCK_STATUS, base:allocation), where it offers that.
+func (d *Device) Extents(dst []block.Extent, off, length int64, maxN int) ([]block.Extent, error) {
+	if d.meta == 0 {
+		return dst, block.ErrNotSupported
+	}
+	if err := d.check(off, length); err != nil {
+		return dst, err
+	}
+	if length == 0 || maxN <= 0 {
+		return dst, nil
+	}
+	length = min(length, 1<<31)
+	c := d.calls.Get().(*call)
+	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.max = opBlockStatus, 0, off, uint32(length), nil, nil, maxN
+	err := d.wait(c)
+	if err == nil {
+		for _, e := range c.extents { // the last may reach past the range
+			e.Length = min(e.Length, length)
+			dst = append(dst, e)
+			if length -= e.Length; length == 0 {
+				break
+			}
+		}
+	}
+	d.calls.Put(c)
+	if err != nil {
+		return dst, fmt.Errorf("upstream %s: block status at %d: %w", d.uri, off, err)
+	}
+	return dst, nil
 }
 
 // Flush asks the server to make completed writes durable (NBD_CMD_FLUSH);
