@@ -153,10 +153,10 @@ type call struct {
 }
 
 var (
-	_ block.Device  = (*Device)(nil)
-	_ block.Capable = (*Device)(nil)
-	_ block.Trimmer = (*Device)(nil)
-	_ block.Zeroer  = (*Device)(nil)
+	_ block.Device   = (*Device)(nil)
+	_ block.Capable  = (*Device)(nil)
+	_ block.Trimmer  = (*Device)(nil)
+	_ block.Zeroer   = (*Device)(nil)
 	_ block.Extenter = (*Device)(nil)
 )
 
