@@ -126,6 +126,40 @@ func TestUpstreamBackedVolumes(t *testing.T) {
 	}
 }
 
+// A client's FUA write reaches the upstream as one FUA write (no FLUSH
+// after it), where the upstream takes FUA: nbdkit's log filter shows it.
+func TestUpstreamFUA(t *testing.T) {
+	need(t, "nbdkit", "nbdsh")
+	logf := filepath.Join(t.TempDir(), "nbdkit.log")
+	up := startNbdkit(t, "16M", "--filter=log", "logfile="+logf)
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "up", "--plain", "--backing", up)
+	g := startGateway(t, dir)
+	nbdsh(t, g.unixURI("up"), `h.pwrite(b"F" * 4096, 8192, nbd.CMD_FLAG_FUA); h.pwrite(b"N" * 4096, 16384); print("ok")`)
+	if err := g.stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ops []string
+	for _, l := range strings.Split(string(b), "\n") {
+		switch {
+		case strings.Contains(l, " Write id=") && strings.Contains(l, "offset=0x2000"):
+			ops = append(ops, "write fua="+strings.Fields(l[strings.Index(l, "fua="):])[0][4:])
+		case strings.Contains(l, " Write id=") && strings.Contains(l, "offset=0x4000"):
+			ops = append(ops, "write2 fua="+strings.Fields(l[strings.Index(l, "fua="):])[0][4:])
+		case strings.Contains(l, " Flush id="):
+			ops = append(ops, "flush")
+		}
+	}
+	// The FUA write, then the plain one; the gateway's detach flushes.
+	if len(ops) < 2 || ops[0] != "write fua=1" || ops[1] != "write2 fua=0" {
+		t.Fatalf("upstream saw %v, want a FUA write, then a plain one (and no flush between)\n%s", ops, b)
+	}
+}
+
 // The upstream's errors reach the client as such, and nothing written
 // before is harmed: a full upstream (ENOSPC), then an upstream that is
 // gone (the attach refused, naming it).

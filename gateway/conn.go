@@ -620,7 +620,9 @@ func (c *conn) handle(r *request) {
 		return
 	case cmdWrite:
 		c.wrote.Store(true)
-		if _, err = dev.WriteAt(r.buf.b[:n], off); err == nil && r.flags&cmdFlagFUA != 0 {
+		if fw, ok := dev.(block.FUAWriter); ok && r.flags&cmdFlagFUA != 0 {
+			_, err = fw.WriteAtFUA(r.buf.b[:n], off) // durable in one request
+		} else if _, err = dev.WriteAt(r.buf.b[:n], off); err == nil && r.flags&cmdFlagFUA != 0 {
 			err = dev.Flush()
 		}
 	case cmdFlush:

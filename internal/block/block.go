@@ -63,6 +63,14 @@ type Extenter interface {
 	Extents(dst []Extent, off, length int64, max int) ([]Extent, error)
 }
 
+// FUAWriter is implemented by devices that make one write durable in one
+// request (NBD's FUA): a file with RWF_DSYNC, an NBD server with
+// NBD_CMD_FLAG_FUA. The caller would otherwise write, then Flush, which
+// makes every completed write durable and costs a second round trip.
+type FUAWriter interface {
+	WriteAtFUA(p []byte, off int64) (int, error)
+}
+
 // Prober is implemented by devices that tell cheaply (one system call,
 // no allocation) whether the block at off has been written: a write
 // there allocates nothing. A file answers with SEEK_DATA; a device

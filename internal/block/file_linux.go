@@ -297,6 +297,39 @@ func (d *File) Extents(dst []Extent, off, length int64, max int) ([]Extent, erro
 	return dst, nil
 }
 
+// WriteAtFUA writes p at off and returns once it is durable: pwritev2
+// with RWF_DSYNC, which syncs this write only (fdatasync would write back
+// every dirty page of the file); where the kernel lacks it, pwrite and
+// fdatasync.
+func (d *File) WriteAtFUA(p []byte, off int64) (int, error) {
+	if d.readOnly {
+		return 0, ErrReadOnly
+	}
+	if !CheckRange(d.size, off, int64(len(p))) {
+		return 0, ErrOutOfRange
+	}
+	for done := 0; done < len(p); {
+		n, err := unix.Pwritev2(d.fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_DSYNC)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.ENOSYS || err == unix.EOPNOTSUPP {
+			if _, err := d.WriteAt(p[done:], off+int64(done)); err != nil {
+				return done, err
+			}
+			return len(p), d.Flush()
+		}
+		if err != nil {
+			return done, err
+		}
+		if n == 0 {
+			return done, io.ErrShortWrite
+		}
+		done += n
+	}
+	return len(p), nil
+}
+
 // Written reports whether the block at off holds data (SEEK_DATA finds it
 // there): a write to it allocates nothing.
 func (d *File) Written(off int64) bool {

@@ -223,3 +223,24 @@ func TestFileWritten(t *testing.T) {
 		t.Fatal("a trimmed block reads as written")
 	}
 }
+
+// WriteAtFUA writes like WriteAt (RWF_DSYNC makes it durable; a power
+// cut is the torture tests' business) and honours read-only and range.
+func TestFileWriteAtFUA(t *testing.T) {
+	d := newFile(t, 1<<20, false)
+	p := bytes.Repeat([]byte{0x5f}, 8192)
+	if n, err := d.WriteAtFUA(p, 4096); err != nil || n != len(p) {
+		t.Fatalf("WriteAtFUA: %d, %v", n, err)
+	}
+	got := make([]byte, len(p))
+	if _, err := d.ReadAt(got, 4096); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("read back: %v", err)
+	}
+	if _, err := d.WriteAtFUA(p, 1<<20-4096); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("beyond the end: %v", err)
+	}
+	ro := newFile(t, 1<<20, true)
+	if _, err := ro.WriteAtFUA(p, 0); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("read-only: %v", err)
+	}
+}

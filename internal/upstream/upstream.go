@@ -51,6 +51,8 @@ const (
 	clientNoZeroes   = uint32(1 << 1)
 	flagReadOnly     = uint16(1 << 1)
 	flagSendFlush    = uint16(1 << 2)
+	flagSendFUA      = uint16(1 << 3)
+	reqFUA           = uint16(1 << 0)
 	flagSendTrim     = uint16(1 << 5)
 	flagSendZeroes   = uint16(1 << 6)
 	flagSendFastZero = uint16(1 << 11)
@@ -153,11 +155,12 @@ type call struct {
 }
 
 var (
-	_ block.Device   = (*Device)(nil)
-	_ block.Capable  = (*Device)(nil)
-	_ block.Trimmer  = (*Device)(nil)
-	_ block.Zeroer   = (*Device)(nil)
-	_ block.Extenter = (*Device)(nil)
+	_ block.Device    = (*Device)(nil)
+	_ block.Capable   = (*Device)(nil)
+	_ block.Trimmer   = (*Device)(nil)
+	_ block.Zeroer    = (*Device)(nil)
+	_ block.Extenter  = (*Device)(nil)
+	_ block.FUAWriter = (*Device)(nil)
 )
 
 // Caps: trim and zero, block status if the server offers base:allocation;
@@ -929,6 +932,30 @@ func (d *Device) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 		return dst, fmt.Errorf("upstream %s: block status at %d: %w", d.uri, off, err)
 	}
 	return dst, nil
+}
+
+// WriteAtFUA writes p at off durably: NBD_CMD_FLAG_FUA on each write
+// where the server takes it, else a write and a FLUSH.
+func (d *Device) WriteAtFUA(p []byte, off int64) (int, error) {
+	if d.flags&flagSendFUA == 0 {
+		if _, err := d.WriteAt(p, off); err != nil {
+			return 0, err
+		}
+		return len(p), d.Flush()
+	}
+	if err := d.check(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if d.flags&flagReadOnly != 0 {
+		return 0, fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS)
+	}
+	err := d.chunks(off, len(p), func(o int64, lo, hi int) error {
+		return d.do(protocol.TRANSMISSION_TYPE_REQUEST_WRITE, reqFUA, o, uint32(hi-lo), p[lo:hi], nil)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("upstream %s: write %d bytes at %d (FUA): %w", d.uri, len(p), off, err)
+	}
+	return len(p), nil
 }
 
 // Flush asks the server to make completed writes durable (NBD_CMD_FLUSH);
