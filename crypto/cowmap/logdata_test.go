@@ -8,6 +8,14 @@ import (
 	"testing"
 )
 
+// mustCommit commits m or fails the test.
+func mustCommit(t *testing.T, m *Map) {
+	t.Helper()
+	if err := m.Commit(noQuiesce); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // content is what the test writes as chunk c's data in round r: a block
 // that names both, so that reading it back says where it came from.
 func content(c uint64, r int) []byte {
@@ -106,9 +114,7 @@ func TestLogData(t *testing.T) {
 		}
 		before := h.headers
 		slot := (m.state.LogStart + m.used) % h.g.LogBlocks
-		if err := m.Commit(noQuiesce); err != nil {
-			t.Fatal(err)
-		}
+		mustCommit(t, m)
 		if h.headers > before {
 			moved++
 		} else if _, _, d, _, ok := openLogBlock(h.dev.block(h.g.logBlock(slot)), testLogKey, testUUID, m.Seq(), slot, [32]byte{}); ok || d > 0 {
@@ -147,18 +153,14 @@ func TestLogDataOnlyForSmallFlushedWrites(t *testing.T) {
 		if loc := dm.write(t, h, m, uint64(r), r); IsInLog(loc) {
 			t.Fatal("a write went into the log without LogData")
 		}
-		if err := m.Commit(noQuiesce); err != nil {
-			t.Fatal(err)
-		}
+		mustCommit(t, m)
 	}
 	h.cfg.LogData = true
 	m = h.open()
 	if loc := dm.write(t, h, m, 7, 1); IsInLog(loc) {
 		t.Fatal("the first write after attach went into the log (no small commit seen yet)")
 	}
-	if err := m.Commit(noQuiesce); err != nil {
-		t.Fatal(err)
-	}
+	mustCommit(t, m)
 	if loc := dm.write(t, h, m, 8, 2); !IsInLog(loc) {
 		t.Fatal("a small write after a small commit did not go into the log")
 	}
@@ -174,15 +176,11 @@ func TestLogDataOnlyForSmallFlushedWrites(t *testing.T) {
 	for c := uint64(30); c < 30+smallCommit+1; c++ {
 		dm.write(t, h, m, c, 3)
 	}
-	if err := m.Commit(noQuiesce); err != nil {
-		t.Fatal(err)
-	}
+	mustCommit(t, m)
 	if loc := dm.write(t, h, m, 9, 4); IsInLog(loc) {
 		t.Fatal("a write after a large commit went into the log")
 	}
-	if err := m.Commit(noQuiesce); err != nil {
-		t.Fatal(err)
-	}
+	mustCommit(t, m)
 	dm.check(t, h, h.open(), 200, "recovered")
 }
 
@@ -196,9 +194,7 @@ func TestLogDataRecordOutsideItsCommit(t *testing.T) {
 		m := h.open()
 		dm := dataModel{}
 		dm.write(t, h, m, 1, 1)
-		if err := m.Commit(noQuiesce); err != nil {
-			t.Fatal(err)
-		}
+		mustCommit(t, m)
 		if err := m.Checkpoint(); err != nil {
 			t.Fatal(err)
 		}
@@ -206,9 +202,7 @@ func TestLogDataRecordOutsideItsCommit(t *testing.T) {
 		if loc := dm.write(t, h, m, 2, 2); !IsInLog(loc) || LogPos(loc) != slot+1 {
 			t.Fatalf("write went to %x, want the log at %d", loc, slot+1)
 		}
-		if err := m.Commit(noQuiesce); err != nil {
-			t.Fatal(err)
-		}
+		mustCommit(t, m)
 		dm.check(t, h, h.open(), 100, "recovered")
 		return h, slot
 	}
@@ -251,14 +245,8 @@ func TestLogDataInALargeCommit(t *testing.T) {
 	h.cfg.LogData = true
 	m := h.open()
 	dm := dataModel{}
-	commit := func() {
-		t.Helper()
-		if err := m.Commit(noQuiesce); err != nil {
-			t.Fatal(err)
-		}
-	}
 	dm.write(t, h, m, 0, 1)
-	commit()
+	mustCommit(t, m)
 	inLog := 0
 	for c := uint64(1); c < 400; c++ { // the first few go into the log, the rest home
 		if IsInLog(dm.write(t, h, m, c, 2)) {
@@ -269,7 +257,7 @@ func TestLogDataInALargeCommit(t *testing.T) {
 		t.Fatal("no write went into the log")
 	}
 	before := h.headers
-	commit()
+	mustCommit(t, m)
 	if h.headers != before+1 {
 		t.Fatal("the large commit did not go to the tree")
 	}
@@ -277,13 +265,13 @@ func TestLogDataInALargeCommit(t *testing.T) {
 	dm.check(t, h, h.open(), chunks, "recovered after the large commit")
 	before = h.headers
 	dm.write(t, h, m, 5, 3)
-	commit()
+	mustCommit(t, m)
 	if h.headers != before {
 		t.Fatal("the small commit after the large one did not go to the log")
 	}
 	for r := 4; r < 20; r++ {
 		dm.write(t, h, m, uint64(r*7), r)
-		commit()
+		mustCommit(t, m)
 		dm.check(t, h, h.open(), chunks, "recovered")
 	}
 }
@@ -298,23 +286,17 @@ func TestLogDataOnlyForUnwrittenHomes(t *testing.T) {
 	h.cfg.Written = func(c, home uint64) bool { return written[h.g.DataBlock(c, home)] }
 	m := h.open()
 	dm := dataModel{}
-	commit := func() {
-		t.Helper()
-		if err := m.Commit(noQuiesce); err != nil {
-			t.Fatal(err)
-		}
-	}
 	dm.write(t, h, m, 1, 1)
-	commit()
+	mustCommit(t, m)
 	if loc := dm.write(t, h, m, 2, 2); !IsInLog(loc) || HomeOf(loc) != HomeA {
 		t.Fatalf("a write to an unwritten home went to %x, want the log (home A)", loc)
 	}
-	commit()
+	mustCommit(t, m)
 	written[h.g.DataBlock(3, HomeA)] = true
 	if loc := dm.write(t, h, m, 3, 3); loc != HomeA {
 		t.Fatalf("a write to a written home went to %x, want home A", loc)
 	}
-	commit()
+	mustCommit(t, m)
 	if err := m.Checkpoint(); err != nil {
 		t.Fatal(err)
 	}
@@ -324,12 +306,12 @@ func TestLogDataOnlyForUnwrittenHomes(t *testing.T) {
 	if loc := dm.write(t, h, m, 2, 4); !IsInLog(loc) || HomeOf(loc) != HomeB {
 		t.Fatalf("the next write of chunk 2 went to %x, want the log (home B, unwritten)", loc)
 	}
-	commit()
+	mustCommit(t, m)
 	written[h.g.DataBlock(3, HomeB)] = true
 	if loc := dm.write(t, h, m, 3, 5); loc != HomeB {
 		t.Fatalf("the next write of chunk 3 went to %x, want home B (written)", loc)
 	}
-	commit()
+	mustCommit(t, m)
 	dm.check(t, h, h.open(), 200, "recovered")
 }
 
