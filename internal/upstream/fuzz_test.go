@@ -79,10 +79,14 @@ func goReplies(b []byte) []byte {
 
 // structuredHello is goodHello for a server with structured replies and
 // base:allocation (context id 7).
-func structuredHello() (hello, replies []byte) {
+func structuredHello() (hello, replies []byte) { return structuredHelloID(7) }
+
+// structuredHelloID is structuredHello with another context id (qemu-nbd
+// gives base:allocation the id 0).
+func structuredHelloID(id byte) (hello, replies []byte) {
 	hello, _ = goodHello()
 	replies = optRep(nil, 8, 1, nil)
-	replies = optRep(replies, 10, 4, append([]byte{0, 0, 0, 7}, "base:allocation"...))
+	replies = optRep(replies, 10, 4, append([]byte{0, 0, 0, id}, "base:allocation"...))
 	replies = optRep(replies, 10, 1, nil)
 	return hello, goReplies(replies)
 }
@@ -237,9 +241,28 @@ func TestFuzzServerWorksStructured(t *testing.T) {
 	if _, err := dial(r).ReadAt(buf, 0); err != nil || buf[7] != 42 || buf[2000] != 0 {
 		t.Fatalf("read: %v %d %d", err, buf[7], buf[2000])
 	}
+	// Out of order (the hole first) is as good; a chunk over bytes
+	// already sent is not (the outage limit then fails the read).
+	r = chunkRep(0, 2, 1, []byte{0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 12, 0})
+	r = append(r, chunkRep(1, 1, 1, append(binary.BigEndian.AppendUint64(nil, 0), data...))...)
+	clear(buf)
+	if _, err := dial(r).ReadAt(buf, 0); err != nil || buf[7] != 42 {
+		t.Fatalf("read out of order: %v %d", err, buf[7])
+	}
+	r = chunkRep(0, 1, 1, append(binary.BigEndian.AppendUint64(nil, 0), data...))
+	r = append(r, chunkRep(1, 2, 1, []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0})...) // a hole over all 4096
+	if _, err := dial(r).ReadAt(buf, 0); err == nil {
+		t.Fatal("a read whose chunks overlap succeeded")
+	}
 	r = chunkRep(1, 5, 1, []byte{0, 0, 0, 7, 0, 0, 16, 0, 0, 0, 0, 3, 0, 16, 0, 0, 0, 0, 0, 0})
 	ext, err := dial(r).Extents(nil, 0, 1<<20, 8)
 	if err != nil || len(ext) != 2 || ext[0] != (block.Extent{Length: 4096, Flags: 3}) || ext[1].Length != 1<<20-4096 || ext[1].Flags != 0 {
 		t.Fatalf("extents %v, %v", ext, err)
+	}
+	// Context id 0 (qemu-nbd's) is a context like any other.
+	hello, good = structuredHelloID(0)
+	r = chunkRep(1, 5, 1, []byte{0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 3})
+	if ext, err = dial(r).Extents(nil, 0, 1<<20, 8); err != nil || len(ext) != 1 || ext[0] != (block.Extent{Length: 1 << 20, Flags: 3}) {
+		t.Fatalf("extents with context id 0: %v, %v", ext, err)
 	}
 }

@@ -12,6 +12,7 @@ package upstream
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -108,11 +109,11 @@ type Device struct {
 	size  int64
 	flags uint16
 	maxIO int
-	// meta: the server answers NBD_CMD_BLOCK_STATUS for base:allocation
-	// (structured replies negotiated; nonzero, the first connection's
-	// context id); 0: it does not. Set at Dial, then read only.
-	meta  uint32
-	calls sync.Pool // *call: a request allocates nothing once warm
+	// blockStatus: the server answers NBD_CMD_BLOCK_STATUS for
+	// base:allocation (structured replies negotiated). Set at Dial, then
+	// read only; every later connection must offer it too.
+	blockStatus bool
+	calls       sync.Pool // *call: a request allocates nothing once warm
 
 	mu      sync.Mutex // guards the fields below
 	link    *link      // nil while disconnected
@@ -126,11 +127,13 @@ type Device struct {
 
 // link is one connection to the server.
 type link struct {
-	nc   net.Conn
-	wmu  sync.Mutex // one request on the wire at a time
-	w    *bufio.Writer
-	done chan struct{} // the reader ended
-	meta uint32        // base:allocation's context id on this connection; 0: none
+	nc         net.Conn
+	wmu        sync.Mutex // one request on the wire at a time
+	w          *bufio.Writer
+	done       chan struct{} // the reader ended
+	structured bool          // structured replies negotiated on this connection
+	hasMeta    bool          // base:allocation negotiated, with context id meta
+	meta       uint32        // (qemu-nbd's id for it is 0)
 }
 
 // call is one request, kept until its reply so that it can be sent again.
@@ -145,7 +148,9 @@ type call struct {
 	// errno, how much of a READ's buffer the chunks filled (in order), a
 	// block status request's extents (at most max).
 	serr    uint32
-	got     int64
+	got     int64      // a READ's buffer is filled from 0 to got...
+	ranges  [][2]int64 // ...and in these ranges beyond (chunks out of order)
+	status  bool       // a block status chunk came
 	extents []block.Extent
 	max     int
 	// resending: reconnect is writing it on a new link; guarded by the
@@ -167,7 +172,7 @@ var (
 // not CanFastWrite (every write is a round trip).
 func (d *Device) Caps() block.Caps {
 	c := block.CanTrim | block.CanZero
-	if d.meta != 0 {
+	if d.blockStatus {
 		c |= block.CanExtents
 	}
 	return c
@@ -303,7 +308,7 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 	if err == nil && !first && size != d.size {
 		err = fmt.Errorf("%w: the export changed while disconnected (size %d, was %d)", ErrHandshake, size, d.size)
 	}
-	if err == nil && !first && (neg.meta == 0) != (d.meta == 0) {
+	if err == nil && !first && neg.hasMeta != d.blockStatus {
 		err = fmt.Errorf("%w: the server no longer offers the same block status", ErrHandshake)
 	}
 	if err != nil {
@@ -311,10 +316,11 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 		return nil, nil, err
 	}
 	if first {
-		d.size, d.flags, d.maxIO, d.meta = size, flags, maxIO, neg.meta
+		d.size, d.flags, d.maxIO, d.blockStatus = size, flags, maxIO, neg.hasMeta
 	}
 	nc.SetDeadline(time.Time{})
-	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{}), meta: neg.meta}, r, nil
+	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{}),
+		structured: neg.structured, hasMeta: neg.hasMeta, meta: neg.meta}, r, nil
 }
 
 // negotiated is what a handshake settled.
@@ -322,7 +328,9 @@ type negotiated struct {
 	size  int64
 	flags uint16
 	maxIO int
-	meta  uint32 // base:allocation's context id; 0: no block status
+	// Structured replies; base:allocation with context id meta.
+	structured, hasMeta bool
+	meta                uint32
 }
 
 // handshake: fixed newstyle, NBD_OPT_STARTTLS for nbds (the connection
@@ -420,6 +428,7 @@ func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (
 		return neg, err
 	}
 	if rs[len(rs)-1].typ == protocol.NEGOTIATION_TYPE_REPLY_ACK {
+		neg.structured = true
 		q := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
 		q = append(q, export...)
 		q = binary.BigEndian.AppendUint32(q, 1)
@@ -431,7 +440,7 @@ func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (
 		if rs[len(rs)-1].typ == protocol.NEGOTIATION_TYPE_REPLY_ACK {
 			for _, x := range rs {
 				if x.typ == repMetaContext && len(x.body) > 4 && string(x.body[4:]) == metaAllocation {
-					neg.meta = binary.BigEndian.Uint32(x.body) // (an id of 0 is legal, and then not used)
+					neg.meta, neg.hasMeta = binary.BigEndian.Uint32(x.body), true
 				}
 			}
 		}
@@ -491,7 +500,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 			return
 		}
 		m := binary.BigEndian.Uint32(h[0:])
-		structured := m == structuredMagic
+		structured := m == structuredMagic && l.structured
 		if !structured && m != protocol.TRANSMISSION_MAGIC_REPLY {
 			d.lost(l, fmt.Errorf("reply magic %#x", m))
 			return
@@ -506,9 +515,6 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		d.mu.Lock()
 		c := d.pending[cookie]
 		early := c != nil && c.resending
-		if c != nil && !early {
-			d.down = time.Time{} // the server answers: any outage is over
-		}
 		d.mu.Unlock()
 		if c == nil {
 			d.lost(l, fmt.Errorf("a reply to request %d, which is not in flight", cookie))
@@ -544,6 +550,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		}
 		d.mu.Lock()
 		delete(d.pending, cookie)
+		d.down = time.Time{} // a whole, valid reply: any outage is over
 		d.mu.Unlock()
 		c.errc <- errnoError(errno)
 	}
@@ -552,7 +559,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 // chunk reads the rest of one structured reply chunk for c (its 20-byte
 // header in h) and reports whether it was the last. A chunk that does not
 // fit its request is a protocol violation: the connection ends, and c is
-// sent again on the next.
+// sent again on the next (the outage goes on until a whole, valid reply).
 func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, err error) {
 	flags, typ, n := binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:])
 	done = flags&chunkDone != 0
@@ -575,14 +582,13 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 		if err != nil {
 			return false, err
 		}
-		at := int64(binary.BigEndian.Uint64(p)) - c.off
-		if at != c.got || at+int64(n) > int64(len(c.buf)) {
-			return false, fmt.Errorf("read data chunk at %d+%d: not the next part of the request", at, n)
-		}
-		if _, err := io.ReadFull(r, c.buf[at:at+int64(n)]); err != nil {
+		at, size := int64(binary.BigEndian.Uint64(p))-c.off, int64(n)
+		if err := c.cover(at, size); err != nil {
 			return false, err
 		}
-		c.got += int64(n)
+		if _, err := io.ReadFull(r, c.buf[at:at+size]); err != nil {
+			return false, err
+		}
 		n = 0
 	case typ == chunkHole && c.buf != nil:
 		p, err := readN(12)
@@ -590,19 +596,22 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 			return false, err
 		}
 		at, size := int64(binary.BigEndian.Uint64(p))-c.off, int64(binary.BigEndian.Uint32(p[8:]))
-		if n != 0 || at != c.got || size == 0 || at+size > int64(len(c.buf)) {
-			return false, fmt.Errorf("read hole chunk at %d+%d: not the next part of the request", at, size)
+		if n != 0 {
+			return false, errors.New("a hole chunk longer than 12 bytes")
+		}
+		if err := c.cover(at, size); err != nil {
+			return false, err
 		}
 		clear(c.buf[at : at+size])
-		c.got += size
 	case typ == chunkStatus && c.typ == opBlockStatus:
 		p, err := readN(4)
 		if err != nil {
 			return false, err
 		}
-		if binary.BigEndian.Uint32(p) != l.meta || n%8 != 0 {
-			return false, errors.New("a block status chunk for another context, or malformed")
+		if !l.hasMeta || binary.BigEndian.Uint32(p) != l.meta || n < 8 || n%8 != 0 || c.status {
+			return false, errors.New("a block status chunk for another context, a second one, or malformed")
 		}
+		c.status = true
 		for n > 0 {
 			if p, err = readN(8); err != nil {
 				return false, err
@@ -641,9 +650,9 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 		return false, fmt.Errorf("structured reply type %d longer than its content", typ)
 	}
 	if done && c.serr == 0 {
-		// A READ's chunks must have filled it (in order, so no byte of
-		// the buffer is left as it was); a block status must say something.
-		if c.buf != nil && c.got != int64(len(c.buf)) {
+		// A READ's chunks must have filled it (so no byte of the buffer
+		// is left as it was); a block status must say something.
+		if c.buf != nil && (c.got != int64(len(c.buf)) || len(c.ranges) != 0) {
 			return false, fmt.Errorf("a read of %d bytes answered with %d", len(c.buf), c.got)
 		}
 		if c.typ == opBlockStatus && len(c.extents) == 0 {
@@ -651,6 +660,42 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 		}
 	}
 	return done, nil
+}
+
+// maxRanges bounds the out-of-order pieces of one READ's reply.
+const maxRanges = 256
+
+// cover records that a READ chunk fills [at, at+size) of c's buffer: in
+// range, not empty, and (before an error chunk) not over a part already
+// filled. In order it only moves got; out of order it is kept in ranges
+// until got reaches it.
+func (c *call) cover(at, size int64) error {
+	if at < 0 || size <= 0 || at+size > int64(len(c.buf)) {
+		return fmt.Errorf("read chunk at %d+%d outside the request of %d bytes", at, size, len(c.buf))
+	}
+	if c.serr != 0 {
+		return nil // after an error the reply fails anyway; its content must only stay in bounds
+	}
+	if at < c.got {
+		return fmt.Errorf("read chunk at %d+%d over bytes already sent", at, size)
+	}
+	i, _ := slices.BinarySearchFunc(c.ranges, at, func(r [2]int64, at int64) int { return cmp.Compare(r[0], at) })
+	if i > 0 && c.ranges[i-1][1] > at || i < len(c.ranges) && c.ranges[i][0] < at+size {
+		return fmt.Errorf("read chunk at %d+%d over bytes already sent", at, size)
+	}
+	if at == c.got {
+		c.got += size
+		for len(c.ranges) > 0 && c.ranges[0][0] == c.got {
+			c.got = c.ranges[0][1]
+			c.ranges = c.ranges[1:]
+		}
+		return nil
+	}
+	if len(c.ranges) >= maxRanges {
+		return errors.New("a read answered in too many pieces out of order")
+	}
+	c.ranges = slices.Insert(c.ranges, i, [2]int64{at, at + size})
+	return nil
 }
 
 // lost handles the end of connection l: unless the device is closed, an
@@ -686,8 +731,14 @@ func (d *Device) lost(l *link, cause error) {
 }
 
 // failLocked fails every request in flight with err.
+// A call that reconnect is still sending stays: reconnect's loop goes on
+// checking the limit and fails it once the send is over (its caller must
+// not take it back to the pool while it is written).
 func (d *Device) failLocked(err error) {
 	for k, c := range d.pending {
+		if c.resending {
+			continue
+		}
 		c.errc <- err
 		delete(d.pending, k)
 	}
@@ -727,6 +778,7 @@ func (d *Device) reconnect() {
 			for _, k := range cookies {
 				c := d.pending[k]
 				c.resending = true // readReplies: no reply to it before it is sent
+				c.resetReply()
 				again = append(again, c)
 			}
 			l.wmu.Lock() // new requests queue behind the ones sent again
@@ -748,6 +800,13 @@ func (d *Device) reconnect() {
 			if werr != nil {
 				l.nc.Close() // the reader sees it: the outage goes on
 			}
+			d.mu.Lock() // what failLocked left while it was being sent
+			if d.closed {
+				d.failLocked(fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri))
+			} else if d.failed != nil {
+				d.failLocked(syscall.EIO)
+			}
+			d.mu.Unlock()
 			d.o.Log.Info("backing store reachable again", "event", audit.EvBackingRestored, "backing", d.uri,
 				"outage_seconds", outage.Round(time.Millisecond).Seconds(), "resent", len(again))
 			return
@@ -790,10 +849,15 @@ func errnoError(e uint32) error {
 	return syscall.EIO
 }
 
+// resetReply clears what a reply to c fills, before it is sent (again);
+// the caller holds d.mu and c is not visible to a reader meanwhile.
+func (c *call) resetReply() {
+	c.serr, c.got, c.status, c.extents, c.ranges = 0, 0, false, c.extents[:0], c.ranges[:0]
+}
+
 // write puts c's request (and payload) in l's buffer; the caller holds
 // l.wmu and flushes.
 func (l *link) write(cookie uint64, c *call) error {
-	c.serr, c.got, c.extents = 0, 0, c.extents[:0] // what a reply to it fills
 	var h [28]byte
 	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
 	binary.BigEndian.PutUint16(h[4:], c.flags)
@@ -835,6 +899,7 @@ func (d *Device) wait(c *call) error {
 	}
 	d.next++
 	cookie := d.next
+	c.resetReply()
 	d.pending[cookie] = c
 	l := d.link // nil while reconnecting: the request is sent on reconnection
 	d.mu.Unlock()
@@ -905,7 +970,7 @@ func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 // Extents asks the server which parts of the range are holes and zeros
 // (NBD_CMD_BLOCK_STATUS, base:allocation), where it offers that.
 func (d *Device) Extents(dst []block.Extent, off, length int64, maxN int) ([]block.Extent, error) {
-	if d.meta == 0 {
+	if !d.blockStatus {
 		return dst, block.ErrNotSupported
 	}
 	if err := d.check(off, length); err != nil {
