@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -52,6 +53,17 @@ type crashDev struct {
 	fast         bool
 	logLo, logHi int64
 	logData      int
+	// probe makes Written tell blocks ever written from holes (as a
+	// sparse file's SEEK_DATA does); without it every block is a hole.
+	probe   bool
+	written map[int64]bool
+}
+
+// Written is block.Prober: whether the block at off was ever written.
+func (d *crashDev) Written(off int64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.probe && d.written[off/4096]
 }
 
 func (d *crashDev) Caps() block.Caps {
@@ -94,6 +106,14 @@ func (d *crashDev) WriteAt(p []byte, off int64) (int, error) {
 	}
 	d.pending = append(d.pending, pendingWrite{off, bytes.Clone(p)})
 	d.writes += int64(len(p))
+	if d.probe {
+		if d.written == nil {
+			d.written = make(map[int64]bool)
+		}
+		for b := off / 4096; b < (off+int64(len(p))+4095)/4096; b++ {
+			d.written[b] = true
+		}
+	}
 	if off >= d.logLo && off < d.logHi && !bytes.HasPrefix(p, []byte("GLML")) {
 		d.logData++
 	}
@@ -150,7 +170,7 @@ func (d *crashDev) crash(rng *rand.Rand) *crashDev {
 }
 
 func (d *crashDev) crashLocked(rng *rand.Rand) *crashDev {
-	after := &crashDev{durable: bytes.Clone(d.durable), fast: d.fast}
+	after := &crashDev{durable: bytes.Clone(d.durable), fast: d.fast, probe: d.probe, written: maps.Clone(d.written)}
 	for _, w := range d.pending {
 		switch rng.IntN(3) {
 		case 0: // lost
@@ -293,7 +313,8 @@ func crashOnce(t *testing.T, seed uint64) crashStats {
 		t.Fatal(err)
 	}
 	dev := newCrashDev(int64(g.End * ChunkSize))
-	dev.fast = seed%4 != 3 // three seeds in four: small flushed writes go into the log
+	dev.fast = seed%4 != 3  // three seeds in four: small flushed writes go into the log,
+	dev.probe = seed%2 == 0 // of which half only over holes
 	dev.logLo, dev.logHi = int64(g.LogBase*ChunkSize), int64(g.NodeBase*ChunkSize)
 	uuid := [16]byte{byte(seed), byte(seed >> 8), 7}
 	if err := format(ctx, dev, uuid, size, byte(seed%2), kek, "default", logBlocks); err != nil {

@@ -115,11 +115,13 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		}
 		dst := p[i*ChunkSize : (i+1)*ChunkSize]
 		copy(b.pkg[HeaderSize:], dst)
-		if cowmap.IsInLog(es[i].Loc()) && v.openQuiet(first+uint64(i), &es[i], dst, b) != nil {
-			// A checkpoint may have moved it home and the ring moved on
-			// since the lookup: read it again from where it is now.
-			if err := v.readChunk(first+uint64(i), dst, b); err != nil {
-				return err
+		if cowmap.IsInLog(es[i].Loc()) {
+			if v.openQuiet(first+uint64(i), &es[i], dst, b) != nil {
+				// A checkpoint may have moved it home and the ring moved
+				// on since the lookup: read it again from where it is now.
+				if err := v.readChunk(first+uint64(i), dst, b); err != nil {
+					return err
+				}
 			}
 			continue
 		}

@@ -432,8 +432,8 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 	if err := m.treeHomes(first, out, pending); err != nil {
 		return err
 	}
-	if fresh != 0 && len(out) <= smallWrite && m.cfg.LogData {
-		if w := m.cfg.Written; w != nil {
+	if fresh != 0 && len(out) <= smallWrite && m.cfg.LogData && m.logOpen() {
+		if w := m.cfg.Written; w != nil { // a system call each: only when the log could take them
 			for i := range out {
 				if fresh&(1<<i) != 0 && w(first+uint64(i), out[i]) {
 					fresh &^= 1 << i
@@ -443,6 +443,14 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 		m.intoLog(out, fresh)
 	}
 	return nil
+}
+
+// logOpen reports whether small writes may go into the log now: the
+// client flushes often and the log has room (intoLog checks again).
+func (m *Map) logOpen() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.small && m.pend < maxLogData && m.tail+2 <= m.cfg.Geo.LogBlocks/2
 }
 
 // intoLog moves the small write's fresh places into the log while the
