@@ -157,6 +157,10 @@ type call struct {
 	// Device's mu. A reply to it meanwhile is a protocol violation (its
 	// caller would go on while reconnect still reads it).
 	resending bool
+	// reading: a reader is filling its reply (c.buf); guarded by mu.
+	// failLocked leaves it to the reader, which completes it or, if the
+	// connection breaks, gives it back first.
+	reading bool
 }
 
 var (
@@ -493,21 +497,35 @@ func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (
 // callers, until the connection ends; then the outage begins (lost).
 func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	defer close(l.done)
-	var h [20]byte
+	var (
+		h [20]byte
+		// owned: calls whose replies are being read (structured chunks of
+		// several replies may interleave): failLocked leaves them.
+		owned []*call
+	)
+	// drop ends the connection, giving back the calls being read.
+	drop := func(err error) {
+		d.mu.Lock()
+		for _, c := range owned {
+			c.reading = false
+		}
+		d.mu.Unlock()
+		d.lost(l, err)
+	}
 	for {
 		if _, err := io.ReadFull(r, h[:16]); err != nil {
-			d.lost(l, err)
+			drop(err)
 			return
 		}
 		m := binary.BigEndian.Uint32(h[0:])
 		structured := m == structuredMagic && l.structured
 		if !structured && m != protocol.TRANSMISSION_MAGIC_REPLY {
-			d.lost(l, fmt.Errorf("reply magic %#x", m))
+			drop(fmt.Errorf("reply magic %#x", m))
 			return
 		}
 		if structured {
 			if _, err := io.ReadFull(r, h[16:20]); err != nil {
-				d.lost(l, err)
+				drop(err)
 				return
 			}
 		}
@@ -515,20 +533,24 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		d.mu.Lock()
 		c := d.pending[cookie]
 		early := c != nil && c.resending
+		if c != nil && !early && !c.reading {
+			c.reading = true
+			owned = append(owned, c)
+		}
 		d.mu.Unlock()
 		if c == nil {
-			d.lost(l, fmt.Errorf("a reply to request %d, which is not in flight", cookie))
+			drop(fmt.Errorf("a reply to request %d, which is not in flight", cookie))
 			return
 		}
 		if early { // a hostile or broken server: c is still being sent
-			d.lost(l, fmt.Errorf("a reply to request %d before it was sent again", cookie))
+			drop(fmt.Errorf("a reply to request %d before it was sent again", cookie))
 			return
 		}
 		var errno uint32
 		if structured {
 			done, err := d.chunk(l, r, c, h[:])
 			if err != nil {
-				d.lost(l, err) // c stays pending: it is sent again
+				drop(err) // c stays pending: it is sent again
 				return
 			}
 			if !done {
@@ -539,17 +561,19 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 			errno = binary.BigEndian.Uint32(h[4:])
 			if errno == 0 && c.buf != nil { // a READ's data follows
 				if _, err := io.ReadFull(r, c.buf); err != nil {
-					d.lost(l, err) // c stays pending: it is sent again
+					drop(err) // c stays pending: it is sent again
 					return
 				}
 			}
 			if errno == 0 && c.typ == opBlockStatus {
-				d.lost(l, errors.New("a simple reply to a block status request"))
+				drop(errors.New("a simple reply to a block status request"))
 				return
 			}
 		}
 		d.mu.Lock()
 		delete(d.pending, cookie)
+		c.reading = false
+		owned = slices.DeleteFunc(owned, func(o *call) bool { return o == c })
 		d.down = time.Time{} // a whole, valid reply: any outage is over
 		d.mu.Unlock()
 		c.errc <- errnoError(errno)
@@ -716,7 +740,9 @@ func (d *Device) lost(l *link, cause error) {
 		d.down = time.Now()
 		d.o.Log.Error("backing store unreachable: requests wait while reconnecting", "event", audit.EvBackingOutage,
 			"backing", d.uri, "err", cause, "in_flight", len(d.pending), "limit", d.o.OutageLimit.String())
-	} else if d.failed == nil && time.Since(d.down) > d.o.OutageLimit {
+	} else if d.failed != nil {
+		d.failLocked(syscall.EIO) // what a reader or a resend held when the limit passed
+	} else if time.Since(d.down) > d.o.OutageLimit {
 		// Reconnections that succeed and break again before an answer:
 		// the same outage, and it has lasted too long.
 		d.failed = fmt.Errorf("%w (%s) for more than %s: %v", ErrDisconnect, d.uri, d.o.OutageLimit, cause)
@@ -736,7 +762,7 @@ func (d *Device) lost(l *link, cause error) {
 // not take it back to the pool while it is written).
 func (d *Device) failLocked(err error) {
 	for k, c := range d.pending {
-		if c.resending {
+		if c.resending || c.reading {
 			continue
 		}
 		c.errc <- err
