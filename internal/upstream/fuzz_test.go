@@ -3,7 +3,9 @@ package upstream
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -113,7 +115,7 @@ func FuzzHandshakeReplies(f *testing.F) {
 		uri := fuzzServer(t, hello, replies)
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
-		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 10 * time.Millisecond})
+		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 10 * time.Millisecond, ReplyTimeout: 50 * time.Millisecond})
 		if err == nil {
 			if d.Size() < 0 {
 				t.Errorf("negative size %d", d.Size())
@@ -154,7 +156,7 @@ func FuzzTransmissionReplies(f *testing.F) {
 		uri := fuzzServer(t, h, append(append([]byte(nil), opts...), replies...))
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
-		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 10 * time.Millisecond})
+		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 10 * time.Millisecond, ReplyTimeout: 50 * time.Millisecond})
 		if err != nil {
 			return
 		}
@@ -264,5 +266,32 @@ func TestFuzzServerWorksStructured(t *testing.T) {
 	r = chunkRep(1, 5, 1, []byte{0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 3})
 	if ext, err = dial(r).Extents(nil, 0, 1<<20, 8); err != nil || len(ext) != 1 || ext[0] != (block.Extent{Length: 1 << 20, Flags: 3}) {
 		t.Fatalf("extents with context id 0: %v, %v", ext, err)
+	}
+}
+
+// A server that takes requests and never answers (the connection stays
+// up) does not hold them forever: after the reply timeout the connection
+// counts as lost, the request is sent again, and past the outage limit
+// the caller gets EIO.
+func TestSilentServer(t *testing.T) {
+	hello, good := goodHello()
+	d, err := Dial(context.Background(), fuzzServer(t, hello, good),
+		Options{OutageLimit: 100 * time.Millisecond, ReplyTimeout: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	done := make(chan error, 1)
+	go func() {
+		_, err := d.ReadAt(make([]byte, 4096), 0)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("read from a silent server: %v, want EIO", err)
+		}
+	case <-time.After(1500 * time.Millisecond): // (the test server itself hangs up after 2 s)
+		t.Fatal("a read from a server that never answers still waits after 1.5 s")
 	}
 }

@@ -88,6 +88,11 @@ type Options struct {
 	// unreachable, reconnecting with backoff, before they fail with EIO
 	// (0: 30 s). Within it a client sees latency, not errors.
 	OutageLimit time.Duration
+	// ReplyTimeout is how long a request waits for its reply on a
+	// connection that is up before the connection counts as lost: a
+	// server that holds requests without answering is then reconnected
+	// and sent them again, and the outage limit applies (0: 2 min).
+	ReplyTimeout time.Duration
 	// Log receives outages and recoveries (event=backing_outage,
 	// backing_restored: they reach the audit trail); nil: discarded.
 	Log *slog.Logger
@@ -157,6 +162,7 @@ type call struct {
 	// Device's mu. A reply to it meanwhile is a protocol violation (its
 	// caller would go on while reconnect still reads it).
 	resending bool
+	since     time.Time // when it was last (re)sent; guarded by mu
 	// reading: a reader is filling its reply (c.buf); guarded by mu.
 	// failLocked leaves it to the reader, which completes it or, if the
 	// connection breaks, gives it back first.
@@ -276,6 +282,9 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	if o.OutageLimit <= 0 {
 		o.OutageLimit = 30 * time.Second
 	}
+	if o.ReplyTimeout <= 0 {
+		o.ReplyTimeout = 2 * time.Minute
+	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
@@ -287,7 +296,37 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	}
 	d.link = l
 	go d.readReplies(l, r)
+	go d.watchdog()
 	return d, nil
+}
+
+// watchdog drops a connection on which a request has waited longer than
+// the reply timeout (see Options.ReplyTimeout), until the device closes.
+func (d *Device) watchdog() {
+	tick := time.NewTicker(min(max(d.o.ReplyTimeout/4, 10*time.Millisecond), time.Second))
+	defer tick.Stop()
+	for range tick.C {
+		d.mu.Lock()
+		if d.closed {
+			d.mu.Unlock()
+			return
+		}
+		l, stale := d.link, false
+		if l != nil {
+			for _, c := range d.pending {
+				if !c.resending && time.Since(c.since) > d.o.ReplyTimeout {
+					stale = true
+					break
+				}
+			}
+		}
+		d.mu.Unlock()
+		if stale {
+			d.o.Log.Warn("backing store holds a request without answering: reconnecting", "backing", d.uri,
+				"reply_timeout", d.o.ReplyTimeout.String())
+			l.nc.Close() // the reader sees it: an outage begins, the requests are sent again
+		}
+	}
 }
 
 // connect dials and negotiates one connection; first records the
@@ -879,6 +918,7 @@ func errnoError(e uint32) error {
 // the caller holds d.mu and c is not visible to a reader meanwhile.
 func (c *call) resetReply() {
 	c.serr, c.got, c.status, c.extents, c.ranges = 0, 0, false, c.extents[:0], c.ranges[:0]
+	c.since = time.Now()
 }
 
 // write puts c's request (and payload) in l's buffer; the caller holds
