@@ -22,6 +22,7 @@ import (
 	"goldilocks/internal/secretfile"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -511,7 +512,11 @@ func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (
 				if n < 12 {
 					return neg, fmt.Errorf("%w: short export information", ErrHandshake)
 				}
-				neg.size = int64(binary.BigEndian.Uint64(body[2:]))
+				size := binary.BigEndian.Uint64(body[2:])
+				if size > math.MaxInt64 {
+					return neg, fmt.Errorf("%w: export size %d is beyond what a device can address", ErrHandshake, size)
+				}
+				neg.size = int64(size)
 				neg.flags = binary.BigEndian.Uint16(body[10:])
 				gotExport = true
 			case protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE:
