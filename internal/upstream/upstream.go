@@ -151,8 +151,8 @@ type call struct {
 	buf        []byte // READ: where the data goes
 	errc       chan error
 	// Structured replies, reset at each send: the first error chunk's
-	// errno, how much of a READ's buffer the chunks filled (in order), a
-	// block status request's extents (at most max).
+	// errno, which parts of a READ's buffer the chunks filled, a block
+	// status request's extents (at most max).
 	serr    uint32
 	got     int64      // a READ's buffer is filled from 0 to got...
 	ranges  [][2]int64 // ...and in these ranges beyond (chunks out of order)
