@@ -63,10 +63,10 @@ func TestCrashEveryPoint(t *testing.T) {
 		for c := range m.legal {
 			m.legal[c] = [][]byte{make([]byte, ChunkSize)}
 		}
-		v, err := Open(ctx, dev, "every", uuid, kek, quietLog(), Options{Anchor: anchor, AnchorEveryFlush: true, MaxLogged: 6})
+		v, err := Open(ctx, dev, "every", uuid, kek, quietLog(), Options{Anchor: anchor, AnchorEveryFlush: true, MaxLogged: 6, deferCheckpoint: true})
 		if err != nil {
-			if dev.image != nil {
-				return m, dev.image, imgAnchor, imgKEK, dev.ops
+			if dev.cut() != nil {
+				return m, dev.cut(), imgAnchor, imgKEK, dev.ops
 			}
 			t.Fatal(err)
 		}
@@ -96,36 +96,36 @@ func TestCrashEveryPoint(t *testing.T) {
 				if err := v.Flush(); err != nil {
 					t.Fatal(err)
 				}
-				if dev.image == nil {
+				if dev.cut() == nil {
 					m.flushed(nil)
 				}
 			}
 		}
-		for i := 0; i < 60 && dev.image == nil; i++ {
+		for i := 0; i < 60 && dev.cut() == nil; i++ {
 			step(i)
-			if i == 30 && dev.image == nil {
+			if i == 30 && dev.cut() == nil {
 				if err := v.Rekey(ctx, kek, RekeyOptions{every: 16}); err != nil {
 					t.Fatal(err)
 				}
-				if dev.image == nil {
+				if dev.cut() == nil {
 					m.flushed(nil)
 				}
 			}
 		}
-		if dev.image == nil {
+		if dev.cut() == nil {
 			if err := v.Close(); err != nil {
 				t.Fatal(err)
 			}
-			if dev.image == nil {
+			if dev.cut() == nil {
 				m.flushed(nil)
 			}
 		} else {
 			v.stopBackground()
 		}
-		if dev.image == nil {
+		if dev.cut() == nil {
 			return m, dev, anchor, kek, dev.ops
 		}
-		return m, dev.image, imgAnchor, imgKEK, dev.ops
+		return m, dev.cut(), imgAnchor, imgKEK, dev.ops
 	}
 
 	m0, _, _, _, total := run(0, rand.New(rand.NewPCG(0, 0)))

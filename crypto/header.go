@@ -31,6 +31,7 @@ const (
 	infoLogMAC      = "goldilocks map log v2"
 	flagOpen        = 1 << 0
 	flagLogData     = 1 << 1
+	flagReseed      = 1 << 2
 )
 
 // Header errors callers branch on.
@@ -63,6 +64,7 @@ type Header struct {
 	Active      byte // DEK slot whose DEK keys the header MAC and the log
 	Open        bool // attached and not cleanly detached
 	LogData     bool // the log may hold chunk data (FORMAT.md, "Small writes into the log")
+	Reseed      bool // a commit's first log block may chain to a reseed (FORMAT.md, "Log block")
 	Seq         uint64
 	LogBlocks   uint32
 	LogStart    uint64
@@ -121,6 +123,9 @@ func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 	}
 	if h.LogData {
 		b[50] |= flagLogData
+	}
+	if h.Reseed {
+		b[50] |= flagReseed
 	}
 	le.PutUint64(b[56:], h.Seq)
 	le.PutUint32(b[64:], h.LogBlocks)
@@ -199,6 +204,7 @@ func ParseHeader(b []byte) (*Header, error) {
 		Active:      b[49],
 		Open:        b[50]&flagOpen != 0,
 		LogData:     b[50]&flagLogData != 0,
+		Reseed:      b[50]&flagReseed != 0,
 		Seq:         le.Uint64(b[56:]),
 		LogBlocks:   le.Uint32(b[64:]),
 		LogStart:    le.Uint64(b[72:]),
@@ -237,7 +243,7 @@ func ParseHeader(b []byte) (*Header, error) {
 			h.DEK[i] = append([]byte(nil), f...)
 		}
 	}
-	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 || b[50]&^(flagOpen|flagLogData) != 0 {
+	if len(rest) != 0 || h.Active > 1 || len(h.DEK[h.Active]) == 0 || b[50]&^(flagOpen|flagLogData|flagReseed) != 0 {
 		return nil, ErrHeaderCorrupt
 	}
 	for _, r := range [][]byte{b[51:56], b[68:72], b[92:96], b[152:192]} {

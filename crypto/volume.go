@@ -69,6 +69,9 @@ type Options struct {
 	// "Small writes into the log"): every write goes to a home. For
 	// comparisons; a store with network latency never uses the log.
 	NoLogData bool
+	// deferCheckpoint: cowmap.Config.DeferCheckpoint (tests that cut the
+	// power at every operation of a fixed workload).
+	deferCheckpoint bool
 }
 
 // Volume is an open encrypted volume (format 2): a block.Device whose
@@ -205,11 +208,14 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		clear(dek)
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
+	// Commits, a checkpoint beside them and header writes all flush the
+	// store: one at a time, and a failure stays (cowmap.Flusher).
+	flusher := cowmap.NewFlusher(store)
 	v := &Volume{
 		name: name, uuid: uuid, log: log, store: store, geo: g, size: int64(h.Size), opt: opt,
 		parallel: !block.OptionalOf(store).FastWrite,
 		keys:     newKeyring(uuid, h.Suite), epochLimit: epochLimit,
-		h:    headerState{store: store, name: name, hdr: h},
+		h:    headerState{store: flusher, name: name, hdr: h},
 		poke: make(chan struct{}, 1), done: make(chan struct{}),
 		bufs:  sync.Pool{New: func() any { return new(chunkBuf) }},
 		pools: opt.Pools,
@@ -247,10 +253,11 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		return fail(err)
 	}
 	v.m, err = cowmap.Open(cowmap.Config{
-		Dev: store, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged, ParallelIO: v.parallel,
-		LogData: !v.parallel && !opt.NoLogData, // used by writes, after the header below sets its flag
-		Written: v.homeWritten(store),
-		Verify:  v.verifyData, WriteHeader: v.writeCheckpoint,
+		Dev: flusher, Geo: g, UUID: uuid, LogKey: logKey, Cache: opt.Cache, MaxLogged: opt.MaxLogged, ParallelIO: v.parallel,
+		LogData:         !v.parallel && !opt.NoLogData, // used by writes, after the header below sets its flag
+		DeferCheckpoint: opt.deferCheckpoint,
+		Written:         v.homeWritten(store),
+		Verify:          v.verifyData, WriteHeader: v.writeCheckpoint,
 	}, h.MapState())
 	if err != nil {
 		v.integrityFailure("map", err)
@@ -295,6 +302,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	nh := v.h.hdr.Clone()
 	nh.Open, nh.Epoch, nh.EpochSeals = true, epoch, n
 	nh.LogData = nh.LogData || !v.parallel && !opt.NoLogData
+	nh.Reseed = true // before the first commit, which may chain to a reseed
 	err = v.h.writeLocked(nh)
 	gen := v.h.hdr.Generation
 	v.h.mu.Unlock()

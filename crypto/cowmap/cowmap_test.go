@@ -169,6 +169,7 @@ func (md model) commit(t *testing.T, m *Map, pending []uint64) {
 	if err := m.Commit(noQuiesce); err != nil {
 		t.Fatal(err)
 	}
+	m.waitCheckpoint() // the tests that count checkpoints see it done
 	for _, c := range pending {
 		e := md[c]
 		e.SetGen(m.Seq())
@@ -301,8 +302,8 @@ func TestRingWraps(t *testing.T) {
 			pending = append(pending, c)
 		}
 		blocks := (uint64(len(pending)) + LogPerBlock - 1) / LogPerBlock
-		head := (m.state.LogStart + m.used) % h.g.LogBlocks
-		toLog := m.used+blocks <= h.g.LogBlocks-1
+		head := m.used % h.g.LogBlocks
+		toLog := m.used-m.base+blocks <= h.g.LogBlocks-1
 		md.commit(t, m, pending)
 		if toLog && head+blocks > h.g.LogBlocks {
 			split++
@@ -569,12 +570,12 @@ func TestTamper(t *testing.T) {
 	t.Run("log record location 3, MACed", func(t *testing.T) {
 		h, _, _ := setup(t)
 		b := h.dev.block(h.g.logBlock(h.st.LogStart))
-		recs, commit, _, _, ok := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart))
+		recs, commit, _, _, ok := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, Reseed(testLogKey, h.st.Seq, h.st.LogStart), nil)
 		if !ok {
 			t.Fatal("the first log block does not open")
 		}
 		recs[0].e.SetLoc(3)
-		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, 0, Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart))
+		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, 0, Reseed(testLogKey, h.st.Seq, h.st.LogStart))
 		if _, err := Open(h.cfg, h.st); !errors.Is(err, ErrMapAuth) {
 			t.Fatalf("%v, want ErrMapAuth", err)
 		}
@@ -582,8 +583,8 @@ func TestTamper(t *testing.T) {
 	t.Run("log record for a chunk beyond the volume, MACed", func(t *testing.T) {
 		h, _, _ := setup(t)
 		b := h.dev.block(h.g.logBlock(h.st.LogStart))
-		seed := Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart)
-		recs, commit, _, _, _ := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, seed)
+		seed := Reseed(testLogKey, h.st.Seq, h.st.LogStart)
+		recs, commit, _, _, _ := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, h.st.LogStart, seed, nil)
 		recs[0].chunk = 200
 		sealLogBlock(b, testLogKey, testUUID, recs, commit, h.st.Seq+1, h.st.LogStart, 0, seed)
 		if _, err := Open(h.cfg, h.st); !errors.Is(err, ErrMapAuth) {
@@ -764,7 +765,7 @@ func TestVectorLogBlock(t *testing.T) {
 	if !hmac.Equal(hm.Sum(nil), mac[:]) {
 		t.Fatal("the MAC is not HMAC-SHA256(Kl, block ‖ UUID)")
 	}
-	got, commit, data, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 77, 12, prev)
+	got, commit, data, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 77, 12, prev, nil)
 	if !ok || !commit || data != 0 || gotMAC != mac || !reflect.DeepEqual(got, recs) {
 		t.Fatalf("open: ok %v commit %v records %v", ok, commit, got)
 	}
@@ -781,7 +782,7 @@ func TestVectorLogBlock(t *testing.T) {
 		{"key", 77, 12, prev, bytes.Repeat([]byte{1}, 32), testUUID},
 		{"uuid", 77, 12, prev, testLogKey, [16]byte{1}},
 	} {
-		if _, _, _, _, ok := openLogBlock(b, bad.key, bad.uuid, bad.seq, bad.pos, bad.prev); ok {
+		if _, _, _, _, ok := openLogBlock(b, bad.key, bad.uuid, bad.seq, bad.pos, bad.prev, nil); ok {
 			t.Errorf("opened with the wrong %s", bad.name)
 		}
 	}
@@ -806,6 +807,22 @@ func TestVectorSeed(t *testing.T) {
 		if other == s {
 			t.Fatal("the seed does not bind every field")
 		}
+	}
+}
+
+func TestVectorReseed(t *testing.T) {
+	s := Reseed(testLogKey, 41, 9)
+	vector(t, s[:], "testdata/reseed.hex")
+	// HMAC-SHA256(Kl, "reseed" ‖ S ‖ P).
+	hm := hmac.New(sha256.New, testLogKey)
+	hm.Write([]byte("reseed"))
+	hm.Write(binary.LittleEndian.AppendUint64(nil, 41))
+	hm.Write(binary.LittleEndian.AppendUint64(nil, 9))
+	if !hmac.Equal(hm.Sum(nil), s[:]) {
+		t.Fatal("the reseed is not HMAC-SHA256(Kl, \"reseed\" ‖ S ‖ P)")
+	}
+	if Reseed(testLogKey, 42, 9) == s || Reseed(testLogKey, 41, 10) == s || s == Seed(testLogKey, 41, Ref{}, 9) {
+		t.Fatal("the reseed does not bind every field, or equals a seed")
 	}
 }
 
@@ -838,7 +855,7 @@ func FuzzOpenLogBlock(f *testing.F) {
 			hm.Write(testUUID[:])
 			copy(b[BlockSize-32:], hm.Sum(nil))
 		}
-		recs, commit, nData, _, ok := openLogBlock(b, testLogKey, testUUID, seq, pos, prev)
+		recs, commit, nData, _, ok := openLogBlock(b, testLogKey, testUUID, seq, pos, prev, nil)
 		if !ok {
 			return
 		}

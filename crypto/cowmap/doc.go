@@ -13,4 +13,9 @@
 //
 // Lock order: the caller's chunk locks, then Map.commitMu, then Map.mu,
 // then Map.treeMu, then the home bits' and the Cache's locks (leaves).
+// A checkpoint beside the commits runs in its own goroutine holding none
+// of them while it writes; it takes Map.mu and Map.treeMu to install its
+// tree. Holders of commitMu may wait for it (it never takes commitMu); a
+// write waits for its moves in Home without holding Map.mu. Flusher's
+// locks are leaves.
 package cowmap

@@ -258,9 +258,12 @@ func logMAC(key []byte, uuid [16]byte, b []byte) [32]byte {
 // openLogBlock checks a log block read at ring position pos that must
 // chain to prev with commit sequence seq; it returns its records, whether
 // it ends a commit, how many data blocks follow it, and its MAC.
-func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32]byte) (recs []record, commit bool, data uint32, mac [32]byte, ok bool) {
+func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32]byte, alt *[32]byte) (recs []record, commit bool, data uint32, mac [32]byte, ok bool) {
 	if string(b[0:4]) != logMagic || binary.LittleEndian.Uint64(b[8:]) != seq ||
-		binary.LittleEndian.Uint64(b[16:]) != pos || [32]byte(b[32:64]) != prev {
+		binary.LittleEndian.Uint64(b[16:]) != pos {
+		return nil, false, 0, mac, false
+	}
+	if chain := [32]byte(b[32:64]); chain != prev && (alt == nil || chain != *alt) {
 		return nil, false, 0, mac, false
 	}
 	mac = logMAC(key, uuid, b)
@@ -281,7 +284,24 @@ func openLogBlock(b []byte, key []byte, uuid [16]byte, seq, pos uint64, prev [32
 	return recs, b[6]&flagCommit != 0, data, mac, true
 }
 
-// Seed is the MAC chain's seed after a checkpoint (FORMAT.md, "Log block").
+// Reseed is what the first block of commit seq+1, at ring position pos,
+// chains to when a checkpoint of commit seq began there (FORMAT.md, "Log
+// block"). It depends on nothing the checkpoint computes, so commits go on
+// while the checkpoint writes the tree.
+func Reseed(key []byte, seq, pos uint64) [32]byte {
+	m := hmac.New(sha256.New, key)
+	var b [16]byte
+	binary.LittleEndian.PutUint64(b[0:], seq)
+	binary.LittleEndian.PutUint64(b[8:], pos)
+	m.Write([]byte("reseed"))
+	m.Write(b[:])
+	var out [32]byte
+	m.Sum(out[:0])
+	return out
+}
+
+// Seed is the MAC chain's seed at the log start of a header written
+// before reseeds (FORMAT.md, "Log block"); recovery still accepts it there.
 func Seed(key []byte, seq uint64, root Ref, logStart uint64) [32]byte {
 	m := hmac.New(sha256.New, key)
 	var b [8 + RefSize + 8]byte

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"sync"
 	"testing"
 )
 
@@ -14,6 +16,7 @@ func mustCommit(t *testing.T, m *Map) {
 	if err := m.Commit(noQuiesce); err != nil {
 		t.Fatal(err)
 	}
+	m.waitCheckpoint() // the tests that count checkpoints see it done
 }
 
 // content is what the test writes as chunk c's data in round r: a block
@@ -113,11 +116,11 @@ func TestLogData(t *testing.T) {
 			placed[c] = loc
 		}
 		before := h.headers
-		slot := (m.state.LogStart + m.used) % h.g.LogBlocks
+		slot := m.used % h.g.LogBlocks
 		mustCommit(t, m)
 		if h.headers > before {
 			moved++
-		} else if _, _, d, _, ok := openLogBlock(h.dev.block(h.g.logBlock(slot)), testLogKey, testUUID, m.Seq(), slot, [32]byte{}); ok || d > 0 {
+		} else if _, _, d, _, ok := openLogBlock(h.dev.block(h.g.logBlock(slot)), testLogKey, testUUID, m.Seq(), slot, [32]byte{}, nil); ok || d > 0 {
 			t.Fatal("opened a log block with the wrong chain") // a sanity check of the check below
 		}
 		if b := h.dev.block(h.g.logBlock(slot)); string(b[:4]) == logMagic && binary.LittleEndian.Uint32(b[24:]) > 0 {
@@ -198,7 +201,7 @@ func TestLogDataRecordOutsideItsCommit(t *testing.T) {
 		if err := m.Checkpoint(); err != nil {
 			t.Fatal(err)
 		}
-		slot := (m.state.LogStart + m.used) % h.g.LogBlocks
+		slot := m.used % h.g.LogBlocks
 		if loc := dm.write(t, h, m, 2, 2); !IsInLog(loc) || LogPos(loc) != slot+1 {
 			t.Fatalf("write went to %x, want the log at %d", loc, slot+1)
 		}
@@ -208,8 +211,8 @@ func TestLogDataRecordOutsideItsCommit(t *testing.T) {
 	}
 	edit := func(t *testing.T, h *harness, slot uint64, f func(recs []record, data *uint32)) {
 		b := h.dev.block(h.g.logBlock(slot))
-		seed := Seed(testLogKey, h.st.Seq, h.st.Root, h.st.LogStart)
-		recs, commit, data, _, ok := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, slot, seed)
+		seed := Reseed(testLogKey, h.st.Seq, h.st.LogStart)
+		recs, commit, data, _, ok := openLogBlock(b, testLogKey, testUUID, h.st.Seq+1, slot, seed, nil)
 		if !ok || data != 1 || len(recs) != 1 || !IsInLog(recs[0].e.Loc()) {
 			t.Fatalf("the commit's block: ok %v, %d data blocks, records %v", ok, data, recs)
 		}
@@ -333,11 +336,122 @@ func TestVectorLogBlockWithData(t *testing.T) {
 	if le.Uint32(b[24:]) != 2 || le.Uint64(b[logHdr+8:]) != 1<<63|1<<62|13 || le.Uint64(b[logHdr+logRecord+8:]) != 1 {
 		t.Fatal("data count or in-log location not at FORMAT.md's offsets")
 	}
-	got, commit, data, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 78, 12, prev)
+	got, commit, data, gotMAC, ok := openLogBlock(b, testLogKey, testUUID, 78, 12, prev, nil)
 	if !ok || !commit || data != 2 || gotMAC != mac || len(got) != 2 || got[0] != recs[0] {
 		t.Fatalf("open: ok %v commit %v data %d", ok, commit, data)
 	}
 	if l := got[0].e.Loc(); !IsInLog(l) || LogPos(l) != 13 || HomeOf(l) != HomeB || Other(l) != HomeA {
 		t.Fatalf("location %x: in log %v, position %d, home %d", l, IsInLog(l), LogPos(l), HomeOf(l))
+	}
+}
+
+// clone returns a copy of everything on the device (a power cut of a
+// device whose every write is durable).
+func (d *memDev) clone() *memDev {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c := &memDev{size: d.size, blocks: make(map[int64][]byte, len(d.blocks)), written: map[int64]int{}}
+	for k, b := range d.blocks {
+		c.blocks[k] = bytes.Clone(b)
+	}
+	return c
+}
+
+// A checkpoint that a FLUSH starts runs beside the commits after it
+// (FORMAT.md, "Checkpoints beside commits"). With DeferCheckpoint its tree
+// and header are written inside the next commit, after that commit is
+// durable: the power is cut just before each header, and the old header
+// must then replay through the reseed to the last commit; and just after,
+// where the new one must. Without it, the checkpoint runs in its own
+// goroutine while commits go on, riding on their flushes (Flusher).
+func TestCheckpointBesideCommits(t *testing.T) {
+	for _, deferred := range []bool{true, false} {
+		t.Run(fmt.Sprintf("deferred=%v", deferred), func(t *testing.T) {
+			const chunks = 300
+			h := newHarness(t, chunks, 64, 24)
+			h.cfg.LogData = true
+			h.cfg.DeferCheckpoint = deferred
+			fl := NewFlusher(h.dev)
+			h.cfg.Dev = fl
+			var (
+				m        *Map
+				dm       = dataModel{}
+				crossed  int // recoveries from the old header that replayed past the reseed
+				headers  int
+				hmu      sync.Mutex
+				recover_ = func(st State, what string) *Map {
+					cfg := h.cfg
+					cfg.Dev, cfg.Cache = h.dev.clone(), nil
+					r, err := Open(cfg, st)
+					if err != nil {
+						t.Fatalf("%s: %v", what, err)
+					}
+					return r
+				}
+			)
+			h.cfg.WriteHeader = func(st State) error {
+				hmu.Lock()
+				defer hmu.Unlock()
+				if deferred { // the power is cut just before this header
+					r := recover_(h.st, "before the header")
+					if r.Seq() != m.Seq() {
+						t.Errorf("before the header of checkpoint %d: recovered commit %d, the last durable is %d", st.Seq, r.Seq(), m.Seq())
+					}
+					if r.Seq() > st.Seq {
+						crossed++
+					}
+					for c := uint64(0); c < chunks; c++ {
+						got, err1 := r.Lookup(c)
+						want, err2 := m.Lookup(c)
+						if err1 != nil || err2 != nil || got != want {
+							t.Errorf("before the header of checkpoint %d: chunk %d: %x (%v), live %x (%v)", st.Seq, c, got[:8], err1, want[:8], err2)
+							break
+						}
+					}
+				}
+				h.st = st
+				headers++
+				return nil
+			}
+			m = h.open()
+			rng := rand.New(rand.NewPCG(5, 6))
+			for round := 1; round <= 400; round++ {
+				for j := 0; j < 1+rng.IntN(3); j++ {
+					c := uint64(rng.IntN(chunks))
+					if rng.IntN(25) == 0 {
+						m.Set(c, Entry{})
+						dm[c] = -1
+						continue
+					}
+					dm.write(t, h, m, c, round*10+j)
+				}
+				if err := m.Commit(noQuiesce); err != nil {
+					t.Fatal(err)
+				}
+				if t.Failed() {
+					t.FailNow()
+				}
+				if round%50 == 0 {
+					dm.check(t, h, m, chunks, "live")
+					hmu.Lock()
+					st := h.st
+					hmu.Unlock()
+					if !deferred { // whichever header is durable now, with the log as it is
+						dm.check(t, h, recover_(st, "mid-run"), chunks, "recovered mid-run")
+					}
+				}
+			}
+			m.waitCheckpoint()
+			dm.check(t, h, m, chunks, "live")
+			dm.check(t, h, recover_(h.st, "after the header"), chunks, "recovered")
+			if err := m.Checkpoint(); err != nil {
+				t.Fatal(err)
+			}
+			dm.check(t, h, recover_(h.st, "after the last checkpoint"), chunks, "after the last checkpoint")
+			t.Logf("%d checkpoints, %d recoveries across a reseed", headers, crossed)
+			if headers < 10 || deferred && crossed < 10 {
+				t.Fatalf("%d checkpoints, %d recoveries across a reseed: the path was not exercised", headers, crossed)
+			}
+		})
 	}
 }

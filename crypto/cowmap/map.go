@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 
 	"goldilocks/internal/block"
 )
@@ -50,6 +51,11 @@ type Config struct {
 	// often (FORMAT.md, "Small writes into the log"). The caller sets the
 	// header's log-data flag before it turns this on.
 	LogData bool
+	// DeferCheckpoint runs the tree part of a checkpoint that a FLUSH
+	// starts inside the next commit, after that commit is durable, instead
+	// of beside it: one fixed interleaving of the two, for tests that cut
+	// the power at every operation of a fixed workload.
+	DeferCheckpoint bool
 	// Written, if set, reports whether chunk c's block at home is already
 	// written on the store; a small write then goes there, not into the
 	// log: a write into a written block allocates nothing, and the
@@ -85,25 +91,38 @@ type Map struct {
 	// nodeWrites are a checkpoint's node writes (ParallelIO); guarded by
 	// commitMu.
 	nodeWrites []nodeWrite
+	// riding: the checkpoint running beside commits lets their flushes
+	// carry its writes, burst counts them (FORMAT.md, "Checkpoints beside
+	// commits"); owned by the checkpoint.
+	riding bool
+	burst  int
 
 	mu     sync.Mutex // guards the fields below
-	cond   sync.Cond  // a commit ended
+	cond   sync.Cond  // a commit or a checkpoint ended
 	dirty  map[uint64]Entry
 	snap   map[uint64]Entry // being committed; nil between commits
-	logged map[uint64]Entry // committed since the checkpoint
-	failed error
-	seq    uint64 // last durable commit
-	prev   [32]byte
+	logged map[uint64]Entry // committed since the checkpoint (or since a running one began)
+	// ckpt holds the entries a checkpoint running in the background
+	// writes into the tree, until its header is durable; bgDone is
+	// closed when it ends. Both nil when none runs.
+	ckpt     map[uint64]Entry
+	bgDone   chan struct{}
+	deferred func() // DeferCheckpoint: the running checkpoint's tree part
+	moving   bool   // the running checkpoint still copies data in the log home
+	failed   error
+	seq      uint64 // last durable commit
+	prev     [32]byte
 
-	// Ring positions, as offsets from state.LogStart (FORMAT.md, "Log
-	// block"): used ends the last durable commit; tail is the next free
+	// Log positions, as counters whose remainder modulo the log length is
+	// the ring position (FORMAT.md, "Log block"): base is the header's log
+	// start; used ends the last durable commit; tail is the next free
 	// position; slot, once reserved (slotSet), is the next commit's first
 	// log block, and pend positions after it hold data of that commit.
-	used, tail, slot uint64
-	slotSet          bool
-	pend             uint32
-	small            bool // the last commit was small: small writes go into the log
-	dropped          bool // recovery dropped a last commit whose data was missing
+	base, used, tail, slot uint64
+	slotSet                bool
+	pend                   uint32
+	small                  bool // the last commit was small: small writes go into the log
+	dropped                bool // recovery dropped a last commit whose data was missing
 
 	replayed int    // commits recovery replayed
 	maxEpoch uint32 // largest seal epoch among them
@@ -161,6 +180,7 @@ func (m *Map) replay() error {
 	var (
 		commits []commit
 		cur     commit
+		first   = true // the next block is a commit's first
 		off     uint64 // ring offset of the next block from start
 		b       = make([]byte, BlockSize)
 	)
@@ -169,7 +189,13 @@ func (m *Map) replay() error {
 		if _, err := m.cfg.Dev.ReadAt(b, int64(g.logBlock(pos)*BlockSize)); err != nil {
 			return fmt.Errorf("reading the map log: %w", err)
 		}
-		recs, end, data, mac, ok := openLogBlock(b, m.cfg.LogKey, m.cfg.UUID, m.seq+uint64(len(commits))+1, pos, prev)
+		seq := m.seq + uint64(len(commits))
+		var alt *[32]byte // a commit's first block may chain to a reseed
+		if first && [32]byte(b[32:64]) != prev {
+			r := Reseed(m.cfg.LogKey, seq, pos)
+			alt = &r
+		}
+		recs, end, data, mac, ok := openLogBlock(b, m.cfg.LogKey, m.cfg.UUID, seq+1, pos, prev, alt)
 		if !ok {
 			break
 		}
@@ -187,6 +213,7 @@ func (m *Map) replay() error {
 		}
 		prev = mac
 		off += 1 + uint64(data)
+		first = end
 		if end {
 			for _, r := range cur.recs {
 				if l := r.e.Loc(); IsInLog(l) && !cur.holds((LogPos(l)+g.LogBlocks-start)%g.LogBlocks) {
@@ -208,14 +235,15 @@ func (m *Map) replay() error {
 			}
 		}
 	}
-	m.prev = Seed(m.cfg.LogKey, m.state.Seq, m.state.Root, m.state.LogStart)
+	m.prev = Reseed(m.cfg.LogKey, m.state.Seq, start)
 	m.replayed = len(commits)
+	m.base, m.used = start, start
 	for _, c := range commits {
 		for _, r := range c.recs {
 			m.logged[r.chunk] = r.e
 			m.maxEpoch = max(m.maxEpoch, r.e.Epoch())
 		}
-		m.used = c.next
+		m.used = start + c.next
 		m.seq++
 	}
 	m.tail = m.used
@@ -261,7 +289,7 @@ func (m *Map) Lookup(c uint64) (Entry, error) {
 		m.mu.Unlock()
 		return e, nil
 	}
-	if e, ok := m.logged[c]; ok {
+	if e, ok := m.loggedLocked(c); ok {
 		m.mu.Unlock()
 		return e, nil
 	}
@@ -281,7 +309,7 @@ func (m *Map) LookupRange(first uint64, out []Entry) error {
 			out[i] = e
 		} else if e, ok := m.snap[c]; ok {
 			out[i] = e
-		} else if e, ok := m.logged[c]; ok {
+		} else if e, ok := m.loggedLocked(c); ok {
 			out[i] = e
 		} else {
 			out[i].SetLoc(inTree)
@@ -379,7 +407,8 @@ func (m *Map) load(level int, idx uint64, ref Ref) (*node, error) {
 // does not name (or, in the log, does not move to), or the place it was
 // written to since the last commit, or a position in the log (FORMAT.md,
 // "Small writes into the log"). It waits while a commit that includes c
-// is in progress. The caller holds c's write lock until Set.
+// is in progress, and while a checkpoint moves c's data out of the log to
+// the home a write would take. The caller holds c's write lock until Set.
 func (m *Map) Home(c uint64) (uint64, error) {
 	var out [1]uint64
 	err := m.Homes(c, out[:])
@@ -404,6 +433,14 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 				}
 			}
 		}
+		if m.moving && !busy {
+			for i := range out {
+				if m.movingLocked(first + uint64(i)) {
+					busy = true
+					break
+				}
+			}
+		}
 		if !busy {
 			break
 		}
@@ -421,7 +458,7 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 		if i < smallWrite {
 			fresh |= 1 << i
 		}
-		if l, ok := m.logged[c]; ok {
+		if l, ok := m.loggedLocked(c); ok {
 			out[i] = Other(l.Loc())
 		} else {
 			out[i] = inTree
@@ -450,7 +487,7 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 func (m *Map) logOpen() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.small && m.pend < maxLogData && m.tail+2 <= m.cfg.Geo.LogBlocks/2
+	return m.small && m.pend < maxLogData && m.tail-m.base+2 <= m.cfg.Geo.LogBlocks/2
 }
 
 // intoLog moves the small write's fresh places into the log while the
@@ -469,14 +506,14 @@ func (m *Map) intoLog(out []uint64, fresh uint8) {
 		if !m.slotSet {
 			need++
 		}
-		if m.pend >= maxLogData || m.tail+need > m.cfg.Geo.LogBlocks/2 {
+		if m.pend >= maxLogData || m.tail-m.base+need > m.cfg.Geo.LogBlocks/2 {
 			return
 		}
 		if !m.slotSet {
 			m.slot, m.slotSet = m.tail, true
 			m.tail++
 		}
-		out[i] = InLog((m.state.LogStart+m.tail)%m.cfg.Geo.LogBlocks, out[i])
+		out[i] = InLog(m.tail%m.cfg.Geo.LogBlocks, out[i])
 		m.tail++
 		m.pend++
 	}
@@ -662,6 +699,8 @@ func (m *Map) Commit(quiesce func() func()) error {
 	slot, data := m.slot, m.pend
 	m.tail += blocks - 1
 	end := m.tail
+	room := end-m.base <= m.cfg.Geo.LogBlocks-1
+	bgDone := m.bgDone
 	m.slotSet, m.pend = false, 0
 	m.small = len(m.snap) <= smallCommit
 	m.mu.Unlock()
@@ -678,7 +717,13 @@ func (m *Map) Commit(quiesce func() func()) error {
 		err  error
 		last [32]byte
 	)
-	if end > m.cfg.Geo.LogBlocks-1 {
+	if !room {
+		if bgDone != nil { // the running checkpoint frees the log first
+			m.waitCheckpoint()
+			if m.Failed() != nil {
+				return ErrFailed
+			}
+		}
 		err = m.checkpointLocked(seq, recs)
 		if err == nil {
 			m.mu.Lock()
@@ -703,13 +748,162 @@ func (m *Map) Commit(quiesce func() func()) error {
 	m.seq = seq
 	m.used = end
 	m.prev = last
-	full := len(m.logged) >= m.cfg.MaxLogged || m.used > m.cfg.Geo.LogBlocks/2
+	full := m.bgDone == nil && (len(m.logged) >= m.cfg.MaxLogged || m.used-m.base > m.cfg.Geo.LogBlocks/2)
+	deferred := m.deferred != nil
 	m.cond.Broadcast()
 	m.mu.Unlock()
+	if deferred { // DeferCheckpoint: its tree now, after this commit
+		m.waitCheckpoint()
+		if m.Failed() != nil {
+			return ErrFailed
+		}
+		return nil
+	}
 	if full {
-		return m.fail(m.checkpointLocked(0, nil))
+		return m.fail(m.startCheckpoint())
 	}
 	return nil
+}
+
+// movingLocked reports whether a write of chunk c must wait for the
+// running checkpoint's moves: its data in the log moves to a home that a
+// later commit made the one to write next (FORMAT.md, "Checkpoints beside
+// commits"). Callers hold mu.
+func (m *Map) movingLocked(c uint64) bool {
+	e, ok := m.ckpt[c]
+	if !ok || !IsInLog(e.Loc()) {
+		return false
+	}
+	_, later := m.logged[c]
+	return later
+}
+
+// loggedLocked returns chunk c's entry in the log: committed since the
+// checkpoint, or in the one running. Callers hold mu.
+func (m *Map) loggedLocked(c uint64) (Entry, bool) {
+	if e, ok := m.logged[c]; ok {
+		return e, true
+	}
+	e, ok := m.ckpt[c]
+	return e, ok
+}
+
+// startCheckpoint starts a checkpoint of every commit so far that runs
+// beside later commits (FORMAT.md, "Checkpoints beside commits"). Callers
+// hold commitMu; no checkpoint runs.
+func (m *Map) startCheckpoint() error {
+	m.mu.Lock()
+	recs, _ := sortedRecords(m.logged, nil, nil, nil)
+	seq := m.seq
+	head := m.reserveStart()
+	m.ckpt, m.logged = m.logged, make(map[uint64]Entry)
+	done := make(chan struct{})
+	m.bgDone = done
+	m.moving = true
+	m.prev = Reseed(m.cfg.LogKey, seq, head%m.cfg.Geo.LogBlocks)
+	m.mu.Unlock()
+	tree := func() {
+		_, f := m.cfg.Dev.(*Flusher)
+		m.riding, m.burst = f && !m.cfg.ParallelIO && !m.cfg.DeferCheckpoint, 0
+		err := m.moveHome(recs)
+		m.mu.Lock()
+		m.moving = false
+		m.cond.Broadcast()
+		m.mu.Unlock()
+		if err == nil {
+			err = m.writeTree(recs, seq, head, true)
+		}
+		m.riding = false
+		if err != nil {
+			m.fail(err)
+		}
+		m.mu.Lock()
+		m.bgDone = nil
+		close(done)
+		m.cond.Broadcast()
+		m.mu.Unlock()
+	}
+	if m.cfg.DeferCheckpoint {
+		m.mu.Lock()
+		m.deferred = tree
+		m.mu.Unlock()
+	} else {
+		go tree()
+	}
+	return nil
+}
+
+// A checkpoint beside commits writes its moves and nodes in bursts of
+// rideBurst, each taken to the disk by the next commit's flush; when no
+// commit flushes within rideWait, it writes the rest at once and flushes
+// itself.
+const (
+	rideBurst = 64
+	rideWait  = 20 * time.Millisecond
+)
+
+// paced is called after each write of a checkpoint: while it rides on
+// the commits' flushes, every rideBurst writes wait for one.
+func (m *Map) paced() error {
+	if !m.riding {
+		return nil
+	}
+	if m.burst++; m.burst < rideBurst {
+		return nil
+	}
+	m.burst = 0
+	f := m.cfg.Dev.(*Flusher)
+	ok, err := f.Flushed(f.Mark(), rideWait)
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	m.riding = ok
+	return nil
+}
+
+// flushTree makes a checkpoint's writes durable: a commit's flush that
+// began after them, or its own.
+func (m *Map) flushTree() error {
+	if m.riding {
+		f := m.cfg.Dev.(*Flusher)
+		ok, err := f.Flushed(f.Mark(), rideWait)
+		if err != nil {
+			return fmt.Errorf("checkpoint: %w", err)
+		}
+		if ok {
+			return nil
+		}
+	}
+	if err := m.cfg.Dev.Flush(); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	return nil
+}
+
+// reserveStart reserves the next commit's first log block, unless a write
+// into the log did, and returns it: a checkpoint's log start. Callers
+// hold mu.
+func (m *Map) reserveStart() uint64 {
+	if !m.slotSet {
+		m.slot, m.slotSet = m.tail, true
+		m.tail++
+	}
+	return m.slot
+}
+
+// waitCheckpoint waits for a checkpoint running in the background (or
+// runs a deferred one).
+func (m *Map) waitCheckpoint() {
+	m.mu.Lock()
+	done, tree := m.bgDone, m.deferred
+	m.deferred = nil
+	m.mu.Unlock()
+	if tree != nil {
+		tree()
+	}
+	if done != nil {
+		<-done
+	}
 }
 
 // smallKeep: a commit of at most this many entries leaves its buffers and
@@ -771,16 +965,16 @@ func (m *Map) writeLog(recs []record, seq, slot uint64, data uint32) ([32]byte, 
 		buf = make([]byte, min(blocks, logBufBlocks)*BlockSize)
 	}
 	m.mu.Lock()
-	prev, start := m.prev, m.state.LogStart
+	prev := m.prev
 	m.mu.Unlock()
-	// Block i sits at offset slot (i = 0) or slot+data+i; written in
+	// Block i sits at counter slot (i = 0) or slot+data+i; written in
 	// pieces of neighbouring blocks, at most logBufBlocks, never across
 	// the ring's end.
 	at := func(i uint64) uint64 {
 		if i == 0 {
-			return (start + slot) % g.LogBlocks
+			return slot % g.LogBlocks
 		}
-		return (start + slot + uint64(data) + i) % g.LogBlocks
+		return (slot + uint64(data) + i) % g.LogBlocks
 	}
 	for i := uint64(0); i < blocks; {
 		pos := at(i)
@@ -814,8 +1008,9 @@ const logBufBlocks = 64
 func (m *Map) Checkpoint() error {
 	m.commitMu.Lock()
 	defer m.commitMu.Unlock()
+	m.waitCheckpoint()
 	m.mu.Lock()
-	failed, empty := m.failed, len(m.logged) == 0 && m.used == 0
+	failed, empty := m.failed, len(m.logged) == 0 && m.used == m.base
 	m.mu.Unlock()
 	if failed != nil {
 		return ErrFailed
@@ -828,29 +1023,39 @@ func (m *Map) Checkpoint() error {
 
 // checkpointLocked writes the logged entries, and extra (commit seq,
 // not yet durable: its data is synced here before the header names it),
-// into the tree. Callers hold commitMu.
+// into the tree. Callers hold commitMu; no checkpoint runs in the
+// background.
 func (m *Map) checkpointLocked(seq uint64, extra []record) error {
-	g := &m.cfg.Geo
 	m.mu.Lock()
 	recs, _ := sortedRecords(m.logged, extra, nil, nil)
 	newSeq := m.seq
-	// The log starts again at the next commit's first block: its slot,
-	// reserved now if no write into the log has yet.
-	if !m.slotSet {
-		m.slot, m.slotSet = m.tail, true
-		m.tail++
-	}
-	shift := m.slot
-	head := (m.state.LogStart + shift) % g.LogBlocks
-	m.mu.Unlock()
 	if extra != nil {
 		newSeq = seq
 	}
+	// The log starts again at the next commit's first block: its slot,
+	// reserved now if no write into the log has yet.
+	head := m.reserveStart()
+	m.mu.Unlock()
 	// Data in the log moves to its home first (FORMAT.md, "Checkpoint").
 	if err := m.moveHome(recs); err != nil {
 		return err
 	}
+	if err := m.writeTree(recs, newSeq, head, false); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.seq = newSeq
+	m.prev = Reseed(m.cfg.LogKey, newSeq, head%m.cfg.Geo.LogBlocks)
+	m.mu.Unlock()
+	return nil
+}
 
+// writeTree writes recs (sorted: the entries up to commit seq, their data
+// home) into the tree, flushes the store, writes the header naming the new
+// root with the log starting at counter head, and then serves from it: bg
+// says the entries were held in ckpt (a checkpoint in the background),
+// else in logged. Callers own the checkpoint.
+func (m *Map) writeTree(recs []record, seq, head uint64, bg bool) error {
 	m.treeMu.RLock()
 	old := m.state
 	m.treeMu.RUnlock()
@@ -858,17 +1063,17 @@ func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	if len(recs) > 0 {
 		var err error
 		m.nodeWrites = m.nodeWrites[:0]
-		if root, err = m.update(m.top, 0, old.Root, recs, newSeq); err == nil {
+		if root, err = m.update(m.top, 0, old.Root, recs, seq); err == nil {
 			err = m.writeNodes()
 		}
 		if err != nil {
 			return err
 		}
 	}
-	if err := m.cfg.Dev.Flush(); err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
+	if err := m.flushTree(); err != nil {
+		return err
 	}
-	st := State{Seq: newSeq, Root: root, LogStart: head}
+	st := State{Seq: seq, Root: root, LogStart: head % m.cfg.Geo.LogBlocks}
 	if err := m.cfg.WriteHeader(st); err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
 	}
@@ -876,18 +1081,19 @@ func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	m.treeMu.Lock()
 	m.state = st
 	m.treeMu.Unlock()
-	m.logged = make(map[uint64]Entry) // a cleared map keeps its buckets
-	m.seq = newSeq
-	m.used = 0
-	m.tail -= shift
-	m.slot -= shift
-	m.prev = Seed(m.cfg.LogKey, st.Seq, st.Root, st.LogStart)
+	if bg {
+		m.ckpt = nil
+	} else {
+		m.logged = make(map[uint64]Entry) // a cleared map keeps its buckets
+	}
+	m.base = head
+	m.used = max(m.used, head)
 	m.mu.Unlock()
 	return nil
 }
 
 // moveHome copies the data of recs that is in the log to its home and
-// points their entries there. Callers hold commitMu.
+// points their entries there. Callers own the checkpoint.
 func (m *Map) moveHome(recs []record) error {
 	var b []byte
 	for i := range recs {
@@ -906,6 +1112,9 @@ func (m *Map) moveHome(recs []record) error {
 			return fmt.Errorf("checkpoint: moving chunk %d home: %w", c, err)
 		}
 		recs[i].e.SetLoc(home)
+		if err := m.paced(); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -975,6 +1184,8 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 		m.nodeWrites = append(m.nodeWrites, nodeWrite{n, off, level, idx})
 	} else if _, err := m.cfg.Dev.WriteAt(n[:], off); err != nil {
 		return Ref{}, fmt.Errorf("writing map node %d/%d: %w", level, idx, err)
+	} else if err := m.paced(); err != nil {
+		return Ref{}, err
 	}
 	h := n.hash()
 	m.cfg.Cache.put(cacheKey{m.owner, level, idx}, n, h) // in place of the old version
@@ -984,8 +1195,12 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 	return Ref{Loc: loc, Hash: h, MaxGen: n.maxGen()}, nil
 }
 
-// Close forgets the map's cached nodes.
-func (m *Map) Close() { m.cfg.Cache.drop(m.owner) }
+// Close waits for a checkpoint running in the background and forgets
+// the map's cached nodes.
+func (m *Map) Close() {
+	m.waitCheckpoint()
+	m.cfg.Cache.drop(m.owner)
+}
 
 // SwitchKey checkpoints the map (so that no log block MACed by the old
 // key is needed again), has write record the checkpoint with the new key
@@ -993,8 +1208,9 @@ func (m *Map) Close() { m.cfg.Cache.drop(m.owner) }
 func (m *Map) SwitchKey(key []byte, write func(State) error) error {
 	m.commitMu.Lock()
 	defer m.commitMu.Unlock()
+	m.waitCheckpoint()
 	m.mu.Lock()
-	failed, empty := m.failed, len(m.logged) == 0 && m.used == 0
+	failed, empty := m.failed, len(m.logged) == 0 && m.used == m.base
 	m.mu.Unlock()
 	if failed != nil {
 		return ErrFailed
@@ -1013,7 +1229,7 @@ func (m *Map) SwitchKey(key []byte, write func(State) error) error {
 	m.mu.Lock()
 	m.cfg.LogKey = key
 	m.macer = newLogMACer(key) // commitMu is held
-	m.prev = Seed(key, st.Seq, st.Root, st.LogStart)
+	m.prev = Reseed(key, st.Seq, st.LogStart)
 	m.mu.Unlock()
 	return nil
 }

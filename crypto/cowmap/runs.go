@@ -18,7 +18,7 @@ func (m *Map) Runs(dst []Run, from, to uint64, maxRuns int) ([]Run, error) {
 	var over []ov
 	m.mu.Lock()
 	seen := make(map[uint64]bool)
-	for _, mp := range []map[uint64]Entry{m.dirty, m.snap, m.logged} { // newest first
+	for _, mp := range []map[uint64]Entry{m.dirty, m.snap, m.logged, m.ckpt} { // newest first
 		for c, e := range mp {
 			if c >= from && c < to && !seen[c] {
 				seen[c] = true
