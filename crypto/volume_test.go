@@ -240,7 +240,7 @@ func (d *countDev) Flush() error {
 func (d *countDev) Close() error { return nil }
 
 // fileVolume is a volume on a real file (the page cache) for benchmarks.
-func fileVolume(b *testing.B, size uint64) *Volume {
+func fileVolume(b testing.TB, size uint64) *Volume {
 	kek := NewLocalKEK(b.TempDir(), nil)
 	path := filepath.Join(b.TempDir(), "vol.img")
 	f, err := os.Create(path)

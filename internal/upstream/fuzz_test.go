@@ -156,13 +156,18 @@ func FuzzTransmissionReplies(f *testing.F) {
 		uri := fuzzServer(t, h, append(append([]byte(nil), opts...), replies...))
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
-		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 10 * time.Millisecond, ReplyTimeout: 50 * time.Millisecond})
+		// Short limits: a mutated input mostly leaves requests half
+		// answered, and each then costs the reply timeout, the outage
+		// limit and the first retry (with 50 ms, 10 ms and 50 ms the
+		// fuzzing engine ran about one input a second).
+		d, err := Dial(ctx, uri, Options{DialTimeout: time.Second, OutageLimit: 5 * time.Millisecond,
+			ReplyTimeout: 5 * time.Millisecond, retry: time.Millisecond})
 		if err != nil {
 			return
 		}
 		// A server that breaks every connection keeps the requests
 		// waiting up to the outage limit and its backoff: give each input
-		// a second, then Close fails what still waits.
+		// 200 ms, then Close fails what still waits.
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -185,7 +190,7 @@ func FuzzTransmissionReplies(f *testing.F) {
 		}()
 		select {
 		case <-done:
-		case <-time.After(time.Second):
+		case <-time.After(200 * time.Millisecond):
 		}
 		d.Close()
 		<-done

@@ -97,6 +97,9 @@ type Options struct {
 	// Log receives outages and recoveries (event=backing_outage,
 	// backing_restored: they reach the audit trail); nil: discarded.
 	Log *slog.Logger
+	// retry is the first wait between reconnection attempts, doubled up
+	// to 2 s (0: 50 ms); the fuzz targets shorten it.
+	retry time.Duration
 }
 
 // Device is an NBD export used as a block device. It is safe for
@@ -289,6 +292,9 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
+	if o.retry <= 0 {
+		o.retry = 50 * time.Millisecond
+	}
 	d := &Device{uri: uri, t: t, o: o, maxIO: defaultMaxIO, pending: map[uint64]*call{}}
 	d.calls.New = func() any { return &call{errc: make(chan error, 1)} }
 	l, r, err := d.connect(ctx, true)
@@ -304,7 +310,7 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 // watchdog drops a connection on which a request has waited longer than
 // the reply timeout (see Options.ReplyTimeout), until the device closes.
 func (d *Device) watchdog() {
-	tick := time.NewTicker(min(max(d.o.ReplyTimeout/4, 10*time.Millisecond), time.Second))
+	tick := time.NewTicker(min(max(d.o.ReplyTimeout/4, time.Millisecond), time.Second))
 	defer tick.Stop()
 	for range tick.C {
 		d.mu.Lock()
@@ -817,7 +823,7 @@ func (d *Device) failLocked(err error) {
 // reconnect dials with backoff until it succeeds or the device closes;
 // past the outage limit the requests waiting fail, and it keeps trying.
 func (d *Device) reconnect() {
-	wait := 50 * time.Millisecond
+	wait := d.o.retry
 	for {
 		l, r, err := d.connect(context.Background(), false)
 		d.mu.Lock()
