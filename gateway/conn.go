@@ -66,8 +66,9 @@ type conn struct {
 	splice        *splicer        // large plain writes, socket to file; or nil
 
 	// Owned by the reader goroutine. noInlineUntil pauses inline writes
-	// after one was slow (the backend blocked); deferred holds the
-	// replies of requests it ran, until flushDeferred.
+	// after one was slow (the backend blocked) while other requests
+	// waited behind it; deferred holds the replies of requests it ran,
+	// until flushDeferred.
 	noInlineUntil time.Time
 	deferred      []*request
 	// A FLUSH on an idle connection runs on the reader too (a client at
@@ -97,9 +98,14 @@ type conn struct {
 	iovArr [][]byte    // backing array for iov, cap 2*MaxInflight
 	iov    net.Buffers // the batch being sent
 
-	free  chan *request // idle request slots
-	work  chan *request // requests for workers
-	wrote atomic.Bool   // any write-type command ran since the last flush
+	free chan *request // idle request slots
+	work chan *request // requests for workers
+	// running counts requests handed to workers whose replies are not
+	// yet queued: while it is 0 no request is at the device. (A slot
+	// comes back to free only after its reply is written, and a client
+	// at queue depth one often sends its next request before then.)
+	running atomic.Int32
+	wrote   atomic.Bool // any write-type command ran since the last flush
 }
 
 func (s *Server) newConn(nc net.Conn) *conn {
@@ -480,6 +486,7 @@ func (c *conn) dispatch(r *request, errno uint32) {
 		c.replyError(r, errno)
 	case c.inline(r):
 	default:
+		c.running.Add(1)
 		c.work <- r
 	}
 }
@@ -529,15 +536,18 @@ func (c *conn) inline(r *request) bool {
 		}
 		c.onReader(r)
 		c.handle(r)
-		if time.Since(now) > inlineSlow {
+		// A slow write held up only the requests that arrived meanwhile:
+		// with none (queue depth one, a GC pause, a busy CPU) running it
+		// here cost nothing, and a hop to a worker would.
+		if time.Since(now) > inlineSlow && c.othersWaiting() {
 			c.noInlineUntil = now.Add(inlinePauseFor)
 		}
 		return true
 	case cmdFlush:
-		// Only when nothing else is in flight or received: then the
-		// client waits for this reply before it sends more (queue depth
-		// one), and a hop to a worker is pure latency.
-		if c.sock == nil || c.rd.Buffered() > 0 || len(c.free) != cap(c.free)-1 {
+		// Only when nothing else is in flight, held back or received:
+		// then the client waits for this reply before it sends more
+		// (queue depth one), and a hop to a worker is pure latency.
+		if c.sock == nil || c.rd.Buffered() > 0 || len(c.deferred) > 0 || c.running.Load() != 0 {
 			return false
 		}
 		now := time.Now()
@@ -546,12 +556,18 @@ func (c *conn) inline(r *request) bool {
 		}
 		c.onReader(r)
 		c.handle(r)
-		if c.waiting() { // the client did not wait: let workers overlap
+		if c.othersWaiting() { // the client did not wait: let workers overlap
 			c.noInlineFlushUntil = now.Add(inlinePauseFor)
 		}
 		return true
 	}
 	return false
+}
+
+// othersWaiting reports whether requests arrived while the reader ran
+// one: bytes in the read buffer or on the socket (behind TLS: assumed).
+func (c *conn) othersWaiting() bool {
+	return c.sock == nil || c.rd.Buffered() > 0 || c.waiting()
 }
 
 // waiting reports whether the client has sent bytes not yet read.

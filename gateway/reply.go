@@ -28,6 +28,7 @@ func (c *conn) send(r *request, hdr, data []byte) {
 		c.deferred = append(c.deferred, r) // never grows: at most MaxInflight slots
 		return
 	}
+	c.running.Add(-1) // a worker's request: done at the device
 	c.wmu.Lock()
 	c.queue = append(c.queue, r) // never grows: at most MaxInflight slots exist
 	c.writeQueueLocked()

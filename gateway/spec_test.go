@@ -915,3 +915,47 @@ func TestSlowDeviceWritesInParallel(t *testing.T) {
 		t.Fatalf("at most %d write ran at once on a device without CanFastWrite: pipelined writes were serialized", m)
 	}
 }
+
+// stallDev declares memory-speed writes (block.CanFastWrite) but each
+// takes longer than the inline pause's 1 ms (page-cache writeback
+// throttling does this to a file).
+type stallDev struct{ slowDev }
+
+func (d *stallDev) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanFastWrite }
+
+func (d *stallDev) WriteAt(p []byte, off int64) (int, error) {
+	n := d.now.Add(1)
+	for m := d.most.Load(); n > m && !d.most.CompareAndSwap(m, n); m = d.most.Load() {
+	}
+	for t0 := time.Now(); time.Since(t0) < 3*time.Millisecond; {
+		runtime.Gosched()
+	}
+	d.now.Add(-1)
+	return d.Mem.WriteAt(p, off)
+}
+
+// A write that runs on the reader and blocks while other requests wait
+// behind it pauses inline writes: the pipelined ones then run side by
+// side on the workers. (A slow write with nothing behind it does not:
+// at queue depth one the hop to a worker is pure latency.)
+func TestBlockedFastDeviceLetsWaitingWritesThrough(t *testing.T) {
+	dev := &stallDev{slowDev{Mem: block.NewMem(1 << 20)}}
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	const n = 16
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, reqHeader(false, 0, 1, uint64(i+1), uint64(i)*4096, 4096)...)
+		reqs = append(reqs, make([]byte, 4096)...)
+	}
+	cl.write(reqs)
+	for range n {
+		if e, _ := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("write: errno %d", e)
+		}
+	}
+	if m := dev.most.Load(); m < 2 {
+		t.Fatalf("at most %d write ran at once: writes that waited behind a blocked inline write stayed on the reader", m)
+	}
+}
