@@ -866,26 +866,46 @@ func TestExtendedHeaders(t *testing.T) {
 }
 
 // slowDev is a device whose writes wait (as a network store's do) and
-// that does not declare CanFastWrite; it records how many writes ran at
-// once.
+// that declares caps; it records how many writes ran at once.
 type slowDev struct {
 	*block.Mem
+	wait      time.Duration
+	caps      block.Caps
 	now, most atomic.Int32
 }
 
-func (d *slowDev) Caps() block.Caps { return block.CanTrim | block.CanZero }
+func (d *slowDev) Caps() block.Caps { return d.caps }
 
 func (d *slowDev) WriteAt(p []byte, off int64) (int, error) {
 	n := d.now.Add(1)
 	for m := d.most.Load(); n > m && !d.most.CompareAndSwap(m, n); m = d.most.Load() {
 	}
-	// A network round trip, below the inline pause's 1 ms: spun, since a
-	// sleep this short can take longer than that on a busy machine.
-	for t0 := time.Now(); time.Since(t0) < 300*time.Microsecond; {
+	// Spun, since a sleep this short can take longer on a busy machine.
+	for t0 := time.Now(); time.Since(t0) < d.wait; {
 		runtime.Gosched()
 	}
 	d.now.Add(-1)
 	return d.Mem.WriteAt(p, off)
+}
+
+// pipelinedWrites sends n 4 KiB writes to dev in one go and returns how
+// many ran at once at most.
+func pipelinedWrites(t *testing.T, dev *slowDev, n int) int32 {
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, reqHeader(false, 0, 1, uint64(i+1), uint64(i)*4096, 4096)...)
+		reqs = append(reqs, make([]byte, 4096)...)
+	}
+	cl.write(reqs)
+	for range n {
+		if e, _ := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("write: errno %d", e)
+		}
+	}
+	return dev.most.Load()
 }
 
 // Small writes run on the connection's reader only on a device that
@@ -894,68 +914,24 @@ func (d *slowDev) WriteAt(p []byte, off int64) (int, error) {
 // first RBD benchmark found them one at a time: 1,252 4k IOPS against
 // qemu-nbd's 3,189.
 func TestSlowDeviceWritesInParallel(t *testing.T) {
-	dev := &slowDev{Mem: block.NewMem(1 << 20)}
-	s := startSpecServer(t, dev, "", nil)
-	cl := newClient(t, s.dial(t))
-	cl.attach("disk", false)
-	const n = 32
-	var reqs []byte
-	for i := range n {
-		reqs = append(reqs, reqHeader(false, 0, 1, uint64(i+1), uint64(i)*4096, 4096)...)
-		reqs = append(reqs, make([]byte, 4096)...)
-	}
-	cl.write(reqs)
-	for range n {
-		if e, _ := cl.simpleReply(nil); e != 0 {
-			t.Fatalf("write: errno %d", e)
-		}
-	}
-	t.Logf("at most %d writes at once", dev.most.Load())
-	if m := dev.most.Load(); m < 2 {
+	// A network round trip, below the inline pause's 1 ms.
+	dev := &slowDev{Mem: block.NewMem(1 << 20), wait: 300 * time.Microsecond, caps: block.CanTrim | block.CanZero}
+	m := pipelinedWrites(t, dev, 32)
+	t.Logf("at most %d writes at once", m)
+	if m < 2 {
 		t.Fatalf("at most %d write ran at once on a device without CanFastWrite: pipelined writes were serialized", m)
 	}
-}
-
-// stallDev declares memory-speed writes (block.CanFastWrite) but each
-// takes longer than the inline pause's 1 ms (page-cache writeback
-// throttling does this to a file).
-type stallDev struct{ slowDev }
-
-func (d *stallDev) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanFastWrite }
-
-func (d *stallDev) WriteAt(p []byte, off int64) (int, error) {
-	n := d.now.Add(1)
-	for m := d.most.Load(); n > m && !d.most.CompareAndSwap(m, n); m = d.most.Load() {
-	}
-	for t0 := time.Now(); time.Since(t0) < 3*time.Millisecond; {
-		runtime.Gosched()
-	}
-	d.now.Add(-1)
-	return d.Mem.WriteAt(p, off)
 }
 
 // A write that runs on the reader and blocks while other requests wait
 // behind it pauses inline writes: the pipelined ones then run side by
 // side on the workers. (A slow write with nothing behind it does not:
-// at queue depth one the hop to a worker is pure latency.)
+// at queue depth one the hop to a worker is pure latency.) The device
+// declares memory-speed writes but each takes longer than the pause's
+// 1 ms, as page-cache writeback throttling does to a file.
 func TestBlockedFastDeviceLetsWaitingWritesThrough(t *testing.T) {
-	dev := &stallDev{slowDev{Mem: block.NewMem(1 << 20)}}
-	s := startSpecServer(t, dev, "", nil)
-	cl := newClient(t, s.dial(t))
-	cl.attach("disk", false)
-	const n = 16
-	var reqs []byte
-	for i := range n {
-		reqs = append(reqs, reqHeader(false, 0, 1, uint64(i+1), uint64(i)*4096, 4096)...)
-		reqs = append(reqs, make([]byte, 4096)...)
-	}
-	cl.write(reqs)
-	for range n {
-		if e, _ := cl.simpleReply(nil); e != 0 {
-			t.Fatalf("write: errno %d", e)
-		}
-	}
-	if m := dev.most.Load(); m < 2 {
+	dev := &slowDev{Mem: block.NewMem(1 << 20), wait: 3 * time.Millisecond, caps: block.CanTrim | block.CanZero | block.CanFastWrite}
+	if m := pipelinedWrites(t, dev, 16); m < 2 {
 		t.Fatalf("at most %d write ran at once: writes that waited behind a blocked inline write stayed on the reader", m)
 	}
 }
