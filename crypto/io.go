@@ -33,7 +33,7 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	}
 	for len(p)-done >= ChunkSize {
 		n := min((len(p)-done)/ChunkSize, batchChunks)
-		if err := v.readChunks(uint64(off+int64(done))/ChunkSize, p[done:done+n*ChunkSize], b); err != nil {
+		if err := v.readChunks(uint64(off+int64(done))/ChunkSize, p[done:done+n*ChunkSize], b, false); err != nil {
 			return done, err
 		}
 		done += n * ChunkSize
@@ -45,6 +45,26 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 		done = len(p)
 	}
 	return done, nil
+}
+
+// TryReadAt is ReadAt from memory alone, for the transport to run on its
+// reader: block.ErrWouldBlock, at once, unless p covers whole chunks
+// (at most a batch) whose map entries are in the cache, none in the log,
+// and whose ciphertext is in the store's cache. A chunk that does not
+// open is left to ReadAt, which reports it.
+func (v *Volume) TryReadAt(p []byte, off int64) (int, error) {
+	if !block.CheckRange(v.size, off, int64(len(p))) {
+		return 0, block.ErrOutOfRange
+	}
+	if v.tryStore == nil || len(p) == 0 || off%ChunkSize != 0 || len(p)%ChunkSize != 0 || len(p) > batchChunks*ChunkSize {
+		return 0, block.ErrWouldBlock
+	}
+	b := v.bufs.Get().(*chunkBuf)
+	defer v.bufs.Put(b)
+	if err := v.readChunks(uint64(off)/ChunkSize, p, b, true); err != nil {
+		return 0, block.ErrWouldBlock
+	}
+	return len(p), nil
 }
 
 func (v *Volume) readPartial(c uint64, in int, p []byte, b *chunkBuf) error {
@@ -59,7 +79,9 @@ func (v *Volume) readPartial(c uint64, in int, p []byte, b *chunkBuf) error {
 }
 
 // readChunks reads whole chunks first.. into p (at most batchChunks).
-func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
+// With nowait it reads nothing that is not in memory and reports no
+// failure (TryReadAt): any error means "not now".
+func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf, nowait bool) error {
 	n := len(p) / ChunkSize
 	rb := v.pools.reads.Get().(*readBuf)
 	defer v.pools.reads.Put(rb)
@@ -77,7 +99,11 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		}
 	}()
 	es := rb.es[:n]
-	if err := v.m.LookupRange(first, es); err != nil {
+	if nowait {
+		if err := v.m.TryLookupRange(first, es); err != nil {
+			return err
+		}
+	} else if err := v.m.LookupRange(first, es); err != nil {
 		v.integrityFailure("map", err)
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
 	}
@@ -98,7 +124,16 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
 		i = j
 	}
-	if v.parallel && len(runs) > spanRuns && !inLog {
+	if nowait {
+		if inLog { // a checkpoint may move it meanwhile: ReadAt copes
+			return block.ErrWouldBlock
+		}
+		for _, r := range runs {
+			if _, err := v.tryStore.TryReadAt(r.p, r.off); err != nil {
+				return err
+			}
+		}
+	} else if v.parallel && len(runs) > spanRuns && !inLog {
 		// Homes that alternate chunk by chunk (what random writes leave)
 		// make dozens of small requests; on a store that counts requests
 		// (RBD: an OSD operation each) two reads, of the span of each
@@ -115,6 +150,12 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf) error {
 		}
 		dst := p[i*ChunkSize : (i+1)*ChunkSize]
 		copy(b.pkg[HeaderSize:], dst)
+		if nowait {
+			if err := v.openQuiet(first+uint64(i), &es[i], dst, b); err != nil {
+				return err
+			}
+			continue
+		}
 		if cowmap.IsInLog(es[i].Loc()) {
 			if v.openQuiet(first+uint64(i), &es[i], dst, b) != nil {
 				// A checkpoint may have moved it home and the ring moved

@@ -89,6 +89,9 @@ type Volume struct {
 	// NBD server: no CanFastWrite), so the runs of a batch and the nodes
 	// of a checkpoint go to it at once rather than one after another.
 	parallel bool
+	// tryStore: the store can try a read without waiting for I/O (a
+	// file's page cache): so then can the volume (TryReadAt).
+	tryStore block.TryReader
 
 	m    *cowmap.Map
 	keys *keyring
@@ -214,6 +217,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	v := &Volume{
 		name: name, uuid: uuid, log: log, store: store, geo: g, size: int64(h.Size), opt: opt,
 		parallel: !block.OptionalOf(store).FastWrite,
+		tryStore: block.OptionalOf(store).TryReader,
 		keys:     newKeyring(uuid, h.Suite), epochLimit: epochLimit,
 		h:    headerState{store: flusher, name: name, hdr: h},
 		poke: make(chan struct{}, 1), done: make(chan struct{}),
@@ -403,11 +407,15 @@ func (v *Volume) Size() int64 { return v.size }
 
 // Caps: an encrypted volume trims, zeroes and reports extents from its
 // map; its bytes are not its file's (no zero-copy), nor cached by the
-// kernel as plaintext (no TryReadAt, no Cache).
+// kernel as plaintext (no Cache). On a store that can try a read
+// without waiting (a file), so can it (TryReadAt).
 func (v *Volume) Caps() block.Caps {
 	c := block.CanTrim | block.CanZero | block.CanExtents
 	if block.OptionalOf(v.store).FastWrite { // a seal and a write to a fast store
 		c |= block.CanFastWrite
+	}
+	if v.tryStore != nil {
+		c |= block.CanTryRead
 	}
 	return c
 }

@@ -241,6 +241,12 @@ func (d *countDev) Close() error { return nil }
 
 // fileVolume is a volume on a real file (the page cache) for benchmarks.
 func fileVolume(b testing.TB, size uint64) *Volume {
+	v, _ := fileVolumeAt(b, size)
+	return v
+}
+
+// fileVolumeAt is fileVolume, also returning the backing file's path.
+func fileVolumeAt(b testing.TB, size uint64) (*Volume, string) {
 	kek := NewLocalKEK(b.TempDir(), nil)
 	path := filepath.Join(b.TempDir(), "vol.img")
 	f, err := os.Create(path)
@@ -262,7 +268,7 @@ func fileVolume(b testing.TB, size uint64) *Volume {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { v.Close() })
-	return v
+	return v, path
 }
 
 func BenchmarkVolume4K(b *testing.B) {
@@ -424,5 +430,109 @@ func TestFragmentedReadTwoSpans(t *testing.T) {
 	}
 	if reads > 2 {
 		t.Errorf("a 1 MiB read over 256 alternating chunks took %d store reads, want 2", reads)
+	}
+}
+
+// TryReadAt (the transport's inline read) serves only what it can from
+// memory and only what authenticates: anything else is ErrWouldBlock,
+// and ReadAt then reads it, or reports the damage.
+func TestTryReadAt(t *testing.T) {
+	v, path := fileVolumeAt(t, 4<<20)
+	want := make([]byte, 8*ChunkSize)
+	for i := range want {
+		want[i] = byte(i*13 + i>>12)
+	}
+	if _, err := v.WriteAt(want, 0); err != nil || v.Flush() != nil || v.m.Checkpoint() != nil {
+		t.Fatal("write, flush, checkpoint failed")
+	}
+	got := make([]byte, len(want))
+	if _, err := v.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("ReadAt: %v (or other bytes)", err)
+	}
+	clear(got)
+	if n, err := v.TryReadAt(got, 0); err != nil || n != len(want) || !bytes.Equal(got, want) {
+		t.Fatalf("TryReadAt of written, cached chunks: n=%d err=%v (or other bytes)", n, err)
+	}
+	if v.Caps()&block.CanTryRead == 0 {
+		t.Error("a volume on a file does not declare CanTryRead")
+	}
+	never := make([]byte, ChunkSize)
+	never[0] = 1
+	if _, err := v.TryReadAt(never, 100*ChunkSize); err == nil && !bytes.Equal(never, make([]byte, ChunkSize)) {
+		t.Error("TryReadAt of a chunk never written: not zeros")
+	}
+	for _, c := range []struct {
+		name string
+		n    int
+		off  int64
+		err  error
+	}{
+		{"part of a chunk", 512, 0, block.ErrWouldBlock},
+		{"unaligned", ChunkSize, 512, block.ErrWouldBlock},
+		{"more than a batch", (batchChunks + 1) * ChunkSize, 0, block.ErrWouldBlock},
+		{"beyond the end", ChunkSize, 4 << 20, block.ErrOutOfRange},
+	} {
+		if _, err := v.TryReadAt(make([]byte, c.n), c.off); !errors.Is(err, c.err) {
+			t.Errorf("%s: %v, want %v", c.name, err, c.err)
+		}
+	}
+
+	// A bit flipped in chunk 3 as it lies in the file (and so in the page
+	// cache TryReadAt reads from): never served.
+	e, err := v.m.Lookup(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	at := int64(v.geo.DataBlock(3, e.Loc())*ChunkSize) + 100
+	var bt [1]byte
+	if _, err := f.ReadAt(bt[:], at); err != nil {
+		t.Fatal(err)
+	}
+	bt[0] ^= 0x04
+	if _, err := f.WriteAt(bt[:], at); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.TryReadAt(got, 0); !errors.Is(err, block.ErrWouldBlock) {
+		t.Fatalf("TryReadAt over a tampered chunk: %v, want ErrWouldBlock (ReadAt reports it)", err)
+	}
+	if _, err := v.TryReadAt(got[:ChunkSize], 3*ChunkSize); !errors.Is(err, block.ErrWouldBlock) {
+		t.Fatalf("TryReadAt of the tampered chunk: %v, want ErrWouldBlock", err)
+	}
+	if _, err := v.ReadAt(got, 0); !errors.Is(err, ErrChunkAuth) {
+		t.Fatalf("ReadAt over a tampered chunk: %v, want ErrChunkAuth", err)
+	}
+
+	// Chunks written and flushed since: in the log or at home, TryReadAt
+	// gives the new bytes or ErrWouldBlock, never the old ones; once a
+	// checkpoint moved them home, the new bytes.
+	all := make([]byte, 32*ChunkSize)
+	for c := 8; c < 40; c++ {
+		p := bytes.Repeat([]byte{byte(c)}, ChunkSize)
+		if _, err := v.WriteAt(p, int64(c)*ChunkSize); err != nil || v.Flush() != nil {
+			t.Fatal("write or flush failed")
+		}
+		q := make([]byte, ChunkSize)
+		if _, err := v.TryReadAt(q, int64(c)*ChunkSize); err == nil && !bytes.Equal(p, q) {
+			t.Fatalf("chunk %d: TryReadAt returned bytes it was not written with", c)
+		} else if err != nil && !errors.Is(err, block.ErrWouldBlock) {
+			t.Fatalf("chunk %d: %v", c, err)
+		}
+		copy(all[(c-8)*ChunkSize:], p)
+	}
+	if err := v.m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	got = make([]byte, len(all))
+	if _, err := v.ReadAt(got, 8*ChunkSize); err != nil { // the leaves into the cache
+		t.Fatal(err)
+	}
+	clear(got)
+	if _, err := v.TryReadAt(got, 8*ChunkSize); err != nil || !bytes.Equal(got, all) {
+		t.Fatalf("TryReadAt after the checkpoint: %v (or other bytes)", err)
 	}
 }

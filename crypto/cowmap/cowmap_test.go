@@ -242,6 +242,49 @@ func TestSetCommitLookupReopen(t *testing.T) {
 	}
 }
 
+// TryLookupRange answers from memory or says ErrNotCached, reading
+// nothing; what it answers is what LookupRange does.
+func TestTryLookupRangeReadsNothing(t *testing.T) {
+	h := newHarness(t, 500, 16, 1000)
+	m := h.open()
+	md := model{}
+	var pending []uint64
+	for c := uint64(0); c < 300; c += 2 {
+		md.write(t, m, c, 1)
+		pending = append(pending, c)
+	}
+	md.commit(t, m, pending)
+	if err := m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	m2 := h.open() // its own, empty cache
+	out := make([]Entry, 300)
+	h.dev.mu.Lock()
+	before := h.dev.reads
+	h.dev.mu.Unlock()
+	if err := m2.TryLookupRange(0, out); !errors.Is(err, ErrNotCached) {
+		t.Fatalf("TryLookupRange on a cold cache: %v, want ErrNotCached", err)
+	}
+	h.dev.mu.Lock()
+	reads := h.dev.reads - before
+	h.dev.mu.Unlock()
+	if reads != 0 {
+		t.Fatalf("TryLookupRange read %d blocks", reads)
+	}
+	if err := m2.LookupRange(0, out); err != nil {
+		t.Fatal(err)
+	}
+	clear(out)
+	if err := m2.TryLookupRange(0, out); err != nil {
+		t.Fatalf("TryLookupRange after LookupRange: %v", err)
+	}
+	for c := range out {
+		if out[c] != md[uint64(c)] {
+			t.Fatalf("chunk %d: TryLookupRange gave another entry than LookupRange", c)
+		}
+	}
+}
+
 // A commit too large for the log goes straight into the tree: nothing is
 // written to the log, and the header names the commit.
 func TestLargeCommitCheckpoints(t *testing.T) {

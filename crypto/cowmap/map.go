@@ -19,6 +19,9 @@ var (
 	// map refuses every later write and commit (FORMAT.md: "A failed
 	// fdatasync fails the volume").
 	ErrFailed = errors.New("a flush failed earlier; detach and attach the volume again")
+	// ErrNotCached: TryLookupRange needs a map node that is not in
+	// memory (it reads nothing).
+	ErrNotCached = errors.New("map node not in memory")
 )
 
 // State is what the volume header keeps of the map: the checkpoint.
@@ -300,6 +303,16 @@ func (m *Map) Lookup(c uint64) (Entry, error) {
 // LookupRange is Lookup for chunks first..first+len(out)-1. It allocates
 // nothing and reads each leaf once.
 func (m *Map) LookupRange(first uint64, out []Entry) error {
+	return m.lookupRange(first, out, false)
+}
+
+// TryLookupRange is LookupRange from memory alone: ErrNotCached, at once,
+// if a map node it needs is not in the cache.
+func (m *Map) TryLookupRange(first uint64, out []Entry) error {
+	return m.lookupRange(first, out, true)
+}
+
+func (m *Map) lookupRange(first uint64, out []Entry, cachedOnly bool) error {
 	const inTree = ^uint64(0) // marks entries to take from the tree
 	pending := false
 	m.mu.Lock()
@@ -333,7 +346,7 @@ func (m *Map) LookupRange(first uint64, out []Entry) error {
 		c := first + uint64(i)
 		if li := c / LeafFanout; li != leafIdx {
 			var err error
-			if leaf, err = m.leafLocked(c); err != nil {
+			if leaf, err = m.leafLocked(c, cachedOnly); err != nil {
 				return err
 			}
 			leafIdx = li
@@ -348,14 +361,23 @@ func (m *Map) LookupRange(first uint64, out []Entry) error {
 }
 
 // leafLocked returns the leaf that holds chunk c, or nil if it was never
-// written. Callers hold treeMu.
-func (m *Map) leafLocked(c uint64) (*node, error) {
+// written; with cachedOnly, ErrNotCached rather than read a node.
+// Callers hold treeMu.
+func (m *Map) leafLocked(c uint64, cachedOnly bool) (*node, error) {
 	ref := m.state.Root
 	for level := m.top; ; level-- {
 		if ref.Absent() {
 			return nil, nil
 		}
-		n, err := m.load(level, c/span(level), ref)
+		var n *node
+		var err error
+		if cachedOnly {
+			if n = m.cfg.Cache.get(cacheKey{m.owner, level, c / span(level)}, ref.Hash); n == nil {
+				return nil, ErrNotCached
+			}
+		} else {
+			n, err = m.load(level, c/span(level), ref)
+		}
 		if err != nil || level == 0 {
 			return n, err
 		}
@@ -366,7 +388,7 @@ func (m *Map) leafLocked(c uint64) (*node, error) {
 func (m *Map) treeLookup(c uint64) (Entry, error) {
 	m.treeMu.RLock()
 	defer m.treeMu.RUnlock()
-	leaf, err := m.leafLocked(c)
+	leaf, err := m.leafLocked(c, false)
 	if leaf == nil || err != nil {
 		return Entry{}, err
 	}
