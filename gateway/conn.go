@@ -62,7 +62,7 @@ type conn struct {
 	fastWrite     bool            // the device's writes are memory-speed: small ones run inline
 	raw           syscall.RawConn // the socket, when it is one (not TLS)
 	sendFD        int             // the file of a plain device (splice, sendfile), or -1
-	sendfileReads bool            // large plain reads go by sendfile (TCP only)
+	sendfileReads bool            // large plain reads go by sendfile (TCP, Config.SendfileReads)
 	splice        *splicer        // large plain writes, socket to file; or nil
 
 	// Owned by the reader goroutine. noInlineUntil pauses inline writes
@@ -275,9 +275,11 @@ func (c *conn) transmit() {
 		if sc, ok := c.nc.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
 				c.raw, c.sendFD = raw, int(f.File().Fd())
-				// sendfile only to TCP: to a Unix socket it copies anyway,
-				// and measured slower than pread + writev (bench/README.md).
-				_, c.sendfileReads = c.nc.(*net.TCPConn)
+				// sendfile only to TCP, when asked: to a Unix socket it
+				// copies anyway, and measured slower than pread + writev
+				// (bench/README.md), as it did to TCP on most machines.
+				_, tcp := c.nc.(*net.TCPConn)
+				c.sendfileReads = tcp && c.srv.cfg.SendfileReads
 				if !c.readOnly {
 					if sp, err := newSplicer(c.sendFD); err == nil {
 						c.splice = sp

@@ -88,6 +88,11 @@ type Config struct {
 	TLSRequired bool
 	// MaxInflight bounds the requests one connection runs at once.
 	MaxInflight int
+	// SendfileReads sends reads of at least 64 KiB of a plain volume to a
+	// TCP client with sendfile instead of pread and writev. Off by
+	// default: on two of the three machines measured the copy was faster
+	// (1 MiB reads 1.34x, bench/README.md).
+	SendfileReads bool
 	// HandshakeTimeout bounds the option haggling phase.
 	HandshakeTimeout time.Duration
 	// Policy returns the access policy in force (policy/FORMAT.md). A nil

@@ -76,7 +76,7 @@ func (l *logSink) String() string {
 }
 
 type specServer struct {
-	tcp  bool // listen on loopback TCP (where large plain reads go by sendfile), not a Unix socket
+	tcp  bool // listen on loopback TCP (with SendfileReads: large plain reads go by sendfile), not a Unix socket
 	dial func(testing.TB) net.Conn
 	log  *logSink
 	rec  *events
@@ -104,7 +104,9 @@ func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *sl
 		"ro":   {Name: "ro", Device: dev, ReadOnly: true},
 	}}
 	// With metrics, as the gateway runs (BenchmarkServer counts on them).
-	cfg := gateway.Config{Exports: s.exp, Logger: log, Metrics: gateway.NewMetrics(prometheus.NewRegistry())}
+	// Over TCP large plain reads go by sendfile (Config.SendfileReads):
+	// the tests that use TCP are about that path.
+	cfg := gateway.Config{Exports: s.exp, Logger: log, Metrics: gateway.NewMetrics(prometheus.NewRegistry()), SendfileReads: s.tcp}
 	if yaml != "" {
 		p, err := policy.Parse([]byte(yaml), "/etc/secret-place/policy.yaml")
 		if err != nil {
