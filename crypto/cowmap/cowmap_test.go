@@ -157,6 +157,18 @@ func (md model) write(t *testing.T, m *Map, c uint64, round int) {
 	md[c] = e
 }
 
+// writeEvery writes chunks from, from+step, ... below to, and returns
+// them (for commit).
+func (md model) writeEvery(t *testing.T, m *Map, from, to, step uint64, round int) []uint64 {
+	t.Helper()
+	var written []uint64
+	for c := from; c < to; c += step {
+		md.write(t, m, c, round)
+		written = append(written, c)
+	}
+	return written
+}
+
 func (md model) unmap(m *Map, c uint64) {
 	m.Set(c, Entry{})
 	md[c] = Entry{}
@@ -194,11 +206,7 @@ func TestSetCommitLookupReopen(t *testing.T) {
 	h := newHarness(t, 500, 16, 1000)
 	m := h.open()
 	md := model{}
-	var pending []uint64
-	for c := uint64(0); c < 500; c += 3 {
-		md.write(t, m, c, 1)
-		pending = append(pending, c)
-	}
+	pending := md.writeEvery(t, m, 0, 500, 3, 1)
 	md.check(t, m, 500, "before the commit (dirty)")
 	md.commit(t, m, pending)
 	if m.Seq() != 1 || h.headers != 0 {
@@ -207,11 +215,7 @@ func TestSetCommitLookupReopen(t *testing.T) {
 	md.check(t, m, 500, "after the commit (logged)")
 	md.check(t, h.open(), 500, "reopened from the log")
 
-	pending = pending[:0]
-	for c := uint64(1); c < 500; c += 7 {
-		md.write(t, m, c, 2)
-		pending = append(pending, c)
-	}
+	pending = md.writeEvery(t, m, 1, 500, 7, 2)
 	md.unmap(m, 3)
 	pending = append(pending, 3)
 	md.commit(t, m, pending)
@@ -248,12 +252,7 @@ func TestTryLookupRangeReadsNothing(t *testing.T) {
 	h := newHarness(t, 500, 16, 1000)
 	m := h.open()
 	md := model{}
-	var pending []uint64
-	for c := uint64(0); c < 300; c += 2 {
-		md.write(t, m, c, 1)
-		pending = append(pending, c)
-	}
-	md.commit(t, m, pending)
+	md.commit(t, m, md.writeEvery(t, m, 0, 300, 2, 1))
 	if err := m.Checkpoint(); err != nil {
 		t.Fatal(err)
 	}
@@ -291,11 +290,7 @@ func TestLargeCommitCheckpoints(t *testing.T) {
 	h := newHarness(t, 1000, 4, 0) // room for 3 log blocks: 165 entries
 	m := h.open()
 	md := model{}
-	var pending []uint64
-	for c := uint64(0); c < 400; c++ {
-		md.write(t, m, c, 1)
-		pending = append(pending, c)
-	}
+	pending := md.writeEvery(t, m, 0, 400, 1, 1)
 	md.commit(t, m, pending)
 	if h.headers != 1 || h.st.Seq != 1 || h.st.LogStart != 0 {
 		t.Fatalf("a commit that does not fit the log: %d headers, state seq %d log start %d", h.headers, h.st.Seq, h.st.LogStart)
