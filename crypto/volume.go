@@ -214,10 +214,11 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	// Commits, a checkpoint beside them and header writes all flush the
 	// store: one at a time, and a failure stays (cowmap.Flusher).
 	flusher := cowmap.NewFlusher(store)
+	so := block.OptionalOf(store)
 	v := &Volume{
 		name: name, uuid: uuid, log: log, store: store, geo: g, size: int64(h.Size), opt: opt,
-		parallel: !block.OptionalOf(store).FastWrite,
-		tryStore: block.OptionalOf(store).TryReader,
+		parallel: !so.FastWrite,
+		tryStore: so.TryReader,
 		keys:     newKeyring(uuid, h.Suite), epochLimit: epochLimit,
 		h:    headerState{store: flusher, name: name, hdr: h},
 		poke: make(chan struct{}, 1), done: make(chan struct{}),
@@ -411,7 +412,7 @@ func (v *Volume) Size() int64 { return v.size }
 // without waiting (a file), so can it (TryReadAt).
 func (v *Volume) Caps() block.Caps {
 	c := block.CanTrim | block.CanZero | block.CanExtents
-	if block.OptionalOf(v.store).FastWrite { // a seal and a write to a fast store
+	if !v.parallel { // a seal and a write to a fast store
 		c |= block.CanFastWrite
 	}
 	if v.tryStore != nil {

@@ -90,8 +90,9 @@ type Config struct {
 	MaxInflight int
 	// SendfileReads sends reads of at least 64 KiB of a plain volume to a
 	// TCP client with sendfile instead of pread and writev. Off by
-	// default: on two of the three machines measured the copy was faster
-	// (1 MiB reads 1.34x, bench/README.md).
+	// default: where both were measured side by side (a 2-vCPU Intel
+	// Xeon machine) the copy was faster, 1 MiB reads 1.34x
+	// (bench/README.md).
 	SendfileReads bool
 	// HandshakeTimeout bounds the option haggling phase.
 	HandshakeTimeout time.Duration

@@ -937,3 +937,51 @@ func TestBlockedFastDeviceLetsWaitingWritesThrough(t *testing.T) {
 		t.Fatalf("at most %d write ran at once: writes that waited behind a blocked inline write stayed on the reader", m)
 	}
 }
+
+// flushSpy is a slowDev that records whether each Flush ran on the
+// connection's reader (inline) or on a worker.
+type flushSpy struct {
+	slowDev
+	mu              sync.Mutex
+	inline, workers int
+}
+
+func (d *flushSpy) Flush() error {
+	buf := make([]byte, 8<<10)
+	st := string(buf[:runtime.Stack(buf, false)])
+	d.mu.Lock()
+	if strings.Contains(st, "(*conn).inline") {
+		d.inline++
+	} else {
+		d.workers++
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+// A client at queue depth one (a write, its reply, then a FLUSH) gets
+// its FLUSH run on the reader even though the write ran on a worker: a
+// worker's request slot comes back only after its reply is out, so "no
+// slot in use" sent half the FLUSHes of fio --fsync=1 to a worker.
+func TestLoneFlushRunsOnTheReader(t *testing.T) {
+	dev := &flushSpy{slowDev: slowDev{Mem: block.NewMem(1 << 20), caps: block.CanTrim | block.CanZero}}
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	const n = 1000 // the old test lost the race in 0.5–9 % of FLUSHes here
+	for i := range n {
+		cl.write(append(reqHeader(false, 0, 1, uint64(2*i+1), 0, 4096), make([]byte, 4096)...))
+		if e, _ := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("write: errno %d", e)
+		}
+		cl.write(reqHeader(false, 0, 3, uint64(2*i+2), 0, 0))
+		if e, _ := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("flush: errno %d", e)
+		}
+	}
+	dev.mu.Lock()
+	defer dev.mu.Unlock()
+	if dev.workers > 0 {
+		t.Fatalf("%d of %d lone FLUSHes ran on a worker", dev.workers, n)
+	}
+}

@@ -87,7 +87,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.StringVar(&sf.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
-	f.BoolVar(&sf.sendfileReads, "sendfile-reads", false, "send large reads of plain volumes to TCP clients with sendfile(2) (zero-copy) instead of pread and writev; off: the copy measured faster on most machines")
+	f.BoolVar(&sf.sendfileReads, "sendfile-reads", false, "send large reads of plain volumes to TCP clients with sendfile(2) (zero-copy) instead of pread and writev (off: the copy measured faster, bench/README.md)")
 	f.IntVar(&sf.maxHandshakes, "max-handshakes", 1024, "connections still negotiating at once; more are closed at accept (-1: no limit)")
 	f.IntVar(&sf.maxPeerHandshakes, "max-peer-handshakes", 128, "connections still negotiating at once from one peer (uid or address) (-1: no limit)")
 	f.DurationVar(&sf.handshakeTimeout, "handshake-timeout", 30*time.Second, "time a client has to finish the handshake")
