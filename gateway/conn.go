@@ -59,6 +59,8 @@ type conn struct {
 	extenter      block.Extenter
 	cacher        block.Cacher
 	tryRead       block.TryReader
+	submitter     block.Submitter // the device completes requests itself: no worker waits
+	async         sync.WaitGroup  // submitted requests not yet completed
 	fastWrite     bool            // the device's writes are memory-speed: small ones run inline
 	raw           syscall.RawConn // the socket, when it is one (not TLS)
 	sendFD        int             // the file of a plain device (splice, sendfile), or -1
@@ -258,12 +260,16 @@ type request struct {
 	sfRemain int
 	sfErr    error
 	sendfn   func(fd uintptr) bool
+
+	// completions of submitted requests (block.Submitter), bound once.
+	readDone, writeDone func(error)
 }
 
 func (c *conn) transmit() {
 	dev := c.exp.Device
 	o := block.OptionalOf(dev) // what the device declares (block.Caps)
 	c.trimmer, c.zeroer, c.extenter, c.cacher, c.tryRead = o.Trimmer, o.Zeroer, o.Extenter, o.Cacher, o.TryReader
+	c.submitter = o.Submitter
 	c.fastWrite = o.FastWrite
 	if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
 		if raw, err := sc.SyscallConn(); err == nil {
@@ -304,6 +310,7 @@ func (c *conn) transmit() {
 		r := &slots[i]
 		r.c = c
 		r.sendfn = r.sendfile
+		r.readDone, r.writeDone = r.completeRead, r.completeWrite
 		c.free <- r
 	}
 	var workers sync.WaitGroup
@@ -321,6 +328,7 @@ func (c *conn) transmit() {
 
 	close(c.work)
 	workers.Wait()
+	c.async.Wait()
 	// A client that leaves flushes first if it wants durability (as with
 	// nbdkit and qemu-nbd); a server that stops flushes for its clients.
 	if c.stopping.Load() && !c.readOnly && c.wrote.Load() {
@@ -514,6 +522,9 @@ func (c *conn) inline(r *request) bool {
 	}
 	switch r.typ {
 	case cmdRead:
+		if c.submitter != nil && r.length < holeCheckMin {
+			return c.submitRead(r)
+		}
 		if c.tryRead == nil {
 			return false
 		}
@@ -529,6 +540,9 @@ func (c *conn) inline(r *request) bool {
 		c.sendRead(r, data)
 		return true
 	case cmdWrite:
+		if c.submitter != nil {
+			return c.submitWrite(r)
+		}
 		if r.flags&cmdFlagFUA != 0 || !c.fastWrite {
 			return false
 		}
@@ -564,6 +578,59 @@ func (c *conn) inline(r *request) bool {
 		return true
 	}
 	return false
+}
+
+// submitRead starts r on a device that completes requests itself
+// (block.Submitter): the reader goes on at once, and the device's
+// goroutine sends the reply (completeRead), as a worker would. It reports
+// whether the device took r.
+func (c *conn) submitRead(r *request) bool {
+	r.buf = c.srv.pool.get(int(r.length))
+	c.running.Add(1)
+	c.async.Add(1)
+	if !c.submitter.SubmitReadAt(r.buf.b[:r.length], int64(r.off), r.readDone) {
+		c.running.Add(-1)
+		c.async.Done()
+		c.srv.pool.put(r.buf)
+		r.buf = nil
+		return false
+	}
+	return true
+}
+
+// submitWrite is submitRead for a WRITE, its payload in r.buf.
+func (c *conn) submitWrite(r *request) bool {
+	c.wrote.Store(true)
+	c.running.Add(1)
+	c.async.Add(1)
+	if !c.submitter.SubmitWriteAt(r.buf.b[:r.length], int64(r.off), r.flags&cmdFlagFUA != 0, r.writeDone) {
+		c.running.Add(-1)
+		c.async.Done()
+		return false
+	}
+	return true
+}
+
+// completeRead answers a submitted READ (readDone).
+func (r *request) completeRead(err error) {
+	c := r.c
+	if err != nil {
+		errno := errnoOf(err)
+		c.requestFailed(r, errno, err)
+		c.count(r, 0, true)
+		c.replyError(r, errno)
+	} else {
+		c.count(r, int64(r.length), false)
+		c.sendRead(r, r.buf.b[:r.length])
+	}
+	c.async.Done()
+}
+
+// completeWrite answers a submitted WRITE (writeDone).
+func (r *request) completeWrite(err error) {
+	c := r.c
+	c.finish(r, int64(r.length), err)
+	c.async.Done()
 }
 
 // othersWaiting reports whether requests arrived while the reader ran

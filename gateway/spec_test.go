@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -81,6 +82,7 @@ type specServer struct {
 	log  *logSink
 	rec  *events
 	exp  *fileExports
+	srv  *gateway.Server
 }
 
 // startSpecServer serves dev as "disk" (and "ro" read-only) under the
@@ -118,6 +120,7 @@ func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *sl
 		cfg.Audit = s.rec
 	}
 	srv := gateway.New(cfg)
+	s.srv = srv
 	network, addr := "unix", filepath.Join(tb.TempDir(), "s")
 	if s.tcp {
 		network, addr = "tcp", "127.0.0.1:0"
@@ -151,6 +154,15 @@ func startRootPolicyServer(t *testing.T, yaml string, rec *events) *specServer {
 }
 
 // structuredClient connects and negotiates structured replies.
+// shutdown stops the server as SIGTERM does: requests in flight are
+// answered, devices flushed.
+func (s *specServer) shutdown(tb testing.TB) {
+	tb.Helper()
+	if err := s.srv.Shutdown(tb.Context()); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 func (s *specServer) structuredClient(t *testing.T) *client {
 	t.Helper()
 	cl := newClient(t, s.dial(t))
@@ -983,5 +995,139 @@ func TestLoneFlushRunsOnTheReader(t *testing.T) {
 	defer dev.mu.Unlock()
 	if dev.workers > 0 {
 		t.Fatalf("%d of %d lone FLUSHes ran on a worker", dev.workers, n)
+	}
+}
+
+// submitDev completes reads and writes on goroutines of its own, after
+// wait, as the upstream-NBD backend completes them from its server's
+// replies (block.Submitter). Reads at failRead fail with EIO, writes at
+// failWrite with ENOSPC. It logs completions and flushes in order.
+type submitDev struct {
+	*block.Mem
+	wait                atomic.Int64 // nanoseconds
+	failRead, failWrite int64
+	submitted           atomic.Int32
+	now, most           atomic.Int32
+	mu                  sync.Mutex
+	log                 []string
+}
+
+func (d *submitDev) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanSubmit }
+
+func (d *submitDev) record(s string) {
+	d.mu.Lock()
+	d.log = append(d.log, s)
+	d.mu.Unlock()
+}
+
+func (d *submitDev) start(done func(error), op func() error) bool {
+	d.submitted.Add(1)
+	n := d.now.Add(1)
+	for m := d.most.Load(); n > m && !d.most.CompareAndSwap(m, n); m = d.most.Load() {
+	}
+	go func() {
+		time.Sleep(time.Duration(d.wait.Load()))
+		err := op()
+		d.now.Add(-1)
+		done(err)
+	}()
+	return true
+}
+
+func (d *submitDev) SubmitReadAt(p []byte, off int64, done func(error)) bool {
+	return d.start(done, func() error {
+		if off == d.failRead {
+			return syscall.EIO
+		}
+		_, err := d.Mem.ReadAt(p, off)
+		return err
+	})
+}
+
+func (d *submitDev) SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool {
+	return d.start(done, func() error {
+		if off == d.failWrite {
+			return syscall.ENOSPC
+		}
+		_, err := d.Mem.WriteAt(p, off)
+		d.record("write")
+		return err
+	})
+}
+
+func (d *submitDev) Flush() error {
+	d.record("flush")
+	return nil
+}
+
+// On a device that completes requests itself (the upstream backend),
+// small reads and writes are submitted from the reader and answered from
+// the device's goroutine: many at once, each answer under its own cookie
+// with its own data or error, and a server that stops flushes only
+// after the writes it submitted are done.
+func TestSubmittedRequests(t *testing.T) {
+	const n = 32
+	dev := &submitDev{Mem: block.NewMem(1 << 20), failRead: 100 * 4096, failWrite: 101 * 4096}
+	dev.wait.Store(int64(2 * time.Millisecond))
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	blk := func(i int) []byte { return bytes.Repeat([]byte{byte(i + 1)}, 4096) }
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, reqHeader(false, 0, 1, uint64(i+1), uint64(i)*4096, 4096)...)
+		reqs = append(reqs, blk(i)...)
+	}
+	cl.write(reqs)
+	for range n {
+		if e, c := cl.simpleReply(nil); e != 0 {
+			t.Fatalf("write %d: errno %d", c, e)
+		}
+	}
+	reqs = reqs[:0]
+	for i := range n {
+		reqs = append(reqs, reqHeader(false, 0, 0, uint64(1000+i), uint64(i)*4096, 4096)...)
+	}
+	cl.write(reqs)
+	got := make([]byte, 4096)
+	for range n {
+		e, c := cl.simpleReply(got)
+		if i := int(c) - 1000; e != 0 || i < 0 || i >= n || !bytes.Equal(got, blk(i)) {
+			t.Fatalf("read, cookie %d: errno %d, data %x…, want block %d", c, e, got[:4], i)
+		}
+	}
+	if s, m := dev.submitted.Load(), dev.most.Load(); s != 2*n || m < 2 {
+		t.Fatalf("%d requests submitted (want %d), at most %d at once (want several)", s, 2*n, m)
+	}
+
+	// Errors reach the client under the right cookie.
+	cl.request(0, 0, 7, 100*4096, 4096, nil)
+	if e, c := cl.simpleReply(got); e != 5 || c != 7 {
+		t.Fatalf("failing read: errno %d cookie %d, want EIO (5) for cookie 7", e, c)
+	}
+	cl.request(0, 1, 8, 101*4096, 4096, make([]byte, 4096))
+	if e, c := cl.simpleReply(nil); e != 28 || c != 8 {
+		t.Fatalf("failing write: errno %d cookie %d, want ENOSPC (28) for cookie 8", e, c)
+	}
+
+	// Writes in flight when the server stops: answered, then flushed.
+	dev.wait.Store(int64(50 * time.Millisecond))
+	dev.mu.Lock()
+	dev.log = nil
+	dev.mu.Unlock()
+	reqs = reqs[:0]
+	for i := range 8 {
+		reqs = append(reqs, reqHeader(false, 0, 1, uint64(2000+i), uint64(i)*4096, 4096)...)
+		reqs = append(reqs, blk(i)...)
+	}
+	cl.write(reqs)
+	for dev.submitted.Load() < 2*n+2+8 {
+		time.Sleep(time.Millisecond)
+	}
+	s.shutdown(t)
+	dev.mu.Lock()
+	defer dev.mu.Unlock()
+	if want := append(slices.Repeat([]string{"write"}, 8), "flush"); !slices.Equal(dev.log, want) {
+		t.Fatalf("at stop the device saw %v, want 8 writes, then the flush", dev.log)
 	}
 }

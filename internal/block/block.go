@@ -94,6 +94,18 @@ type TryReader interface {
 	TryReadAt(p []byte, off int64) (int, error)
 }
 
+// Submitter is implemented by devices that start a read or write and
+// complete it later, on a goroutine of their own (a network device reading
+// its server's replies): a transport then needs no goroutine parked per
+// request. done runs exactly once, with the result; the buffer is the
+// device's until then. A device may decline a request (false: nothing
+// started, done will not run), which the caller then makes with ReadAt,
+// WriteAt or WriteAtFUA.
+type Submitter interface {
+	SubmitReadAt(p []byte, off int64, done func(error)) bool
+	SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool
+}
+
 // Cacher is implemented by devices that can prefetch a range.
 type Cacher interface {
 	Cache(off, length int64) error

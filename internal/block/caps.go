@@ -25,6 +25,7 @@ const (
 	// writes wait for a network round trip (an upstream server, Ceph)
 	// must not declare it: its writes would then run one at a time.
 	CanFastWrite
+	CanSubmit // Submitter
 )
 
 // Capable is implemented by devices that declare their Caps.
@@ -41,6 +42,7 @@ type Optional struct {
 	Cacher    Cacher
 	TryReader TryReader
 	Filer     Filer
+	Submitter Submitter
 	FastWrite bool // CanFastWrite declared
 }
 
@@ -69,6 +71,9 @@ func OptionalOf(d Device) Optional {
 	}
 	if caps&CanFile != 0 {
 		o.Filer, _ = d.(Filer)
+	}
+	if caps&CanSubmit != 0 {
+		o.Submitter, _ = d.(Submitter)
 	}
 	if _, ok := d.(Capable); ok {
 		o.FastWrite = caps&CanFastWrite != 0 // an undeclared device promises nothing

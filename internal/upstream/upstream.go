@@ -153,6 +153,9 @@ type call struct {
 	payload    []byte // WRITE
 	buf        []byte // READ: where the data goes
 	errc       chan error
+	// done, if set, takes the result instead of errc (Submit*): the call
+	// goes back to the pool first.
+	done func(error)
 	// Structured replies, reset at each send: the first error chunk's
 	// errno, which parts of a READ's buffer the chunks filled, a block
 	// status request's extents (at most max).
@@ -180,12 +183,13 @@ var (
 	_ block.Zeroer    = (*Device)(nil)
 	_ block.Extenter  = (*Device)(nil)
 	_ block.FUAWriter = (*Device)(nil)
+	_ block.Submitter = (*Device)(nil)
 )
 
 // Caps: trim and zero, block status if the server offers base:allocation;
 // not CanFastWrite (every write is a round trip).
 func (d *Device) Caps() block.Caps {
-	c := block.CanTrim | block.CanZero
+	c := block.CanTrim | block.CanZero | block.CanSubmit
 	if d.blockStatus {
 		c |= block.CanExtents
 	}
@@ -626,8 +630,20 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		owned = slices.DeleteFunc(owned, func(o *call) bool { return o == c })
 		d.down = time.Time{} // a whole, valid reply: any outage is over
 		d.mu.Unlock()
-		c.errc <- errnoError(errno)
+		d.complete(c, errnoError(errno))
 	}
+}
+
+// complete hands c's result to its caller: a submitter's done function
+// (c back in the pool first: done may submit again), or the waiting caller.
+func (d *Device) complete(c *call, err error) {
+	if done := c.done; done != nil {
+		c.done, c.payload, c.buf = nil, nil, nil
+		d.calls.Put(c)
+		done(err)
+		return
+	}
+	c.errc <- err
 }
 
 // chunk reads the rest of one structured reply chunk for c (its 20-byte
@@ -815,8 +831,12 @@ func (d *Device) failLocked(err error) {
 		if c.resending || c.reading {
 			continue
 		}
-		c.errc <- err
 		delete(d.pending, k)
+		if c.done != nil {
+			go d.complete(c, err) // not under mu: done sends a reply
+			continue
+		}
+		c.errc <- err
 	}
 }
 
@@ -964,6 +984,15 @@ func (d *Device) do(typ, flags uint16, off int64, length uint32, payload, into [
 
 // wait registers c, sends it and waits for its reply.
 func (d *Device) wait(c *call) error {
+	if err := d.send(c); err != nil {
+		return err
+	}
+	return <-c.errc
+}
+
+// send registers c and sends it; its reply completes it (complete). An
+// error means c was neither registered nor sent.
+func (d *Device) send(c *call) error {
 	d.mu.Lock()
 	switch {
 	case d.closed:
@@ -991,7 +1020,53 @@ func (d *Device) wait(c *call) error {
 			l.nc.Close() // the reader sees it; c is sent again on reconnection
 		}
 	}
-	return <-c.errc
+	return nil
+}
+
+// SubmitReadAt starts a read of len(p) bytes at off into p, which the
+// caller leaves alone until done runs with the result: on the reader's
+// goroutine, or at once on the caller's for a request that is refused
+// before it is sent. It takes reads of at most the server's maximum
+// request (false: use ReadAt).
+func (d *Device) SubmitReadAt(p []byte, off int64, done func(error)) bool {
+	if len(p) > d.maxIO || len(p) == 0 {
+		return false
+	}
+	return d.submit(protocol.TRANSMISSION_TYPE_REQUEST_READ, 0, off, nil, p, done)
+}
+
+// SubmitWriteAt is SubmitReadAt for a write of p at off; fua asks for a
+// write that is durable when done runs (false where the server offers no
+// FUA: use WriteAtFUA).
+func (d *Device) SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool {
+	if len(p) > d.maxIO || len(p) == 0 || fua && d.flags&flagSendFUA == 0 {
+		return false
+	}
+	if d.flags&flagReadOnly != 0 {
+		done(fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS))
+		return true
+	}
+	var flags uint16
+	if fua {
+		flags = reqFUA
+	}
+	return d.submit(protocol.TRANSMISSION_TYPE_REQUEST_WRITE, flags, off, p, nil, done)
+}
+
+func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done func(error)) bool {
+	n := len(payload) + len(into)
+	if err := d.check(off, int64(n)); err != nil {
+		done(err)
+		return true
+	}
+	c := d.calls.Get().(*call)
+	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.done = typ, flags, off, uint32(n), payload, into, done
+	if err := d.send(c); err != nil {
+		c.done, c.payload, c.buf = nil, nil, nil
+		d.calls.Put(c)
+		done(err)
+	}
+	return true
 }
 
 // chunks runs fn over [off, off+n) in pieces the server accepts.

@@ -72,6 +72,53 @@ func dial(t *testing.T, uri string) *Device {
 	return d
 }
 
+// rw is what the tests call: the Device itself (ReadAt, WriteAt: the
+// caller waits), or submitted.
+type rw interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+}
+
+// submitted makes calls through SubmitReadAt and SubmitWriteAt, as the
+// gateway does, and waits for done, which must run exactly once.
+type submitted struct{ d *Device }
+
+func (s submitted) wait(start func(done func(error)) bool, n int) (int, error) {
+	errc := make(chan error, 1)
+	var once sync.Once
+	done := func(err error) {
+		ran := false
+		once.Do(func() { ran = true; errc <- err })
+		if !ran {
+			panic("upstream: done ran twice")
+		}
+	}
+	if !start(done) {
+		return 0, errors.New("the device declined a request the server takes")
+	}
+	if err := <-errc; err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+
+func (s submitted) ReadAt(p []byte, off int64) (int, error) {
+	return s.wait(func(done func(error)) bool { return s.d.SubmitReadAt(p, off, done) }, len(p))
+}
+
+func (s submitted) WriteAt(p []byte, off int64) (int, error) {
+	return s.wait(func(done func(error)) bool { return s.d.SubmitWriteAt(p, off, false, done) }, len(p))
+}
+
+// either is d for odd g, submitted{d} for even: half the goroutines of a
+// test take each path.
+func either(d *Device, g int) rw {
+	if g%2 == 0 {
+		return submitted{d}
+	}
+	return d
+}
+
 func TestParseURI(t *testing.T) {
 	certs := t.TempDir()
 	os.WriteFile(filepath.Join(certs, "ca-cert.pem"), []byte("not a certificate"), 0o600)
@@ -119,6 +166,7 @@ func TestReadWriteModel(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(g), 7))
+			io := either(d, g)
 			for range 200 {
 				region := rng.IntN(len(locks))
 				off := int64(region*65536 + rng.IntN(60000))
@@ -131,14 +179,14 @@ func TestReadWriteModel(t *testing.T) {
 					for i := range p {
 						p[i] = byte(rng.Uint32())
 					}
-					if _, err = d.WriteAt(p, off); err == nil {
+					if _, err = io.WriteAt(p, off); err == nil {
 						mu.Lock()
 						copy(model[off:], p)
 						mu.Unlock()
 					}
 				case op < 8:
 					p := make([]byte, n)
-					if _, err = d.ReadAt(p, off); err == nil {
+					if _, err = io.ReadAt(p, off); err == nil {
 						mu.Lock()
 						if !bytes.Equal(p, model[off:off+int64(n)]) {
 							err = errors.New("read data differs from what was written")
@@ -206,6 +254,9 @@ func TestServerErrors(t *testing.T) {
 	if _, err := d.WriteAt(make([]byte, 4096), 0); !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("write on a full upstream: %v, want ENOSPC", err)
 	}
+	if _, err := (submitted{d}).WriteAt(make([]byte, 4096), 0); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("submitted write on a full upstream: %v, want ENOSPC", err)
+	}
 	if _, err := d.ReadAt(make([]byte, 4096), 0); err != nil {
 		t.Fatalf("read after the error: %v", err)
 	}
@@ -217,6 +268,10 @@ func TestServerErrors(t *testing.T) {
 		_, rerr := d.ReadAt(make([]byte, 4096), 0)
 		if !errors.Is(rerr, syscall.EIO) {
 			done <- fmt.Errorf("read on a failing upstream: %v, want EIO", rerr)
+			return
+		}
+		if _, rerr = (submitted{d}).ReadAt(make([]byte, 4096), 0); !errors.Is(rerr, syscall.EIO) {
+			done <- fmt.Errorf("submitted read on a failing upstream: %v, want EIO", rerr)
 			return
 		}
 		_, werr := d.WriteAt(make([]byte, 4096), 0)
@@ -248,9 +303,19 @@ func TestServerGoneBeyondLimit(t *testing.T) {
 	defer d.Close()
 	stop()
 	start := time.Now()
+	serr := make(chan error, 1)
+	go func() { _, err := (submitted{d}).ReadAt(make([]byte, 4096), 0); serr <- err }()
 	_, err = d.ReadAt(make([]byte, 4096), 0)
 	if !errors.Is(err, syscall.EIO) {
 		t.Fatalf("read while the server is gone: %v, want EIO", err)
+	}
+	select {
+	case err := <-serr:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("submitted read while the server is gone: %v, want EIO", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a submitted read never completed after the outage limit")
 	}
 	if waited := time.Since(start); waited < 900*time.Millisecond || waited > 10*time.Second {
 		t.Fatalf("the read failed after %v, want about the 1 s limit", waited)
@@ -308,6 +373,7 @@ func TestReconnectUnderLoad(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(g), 9))
+			io := either(d, g)
 			base := int64(g) << 20
 			for i := 0; ; i++ {
 				select {
@@ -320,7 +386,7 @@ func TestReconnectUnderLoad(t *testing.T) {
 				for j := range p {
 					p[j] = byte(rng.Uint32())
 				}
-				if _, err := d.WriteAt(p, off); err != nil {
+				if _, err := io.WriteAt(p, off); err != nil {
 					errc <- err
 					return
 				}
@@ -332,7 +398,7 @@ func TestReconnectUnderLoad(t *testing.T) {
 					}
 				}
 				got := make([]byte, len(p))
-				if _, err := d.ReadAt(got, off); err != nil || !bytes.Equal(got, p) {
+				if _, err := io.ReadAt(got, off); err != nil || !bytes.Equal(got, p) {
 					errc <- fmt.Errorf("read back at %d: %v", off, err)
 					return
 				}
