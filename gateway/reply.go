@@ -37,6 +37,9 @@ func (c *conn) send(r *request, hdr, data []byte) {
 // flushDeferred sends the replies the reader held back. The reader calls
 // it before anything that could block it.
 func (c *conn) flushDeferred() {
+	if c.submitter != nil {
+		c.submitter.Push() // requests submitted meanwhile go out together
+	}
 	if len(c.deferred) == 0 {
 		return
 	}

@@ -1000,8 +1000,9 @@ func TestLoneFlushRunsOnTheReader(t *testing.T) {
 
 // submitDev completes reads and writes on goroutines of its own, after
 // wait, as the upstream-NBD backend completes them from its server's
-// replies (block.Submitter). Reads at failRead fail with EIO, writes at
-// failWrite with ENOSPC. It logs completions and flushes in order.
+// replies (block.Submitter); like it, it starts none before Push. Reads at
+// failRead fail with EIO, writes at failWrite with ENOSPC. It logs
+// completions and flushes in order.
 type submitDev struct {
 	*block.Mem
 	wait                atomic.Int64 // nanoseconds
@@ -1010,6 +1011,7 @@ type submitDev struct {
 	now, most           atomic.Int32
 	mu                  sync.Mutex
 	log                 []string
+	held                []func()
 }
 
 func (d *submitDev) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanSubmit }
@@ -1025,12 +1027,14 @@ func (d *submitDev) start(done func(error), op func() error) bool {
 	n := d.now.Add(1)
 	for m := d.most.Load(); n > m && !d.most.CompareAndSwap(m, n); m = d.most.Load() {
 	}
-	go func() {
+	d.mu.Lock()
+	d.held = append(d.held, func() {
 		time.Sleep(time.Duration(d.wait.Load()))
 		err := op()
 		d.now.Add(-1)
 		done(err)
-	}()
+	})
+	d.mu.Unlock()
 	return true
 }
 
@@ -1055,6 +1059,15 @@ func (d *submitDev) SubmitWriteAt(p []byte, off int64, fua bool, done func(error
 	})
 }
 
+func (d *submitDev) Push() {
+	d.mu.Lock()
+	for _, f := range d.held {
+		go f()
+	}
+	d.held = d.held[:0]
+	d.mu.Unlock()
+}
+
 func (d *submitDev) Flush() error {
 	d.record("flush")
 	return nil
@@ -1070,7 +1083,10 @@ func TestSubmittedRequests(t *testing.T) {
 	dev := &submitDev{Mem: block.NewMem(1 << 20), failRead: 100 * 4096, failWrite: 101 * 4096}
 	dev.wait.Store(int64(2 * time.Millisecond))
 	s := startSpecServer(t, dev, "", nil)
-	cl := newClient(t, s.dial(t))
+	nc := s.dial(t)
+	nc.SetDeadline(time.Now().Add(20 * time.Second)) // a request never pushed: a read that fails, not a hang
+	t.Cleanup(dev.Push)                              // (and one the server's stop would wait for)
+	cl := newClient(t, nc)
 	cl.attach("disk", false)
 	blk := func(i int) []byte { return bytes.Repeat([]byte{byte(i + 1)}, 4096) }
 	var reqs []byte

@@ -100,10 +100,13 @@ type TryReader interface {
 // request. done runs exactly once, with the result; the buffer is the
 // device's until then. A device may decline a request (false: nothing
 // started, done will not run), which the caller then makes with ReadAt,
-// WriteAt or WriteAtFUA.
+// WriteAt or WriteAtFUA. Requests submitted since the last Push may wait
+// in a buffer until it (so that a batch shares one system call): a
+// caller pushes before anything that could block it.
 type Submitter interface {
 	SubmitReadAt(p []byte, off int64, done func(error)) bool
 	SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool
+	Push()
 }
 
 // Cacher is implemented by devices that can prefetch a range.

@@ -30,6 +30,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -122,7 +123,8 @@ type Device struct {
 	// base:allocation (structured replies negotiated). Set at Dial, then
 	// read only; every later connection must offer it too.
 	blockStatus bool
-	calls       sync.Pool // *call: a request allocates nothing once warm
+	calls       sync.Pool   // *call: a request allocates nothing once warm
+	unpushed    atomic.Bool // a link may hold submitted requests (Push)
 
 	mu      sync.Mutex // guards the fields below
 	link    *link      // nil while disconnected
@@ -139,6 +141,7 @@ type link struct {
 	nc         net.Conn
 	wmu        sync.Mutex // one request on the wire at a time
 	w          *bufio.Writer
+	held       bool          // w holds submitted requests not yet sent (Push); guarded by wmu
 	done       chan struct{} // the reader ended
 	structured bool          // structured replies negotiated on this connection
 	hasMeta    bool          // base:allocation negotiated, with context id meta
@@ -984,15 +987,16 @@ func (d *Device) do(typ, flags uint16, off int64, length uint32, payload, into [
 
 // wait registers c, sends it and waits for its reply.
 func (d *Device) wait(c *call) error {
-	if err := d.send(c); err != nil {
+	if err := d.send(c, false); err != nil {
 		return err
 	}
 	return <-c.errc
 }
 
-// send registers c and sends it; its reply completes it (complete). An
-// error means c was neither registered nor sent.
-func (d *Device) send(c *call) error {
+// send registers c and sends it, or with hold leaves it in the link's
+// buffer for Push; its reply completes it (complete). An error means c was
+// neither registered nor sent.
+func (d *Device) send(c *call, hold bool) error {
 	d.mu.Lock()
 	switch {
 	case d.closed:
@@ -1013,7 +1017,13 @@ func (d *Device) send(c *call) error {
 		l.wmu.Lock()
 		err := l.write(cookie, c)
 		if err == nil {
-			err = l.w.Flush()
+			if hold {
+				l.held = l.w.Buffered() > 0
+				d.unpushed.Store(l.held)
+			} else {
+				err = l.w.Flush()
+				l.held = false
+			}
 		}
 		l.wmu.Unlock()
 		if err != nil {
@@ -1021,6 +1031,29 @@ func (d *Device) send(c *call) error {
 		}
 	}
 	return nil
+}
+
+// Push sends the requests that Submit* left in the buffer.
+func (d *Device) Push() {
+	if !d.unpushed.Swap(false) {
+		return
+	}
+	d.mu.Lock()
+	l := d.link
+	d.mu.Unlock()
+	if l == nil {
+		return // reconnect sends them
+	}
+	l.wmu.Lock()
+	var err error
+	if l.held {
+		err = l.w.Flush()
+		l.held = false
+	}
+	l.wmu.Unlock()
+	if err != nil {
+		l.nc.Close()
+	}
 }
 
 // SubmitReadAt starts a read of len(p) bytes at off into p, which the
@@ -1061,7 +1094,7 @@ func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done
 	}
 	c := d.calls.Get().(*call)
 	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.done = typ, flags, off, uint32(n), payload, into, done
-	if err := d.send(c); err != nil {
+	if err := d.send(c, true); err != nil {
 		c.done, c.payload, c.buf = nil, nil, nil
 		d.calls.Put(c)
 		done(err)

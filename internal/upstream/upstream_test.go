@@ -79,8 +79,9 @@ type rw interface {
 	WriteAt(p []byte, off int64) (int, error)
 }
 
-// submitted makes calls through SubmitReadAt and SubmitWriteAt, as the
-// gateway does, and waits for done, which must run exactly once.
+// submitted makes calls through SubmitReadAt and SubmitWriteAt (then
+// Push), as the gateway does, and waits for done, which must run exactly
+// once.
 type submitted struct{ d *Device }
 
 func (s submitted) wait(start func(done func(error)) bool, n int) (int, error) {
@@ -96,6 +97,7 @@ func (s submitted) wait(start func(done func(error)) bool, n int) (int, error) {
 	if !start(done) {
 		return 0, errors.New("the device declined a request the server takes")
 	}
+	s.d.Push()
 	if err := <-errc; err != nil {
 		return 0, err
 	}
