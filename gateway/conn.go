@@ -363,7 +363,9 @@ func (c *conn) recoverPanic() {
 //	receivePayload  a WRITE's data: spliced to the file (and done), read
 //	                into a pooled buffer, or skipped after a refusal
 //	dispatch        a refusal is answered at once; small requests that
-//	                cannot block run here (inline); the rest go to a
+//	                cannot block run here (inline), or are submitted to
+//	                a device that answers them itself (block.Submitter:
+//	                its goroutine sends the reply); the rest go to a
 //	                worker (handle)
 //	reply           queued to the connection's combining writer (reply.go),
 //	                which sends it and returns the slot to c.free
