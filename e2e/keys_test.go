@@ -267,7 +267,10 @@ print("ops", i)
 	if err := work.Start(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	// Vault goes only once the workload is attached (its key unwrapped):
+	// on a busy machine nbdsh can take longer than any fixed wait.
+	waitLog(t, g, "msg=attached", 1)
+	time.Sleep(500 * time.Millisecond)
 	v.Stop()
 	out, err := runErr("qemu-img", "info", g.uri("vo2"))
 	if err == nil {
