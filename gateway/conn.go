@@ -508,16 +508,18 @@ func (c *conn) dispatch(r *request, errno uint32) {
 func (c *conn) onReader(r *request) { r.deferred = true }
 
 // Small requests that will not block run on the reader goroutine itself:
-// a hop to a worker costs more than the I/O. Everything else, and anything
-// that might wait for a disk, goes to the workers.
+// a hop to a worker costs more than the I/O. On a device that completes
+// requests itself (block.Submitter) small reads and writes are submitted
+// from the reader instead. Everything else, and anything that might wait
+// for a disk, goes to the workers.
 const (
 	inlineMax      = 64 << 10
 	inlineSlow     = time.Millisecond // an inline write this slow...
 	inlinePauseFor = time.Second      // ...pauses inline writes this long
 )
 
-// inline runs r on the reader goroutine if it is cheap, and reports
-// whether it did.
+// inline runs r on the reader goroutine if it is cheap, or submits it,
+// and reports whether it did.
 func (c *conn) inline(r *request) bool {
 	if r.length > inlineMax {
 		return false
@@ -613,26 +615,22 @@ func (c *conn) submitWrite(r *request) bool {
 	return true
 }
 
-// completeRead answers a submitted READ (readDone).
+// completeRead answers a submitted READ (readDone), on the device's
+// goroutine: a panic closes this connection, as on a worker, and the
+// request still counts as done.
 func (r *request) completeRead(err error) {
 	c := r.c
-	if err != nil {
-		errno := errnoOf(err)
-		c.requestFailed(r, errno, err)
-		c.count(r, 0, true)
-		c.replyError(r, errno)
-	} else {
-		c.count(r, int64(r.length), false)
-		c.sendRead(r, r.buf.b[:r.length])
-	}
-	c.async.Done()
+	defer c.async.Done()
+	defer c.recoverPanic()
+	c.answerRead(r, r.buf.b[:r.length], err)
 }
 
-// completeWrite answers a submitted WRITE (writeDone).
+// completeWrite answers a submitted WRITE (writeDone), as completeRead.
 func (r *request) completeWrite(err error) {
 	c := r.c
+	defer c.async.Done()
+	defer c.recoverPanic()
 	c.finish(r, int64(r.length), err)
-	c.async.Done()
 }
 
 // othersWaiting reports whether requests arrived while the reader ran
@@ -770,7 +768,13 @@ func (c *conn) read(r *request) {
 	}
 	r.buf = c.srv.pool.get(int(r.length))
 	data := r.buf.b[:r.length]
-	if _, err := c.exp.Device.ReadAt(data, int64(r.off)); err != nil {
+	_, err := c.exp.Device.ReadAt(data, int64(r.off))
+	c.answerRead(r, data, err)
+}
+
+// answerRead answers a READ whose data (in r.buf) was read, or not.
+func (c *conn) answerRead(r *request, data []byte, err error) {
+	if err != nil {
 		errno := errnoOf(err)
 		c.requestFailed(r, errno, err)
 		c.count(r, 0, true)

@@ -34,8 +34,9 @@ func (c *conn) send(r *request, hdr, data []byte) {
 	c.writeQueueLocked()
 }
 
-// flushDeferred sends the replies the reader held back. The reader calls
-// it before anything that could block it.
+// flushDeferred sends the replies the reader held back, and pushes the
+// requests it submitted (block.Submitter). The reader calls it before
+// anything that could block it.
 func (c *conn) flushDeferred() {
 	if c.submitter != nil {
 		c.submitter.Push() // requests submitted meanwhile go out together
