@@ -637,13 +637,14 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	}
 }
 
-// complete hands c's result to its caller: a submitter's done function
-// (c back in the pool first: done may submit again), or the waiting caller.
+// complete hands c's result to its caller: a submitter's done function,
+// or the waiting caller. A submitted call is not put back in the pool nor
+// changed: a send of it on a connection that broke meanwhile may still be
+// reading it (the race detector found the reuse), so each costs an
+// allocation until the calls count their users.
 func (d *Device) complete(c *call, err error) {
-	if done := c.done; done != nil {
-		c.done, c.payload, c.buf = nil, nil, nil
-		d.calls.Put(c)
-		done(err)
+	if c.done != nil {
+		c.done(err)
 		return
 	}
 	c.errc <- err
@@ -956,8 +957,11 @@ func (c *call) resetReply() {
 }
 
 // write puts c's request (and payload) in l's buffer; the caller holds
-// l.wmu and flushes.
+// l.wmu and flushes. It reads c only before its first write: once the
+// header is out (a full buffer sends it) the reply may complete c, and a
+// submitted call goes back to the pool at once.
 func (l *link) write(cookie uint64, c *call) error {
+	payload := c.payload
 	var h [28]byte
 	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
 	binary.BigEndian.PutUint16(h[4:], c.flags)
@@ -968,8 +972,8 @@ func (l *link) write(cookie uint64, c *call) error {
 	if _, err := l.w.Write(h[:]); err != nil {
 		return err
 	}
-	if c.payload != nil {
-		_, err := l.w.Write(c.payload)
+	if payload != nil {
+		_, err := l.w.Write(payload)
 		return err
 	}
 	return nil
@@ -1092,11 +1096,8 @@ func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done
 		done(err)
 		return true
 	}
-	c := d.calls.Get().(*call)
-	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.done = typ, flags, off, uint32(n), payload, into, done
+	c := &call{typ: typ, flags: flags, off: off, length: uint32(n), payload: payload, buf: into, done: done}
 	if err := d.send(c, true); err != nil {
-		c.done, c.payload, c.buf = nil, nil, nil
-		d.calls.Put(c)
 		done(err)
 	}
 	return true
