@@ -300,13 +300,26 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 		}
 	}
 	if errors.Is(err, ErrChunkAuth) {
-		v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
-			"chunk", c, "kind", "chunk")
+		return v.authFailure(c, err)
 	}
 	if err != nil {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
 	return nil
+}
+
+// authFailure reports chunk c's failed authentication. After a failed
+// flush it is what that flush lost (fdatasync may drop pages the map
+// already names), not tampering: the read fails with ErrVolumeFailed,
+// and the log says so instead of raising an integrity alarm.
+func (v *Volume) authFailure(c uint64, err error) error {
+	if v.m.Failed() != nil {
+		v.log.Warn("chunk unreadable after a failed flush", "volume", v.name, "chunk", c)
+		return fmt.Errorf("volume %s chunk %d: %w (%w)", v.name, c, ErrVolumeFailed, err)
+	}
+	v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
+		"chunk", c, "kind", "chunk")
+	return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 }
 
 // openEntry reads and opens the data that e names for chunk c.
@@ -360,9 +373,7 @@ func (v *Volume) openPackage(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf)
 	}
 	if err != nil {
 		clear(dst)
-		v.log.Error("integrity failure: chunk failed authentication", "event", audit.EvIntegrityFailure, "volume", v.name,
-			"chunk", c, "kind", "chunk")
-		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
+		return v.authFailure(c, err)
 	}
 	return nil
 }
