@@ -3,6 +3,7 @@ package cowmap
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"slices"
 	"sync"
 	"time"
@@ -102,9 +103,13 @@ type Map struct {
 
 	mu     sync.Mutex // guards the fields below
 	cond   sync.Cond  // a commit or a checkpoint ended
-	dirty  map[uint64]Entry
+	dirty  map[uint64]Entry // nil until the first write after a large commit
 	snap   map[uint64]Entry // being committed; nil between commits
-	logged map[uint64]Entry // committed since the checkpoint (or since a running one began)
+	logged map[uint64]Entry // committed since the checkpoint (or since a running one began); nil until the first commit after one began
+	// The sizes the next dirty and logged maps are made with: the last
+	// ones' (large ones only), so that they do not grow entry by entry.
+	// They are made at first use, so an idle volume keeps none.
+	dirtyHint, loggedHint int
 	// ckpt holds the entries a checkpoint running in the background
 	// writes into the tree, until its header is durable; bgDone is
 	// closed when it ends. Both nil when none runs.
@@ -663,6 +668,7 @@ func (b *homeBits) put(li uint64, h leafHomes) {
 func (m *Map) SetRange(first uint64, es []Entry) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.makeDirtyLocked()
 	for i := range es {
 		m.dirty[first+uint64(i)] = es[i]
 	}
@@ -674,8 +680,17 @@ func (m *Map) SetRange(first uint64, es []Entry) int {
 func (m *Map) Set(c uint64, e Entry) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.makeDirtyLocked()
 	m.dirty[c] = e
 	return len(m.dirty)
+}
+
+// makeDirtyLocked makes the dirty map if a commit left none. Callers
+// hold mu.
+func (m *Map) makeDirtyLocked() {
+	if m.dirty == nil {
+		m.dirty = make(map[uint64]Entry, m.dirtyHint)
+	}
 }
 
 // Dirty is how many entries wait for a commit.
@@ -706,10 +721,11 @@ func (m *Map) Commit(quiesce func() func()) error {
 		return m.fail(m.cfg.Dev.Flush())
 	}
 	m.snap, m.dirty = m.dirty, m.spare
-	if m.dirty == nil {
-		m.dirty = make(map[uint64]Entry)
-	}
 	m.spare = nil
+	m.dirtyHint = 0
+	if len(m.snap) > smallKeep {
+		m.dirtyHint = min(len(m.snap), maxHint)
+	}
 	seq := m.seq + 1
 	// The commit's first log block is its slot, followed by the data
 	// written into the log since; its further blocks come after them.
@@ -763,6 +779,9 @@ func (m *Map) Commit(quiesce func() func()) error {
 		return m.fail(err)
 	}
 	m.mu.Lock()
+	if m.logged == nil {
+		m.logged = make(map[uint64]Entry, max(m.loggedHint, len(recs)))
+	}
 	for _, r := range recs {
 		m.logged[r.chunk] = r.e
 	}
@@ -818,7 +837,11 @@ func (m *Map) startCheckpoint() error {
 	recs, _ := sortedRecords(m.logged, nil, nil, nil)
 	seq := m.seq
 	head := m.reserveStart()
-	m.ckpt, m.logged = m.logged, make(map[uint64]Entry)
+	m.ckpt, m.logged = m.logged, nil
+	m.loggedHint = 0
+	if len(m.ckpt) > smallKeep {
+		m.loggedHint = min(len(m.ckpt), maxHint)
+	}
 	done := make(chan struct{})
 	m.bgDone = done
 	m.moving = true
@@ -931,6 +954,10 @@ func (m *Map) waitCheckpoint() {
 // smallKeep: a commit of at most this many entries leaves its buffers and
 // its emptied map for the next one; a larger one's go to the collector.
 const smallKeep = 64
+
+// maxHint caps the size a dirty or logged map is made with (64-byte
+// entries: 8 MiB).
+const maxHint = 1 << 17
 
 // endSnap ends a commit's snapshot, keeping a small one's map emptied for
 // the next commit. Callers hold mu.
@@ -1149,7 +1176,7 @@ func sortedRecords(mp map[uint64]Entry, extra []record, keys []uint64, out []rec
 	for c := range mp {
 		keys = append(keys, c)
 	}
-	slices.Sort(keys)
+	sortChunks(keys)
 	out = slices.Grow(out, len(keys)+len(extra))
 	for _, c := range keys {
 		for len(extra) > 0 && extra[0].chunk < c {
@@ -1162,6 +1189,37 @@ func sortedRecords(mp map[uint64]Entry, extra []record, keys []uint64, out []rec
 		out = append(out, record{c, mp[c]})
 	}
 	return append(out, extra...), keys
+}
+
+// sortChunks sorts distinct chunk numbers. Dense ones (what sequential
+// writes leave: a span at most 64 times their count) go through a bitmap
+// in linear time; others are compared.
+func sortChunks(keys []uint64) {
+	if len(keys) < 256 {
+		slices.Sort(keys)
+		return
+	}
+	lo, hi := keys[0], keys[0]
+	for _, k := range keys {
+		lo, hi = min(lo, k), max(hi, k)
+	}
+	words := (hi-lo)/64 + 1
+	if words > uint64(len(keys)) {
+		slices.Sort(keys)
+		return
+	}
+	set := make([]uint64, words)
+	for _, k := range keys {
+		set[(k-lo)/64] |= 1 << ((k - lo) % 64)
+	}
+	i := 0
+	for w, b := range set {
+		for b != 0 {
+			keys[i] = lo + uint64(w)*64 + uint64(bits.TrailingZeros64(b))
+			i++
+			b &= b - 1
+		}
+	}
 }
 
 // update writes node (level, idx), now at ref, with recs (sorted, all
