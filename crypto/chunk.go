@@ -125,6 +125,32 @@ func (s *Sealer) Open(dst []byte, idx uint32, pkg []byte) ([]byte, error) {
 	return out, nil
 }
 
+// OpenInPlace opens chunk idx where its ciphertext lies, in ct[:n], given
+// its DARE header hdr and tag apart: the tag is put at ct[n:n+TagSize],
+// which must be spare (the caller keeps what it held), and the plaintext
+// replaces the ciphertext. No copy of the chunk is made. Any mismatch is
+// ErrChunkAuth, and ct[:n] is then cleared.
+func (s *Sealer) OpenInPlace(ct []byte, n int, idx uint32, hdr, tag []byte) error {
+	if n <= 0 || n > ChunkSize || len(ct) < n+TagSize || len(hdr) != HeaderSize || len(tag) != TagSize {
+		panic("crypto: OpenInPlace: bad sizes")
+	}
+	if hdr[0] != dareVersion20 || hdr[1] != s.suite || hdr[4]&finalFlag == 0 ||
+		int(binary.LittleEndian.Uint16(hdr[2:]))+1 != n {
+		clear(ct[:n])
+		return ErrChunkAuth
+	}
+	copy(ct[n:], tag)
+	nn := s.scratch.Get().(*nonces)
+	defer s.scratch.Put(nn)
+	copy(nn.stream[:], hdr[4:])
+	aeadNonce(&nn.aead, &nn.stream, idx)
+	if _, err := s.aead.Open(ct[:0], nn.aead[:], ct[:n+TagSize], hdr[:4]); err != nil {
+		clear(ct[:n])
+		return ErrChunkAuth
+	}
+	return nil
+}
+
 // aeadNonce is DARE 2.0's per-package nonce: the stream nonce with the
 // sequence number XORed into its last four bytes.
 func aeadNonce(out, stream *[12]byte, seq uint32) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -116,6 +117,51 @@ func TestTamper(t *testing.T) {
 	if bytes.Equal(a[:HeaderSize], pkg[:HeaderSize]) {
 		t.Fatal("two seals of one chunk used the same nonce")
 	}
+}
+
+// TestOpenInPlace: the fixed vector opens where it lies, with its header
+// and tag apart, as Open opens it whole; a flipped bit anywhere, another
+// index or another key fails with ErrChunkAuth and clears the chunk.
+func TestOpenInPlace(t *testing.T) {
+	s, _ := NewSealer(testKey(0x42), AES256GCM)
+	other, _ := NewSealer(testKey(2), AES256GCM)
+	pt := bytes.Repeat([]byte("goldilocks chunk"), ChunkSize/16)
+	b, err := os.ReadFile("testdata/chunk-aes256gcm-idx7.hex")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkg, err := hex.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr, ct, tag := pkg[:HeaderSize], pkg[HeaderSize:HeaderSize+ChunkSize], pkg[HeaderSize+ChunkSize:]
+	open := func(s *Sealer, ct, hdr, tag []byte, idx uint32) ([]byte, error) {
+		buf := append(bytes.Clone(ct), make([]byte, TagSize)...)
+		err := s.OpenInPlace(buf, ChunkSize, idx, hdr, tag)
+		return buf[:ChunkSize], err
+	}
+	if got, err := open(s, ct, hdr, tag, 7); err != nil || !bytes.Equal(got, pt) {
+		t.Fatalf("the vector does not open in place: %v", err)
+	}
+	fails := func(name string, got []byte, err error) {
+		t.Helper()
+		if !errors.Is(err, ErrChunkAuth) {
+			t.Fatalf("%s: %v, want ErrChunkAuth", name, err)
+		}
+		if !bytes.Equal(got, make([]byte, ChunkSize)) {
+			t.Fatalf("%s: the chunk was not cleared", name)
+		}
+	}
+	for i := range pkg {
+		bad := bytes.Clone(pkg)
+		bad[i] ^= 1 << (i % 8)
+		got, err := open(s, bad[HeaderSize:HeaderSize+ChunkSize], bad[:HeaderSize], bad[HeaderSize+ChunkSize:], 7)
+		fails(fmt.Sprintf("byte %d flipped", i), got, err)
+	}
+	got, err := open(s, ct, hdr, tag, 8)
+	fails("as chunk 8", got, err)
+	got, err = open(other, ct, hdr, tag, 7)
+	fails("another key", got, err)
 }
 
 func BenchmarkSeal4K(b *testing.B) {

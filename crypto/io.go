@@ -148,29 +148,52 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf, nowait bool) er
 		if !es[i].Mapped() {
 			continue
 		}
-		dst := p[i*ChunkSize : (i+1)*ChunkSize]
-		copy(b.pkg[HeaderSize:], dst)
-		if nowait {
-			if err := v.openQuiet(first+uint64(i), &es[i], dst, b); err != nil {
+		err := v.openAt(first+uint64(i), &es[i], p, i, b)
+		switch {
+		case err == nil:
+		case nowait:
+			return err
+		case cowmap.IsInLog(es[i].Loc()):
+			// A checkpoint may have moved it home and the ring moved on
+			// since the lookup: read it again from where it is now.
+			if err := v.readChunk(first+uint64(i), p[i*ChunkSize:(i+1)*ChunkSize], b); err != nil {
 				return err
 			}
-			continue
-		}
-		if cowmap.IsInLog(es[i].Loc()) {
-			if v.openQuiet(first+uint64(i), &es[i], dst, b) != nil {
-				// A checkpoint may have moved it home and the ring moved
-				// on since the lookup: read it again from where it is now.
-				if err := v.readChunk(first+uint64(i), dst, b); err != nil {
-					return err
-				}
-			}
-			continue
-		}
-		if err := v.openPackage(first+uint64(i), &es[i], dst, b); err != nil {
-			return err
+		default:
+			return v.authFailure(first+uint64(i), err)
 		}
 	}
 	return nil
+}
+
+// openAt opens chunk c, whose ciphertext is p's i-th chunk, where it lies.
+// The tag goes after it, over the first bytes of the next chunk, kept
+// aside meanwhile; the last chunk of p, with nothing after it in p, is
+// copied into b.pkg instead. A failure clears the chunk and is reported
+// only to the caller.
+func (v *Volume) openAt(c uint64, e *cowmap.Entry, p []byte, i int, b *chunkBuf) error {
+	dst := p[i*ChunkSize : (i+1)*ChunkSize]
+	s := v.keys.sealer(e.KeySlot(), e.Epoch())
+	if s == nil {
+		clear(dst)
+		return fmt.Errorf("sealed under DEK slot %d, which holds no key: %w", e.KeySlot(), ErrChunkAuth)
+	}
+	if len(p) < (i+1)*ChunkSize+TagSize {
+		copy(b.pkg[HeaderSize:], dst)
+		copy(b.pkg[:HeaderSize], e.DAREHeader())
+		copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
+		if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
+			clear(dst)
+			return ErrChunkAuth
+		}
+		return nil
+	}
+	next := p[(i+1)*ChunkSize:]
+	var kept [TagSize]byte
+	copy(kept[:], next)
+	err := s.OpenInPlace(p[i*ChunkSize:(i+1)*ChunkSize+TagSize], ChunkSize, uint32(c), e.DAREHeader(), e.Tag())
+	copy(next, kept[:])
+	return err
 }
 
 // spanRuns: more runs than this in a batch on a store with network
@@ -338,42 +361,6 @@ func (v *Volume) openEntry(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) e
 	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
 		clear(dst)
 		return ErrChunkAuth
-	}
-	return nil
-}
-
-// openQuiet opens chunk c whose ciphertext is already in b.pkg, into
-// dst, reporting a failure only to its caller.
-func (v *Volume) openQuiet(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) error {
-	s := v.keys.sealer(e.KeySlot(), e.Epoch())
-	if s == nil {
-		return ErrChunkAuth
-	}
-	copy(b.pkg[:HeaderSize], e.DAREHeader())
-	copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
-	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
-		return ErrChunkAuth
-	}
-	return nil
-}
-
-// openPackage opens chunk c whose ciphertext is already in b.pkg, into
-// dst, logging an authentication failure.
-func (v *Volume) openPackage(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) error {
-	s := v.keys.sealer(e.KeySlot(), e.Epoch())
-	var err error
-	if s == nil {
-		err = fmt.Errorf("sealed under DEK slot %d, which holds no key: %w", e.KeySlot(), ErrChunkAuth)
-	} else {
-		copy(b.pkg[:HeaderSize], e.DAREHeader())
-		copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
-		if _, oerr := s.Open(dst[:0], uint32(c), b.pkg[:]); oerr != nil {
-			err = ErrChunkAuth
-		}
-	}
-	if err != nil {
-		clear(dst)
-		return v.authFailure(c, err)
 	}
 	return nil
 }
