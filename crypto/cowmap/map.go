@@ -101,8 +101,8 @@ type Map struct {
 	riding bool
 	burst  int
 
-	mu     sync.Mutex // guards the fields below
-	cond   sync.Cond  // a commit or a checkpoint ended
+	mu     sync.Mutex       // guards the fields below
+	cond   sync.Cond        // a commit or a checkpoint ended
 	dirty  map[uint64]Entry // nil until the first write after a large commit
 	snap   map[uint64]Entry // being committed; nil between commits
 	logged map[uint64]Entry // committed since the checkpoint (or since a running one began); nil until the first commit after one began
