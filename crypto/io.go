@@ -372,8 +372,8 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if !block.CheckRange(v.size, off, int64(len(p))) {
 		return 0, block.ErrOutOfRange
 	}
-	if v.m.Dirty() > 2*maxDirty { // back-pressure: the commit cannot keep up
-		if err := v.Flush(); err != nil {
+	if v.m.Dirty() > 2*maxDirty {
+		if err := v.backPressure(); err != nil {
 			return 0, err
 		}
 	}
@@ -540,6 +540,19 @@ func (v *Volume) writeChunk(c uint64, pt []byte, b *chunkBuf) error {
 		v.flushInBackground()
 	}
 	return nil
+}
+
+// backPressure holds a writer back while the commits cannot keep up: one
+// writer at a time commits, and those that waited behind it go on if it
+// brought the dirty entries down (a commit each, an fdatasync each,
+// would only make the wait longer).
+func (v *Volume) backPressure() error {
+	v.pressure.Lock()
+	defer v.pressure.Unlock()
+	if v.m.Dirty() <= 2*maxDirty {
+		return nil
+	}
+	return v.Flush()
 }
 
 func (v *Volume) flushInBackground() {

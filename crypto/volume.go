@@ -113,6 +113,7 @@ type Volume struct {
 	unquiesce func()
 
 	bgFlush    atomic.Bool
+	pressure   sync.Mutex // one writer at a time commits for back-pressure
 	bg         sync.WaitGroup
 	lastCommit atomic.Int64 // unix nanos of the last commit
 	poke       chan struct{}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
@@ -46,6 +47,7 @@ type serveFlags struct {
 	shutdownTimeout                time.Duration
 	outageLimit                    time.Duration
 	cpuProfile                     string
+	blockProfile                   string
 	memProfile                     string
 	pidFile                        string
 	unixGroup, unixMode            string
@@ -99,6 +101,8 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.DurationVar(&sf.outageLimit, "backing-outage-limit", 30*time.Second, "how long requests to an unreachable upstream backing store (nbd://…) wait, reconnecting, before they fail with EIO")
 	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
 	f.MarkHidden("cpuprofile")
+	f.StringVar(&sf.blockProfile, "blockprofile", "", "write a Go blocking profile (waits on locks, conditions, channels) of the whole run to FILE (for bench/)")
+	f.MarkHidden("blockprofile")
 	f.StringVar(&sf.memProfile, "memprofile", "", "write a Go heap profile to FILE at exit (for bench/)")
 	f.MarkHidden("memprofile")
 	return c
@@ -168,6 +172,18 @@ func serve(a *app, sf serveFlags) error {
 			return err
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if sf.blockProfile != "" {
+		runtime.SetBlockProfileRate(10_000) // a sample per 10 µs blocked
+		defer func() {
+			pf, err := os.Create(sf.blockProfile)
+			if err == nil {
+				err = errors.Join(pprof.Lookup("block").WriteTo(pf, 0), pf.Close())
+			}
+			if err != nil {
+				log.Error("block profile", "err", err)
+			}
+		}()
 	}
 	if sf.auditOnFailure != "fail" && sf.auditOnFailure != "continue" {
 		return usagef("--audit-on-failure %q: want fail or continue", sf.auditOnFailure)

@@ -6,6 +6,7 @@ import (
 	"math/bits"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"goldilocks/internal/block"
@@ -110,6 +111,7 @@ type Map struct {
 	// ones' (large ones only), so that they do not grow entry by entry.
 	// They are made at first use, so an idle volume keeps none.
 	dirtyHint, loggedHint int
+	ndirty                atomic.Int64 // len(dirty), for Dirty
 	// ckpt holds the entries a checkpoint running in the background
 	// writes into the tree, until its header is durable; bgDone is
 	// closed when it ends. Both nil when none runs.
@@ -672,6 +674,7 @@ func (m *Map) SetRange(first uint64, es []Entry) int {
 	for i := range es {
 		m.dirty[first+uint64(i)] = es[i]
 	}
+	m.ndirty.Store(int64(len(m.dirty)))
 	return len(m.dirty)
 }
 
@@ -682,6 +685,7 @@ func (m *Map) Set(c uint64, e Entry) int {
 	defer m.mu.Unlock()
 	m.makeDirtyLocked()
 	m.dirty[c] = e
+	m.ndirty.Store(int64(len(m.dirty)))
 	return len(m.dirty)
 }
 
@@ -693,12 +697,9 @@ func (m *Map) makeDirtyLocked() {
 	}
 }
 
-// Dirty is how many entries wait for a commit.
-func (m *Map) Dirty() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return len(m.dirty)
-}
+// Dirty is how many entries wait for a commit (without taking mu: every
+// writer asks).
+func (m *Map) Dirty() int { return int(m.ndirty.Load()) }
 
 // Commit makes every entry Set so far durable with the data written
 // before it: one log commit and one Flush of the store, or a checkpoint
@@ -722,6 +723,7 @@ func (m *Map) Commit(quiesce func() func()) error {
 	}
 	m.snap, m.dirty = m.dirty, m.spare
 	m.spare = nil
+	m.ndirty.Store(int64(len(m.dirty)))
 	m.dirtyHint = 0
 	if len(m.snap) > smallKeep {
 		m.dirtyHint = min(len(m.snap), maxHint)
