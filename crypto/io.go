@@ -180,13 +180,7 @@ func (v *Volume) openAt(c uint64, e *cowmap.Entry, p []byte, i int, b *chunkBuf)
 	}
 	if len(p) < (i+1)*ChunkSize+TagSize {
 		copy(b.pkg[HeaderSize:], dst)
-		copy(b.pkg[:HeaderSize], e.DAREHeader())
-		copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
-		if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
-			clear(dst)
-			return ErrChunkAuth
-		}
-		return nil
+		return openBuffered(s, c, e, dst, b)
 	}
 	next := p[(i+1)*ChunkSize:]
 	var kept [TagSize]byte
@@ -356,6 +350,12 @@ func (v *Volume) openEntry(c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) e
 		clear(dst)
 		return fmt.Errorf("sealed under DEK slot %d, which holds no key: %w", e.KeySlot(), ErrChunkAuth)
 	}
+	return openBuffered(s, c, e, dst, b)
+}
+
+// openBuffered opens chunk c, whose ciphertext is in b.pkg already, into
+// dst; a failure clears dst.
+func openBuffered(s *Sealer, c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf) error {
 	copy(b.pkg[:HeaderSize], e.DAREHeader())
 	copy(b.pkg[HeaderSize+ChunkSize:], e.Tag())
 	if _, err := s.Open(dst[:0], uint32(c), b.pkg[:]); err != nil {
