@@ -481,29 +481,10 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 	if err := v.doRuns(runs, true); err != nil {
 		return err
 	}
-	if d := v.m.SetRange(first, bb.es[:n]); d > maxDirty {
+	if v.m.SetRange(first, bb.es[:n]) > maxDirty {
 		v.flushInBackground()
-	} else if d > maxDirty/2 {
-		v.writeback()
 	}
 	return nil
-}
-
-// writeback starts the store's writeback of what is written so far, once
-// between commits, when half the dirty entries that start a commit have
-// come: its fdatasync then finds the disk done with most of them.
-func (v *Volume) writeback() {
-	w, ok := v.store.(block.WritebackStarter)
-	if !ok || !v.wbStarted.CompareAndSwap(false, true) {
-		return
-	}
-	v.bg.Add(1)
-	go func() {
-		defer v.bg.Done()
-		if err := w.StartWriteback(); err != nil {
-			v.log.Debug("writeback", "volume", v.name, "err", err)
-		}
-	}()
 }
 
 // lockRange write-locks the locks of chunks first..first+len(idx)-1

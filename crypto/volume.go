@@ -113,8 +113,7 @@ type Volume struct {
 	unquiesce func()
 
 	bgFlush    atomic.Bool
-	pressure   sync.Mutex  // one writer at a time commits for back-pressure
-	wbStarted  atomic.Bool // writeback started since the last commit
+	pressure   sync.Mutex // one writer at a time commits for back-pressure
 	bg         sync.WaitGroup
 	lastCommit atomic.Int64 // unix nanos of the last commit
 	poke       chan struct{}
@@ -325,7 +324,6 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		}
 	}
 	v.lastCommit.Store(time.Now().UnixNano())
-	v.wbStarted.Store(false)
 	v.bg.Add(1)
 	go v.background()
 	return v, nil

@@ -79,13 +79,6 @@ type Prober interface {
 	Written(off int64) bool
 }
 
-// WritebackStarter is implemented by devices that can start writing what
-// is written so far to the disk without waiting for it (a file:
-// sync_file_range), so that a later Flush has less to do.
-type WritebackStarter interface {
-	StartWriteback() error
-}
-
 // Filer is implemented by devices whose bytes are the bytes of a file at
 // the same offsets, with no transformation. The transport may then send
 // them with sendfile. Stages that change bytes (encryption) must not

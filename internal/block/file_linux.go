@@ -340,15 +340,6 @@ func (d *File) Written(off int64) bool {
 	return err == nil && data == off
 }
 
-// StartWriteback starts writing the file's dirty pages to the disk and
-// returns without waiting for them: a later Flush then finds less to do.
-func (d *File) StartWriteback() error {
-	if d.readOnly {
-		return nil
-	}
-	return unix.SyncFileRange(d.fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
-}
-
 // Cache asks the kernel to read the range ahead.
 func (d *File) Cache(off, length int64) error {
 	if !CheckRange(d.size, off, length) {

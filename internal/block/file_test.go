@@ -244,23 +244,3 @@ func TestFileWriteAtFUA(t *testing.T) {
 		t.Fatalf("read-only: %v", err)
 	}
 }
-
-// StartWriteback starts writeback of a file with dirty pages and leaves
-// its contents alone; on a read-only file it does nothing.
-func TestFileStartWriteback(t *testing.T) {
-	d := newFile(t, 8<<20, false)
-	p := bytes.Repeat([]byte{0x3c}, 4<<20)
-	if _, err := d.WriteAt(p, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.StartWriteback(); err != nil {
-		t.Fatalf("StartWriteback: %v", err)
-	}
-	got := make([]byte, len(p))
-	if _, err := d.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, p) {
-		t.Fatalf("read back after StartWriteback: %v", err)
-	}
-	if err := newFile(t, 1<<20, true).StartWriteback(); err != nil {
-		t.Fatalf("read-only: %v", err)
-	}
-}
