@@ -27,6 +27,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -168,11 +169,16 @@ type call struct {
 	status  bool       // a block status chunk came
 	extents []block.Extent
 	max     int
-	// resending: reconnect is writing it on a new link; guarded by the
-	// Device's mu. A reply to it meanwhile is a protocol violation (its
-	// caller would go on while reconnect still reads it).
-	resending bool
-	since     time.Time // when it was last (re)sent; guarded by mu
+	// resending: how many reconnections are writing it on a new link
+	// (two, when a link breaks while the last one still sends); guarded
+	// by the Device's mu. A reply to it meanwhile is a protocol violation.
+	resending int
+	// senders counts the writes of it under way (send, reconnect): a
+	// write on a link that broke may still read it after its reply came
+	// on the next, so its result waits for them (settle) before the
+	// caller takes back its buffer and the call goes back to the pool.
+	senders atomic.Int32
+	since   time.Time // when it was last (re)sent; guarded by mu
 	// reading: a reader is filling its reply (c.buf); guarded by mu.
 	// failLocked leaves it to the reader, which completes it or, if the
 	// connection breaks, gives it back first.
@@ -328,7 +334,7 @@ func (d *Device) watchdog() {
 		l, stale := d.link, false
 		if l != nil {
 			for _, c := range d.pending {
-				if !c.resending && time.Since(c.since) > d.o.ReplyTimeout {
+				if c.resending == 0 && time.Since(c.since) > d.o.ReplyTimeout {
 					stale = true
 					break
 				}
@@ -589,7 +595,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		cookie := binary.BigEndian.Uint64(h[8:])
 		d.mu.Lock()
 		c := d.pending[cookie]
-		early := c != nil && c.resending
+		early := c != nil && c.resending > 0
 		if c != nil && !early && !c.reading {
 			c.reading = true
 			owned = append(owned, c)
@@ -637,17 +643,27 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	}
 }
 
-// complete hands c's result to its caller: a submitter's done function,
-// or the waiting caller. A submitted call is not put back in the pool nor
-// changed: a send of it on a connection that broke meanwhile may still be
-// reading it (the race detector found the reuse), so each costs an
-// allocation until the calls count their users.
+// complete hands c's result to its caller: a submitter's done function
+// (the call goes back to the pool first), or the waiting caller.
 func (d *Device) complete(c *call, err error) {
-	if c.done != nil {
-		c.done(err)
+	c.settle()
+	if done := c.done; done != nil {
+		c.done, c.payload, c.buf = nil, nil, nil
+		d.calls.Put(c)
+		done(err)
 		return
 	}
 	c.errc <- err
+}
+
+// settle waits until no write of c is under way. Only a write on a link
+// that broke (its connection closed, so the write fails at once) can
+// outlast c's reply: the race detector found one such, a reconnection's
+// resend overtaken by the next reconnection's.
+func (c *call) settle() {
+	for c.senders.Load() != 0 {
+		runtime.Gosched()
+	}
 }
 
 // chunk reads the rest of one structured reply chunk for c (its 20-byte
@@ -832,7 +848,7 @@ func (d *Device) lost(l *link, cause error) {
 // not take it back to the pool while it is written).
 func (d *Device) failLocked(err error) {
 	for k, c := range d.pending {
-		if c.resending || c.reading {
+		if c.resending > 0 || c.reading {
 			continue
 		}
 		delete(d.pending, k)
@@ -877,7 +893,8 @@ func (d *Device) reconnect() {
 			slices.Sort(cookies) // in the order first sent: a FLUSH after its writes
 			for _, k := range cookies {
 				c := d.pending[k]
-				c.resending = true // readReplies: no reply to it before it is sent
+				c.resending++ // readReplies: no reply to it before it is sent
+				c.senders.Add(1)
 				c.resetReply()
 				again = append(again, c)
 			}
@@ -890,8 +907,9 @@ func (d *Device) reconnect() {
 					werr = l.write(cookies[i], c)
 				}
 				d.mu.Lock()
-				c.resending = false // from here on this goroutine leaves c alone
+				c.resending--
 				d.mu.Unlock()
+				c.senders.Add(-1) // from here on this goroutine leaves c alone
 			}
 			if werr == nil {
 				werr = l.w.Flush()
@@ -957,9 +975,9 @@ func (c *call) resetReply() {
 }
 
 // write puts c's request (and payload) in l's buffer; the caller holds
-// l.wmu and flushes. It reads c only before its first write: once the
-// header is out (a full buffer sends it) the reply may complete c, and a
-// submitted call goes back to the pool at once.
+// l.wmu and flushes, and counts itself in c.senders: c's reply may come
+// as soon as the header is out (a full buffer sends it), and its result
+// waits for the count (settle).
 func (l *link) write(cookie uint64, c *call) error {
 	payload := c.payload
 	var h [28]byte
@@ -994,7 +1012,9 @@ func (d *Device) wait(c *call) error {
 	if err := d.send(c, false); err != nil {
 		return err
 	}
-	return <-c.errc
+	err := <-c.errc
+	c.settle() // failLocked sends on errc without waiting
+	return err
 }
 
 // send registers c and sends it, or with hold leaves it in the link's
@@ -1016,10 +1036,14 @@ func (d *Device) send(c *call, hold bool) error {
 	c.resetReply()
 	d.pending[cookie] = c
 	l := d.link // nil while reconnecting: the request is sent on reconnection
+	if l != nil {
+		c.senders.Add(1) // before its reply can come
+	}
 	d.mu.Unlock()
 	if l != nil {
 		l.wmu.Lock()
 		err := l.write(cookie, c)
+		c.senders.Add(-1)
 		if err == nil {
 			if hold {
 				l.held = l.w.Buffered() > 0
@@ -1096,8 +1120,11 @@ func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done
 		done(err)
 		return true
 	}
-	c := &call{typ: typ, flags: flags, off: off, length: uint32(n), payload: payload, buf: into, done: done}
+	c := d.calls.Get().(*call)
+	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.done = typ, flags, off, uint32(n), payload, into, done
 	if err := d.send(c, true); err != nil {
+		c.done, c.payload, c.buf = nil, nil, nil
+		d.calls.Put(c)
 		done(err)
 	}
 	return true
