@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"goldilocks/audit"
+	"goldilocks/internal/nbdproto"
 	"goldilocks/policy"
 )
 
@@ -67,7 +68,7 @@ func (s *Server) limiter(key limKey, rate float64, burst time.Duration) *bucket 
 // grantFor turns a decision into a grant, with its shared buckets.
 func (s *Server) grantFor(d policy.Decision, identity, volume string) *grant {
 	g := &grant{identity: identity, readOnly: d.ReadOnly, maxConns: d.MaxConns, reason: d.Reason}
-	for cmd, bit := range map[uint16]policy.Commands{cmdTrim: policy.CmdTrim, cmdWriteZeroes: policy.CmdWriteZeroes, cmdCache: policy.CmdCache, cmdBlockStatus: policy.CmdBlockStatus} {
+	for cmd, bit := range map[uint16]policy.Commands{nbdproto.CmdTrim: policy.CmdTrim, nbdproto.CmdWriteZeroes: policy.CmdWriteZeroes, nbdproto.CmdCache: policy.CmdCache, nbdproto.CmdBlockStatus: policy.CmdBlockStatus} {
 		if d.Commands&bit == 0 {
 			g.deny |= 1 << cmd
 		}
@@ -93,13 +94,13 @@ func (g *grant) permits(cmd uint16) uint32 {
 		return 0
 	}
 	switch cmd {
-	case cmdWrite, cmdTrim, cmdWriteZeroes:
+	case nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdWriteZeroes:
 		if g.readOnly {
-			return errPerm
+			return nbdproto.ErrnoPerm
 		}
 	}
 	if g.deny&(1<<cmd) != 0 {
-		return errPerm
+		return nbdproto.ErrnoPerm
 	}
 	return 0
 }
@@ -146,7 +147,7 @@ func (c *conn) decide(name string) decision {
 		// policy file or its rules: the client may see it.
 		return decision{identity: id, code: repErrPolicy, msg: d.Reason, reason: d.Reason}
 	case d.TLSRequired && !c.tls:
-		return decision{identity: id, code: repErrTLSReqd, msg: "this export is served over TLS only", reason: d.Reason + ", over TLS only"}
+		return decision{identity: id, code: nbdproto.RepErrTLSReqd, msg: "this export is served over TLS only", reason: d.Reason + ", over TLS only"}
 	}
 	return decision{g: c.srv.grantFor(d, id, name), identity: id}
 }
@@ -222,7 +223,7 @@ func (c *conn) admit(r *request) uint32 {
 		n := 1.0
 		if l.bytes {
 			n = 0
-			if r.typ == cmdRead || r.typ == cmdWrite {
+			if r.typ == nbdproto.CmdRead || r.typ == nbdproto.CmdWrite {
 				n = float64(r.length)
 			}
 		}

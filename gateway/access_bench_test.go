@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"goldilocks/internal/nbdproto"
 	"goldilocks/policy"
 )
 
@@ -25,7 +26,7 @@ func BenchmarkAdmit(b *testing.B) {
 			c := &conn{srv: s}
 			c.cut = make(chan struct{})
 			c.grant.Store(s.grantFor(bc.d, "vm-a", "a-root"))
-			r := &request{typ: cmdRead, length: 4096}
+			r := &request{typ: nbdproto.CmdRead, length: 4096}
 			b.ReportAllocs()
 			for b.Loop() {
 				if c.admit(r) != 0 {
@@ -45,8 +46,8 @@ func TestAdmit(t *testing.T) {
 		typ  uint16
 		want uint32
 	}{
-		{cmdRead, 0}, {cmdFlush, 0}, {cmdBlockStatus, 0},
-		{cmdWrite, errPerm}, {cmdTrim, errPerm}, {cmdWriteZeroes, errPerm}, {cmdCache, errPerm},
+		{nbdproto.CmdRead, 0}, {nbdproto.CmdFlush, 0}, {nbdproto.CmdBlockStatus, 0},
+		{nbdproto.CmdWrite, nbdproto.ErrnoPerm}, {nbdproto.CmdTrim, nbdproto.ErrnoPerm}, {nbdproto.CmdWriteZeroes, nbdproto.ErrnoPerm}, {nbdproto.CmdCache, nbdproto.ErrnoPerm},
 	} {
 		if got := c.admit(&request{typ: tc.typ, length: 4096}); got != tc.want {
 			t.Errorf("%s: errno %d, want %d", commandName(tc.typ), got, tc.want)
@@ -57,7 +58,7 @@ func TestAdmit(t *testing.T) {
 		Identity: policy.Limit{IOPS: 100, Burst: 10 * time.Millisecond}}, "y", "v"))
 	start := time.Now()
 	for i := 0; i < 6; i++ { // 1 token of burst, then 5 × 10 ms
-		c.admit(&request{typ: cmdRead, length: 4096})
+		c.admit(&request{typ: nbdproto.CmdRead, length: 4096})
 	}
 	if d := time.Since(start); d < 40*time.Millisecond || d > 500*time.Millisecond {
 		t.Errorf("6 requests at 100 IOPS (burst 1) took %v, want about 50 ms", d)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"goldilocks/internal/block"
+	"goldilocks/internal/nbdproto"
 	"goldilocks/policy"
 )
 
@@ -193,7 +194,7 @@ func (c *conn) openExport(name string, g *grant) error {
 		return err
 	}
 	c.exp, c.release, c.offer = exp, release, g
-	c.readOnly = exp.ReadOnly || g.permits(cmdWrite) != 0
+	c.readOnly = exp.ReadOnly || g.permits(nbdproto.CmdWrite) != 0
 	c.flags = c.transmissionFlags()
 	return nil
 }
@@ -208,28 +209,28 @@ func (c *conn) closeExport() {
 // transmissionFlags advertises exactly what the export can do.
 func (c *conn) transmissionFlags() uint16 {
 	dev := c.exp.Device
-	f := tfHasFlags | tfSendFlush
+	f := nbdproto.FlagHasFlags | nbdproto.FlagSendFlush
 	if c.structured {
-		f |= tfSendDF
+		f |= nbdproto.FlagSendDF
 	}
 	// Advertised: what the device declares and the grant permits.
 	o := block.OptionalOf(dev)
 	can := func(cmd uint16, ok bool) bool { return ok && c.offer.permits(cmd) == 0 }
-	if can(cmdCache, o.Cacher != nil) {
-		f |= tfSendCache
+	if can(nbdproto.CmdCache, o.Cacher != nil) {
+		f |= nbdproto.FlagSendCache
 	}
 	if c.exp.MultiConn {
-		f |= tfCanMultiConn
+		f |= nbdproto.FlagCanMultiConn
 	}
 	if c.readOnly {
-		return f | tfReadOnly
+		return f | nbdproto.FlagReadOnly
 	}
-	f |= tfSendFUA
-	if can(cmdTrim, o.Trimmer != nil) {
-		f |= tfSendTrim
+	f |= nbdproto.FlagSendFUA
+	if can(nbdproto.CmdTrim, o.Trimmer != nil) {
+		f |= nbdproto.FlagSendTrim
 	}
-	if can(cmdWriteZeroes, o.Zeroer != nil) {
-		f |= tfSendZeroes | tfSendFastZero
+	if can(nbdproto.CmdWriteZeroes, o.Zeroer != nil) {
+		f |= nbdproto.FlagSendZeroes | nbdproto.FlagSendFastZero
 	}
 	return f
 }
@@ -246,11 +247,11 @@ type request struct {
 	buf    *buffer // payload (WRITE in, READ out)
 	start  time.Time
 
-	hdr      [extHdrSize + 16]byte // request in; reply header (and its fixed payload) out
-	vec      [2][]byte             // the reply: header and payload (or nil)
-	zeroCopy bool                  // the payload goes by sendfile
-	deferred bool                  // run on the reader: reply batched by flushDeferred
-	trailer  [extHdrSize + 14]byte // a zero-copy read's last chunk
+	hdr      [nbdproto.ExtHdrSize + 16]byte // request in; reply header (and its fixed payload) out
+	vec      [2][]byte                      // the reply: header and payload (or nil)
+	zeroCopy bool                           // the payload goes by sendfile
+	deferred bool                           // run on the reader: reply batched by flushDeferred
+	trailer  [nbdproto.ExtHdrSize + 14]byte // a zero-copy read's last chunk
 	extents  []block.Extent
 	bsReply  []byte
 
@@ -383,7 +384,7 @@ func (c *conn) readLoop() {
 	for {
 		// Replies of requests run here go out in one batch once the
 		// requests already received are done: before we could block.
-		if len(c.free) == 0 || c.rd.Buffered() < requestSize {
+		if len(c.free) == 0 || c.rd.Buffered() < nbdproto.RequestSize {
 			c.flushDeferred()
 		}
 		r := <-c.free
@@ -422,9 +423,9 @@ func (c *conn) serveRequest(r *request) error {
 // readRequest reads and parses one request header: 28 bytes, or 32 with
 // extended headers (a 64-bit length).
 func (c *conn) readRequest(r *request) error {
-	size, magic := requestSize, requestMagic
+	size, magic := nbdproto.RequestSize, nbdproto.RequestMagic
 	if c.extended {
-		size, magic = extRequestSize, extRequestMagic
+		size, magic = nbdproto.ExtRequestSize, nbdproto.ExtRequestMagic
 	}
 	if _, err := io.ReadFull(c.rd, r.hdr[:size]); err != nil {
 		return err
@@ -442,7 +443,7 @@ func (c *conn) readRequest(r *request) error {
 	} else {
 		r.length = uint64(binary.BigEndian.Uint32(h[24:]))
 	}
-	if r.typ == cmdDisc {
+	if r.typ == nbdproto.CmdDisc {
 		return errDisconnect
 	}
 	return nil
@@ -464,7 +465,7 @@ func (c *conn) receivePayload(r *request, errno uint32) (done bool, err error) {
 		c.flushDeferred() // the socket read below may block
 	}
 	switch {
-	case errno != 0 || r.typ != cmdWrite: // only a WRITE has a use for one
+	case errno != 0 || r.typ != nbdproto.CmdWrite: // only a WRITE has a use for one
 		_, err = c.rd.Discard(int(r.length))
 		return false, err
 	case c.splice != nil && r.length >= spliceMin:
@@ -483,9 +484,9 @@ func (c *conn) receivePayload(r *request, errno uint32) (done bool, err error) {
 // extended headers any request flagged PAYLOAD_LEN.
 func (c *conn) hasPayload(r *request) bool {
 	if c.extended {
-		return r.flags&cmdFlagPayloadLen != 0
+		return r.flags&nbdproto.CmdFlagPayloadLen != 0
 	}
-	return r.typ == cmdWrite
+	return r.typ == nbdproto.CmdWrite
 }
 
 // dispatch answers a refused request, or runs r here or on a worker.
@@ -525,7 +526,7 @@ func (c *conn) inline(r *request) bool {
 		return false
 	}
 	switch r.typ {
-	case cmdRead:
+	case nbdproto.CmdRead:
 		if c.submitter != nil && r.length < holeCheckMin {
 			return c.submitRead(r)
 		}
@@ -543,45 +544,44 @@ func (c *conn) inline(r *request) bool {
 		c.count(r, int64(r.length), false)
 		c.sendRead(r, data)
 		return true
-	case cmdWrite:
+	case nbdproto.CmdWrite:
 		if c.submitter != nil {
 			return c.submitWrite(r)
 		}
-		if r.flags&cmdFlagFUA != 0 || !c.fastWrite {
+		if r.flags&nbdproto.CmdFlagFUA != 0 || !c.fastWrite {
 			return false
 		}
-		now := time.Now()
-		if now.Before(c.noInlineUntil) {
-			return false
-		}
-		c.onReader(r)
-		c.handle(r)
 		// A slow write held up only the requests that arrived meanwhile:
 		// with none (queue depth one, a GC pause, a busy CPU) running it
 		// here cost nothing, and a hop to a worker would.
-		if time.Since(now) > inlineSlow && c.othersWaiting() {
-			c.noInlineUntil = now.Add(inlinePauseFor)
-		}
-		return true
-	case cmdFlush:
+		return c.runInline(r, &c.noInlineUntil, inlineSlow)
+	case nbdproto.CmdFlush:
 		// Only when nothing else is in flight, held back or received:
 		// then the client waits for this reply before it sends more
 		// (queue depth one), and a hop to a worker is pure latency.
 		if c.sock == nil || c.rd.Buffered() > 0 || len(c.deferred) > 0 || c.running.Load() != 0 {
 			return false
 		}
-		now := time.Now()
-		if now.Before(c.noInlineFlushUntil) {
-			return false
-		}
-		c.onReader(r)
-		c.handle(r)
-		if c.othersWaiting() { // the client did not wait: let workers overlap
-			c.noInlineFlushUntil = now.Add(inlinePauseFor)
-		}
-		return true
+		// If the client did not wait after all, workers overlap the next.
+		return c.runInline(r, &c.noInlineFlushUntil, -1)
 	}
 	return false
+}
+
+// runInline runs r on the reader, unless an earlier inline run held up
+// other requests less than inlinePauseFor ago (*until): a run that took
+// longer than slow (-1: any) while others waited pauses it.
+func (c *conn) runInline(r *request, until *time.Time, slow time.Duration) bool {
+	now := time.Now()
+	if now.Before(*until) {
+		return false
+	}
+	c.onReader(r)
+	c.handle(r)
+	if time.Since(now) > slow && c.othersWaiting() {
+		*until = now.Add(inlinePauseFor)
+	}
+	return true
 }
 
 // submitRead starts r on a device that completes requests itself
@@ -607,7 +607,7 @@ func (c *conn) submitWrite(r *request) bool {
 	c.wrote.Store(true)
 	c.running.Add(1)
 	c.async.Add(1)
-	if !c.submitter.SubmitWriteAt(r.buf.b[:r.length], int64(r.off), r.flags&cmdFlagFUA != 0, r.writeDone) {
+	if !c.submitter.SubmitWriteAt(r.buf.b[:r.length], int64(r.off), r.flags&nbdproto.CmdFlagFUA != 0, r.writeDone) {
 		c.running.Add(-1)
 		c.async.Done()
 		return false
@@ -700,33 +700,33 @@ func (c *conn) handle(r *request) {
 	off, n := int64(r.off), int64(r.length)
 	var err error
 	switch r.typ {
-	case cmdRead:
+	case nbdproto.CmdRead:
 		c.read(r)
 		return
-	case cmdWrite:
+	case nbdproto.CmdWrite:
 		c.wrote.Store(true)
-		if fw, ok := dev.(block.FUAWriter); ok && r.flags&cmdFlagFUA != 0 {
+		if fw, ok := dev.(block.FUAWriter); ok && r.flags&nbdproto.CmdFlagFUA != 0 {
 			_, err = fw.WriteAtFUA(r.buf.b[:n], off) // durable in one request
-		} else if _, err = dev.WriteAt(r.buf.b[:n], off); err == nil && r.flags&cmdFlagFUA != 0 {
+		} else if _, err = dev.WriteAt(r.buf.b[:n], off); err == nil && r.flags&nbdproto.CmdFlagFUA != 0 {
 			err = dev.Flush()
 		}
-	case cmdFlush:
+	case nbdproto.CmdFlush:
 		c.wrote.Store(false)
 		err = dev.Flush()
-	case cmdTrim:
+	case nbdproto.CmdTrim:
 		c.wrote.Store(true)
-		if err = c.trimmer.Trim(off, n); err == nil && r.flags&cmdFlagFUA != 0 {
+		if err = c.trimmer.Trim(off, n); err == nil && r.flags&nbdproto.CmdFlagFUA != 0 {
 			err = dev.Flush()
 		}
-	case cmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		c.wrote.Store(true)
-		err = c.zeroer.Zero(off, n, r.flags&cmdFlagNoHole == 0, r.flags&cmdFlagFastZero != 0)
-		if err == nil && r.flags&cmdFlagFUA != 0 {
+		err = c.zeroer.Zero(off, n, r.flags&nbdproto.CmdFlagNoHole == 0, r.flags&nbdproto.CmdFlagFastZero != 0)
+		if err == nil && r.flags&nbdproto.CmdFlagFUA != 0 {
 			err = dev.Flush()
 		}
-	case cmdCache:
+	case nbdproto.CmdCache:
 		err = c.cacher.Cache(off, n)
-	case cmdBlockStatus:
+	case nbdproto.CmdBlockStatus:
 		c.blockStatus(r)
 		return
 	}
@@ -738,7 +738,7 @@ func (c *conn) finish(r *request, n int64, err error) {
 	errno := uint32(0)
 	if err != nil {
 		errno = errnoOf(err)
-		if !(r.typ == cmdWriteZeroes && errno == errNotSup) { // FAST_ZERO refusal is routine
+		if !(r.typ == nbdproto.CmdWriteZeroes && errno == nbdproto.ErrnoNotSup) { // FAST_ZERO refusal is routine
 			c.requestFailed(r, errno, err)
 		}
 	}
@@ -757,7 +757,7 @@ const zeroCopyMin = 64 << 10
 const holeCheckMin = 64 << 10
 
 func (c *conn) read(r *request) {
-	if c.structured && r.flags&cmdFlagDF == 0 && c.extenter != nil && r.length >= holeCheckMin && c.readHole(r) {
+	if c.structured && r.flags&nbdproto.CmdFlagDF == 0 && c.extenter != nil && r.length >= holeCheckMin && c.readHole(r) {
 		return
 	}
 	if c.sendfileReads && r.length >= zeroCopyMin {
@@ -794,7 +794,7 @@ func (c *conn) readHole(r *request) bool {
 		return false
 	}
 	c.count(r, int64(r.length), false)
-	h := c.chunkHeader(r.hdr[:], r, replyFlagDone, replyOffsetHole, 12)
+	h := c.chunkHeader(r.hdr[:], r, nbdproto.ReplyFlagDone, nbdproto.ReplyOffsetHole, 12)
 	b := binary.BigEndian.AppendUint64(h, r.off)
 	b = binary.BigEndian.AppendUint32(b, uint32(r.length))
 	c.send(r, b, nil)
@@ -807,11 +807,11 @@ func (c *conn) readHole(r *request) bool {
 // (sendfileReply): NONE, or an error at the offset where the read failed.
 func (c *conn) sendRead(r *request, data []byte) {
 	if c.structured {
-		flags := replyFlagDone
+		flags := nbdproto.ReplyFlagDone
 		if r.zeroCopy {
 			flags = 0
 		}
-		h := c.chunkHeader(r.hdr[:], r, flags, replyOffsetData, 8+r.length)
+		h := c.chunkHeader(r.hdr[:], r, flags, nbdproto.ReplyOffsetData, 8+r.length)
 		c.send(r, binary.BigEndian.AppendUint64(h, r.off), data)
 		return
 	}
@@ -822,7 +822,7 @@ func (c *conn) sendRead(r *request, data []byte) {
 func (c *conn) blockStatus(r *request) {
 	off, n := int64(r.off), int64(r.length)
 	max := 1024
-	if r.flags&cmdFlagReqOne != 0 {
+	if r.flags&nbdproto.CmdFlagReqOne != 0 {
 		max = 1
 	}
 	r.extents = r.extents[:0]
@@ -840,9 +840,9 @@ func (c *conn) blockStatus(r *request) {
 		return
 	}
 	b := binary.BigEndian.AppendUint32(r.bsReply[:0], metaBaseAllocID)
-	typ := replyBlockStatus
+	typ := nbdproto.ReplyBlockStatus
 	if c.extended { // 64-bit descriptors, after their count
-		typ = replyBlockStatusExt
+		typ = nbdproto.ReplyBlockStatusExt
 		b = binary.BigEndian.AppendUint32(b, uint32(len(r.extents)))
 	}
 	for _, e := range r.extents {
@@ -856,7 +856,7 @@ func (c *conn) blockStatus(r *request) {
 	}
 	r.bsReply = b
 	c.count(r, 0, false)
-	c.send(r, c.chunkHeader(r.hdr[:], r, replyFlagDone, typ, uint64(len(b))), b)
+	c.send(r, c.chunkHeader(r.hdr[:], r, nbdproto.ReplyFlagDone, typ, uint64(len(b))), b)
 }
 
 // tidyExtents drops the zero-length extents a backend may return (a
@@ -885,8 +885,8 @@ func tidyExtents(es []block.Extent, n int64) []block.Extent {
 // for the caller to append the chunk's fixed payload fields to.
 func (c *conn) chunkHeader(b []byte, r *request, flags, typ uint16, length uint64) []byte {
 	if c.extended {
-		b = b[:extHdrSize]
-		binary.BigEndian.PutUint32(b[0:], extReplyMagic)
+		b = b[:nbdproto.ExtHdrSize]
+		binary.BigEndian.PutUint32(b[0:], nbdproto.ExtReplyMagic)
 		binary.BigEndian.PutUint16(b[4:], flags)
 		binary.BigEndian.PutUint16(b[6:], typ)
 		binary.BigEndian.PutUint64(b[8:], r.cookie)
@@ -894,8 +894,8 @@ func (c *conn) chunkHeader(b []byte, r *request, flags, typ uint16, length uint6
 		binary.BigEndian.PutUint64(b[24:], length)
 		return b
 	}
-	b = b[:structuredHdrSize]
-	binary.BigEndian.PutUint32(b[0:], structuredMagic)
+	b = b[:nbdproto.StructuredHdrSize]
+	binary.BigEndian.PutUint32(b[0:], nbdproto.StructuredReplyMagic)
 	binary.BigEndian.PutUint16(b[4:], flags)
 	binary.BigEndian.PutUint16(b[6:], typ)
 	binary.BigEndian.PutUint64(b[8:], r.cookie)
@@ -911,11 +911,11 @@ func (c *conn) replySimple(r *request, errno uint32, data []byte) {
 			c.replyErrorChunk(r, errno)
 			return
 		}
-		c.send(r, c.chunkHeader(r.hdr[:], r, replyFlagDone, replyNone, 0), nil)
+		c.send(r, c.chunkHeader(r.hdr[:], r, nbdproto.ReplyFlagDone, nbdproto.ReplyNone, 0), nil)
 		return
 	}
-	h := r.hdr[:simpleReplySize]
-	binary.BigEndian.PutUint32(h[0:], simpleMagic)
+	h := r.hdr[:nbdproto.SimpleReplySize]
+	binary.BigEndian.PutUint32(h[0:], nbdproto.SimpleReplyMagic)
 	binary.BigEndian.PutUint32(h[4:], errno)
 	binary.BigEndian.PutUint64(h[8:], r.cookie)
 	c.send(r, h, data)
@@ -923,16 +923,16 @@ func (c *conn) replySimple(r *request, errno uint32, data []byte) {
 
 // replyErrorChunk sends one ERROR chunk (no message) that ends the reply.
 func (c *conn) replyErrorChunk(r *request, errno uint32) {
-	h := c.chunkHeader(r.hdr[:], r, replyFlagDone, replyError, 6)
+	h := c.chunkHeader(r.hdr[:], r, nbdproto.ReplyFlagDone, nbdproto.ReplyError, 6)
 	b := binary.BigEndian.AppendUint32(h, errno)
 	c.send(r, binary.BigEndian.AppendUint16(b, 0), nil)
 }
 
-// replyError answers with an error: an error chunk where the command's
+// nbdproto.ReplyError answers with an error: an error chunk where the command's
 // success reply would be structured (or always, with extended headers),
 // else a simple reply.
 func (c *conn) replyError(r *request, errno uint32) {
-	if c.extended || c.structured && (r.typ == cmdRead || r.typ == cmdBlockStatus) {
+	if c.extended || c.structured && (r.typ == nbdproto.CmdRead || r.typ == nbdproto.CmdBlockStatus) {
 		c.replyErrorChunk(r, errno)
 		return
 	}

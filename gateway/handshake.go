@@ -11,6 +11,8 @@ import (
 	"slices"
 	"time"
 	"unicode/utf8"
+
+	"goldilocks/internal/nbdproto"
 )
 
 // errHandshakeDone ends option haggling without entering transmission
@@ -39,9 +41,9 @@ func (c *conn) handshake() error {
 
 	w := bufio.NewWriter(c.nc)
 	var hello [18]byte
-	binary.BigEndian.PutUint64(hello[0:], nbdMagic)
-	binary.BigEndian.PutUint64(hello[8:], optMagic)
-	binary.BigEndian.PutUint16(hello[16:], flagFixedNewstyle|flagNoZeroes)
+	binary.BigEndian.PutUint64(hello[0:], nbdproto.NBDMagic)
+	binary.BigEndian.PutUint64(hello[8:], nbdproto.OptMagic)
+	binary.BigEndian.PutUint16(hello[16:], nbdproto.HandshakeFixedNewstyle|nbdproto.HandshakeNoZeroes)
 	w.Write(hello[:])
 	if err := w.Flush(); err != nil {
 		return err
@@ -51,14 +53,14 @@ func (c *conn) handshake() error {
 		return err
 	}
 	clientFlags := binary.BigEndian.Uint32(cf[:])
-	if clientFlags&^(clientFixed|clientNoZeroes) != 0 {
+	if clientFlags&^(nbdproto.ClientFixed|nbdproto.ClientNoZeroes) != 0 {
 		return violation("unknown client flags %#x", clientFlags)
 	}
-	if clientFlags&clientFixed == 0 {
+	if clientFlags&nbdproto.ClientFixed == 0 {
 		return violation("the client does not speak fixed newstyle negotiation (NBD_FLAG_C_FIXED_NEWSTYLE unset); " +
 			"this server speaks only that (oldstyle and plain newstyle clients are refused)")
 	}
-	c.noZeroes = clientFlags&clientNoZeroes != 0
+	c.noZeroes = clientFlags&nbdproto.ClientNoZeroes != 0
 
 	for n := 1; ; n++ {
 		if n > maxOptions {
@@ -68,7 +70,7 @@ func (c *conn) handshake() error {
 		if _, err := io.ReadFull(c.rd, hdr[:]); err != nil {
 			return err
 		}
-		if m := binary.BigEndian.Uint64(hdr[0:]); m != optMagic {
+		if m := binary.BigEndian.Uint64(hdr[0:]); m != nbdproto.OptMagic {
 			return violation("bad option magic %#x", m)
 		}
 		opt := binary.BigEndian.Uint32(hdr[8:])
@@ -79,7 +81,7 @@ func (c *conn) handshake() error {
 				return err
 			}
 			c.log.Warn("option too long; refused", "option", opt, "length", length)
-			if err := replyErr(w, opt, repErrTooBig, "option too long"); err != nil {
+			if err := replyErr(w, opt, nbdproto.RepErrTooBig, "option too long"); err != nil {
 				return err
 			}
 			if err := w.Flush(); err != nil {
@@ -103,47 +105,47 @@ func (c *conn) handshake() error {
 
 // option handles one option. done reports that transmission begins.
 func (c *conn) option(w *bufio.Writer, opt uint32, data []byte) (done bool, err error) {
-	if !c.tls && opt != optStartTLS && opt != optAbort && c.tlsRequired() {
-		if opt == optExportName {
+	if !c.tls && opt != nbdproto.OptStartTLS && opt != nbdproto.OptAbort && c.tlsRequired() {
+		if opt == nbdproto.OptExportName {
 			return false, violation("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
 		}
-		return false, replyErr(w, opt, repErrTLSReqd, "TLS is required on this server")
+		return false, replyErr(w, opt, nbdproto.RepErrTLSReqd, "TLS is required on this server")
 	}
 	switch opt {
-	case optExportName:
+	case nbdproto.OptExportName:
 		return c.optExportName(w, string(data))
-	case optAbort:
-		writeOptReply(w, opt, repAck, nil)
+	case nbdproto.OptAbort:
+		writeOptReply(w, opt, nbdproto.RepAck, nil)
 		w.Flush()
 		return false, errHandshakeDone
-	case optList:
+	case nbdproto.OptList:
 		if len(data) != 0 {
-			return false, replyErr(w, opt, repErrInvalid, "NBD_OPT_LIST takes no data")
+			return false, replyErr(w, opt, nbdproto.RepErrInvalid, "NBD_OPT_LIST takes no data")
 		}
 		return false, c.optList(w)
-	case optStartTLS:
+	case nbdproto.OptStartTLS:
 		return false, c.optStartTLS(w, data)
-	case optInfo, optGo:
+	case nbdproto.OptInfo, nbdproto.OptGo:
 		return c.optInfoGo(w, opt, data)
-	case optStructuredReply:
+	case nbdproto.OptStructuredReply:
 		switch {
 		case len(data) != 0:
-			return false, replyErr(w, opt, repErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+			return false, replyErr(w, opt, nbdproto.RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
 		case c.extended:
-			return false, replyErr(w, opt, repErrInvalid, "extended headers are already negotiated")
+			return false, replyErr(w, opt, nbdproto.RepErrInvalid, "extended headers are already negotiated")
 		}
 		c.structured = true
-		return false, writeOptReply(w, opt, repAck, nil)
-	case optExtendedHeaders:
+		return false, writeOptReply(w, opt, nbdproto.RepAck, nil)
+	case nbdproto.OptExtendedHeaders:
 		if len(data) != 0 {
-			return false, replyErr(w, opt, repErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
+			return false, replyErr(w, opt, nbdproto.RepErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
 		}
 		c.structured, c.extended = true, true
-		return false, writeOptReply(w, opt, repAck, nil)
-	case optListMetaContext, optSetMetaContext:
+		return false, writeOptReply(w, opt, nbdproto.RepAck, nil)
+	case nbdproto.OptListMetaContext, nbdproto.OptSetMetaContext:
 		return false, c.optMetaContext(w, opt, data)
 	default:
-		return false, replyErr(w, opt, repErrUnsup, fmt.Sprintf("option %d is not supported", opt))
+		return false, replyErr(w, opt, nbdproto.RepErrUnsup, fmt.Sprintf("option %d is not supported", opt))
 	}
 }
 
@@ -151,7 +153,7 @@ func (c *conn) optExportName(w *bufio.Writer, name string) (bool, error) {
 	if c.extended {
 		return false, violation("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS")
 	}
-	if len(name) > maxStringLength {
+	if len(name) > nbdproto.MaxStringLength {
 		return false, violation("NBD_OPT_EXPORT_NAME of %d bytes", len(name))
 	}
 	// The spec leaves no way to refuse but to hang up.
@@ -185,7 +187,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 		return repErrPolicy, "too many attaches: try again later"
 	}
 	if d.code != 0 {
-		if d.code == repErrTLSReqd {
+		if d.code == nbdproto.RepErrTLSReqd {
 			m.attachRefused(RefusedTLSRequired)
 		} else {
 			m.attachRefused(RefusedPolicy)
@@ -200,16 +202,16 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 			if attach {
 				m.attachRefused(RefusedUnknown)
 			}
-			return repErrUnknown, fmt.Sprintf("no export named %q", clip(name, 64))
+			return nbdproto.RepErrUnknown, fmt.Sprintf("no export named %q", clip(name, 64))
 		}
 		if attach {
 			m.attachRefused(RefusedUnavailable)
 		}
 		c.log.Error("opening export", "volume", name, "err", err)
 		if oe := (*OpenError)(nil); errors.As(err, &oe) {
-			return repErrUnknown, oe.Public
+			return nbdproto.RepErrUnknown, oe.Public
 		}
-		return repErrUnknown, "the export is unavailable (the gateway's log says why)"
+		return nbdproto.RepErrUnknown, "the export is unavailable (the gateway's log says why)"
 	}
 	if !attach {
 		return 0, ""
@@ -225,7 +227,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 		c.detach()
 		c.closeExport()
 		c.log.Error("attach refused: the audit log cannot be written (fail closed)", "volume", name, "err", err)
-		return repErrShutdown, "attach refused: the gateway's audit log cannot be written"
+		return nbdproto.RepErrShutdown, "attach refused: the gateway's audit log cannot be written"
 	}
 	if c.metaExport != name {
 		c.metaAlloc, c.metaExport = false, "" // contexts were negotiated for another export
@@ -247,7 +249,7 @@ func (c *conn) refused(name, identity, reason string) {
 // clip keeps s within n bytes (n ≥ 3), cut at a character boundary and
 // marked "...": a client's name in a message or a log line (64), an
 // error message (256, the length a string SHOULD keep to), a description
-// (maxStringLength, the length it MUST keep to).
+// (nbdproto.MaxStringLength, the length it MUST keep to).
 func clip(s string, n int) string {
 	if len(s) <= n {
 		return s
@@ -263,7 +265,7 @@ func (c *conn) optList(w *bufio.Writer) error {
 	list, err := c.srv.cfg.Exports.List()
 	if err != nil {
 		c.log.Error("listing exports", "err", err)
-		return replyErr(w, optList, repErrPlatform, "cannot list exports")
+		return replyErr(w, nbdproto.OptList, nbdproto.RepErrPlatform, "cannot list exports")
 	}
 	pol := c.srv.policy()
 	var id string
@@ -277,23 +279,23 @@ func (c *conn) optList(w *bufio.Writer) error {
 		b := make([]byte, 4, 4+len(e.Name)+len(e.Description))
 		binary.BigEndian.PutUint32(b, uint32(len(e.Name)))
 		b = append(append(b, e.Name...), e.Description...)
-		if err := writeOptReply(w, optList, repServer, b); err != nil {
+		if err := writeOptReply(w, nbdproto.OptList, nbdproto.RepServer, b); err != nil {
 			return err
 		}
 	}
-	return writeOptReply(w, optList, repAck, nil)
+	return writeOptReply(w, nbdproto.OptList, nbdproto.RepAck, nil)
 }
 
 func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	switch {
 	case len(data) != 0:
-		return replyErr(w, optStartTLS, repErrInvalid, "NBD_OPT_STARTTLS takes no data")
+		return replyErr(w, nbdproto.OptStartTLS, nbdproto.RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
 	case c.tls:
-		return replyErr(w, optStartTLS, repErrInvalid, "TLS is already active")
+		return replyErr(w, nbdproto.OptStartTLS, nbdproto.RepErrInvalid, "TLS is already active")
 	case c.srv.cfg.TLS == nil:
-		return replyErr(w, optStartTLS, repErrUnsup, "TLS is not configured on this server")
+		return replyErr(w, nbdproto.OptStartTLS, nbdproto.RepErrUnsup, "TLS is not configured on this server")
 	}
-	if err := writeOptReply(w, optStartTLS, repAck, nil); err != nil {
+	if err := writeOptReply(w, nbdproto.OptStartTLS, nbdproto.RepAck, nil); err != nil {
 		return err
 	}
 	if err := w.Flush(); err != nil {
@@ -321,7 +323,7 @@ func nbdString(data []byte, more int) (s string, rest []byte, ok bool) {
 		return "", nil, false
 	}
 	n := binary.BigEndian.Uint32(data)
-	if uint64(n)+4+uint64(more) > uint64(len(data)) || n > maxStringLength {
+	if uint64(n)+4+uint64(more) > uint64(len(data)) || n > nbdproto.MaxStringLength {
 		return "", nil, false
 	}
 	return string(data[4 : 4+n]), data[4+n:], true
@@ -348,38 +350,38 @@ func parseInfoGo(data []byte) (name string, reqs []uint16, ok bool) {
 func (c *conn) optInfoGo(w *bufio.Writer, opt uint32, data []byte) (bool, error) {
 	name, reqs, ok := parseInfoGo(data)
 	if !ok {
-		return false, replyErr(w, opt, repErrInvalid, "malformed NBD_OPT_INFO/GO")
+		return false, replyErr(w, opt, nbdproto.RepErrInvalid, "malformed NBD_OPT_INFO/GO")
 	}
 	if c.srv.shutting.Load() {
-		return false, replyErr(w, opt, repErrShutdown, "server is shutting down")
+		return false, replyErr(w, opt, nbdproto.RepErrShutdown, "server is shutting down")
 	}
-	if code, msg := c.attachExport(name, opt == optGo); code != 0 {
+	if code, msg := c.attachExport(name, opt == nbdproto.OptGo); code != 0 {
 		return false, replyErr(w, opt, code, msg)
 	}
 	var b [14]byte
-	binary.BigEndian.PutUint16(b[0:], infoExport)
+	binary.BigEndian.PutUint16(b[0:], nbdproto.InfoExport)
 	binary.BigEndian.PutUint64(b[2:], uint64(c.exp.Device.Size()))
 	binary.BigEndian.PutUint16(b[10:], c.flags)
-	writeOptReply(w, opt, repInfo, b[:12])
+	writeOptReply(w, opt, nbdproto.RepInfo, b[:12])
 	for _, r := range reqs {
-		if r == infoName {
-			writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoName), c.exp.Name...))
+		if r == nbdproto.InfoName {
+			writeOptReply(w, opt, nbdproto.RepInfo, append(binary.BigEndian.AppendUint16(nil, nbdproto.InfoName), c.exp.Name...))
 		}
 	}
 	// Sent whether asked for or not (a client may ignore them): the
 	// description and the block sizes.
 	if d := c.exp.Description; d != "" {
-		writeOptReply(w, opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoDescription), clip(d, maxStringLength)...))
+		writeOptReply(w, opt, nbdproto.RepInfo, append(binary.BigEndian.AppendUint16(nil, nbdproto.InfoDescription), clip(d, nbdproto.MaxStringLength)...))
 	}
-	bs := binary.BigEndian.AppendUint16(nil, infoBlockSize)
+	bs := binary.BigEndian.AppendUint16(nil, nbdproto.InfoBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, MinBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, PreferredBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, MaxRequestSize)
-	writeOptReply(w, opt, repInfo, bs)
-	if err := writeOptReply(w, opt, repAck, nil); err != nil {
+	writeOptReply(w, opt, nbdproto.RepInfo, bs)
+	if err := writeOptReply(w, opt, nbdproto.RepAck, nil); err != nil {
 		return false, err
 	}
-	if opt == optInfo {
+	if opt == nbdproto.OptInfo {
 		c.closeExport()
 		return false, nil
 	}
@@ -408,19 +410,19 @@ func parseMetaContext(data []byte) (name string, queries []string, ok bool) {
 }
 
 func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
-	if opt == optSetMetaContext {
+	if opt == nbdproto.OptSetMetaContext {
 		// A SET that fails leaves nothing selected.
 		c.metaAlloc, c.metaExport = false, ""
 	}
 	name, queries, ok := parseMetaContext(data)
 	if !ok {
-		return replyErr(w, opt, repErrInvalid, "malformed meta context request")
+		return replyErr(w, opt, nbdproto.RepErrInvalid, "malformed meta context request")
 	}
-	if opt == optSetMetaContext && !c.structured {
-		return replyErr(w, opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
+	if opt == nbdproto.OptSetMetaContext && !c.structured {
+		return replyErr(w, opt, nbdproto.RepErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
 	}
 	d := c.decide(name)
-	if d.code == repErrTLSReqd {
+	if d.code == nbdproto.RepErrTLSReqd {
 		// Only INFO, GO and EXPORT_NAME may answer TLS_REQD (proto.md,
 		// SELECTIVETLS): here it is a refusal like any other.
 		d.code = repErrPolicy
@@ -433,39 +435,39 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 	list, err := c.srv.cfg.Exports.List()
 	if err != nil {
 		c.log.Error("listing exports", "err", err)
-		return replyErr(w, opt, repErrPlatform, "cannot list exports")
+		return replyErr(w, opt, nbdproto.RepErrPlatform, "cannot list exports")
 	}
 	if !slices.ContainsFunc(list, func(e ExportInfo) bool { return e.Name == name }) {
-		return replyErr(w, opt, repErrUnknown, "no such export")
+		return replyErr(w, opt, nbdproto.RepErrUnknown, "no such export")
 	}
 	// A grant without block_status gets no context: a client then does
 	// not ask for block status at all (qemu-img map falls back to data).
-	match := d.g.permits(cmdBlockStatus) == 0
+	match := d.g.permits(nbdproto.CmdBlockStatus) == 0
 	if match {
-		match = opt == optListMetaContext && len(queries) == 0
+		match = opt == nbdproto.OptListMetaContext && len(queries) == 0
 		for _, q := range queries {
-			if q == metaBaseAllocation || (opt == optListMetaContext && q == "base:") {
+			if q == nbdproto.MetaBaseAllocation || (opt == nbdproto.OptListMetaContext && q == "base:") {
 				match = true
 			}
 		}
 	}
 	id := uint32(0) // LIST: reserved, zero
-	if opt == optSetMetaContext {
+	if opt == nbdproto.OptSetMetaContext {
 		c.metaAlloc, c.metaExport = match, name
 		id = metaBaseAllocID
 	}
 	if match {
 		b := binary.BigEndian.AppendUint32(nil, id)
-		if err := writeOptReply(w, opt, repMetaContext, append(b, metaBaseAllocation...)); err != nil {
+		if err := writeOptReply(w, opt, nbdproto.RepMetaContext, append(b, nbdproto.MetaBaseAllocation...)); err != nil {
 			return err
 		}
 	}
-	return writeOptReply(w, opt, repAck, nil)
+	return writeOptReply(w, opt, nbdproto.RepAck, nil)
 }
 
 func writeOptReply(w *bufio.Writer, opt, typ uint32, data []byte) error {
 	var h [20]byte
-	binary.BigEndian.PutUint64(h[0:], optReplyMagic)
+	binary.BigEndian.PutUint64(h[0:], nbdproto.OptReplyMagic)
 	binary.BigEndian.PutUint32(h[8:], opt)
 	binary.BigEndian.PutUint32(h[12:], typ)
 	binary.BigEndian.PutUint32(h[16:], uint32(len(data)))

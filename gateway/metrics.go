@@ -4,6 +4,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"goldilocks/internal/nbdproto"
 )
 
 // Metrics are the gateway's Prometheus series. Per-request series carry
@@ -86,8 +88,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 
 // sessionMetrics are one session's series, resolved at attach.
 type sessionMetrics struct {
-	requests, bytes, errors [numCommands]prometheus.Counter
-	latency                 [numCommands]prometheus.Observer // read, write, flush only
+	requests, bytes, errors [nbdproto.NumCommands]prometheus.Counter
+	latency                 [nbdproto.NumCommands]prometheus.Observer // read, write, flush only
 	inflight                prometheus.Gauge
 	throttled               prometheus.Counter
 }
@@ -104,13 +106,13 @@ func (m *Metrics) session(volume, identity string) *sessionMetrics {
 		inflight:  m.inflight.WithLabelValues(volume, identity),
 		throttled: m.throttled.WithLabelValues(volume, identity),
 	}
-	for i := range numCommands {
+	for i := range nbdproto.NumCommands {
 		name := commandName(uint16(i))
 		s.requests[i] = m.requests.WithLabelValues(volume, identity, name)
 		s.bytes[i] = m.bytes.WithLabelValues(volume, identity, name)
 		s.errors[i] = m.errors.WithLabelValues(volume, identity, name)
 		switch uint16(i) {
-		case cmdRead, cmdWrite, cmdFlush:
+		case nbdproto.CmdRead, nbdproto.CmdWrite, nbdproto.CmdFlush:
 			s.latency[i] = m.latency.WithLabelValues(volume, identity, name)
 		}
 	}
@@ -160,7 +162,7 @@ func (s *sessionMetrics) inFlight(delta float64) {
 
 // request counts a finished request of cmd, begun at start.
 func (s *sessionMetrics) request(cmd uint16, n int64, failed bool, start time.Time) {
-	if s == nil || int(cmd) >= numCommands {
+	if s == nil || int(cmd) >= nbdproto.NumCommands {
 		return
 	}
 	s.inflight.Dec()

@@ -8,6 +8,8 @@ import (
 	"net"
 	"syscall"
 	"time"
+
+	"goldilocks/internal/nbdproto"
 )
 
 // Replies leave through one combining writer per connection. A goroutine
@@ -138,7 +140,7 @@ func (c *conn) sendfileReply(r *request) {
 	if !c.structured {
 		return
 	}
-	t := c.chunkHeader(r.trailer[:], r, replyFlagDone, replyNone, 0)
+	t := c.chunkHeader(r.trailer[:], r, nbdproto.ReplyFlagDone, nbdproto.ReplyNone, 0)
 	if err != nil {
 		at := r.off + r.length - uint64(r.sfRemain)
 		c.requestFailed(r, errnoOf(err), fmt.Errorf("at offset %d: %w", at, err))
@@ -146,7 +148,7 @@ func (c *conn) sendfileReply(r *request) {
 		if !c.pad(r.sfRemain) {
 			return
 		}
-		t = c.chunkHeader(r.trailer[:], r, replyFlagDone, replyErrorOffset, 14)
+		t = c.chunkHeader(r.trailer[:], r, nbdproto.ReplyFlagDone, nbdproto.ReplyErrorOffset, 14)
 		t = binary.BigEndian.AppendUint32(t, errnoOf(err))
 		t = binary.BigEndian.AppendUint16(t, 0) // no message
 		t = binary.BigEndian.AppendUint64(t, at)

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"goldilocks/audit"
+	"goldilocks/internal/nbdproto"
 )
 
 // Recorder puts events on the audit trail (audit.Log). Append fails when
@@ -20,8 +21,8 @@ type Recorder interface {
 // request one atomic add, on the connection's own cache lines.
 type sessionStats struct {
 	start  time.Time
-	ops    [numCommands]atomic.Uint64
-	bytes  [numCommands]atomic.Uint64
+	ops    [nbdproto.NumCommands]atomic.Uint64
+	bytes  [nbdproto.NumCommands]atomic.Uint64
 	errors atomic.Uint64
 }
 
@@ -29,7 +30,7 @@ type sessionStats struct {
 func (c *conn) count(r *request, n int64, failed bool) {
 	cmd := r.typ
 	c.sm.request(cmd, n, failed, r.start)
-	if int(cmd) >= numCommands {
+	if int(cmd) >= nbdproto.NumCommands {
 		return
 	}
 	c.stats.ops[cmd].Add(1)
@@ -88,11 +89,11 @@ func (c *conn) recordDetach() {
 	c.recorded = false
 	s := &c.stats
 	d := map[string]any{
-		"ops_read": s.ops[cmdRead].Load(), "bytes_read": s.bytes[cmdRead].Load(),
-		"ops_write": s.ops[cmdWrite].Load(), "bytes_written": s.bytes[cmdWrite].Load(),
-		"ops_flush": s.ops[cmdFlush].Load(), "ops_trim": s.ops[cmdTrim].Load(),
-		"ops_zero":  s.ops[cmdWriteZeroes].Load(),
-		"ops_other": s.ops[cmdCache].Load() + s.ops[cmdBlockStatus].Load(),
+		"ops_read": s.ops[nbdproto.CmdRead].Load(), "bytes_read": s.bytes[nbdproto.CmdRead].Load(),
+		"ops_write": s.ops[nbdproto.CmdWrite].Load(), "bytes_written": s.bytes[nbdproto.CmdWrite].Load(),
+		"ops_flush": s.ops[nbdproto.CmdFlush].Load(), "ops_trim": s.ops[nbdproto.CmdTrim].Load(),
+		"ops_zero":  s.ops[nbdproto.CmdWriteZeroes].Load(),
+		"ops_other": s.ops[nbdproto.CmdCache].Load() + s.ops[nbdproto.CmdBlockStatus].Load(),
 		"errors":    s.errors.Load(), "seconds": 0.0,
 	}
 	if !s.start.IsZero() { // zero: the handshake was lost after the attach

@@ -6,6 +6,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"goldilocks/internal/nbdproto"
 )
 
 // Large plain writes are spliced: socket → pipe → backing file, so the
@@ -150,7 +152,7 @@ func (c *conn) writeSpliced(r *request) error {
 		return err
 	}
 	c.wrote.Store(true)
-	if err == nil && r.flags&cmdFlagFUA != 0 {
+	if err == nil && r.flags&nbdproto.CmdFlagFUA != 0 {
 		err = dev.Flush()
 	}
 	c.onReader(r)

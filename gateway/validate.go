@@ -7,6 +7,7 @@ import (
 	"syscall"
 
 	"goldilocks/internal/block"
+	"goldilocks/internal/nbdproto"
 )
 
 // validate is the one place that checks a request's command, flags and
@@ -15,77 +16,77 @@ import (
 // to reply with. The grant's later refusals are admit's (access.go).
 func (c *conn) validate(r *request) uint32 {
 	size := uint64(c.exp.Device.Size())
-	known := cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
+	known := nbdproto.CmdFlagFUA | nbdproto.CmdFlagNoHole | nbdproto.CmdFlagDF | nbdproto.CmdFlagReqOne | nbdproto.CmdFlagFastZero
 	if c.extended {
-		known |= cmdFlagPayloadLen
+		known |= nbdproto.CmdFlagPayloadLen
 	}
 	if r.flags&^known != 0 {
-		return errInval
+		return nbdproto.ErrnoInval
 	}
 	// With extended headers a WRITE, and only a WRITE, carries a payload
 	// (BLOCK_STATUS payloads are not offered); the payload is consumed
 	// either way (receivePayload).
-	if c.extended && (r.typ == cmdWrite) != (r.flags&cmdFlagPayloadLen != 0) {
-		return errInval
+	if c.extended && (r.typ == nbdproto.CmdWrite) != (r.flags&nbdproto.CmdFlagPayloadLen != 0) {
+		return nbdproto.ErrnoInval
 	}
 	switch r.typ {
-	case cmdRead, cmdWrite, cmdTrim, cmdWriteZeroes, cmdCache, cmdBlockStatus, cmdFlush:
+	case nbdproto.CmdRead, nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdWriteZeroes, nbdproto.CmdCache, nbdproto.CmdBlockStatus, nbdproto.CmdFlush:
 	default:
-		return errInval
+		return nbdproto.ErrnoInval
 	}
 	// Writes to a read-only export are EPERM whatever else is wrong.
 	switch r.typ {
-	case cmdWrite, cmdTrim, cmdWriteZeroes:
-		if c.flags&tfReadOnly != 0 {
-			return errPerm
+	case nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdWriteZeroes:
+		if c.flags&nbdproto.FlagReadOnly != 0 {
+			return nbdproto.ErrnoPerm
 		}
 	}
 	// Flags only where the protocol allows them. FUA, once advertised, is
 	// accepted on every command (and means nothing where nothing is
 	// written).
-	if r.flags&cmdFlagFUA != 0 && c.flags&tfSendFUA == 0 {
-		return errInval
+	if r.flags&nbdproto.CmdFlagFUA != 0 && c.flags&nbdproto.FlagSendFUA == 0 {
+		return nbdproto.ErrnoInval
 	}
-	if r.flags&cmdFlagNoHole != 0 && r.typ != cmdWriteZeroes {
-		return errInval
+	if r.flags&nbdproto.CmdFlagNoHole != 0 && r.typ != nbdproto.CmdWriteZeroes {
+		return nbdproto.ErrnoInval
 	}
-	if r.flags&cmdFlagFastZero != 0 && (r.typ != cmdWriteZeroes || c.flags&tfSendFastZero == 0) {
-		return errInval
+	if r.flags&nbdproto.CmdFlagFastZero != 0 && (r.typ != nbdproto.CmdWriteZeroes || c.flags&nbdproto.FlagSendFastZero == 0) {
+		return nbdproto.ErrnoInval
 	}
-	if r.flags&cmdFlagDF != 0 && (r.typ != cmdRead || c.flags&tfSendDF == 0) {
-		return errInval
+	if r.flags&nbdproto.CmdFlagDF != 0 && (r.typ != nbdproto.CmdRead || c.flags&nbdproto.FlagSendDF == 0) {
+		return nbdproto.ErrnoInval
 	}
-	if r.flags&cmdFlagReqOne != 0 && r.typ != cmdBlockStatus {
-		return errInval
+	if r.flags&nbdproto.CmdFlagReqOne != 0 && r.typ != nbdproto.CmdBlockStatus {
+		return nbdproto.ErrnoInval
 	}
-	if r.typ == cmdFlush {
+	if r.typ == nbdproto.CmdFlush {
 		if r.off != 0 || r.length != 0 {
-			return errInval
+			return nbdproto.ErrnoInval
 		}
 		return 0
 	}
 	// Commands the handshake did not advertise (the device cannot, or the
 	// grant withholds them) are EINVAL, as the spec asks.
 	switch {
-	case r.typ == cmdTrim && c.flags&tfSendTrim == 0,
-		r.typ == cmdWriteZeroes && c.flags&tfSendZeroes == 0,
-		r.typ == cmdCache && c.flags&tfSendCache == 0,
-		r.typ == cmdBlockStatus && !c.metaAlloc:
-		return errInval
+	case r.typ == nbdproto.CmdTrim && c.flags&nbdproto.FlagSendTrim == 0,
+		r.typ == nbdproto.CmdWriteZeroes && c.flags&nbdproto.FlagSendZeroes == 0,
+		r.typ == nbdproto.CmdCache && c.flags&nbdproto.FlagSendCache == 0,
+		r.typ == nbdproto.CmdBlockStatus && !c.metaAlloc:
+		return nbdproto.ErrnoInval
 	}
 	// Lengths.
 	if r.length == 0 {
-		return errInval
+		return nbdproto.ErrnoInval
 	}
-	if (r.typ == cmdRead || r.typ == cmdWrite) && r.length > MaxRequestSize {
-		return errInval
+	if (r.typ == nbdproto.CmdRead || r.typ == nbdproto.CmdWrite) && r.length > MaxRequestSize {
+		return nbdproto.ErrnoInval
 	}
 	// Range.
 	if r.off > size || uint64(r.length) > size-r.off {
-		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
-			return errNoSpc
+		if r.typ == nbdproto.CmdWrite || r.typ == nbdproto.CmdWriteZeroes {
+			return nbdproto.ErrnoNoSpc
 		}
-		return errInval
+		return nbdproto.ErrnoInval
 	}
 	return 0
 }
@@ -95,48 +96,48 @@ func errnoOf(err error) uint32 {
 	var en syscall.Errno
 	switch {
 	case errors.Is(err, block.ErrOutOfRange):
-		return errInval
+		return nbdproto.ErrnoInval
 	case errors.Is(err, block.ErrReadOnly):
-		return errPerm
+		return nbdproto.ErrnoPerm
 	case errors.Is(err, block.ErrNotSupported):
-		return errNotSup
+		return nbdproto.ErrnoNotSup
 	case errors.Is(err, os.ErrPermission):
-		return errPerm
+		return nbdproto.ErrnoPerm
 	case errors.As(err, &en):
 		switch en {
 		case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
-			return errNoSpc
+			return nbdproto.ErrnoNoSpc
 		case syscall.EPERM, syscall.EACCES, syscall.EROFS:
-			return errPerm
+			return nbdproto.ErrnoPerm
 		case syscall.EOVERFLOW:
-			return errOverflow
+			return nbdproto.ErrnoOverflow
 		case syscall.ENOMEM:
-			return errNoMem
+			return nbdproto.ErrnoNoMem
 		case syscall.EOPNOTSUPP:
-			return errNotSup
+			return nbdproto.ErrnoNotSup
 		case syscall.EINVAL:
-			return errInval
+			return nbdproto.ErrnoInval
 		}
 	}
-	return errIO
+	return nbdproto.ErrnoIO
 }
 
 // errnoName names an NBD error for logs and the audit trail.
 func errnoName(e uint32) string {
 	switch e {
-	case errPerm:
+	case nbdproto.ErrnoPerm:
 		return "EPERM"
-	case errIO:
+	case nbdproto.ErrnoIO:
 		return "EIO"
-	case errNoMem:
+	case nbdproto.ErrnoNoMem:
 		return "ENOMEM"
-	case errInval:
+	case nbdproto.ErrnoInval:
 		return "EINVAL"
-	case errNoSpc:
+	case nbdproto.ErrnoNoSpc:
 		return "ENOSPC"
-	case errOverflow:
+	case nbdproto.ErrnoOverflow:
 		return "EOVERFLOW"
-	case errNotSup:
+	case nbdproto.ErrnoNotSup:
 		return "ENOTSUP"
 	}
 	return "errno " + strconv.FormatUint(uint64(e), 10)

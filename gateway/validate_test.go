@@ -10,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"goldilocks/internal/block"
+	"goldilocks/internal/nbdproto"
 )
 
 func TestValidate(t *testing.T) {
@@ -37,45 +38,45 @@ func TestValidate(t *testing.T) {
 		length uint32
 		want   uint32
 	}{
-		{"read", rw, cmdRead, 0, 0, 4096, 0},
-		{"read to the end", rw, cmdRead, 0, size - 1, 1, 0},
-		{"read past the end", rw, cmdRead, 0, size - 1, 2, errInval},
-		{"read at the end", rw, cmdRead, 0, size, 1, errInval},
-		{"offset overflow", rw, cmdRead, 0, ^uint64(0), 2, errInval},
-		{"read of 0 bytes", rw, cmdRead, 0, 0, 0, errInval},
-		{"read over 32 MiB", rw, cmdRead, 0, 0, MaxRequestSize + 1, errInval},
-		{"read with DF", rw, cmdRead, cmdFlagDF, 0, 4096, 0},
-		{"DF without structured replies", ro, cmdRead, cmdFlagDF, 0, 4096, errInval},
-		{"FUA on read", rw, cmdRead, cmdFlagFUA, 0, 4096, 0},
-		{"FUA on cache", rw, cmdCache, cmdFlagFUA, 0, 4096, 0},
-		{"FUA on block status", rw, cmdBlockStatus, cmdFlagFUA, 0, 4096, 0},
-		{"FUA on read-only (not advertised)", ro, cmdRead, cmdFlagFUA, 0, 4096, errInval},
-		{"unknown flag", rw, cmdRead, 1 << 7, 0, 4096, errInval},
-		{"write FUA", rw, cmdWrite, cmdFlagFUA, 0, 4096, 0},
-		{"write past the end", rw, cmdWrite, 0, size - 1, 2, errNoSpc},
-		{"write zeroes past the end", rw, cmdWriteZeroes, 0, size, 1, errNoSpc},
-		{"trim past the end", rw, cmdTrim, 0, size, 1, errInval},
-		{"write read-only", ro, cmdWrite, 0, 0, 1, errPerm},
-		{"write read-only with FUA", ro, cmdWrite, cmdFlagFUA, 0, 1, errPerm},
-		{"trim read-only", ro, cmdTrim, 0, 0, 1, errPerm},
-		{"zero read-only", ro, cmdWriteZeroes, 0, 0, 1, errPerm},
-		{"NO_HOLE on zero", rw, cmdWriteZeroes, cmdFlagNoHole | cmdFlagFastZero, 0, 4096, 0},
-		{"NO_HOLE on trim", rw, cmdTrim, cmdFlagNoHole, 0, 4096, errInval},
-		{"FAST_ZERO on write", rw, cmdWrite, cmdFlagFastZero, 0, 4096, errInval},
-		{"REQ_ONE on block status", rw, cmdBlockStatus, cmdFlagReqOne, 0, 4096, 0},
-		{"REQ_ONE on read", rw, cmdRead, cmdFlagReqOne, 0, 4096, errInval},
-		{"block status without a context", ro, cmdBlockStatus, 0, 0, 4096, errInval},
-		{"flush", rw, cmdFlush, 0, 0, 0, 0},
-		{"flush with FUA", rw, cmdFlush, cmdFlagFUA, 0, 0, 0},
-		{"flush with NO_HOLE", rw, cmdFlush, cmdFlagNoHole, 0, 0, errInval},
-		{"flush with a range", rw, cmdFlush, 0, 0, 4096, errInval},
-		{"trim not advertised", bare, cmdTrim, 0, 0, 4096, errInval},
-		{"zero not advertised", bare, cmdWriteZeroes, 0, 0, 4096, errInval},
-		{"cache not advertised", bare, cmdCache, 0, 0, 4096, errInval},
-		{"FAST_ZERO not advertised", bare, cmdWriteZeroes, cmdFlagFastZero, 0, 4096, errInval},
-		{"cache", rw, cmdCache, 0, 0, 4096, 0},
-		{"unknown command", rw, 42, 0, 0, 4096, errInval},
-		{"resize (unsupported)", rw, 8, 0, 0, 4096, errInval},
+		{"read", rw, nbdproto.CmdRead, 0, 0, 4096, 0},
+		{"read to the end", rw, nbdproto.CmdRead, 0, size - 1, 1, 0},
+		{"read past the end", rw, nbdproto.CmdRead, 0, size - 1, 2, nbdproto.ErrnoInval},
+		{"read at the end", rw, nbdproto.CmdRead, 0, size, 1, nbdproto.ErrnoInval},
+		{"offset overflow", rw, nbdproto.CmdRead, 0, ^uint64(0), 2, nbdproto.ErrnoInval},
+		{"read of 0 bytes", rw, nbdproto.CmdRead, 0, 0, 0, nbdproto.ErrnoInval},
+		{"read over 32 MiB", rw, nbdproto.CmdRead, 0, 0, MaxRequestSize + 1, nbdproto.ErrnoInval},
+		{"read with DF", rw, nbdproto.CmdRead, nbdproto.CmdFlagDF, 0, 4096, 0},
+		{"DF without structured replies", ro, nbdproto.CmdRead, nbdproto.CmdFlagDF, 0, 4096, nbdproto.ErrnoInval},
+		{"FUA on read", rw, nbdproto.CmdRead, nbdproto.CmdFlagFUA, 0, 4096, 0},
+		{"FUA on cache", rw, nbdproto.CmdCache, nbdproto.CmdFlagFUA, 0, 4096, 0},
+		{"FUA on block status", rw, nbdproto.CmdBlockStatus, nbdproto.CmdFlagFUA, 0, 4096, 0},
+		{"FUA on read-only (not advertised)", ro, nbdproto.CmdRead, nbdproto.CmdFlagFUA, 0, 4096, nbdproto.ErrnoInval},
+		{"unknown flag", rw, nbdproto.CmdRead, 1 << 7, 0, 4096, nbdproto.ErrnoInval},
+		{"write FUA", rw, nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 0, 4096, 0},
+		{"write past the end", rw, nbdproto.CmdWrite, 0, size - 1, 2, nbdproto.ErrnoNoSpc},
+		{"write zeroes past the end", rw, nbdproto.CmdWriteZeroes, 0, size, 1, nbdproto.ErrnoNoSpc},
+		{"trim past the end", rw, nbdproto.CmdTrim, 0, size, 1, nbdproto.ErrnoInval},
+		{"write read-only", ro, nbdproto.CmdWrite, 0, 0, 1, nbdproto.ErrnoPerm},
+		{"write read-only with FUA", ro, nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 0, 1, nbdproto.ErrnoPerm},
+		{"trim read-only", ro, nbdproto.CmdTrim, 0, 0, 1, nbdproto.ErrnoPerm},
+		{"zero read-only", ro, nbdproto.CmdWriteZeroes, 0, 0, 1, nbdproto.ErrnoPerm},
+		{"NO_HOLE on zero", rw, nbdproto.CmdWriteZeroes, nbdproto.CmdFlagNoHole | nbdproto.CmdFlagFastZero, 0, 4096, 0},
+		{"NO_HOLE on trim", rw, nbdproto.CmdTrim, nbdproto.CmdFlagNoHole, 0, 4096, nbdproto.ErrnoInval},
+		{"FAST_ZERO on write", rw, nbdproto.CmdWrite, nbdproto.CmdFlagFastZero, 0, 4096, nbdproto.ErrnoInval},
+		{"REQ_ONE on block status", rw, nbdproto.CmdBlockStatus, nbdproto.CmdFlagReqOne, 0, 4096, 0},
+		{"REQ_ONE on read", rw, nbdproto.CmdRead, nbdproto.CmdFlagReqOne, 0, 4096, nbdproto.ErrnoInval},
+		{"block status without a context", ro, nbdproto.CmdBlockStatus, 0, 0, 4096, nbdproto.ErrnoInval},
+		{"flush", rw, nbdproto.CmdFlush, 0, 0, 0, 0},
+		{"flush with FUA", rw, nbdproto.CmdFlush, nbdproto.CmdFlagFUA, 0, 0, 0},
+		{"flush with NO_HOLE", rw, nbdproto.CmdFlush, nbdproto.CmdFlagNoHole, 0, 0, nbdproto.ErrnoInval},
+		{"flush with a range", rw, nbdproto.CmdFlush, 0, 0, 4096, nbdproto.ErrnoInval},
+		{"trim not advertised", bare, nbdproto.CmdTrim, 0, 0, 4096, nbdproto.ErrnoInval},
+		{"zero not advertised", bare, nbdproto.CmdWriteZeroes, 0, 0, 4096, nbdproto.ErrnoInval},
+		{"cache not advertised", bare, nbdproto.CmdCache, 0, 0, 4096, nbdproto.ErrnoInval},
+		{"FAST_ZERO not advertised", bare, nbdproto.CmdWriteZeroes, nbdproto.CmdFlagFastZero, 0, 4096, nbdproto.ErrnoInval},
+		{"cache", rw, nbdproto.CmdCache, 0, 0, 4096, 0},
+		{"unknown command", rw, 42, 0, 0, 4096, nbdproto.ErrnoInval},
+		{"resize (unsupported)", rw, 8, 0, 0, 4096, nbdproto.ErrnoInval},
 	} {
 		r := &request{typ: tc.typ, flags: tc.flags, off: tc.off, length: uint64(tc.length)}
 		if got := tc.c.validate(r); got != tc.want {
@@ -98,12 +99,12 @@ func TestErrnoOf(t *testing.T) {
 		err  error
 		want uint32
 	}{
-		{syscall.ENOSPC, errNoSpc},
-		{syscall.EFBIG, errNoSpc},
-		{syscall.EDQUOT, errNoSpc},
-		{fmt.Errorf("volume v: %w", syscall.EROFS), errPerm},
-		{block.ErrOutOfRange, errInval},
-		{errors.New("anything else"), errIO},
+		{syscall.ENOSPC, nbdproto.ErrnoNoSpc},
+		{syscall.EFBIG, nbdproto.ErrnoNoSpc},
+		{syscall.EDQUOT, nbdproto.ErrnoNoSpc},
+		{fmt.Errorf("volume v: %w", syscall.EROFS), nbdproto.ErrnoPerm},
+		{block.ErrOutOfRange, nbdproto.ErrnoInval},
+		{errors.New("anything else"), nbdproto.ErrnoIO},
 	} {
 		if got := errnoOf(tc.err); got != tc.want {
 			t.Errorf("errnoOf(%v) = %d, want %d", tc.err, got, tc.want)
@@ -137,5 +138,29 @@ func TestClip(t *testing.T) {
 		if got != tc.want || len(got) > tc.n || !utf8.ValidString(got) {
 			t.Errorf("clip(%q, %d) = %q, want %q", tc.s, tc.n, got, tc.want)
 		}
+	}
+}
+
+// Every command has its own name in logs and metric labels; an unknown
+// one is "unknown".
+func TestCommandName(t *testing.T) {
+	seen := map[string]uint16{}
+	for c := range uint16(nbdproto.NumCommands) {
+		n := commandName(c)
+		if n == "" || n == "unknown" {
+			t.Errorf("command %d: name %q", c, n)
+		}
+		if o, dup := seen[n]; dup {
+			t.Errorf("commands %d and %d both named %q", o, c, n)
+		}
+		seen[n] = c
+	}
+	for _, c := range []uint16{nbdproto.NumCommands, 0xffff} {
+		if n := commandName(c); n != "unknown" {
+			t.Errorf("command %d: name %q, want unknown", c, n)
+		}
+	}
+	if commandName(nbdproto.CmdWriteZeroes) != "write_zeroes" || commandName(nbdproto.CmdBlockStatus) != "block_status" {
+		t.Error("metric labels changed")
 	}
 }

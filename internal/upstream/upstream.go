@@ -14,22 +14,14 @@ import (
 	"bufio"
 	"cmp"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"goldilocks/internal/secretfile"
 	"io"
 	"log/slog"
-	"math"
 	"net"
-	"net/url"
-	"os"
-	"path/filepath"
 	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -39,6 +31,7 @@ import (
 
 	"goldilocks/audit"
 	"goldilocks/internal/block"
+	"goldilocks/internal/nbdproto"
 )
 
 // Errors callers branch on.
@@ -50,37 +43,7 @@ var (
 
 // Protocol values go-nbd's protocol package lacks (doc/proto.md).
 const (
-	hsNoZeroes       = uint16(1 << 1) // handshake flag, and the client's reply
-	clientFixed      = uint32(1 << 0)
-	clientNoZeroes   = uint32(1 << 1)
-	flagReadOnly     = uint16(1 << 1)
-	flagSendFlush    = uint16(1 << 2)
-	flagSendFUA      = uint16(1 << 3)
-	reqFUA           = uint16(1 << 0)
-	flagSendTrim     = uint16(1 << 5)
-	flagSendZeroes   = uint16(1 << 6)
-	flagSendFastZero = uint16(1 << 11)
-	opFlush          = uint16(3)
-	opTrim           = uint16(4)
-	opWriteZeroes    = uint16(6)
-	reqNoHole        = uint16(1 << 1)
-	reqFastZero      = uint16(1 << 4)
-	repErrBit        = uint32(1 << 31)
-	optStartTLS      = uint32(5)
-	optStructured    = uint32(8)
-	optSetMeta       = uint32(10)
-	repMetaContext   = uint32(4)
-	opBlockStatus    = uint16(7)
-	structuredMagic  = uint32(0x668e33ef)
-	chunkDone        = uint16(1 << 0)
-	chunkNone        = uint16(0)
-	chunkData        = uint16(1)
-	chunkHole        = uint16(2)
-	chunkStatus      = uint16(5)
-	chunkErrBit      = uint16(1 << 15)
-	chunkErrOffset   = uint16(1<<15 + 2)
-	defaultMaxIO     = 32 << 20
-	metaAllocation   = "base:allocation"
+	defaultMaxIO = 32 << 20
 )
 
 // Options tune a connection.
@@ -205,88 +168,6 @@ func (d *Device) Caps() block.Caps {
 	return c
 }
 
-// IsURI reports whether s names an upstream NBD export.
-func IsURI(s string) bool {
-	for _, p := range []string{"nbd://", "nbd+unix://", "nbds://", "nbds+unix://"} {
-		if strings.HasPrefix(s, p) {
-			return true
-		}
-	}
-	return false
-}
-
-// target is where an NBD URI points.
-type target struct {
-	network, addr, export string
-	tls                   *tls.Config // nbds: STARTTLS with this; nil: none
-}
-
-// parse reads an NBD URI: nbd://HOST[:PORT]/EXPORT,
-// nbd+unix:///EXPORT?socket=PATH, and with TLS nbds://… and
-// nbds+unix://… with tls-certificates=DIR (ca-cert.pem to verify the
-// server; client-cert.pem and client-key.pem, if there, as the client's
-// identity: QEMU's and libnbd's layout) and tls-hostname=NAME (the name
-// the server's certificate must carry: the host by default, localhost
-// over a Unix socket).
-func parse(uri string) (target, error) {
-	u, err := url.Parse(uri)
-	if err != nil {
-		return target{}, fmt.Errorf("%w: %v", ErrURI, err)
-	}
-	t := target{export: strings.TrimPrefix(u.Path, "/")}
-	q := u.Query()
-	hostname := "localhost"
-	switch u.Scheme {
-	case "nbd", "nbds":
-		if u.Host == "" {
-			return target{}, fmt.Errorf("%w: %q has no host", ErrURI, uri)
-		}
-		host, port := u.Hostname(), u.Port()
-		if port == "" {
-			port = "10809"
-		}
-		t.network, t.addr, hostname = "tcp", net.JoinHostPort(host, port), host
-	case "nbd+unix", "nbds+unix":
-		sock := q.Get("socket")
-		if sock == "" || u.Host != "" {
-			return target{}, fmt.Errorf("%w: %q needs ?socket=PATH and no host", ErrURI, uri)
-		}
-		t.network, t.addr = "unix", sock
-	default:
-		return target{}, fmt.Errorf("%w: scheme %q", ErrURI, u.Scheme)
-	}
-	if !strings.HasPrefix(u.Scheme, "nbds") {
-		return t, nil
-	}
-	if h := q.Get("tls-hostname"); h != "" {
-		hostname = h
-	}
-	dir := q.Get("tls-certificates")
-	if dir == "" {
-		return target{}, fmt.Errorf("%w: %q: TLS needs tls-certificates=DIR (ca-cert.pem, and client-cert.pem with client-key.pem for a client identity)", ErrURI, uri)
-	}
-	ca, err := os.ReadFile(filepath.Join(dir, "ca-cert.pem"))
-	if err != nil {
-		return target{}, fmt.Errorf("upstream %s: %w", uri, err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(ca) {
-		return target{}, fmt.Errorf("upstream %s: %s holds no certificate", uri, filepath.Join(dir, "ca-cert.pem"))
-	}
-	t.tls = &tls.Config{RootCAs: pool, ServerName: hostname, MinVersion: tls.VersionTLS12}
-	if _, err := os.Stat(filepath.Join(dir, "client-cert.pem")); err == nil {
-		if err := secretfile.Check(filepath.Join(dir, "client-key.pem")); err != nil {
-			return target{}, fmt.Errorf("upstream %s: %w", uri, err)
-		}
-		cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "client-cert.pem"), filepath.Join(dir, "client-key.pem"))
-		if err != nil {
-			return target{}, fmt.Errorf("upstream %s: client certificate: %w", uri, err)
-		}
-		t.tls.Certificates = []tls.Certificate{cert}
-	}
-	return t, nil
-}
-
 // Dial connects to the export uri names and negotiates it.
 func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	t, err := parse(uri)
@@ -386,176 +267,6 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 		structured: neg.structured, hasMeta: neg.hasMeta, meta: neg.meta}, r, nil
 }
 
-// negotiated is what a handshake settled.
-type negotiated struct {
-	size  int64
-	flags uint16
-	maxIO int
-	// Structured replies; base:allocation with context id meta.
-	structured, hasMeta bool
-	meta                uint32
-}
-
-// handshake: fixed newstyle, NBD_OPT_STARTTLS for nbds (the connection
-// it returns is then the TLS one), NBD_OPT_STRUCTURED_REPLY and
-// NBD_OPT_SET_META_CONTEXT base:allocation where the server has them,
-// NBD_OPT_GO with a block size request.
-func handshake(ctx context.Context, nc net.Conn, t target) (conn net.Conn, r *bufio.Reader, neg negotiated, err error) {
-	conn, r = nc, bufio.NewReaderSize(nc, 256<<10)
-	neg, err = negotiate(ctx, &conn, &r, t)
-	return conn, r, neg, err
-}
-
-// optReply is one reply to an option.
-type optReply struct {
-	typ  uint32
-	body []byte
-}
-
-// option sends option opt with data and reads its replies up to the
-// final one (an ACK, or an error, which ends the list).
-func option(nc net.Conn, r *bufio.Reader, opt uint32, data []byte) ([]optReply, error) {
-	msg := binary.BigEndian.AppendUint64(nil, protocol.NEGOTIATION_MAGIC_OPTION)
-	msg = binary.BigEndian.AppendUint32(msg, opt)
-	msg = binary.BigEndian.AppendUint32(msg, uint32(len(data)))
-	msg = append(msg, data...)
-	if _, err := nc.Write(msg); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrHandshake, err)
-	}
-	var out []optReply
-	for len(out) < 1024 {
-		var h [20]byte
-		if _, err := io.ReadFull(r, h[:]); err != nil {
-			return nil, fmt.Errorf("%w: reading an option reply: %v", ErrHandshake, err)
-		}
-		if binary.BigEndian.Uint64(h[0:]) != protocol.NEGOTIATION_MAGIC_REPLY || binary.BigEndian.Uint32(h[8:]) != opt {
-			return nil, fmt.Errorf("%w: bad option reply magic or option", ErrHandshake)
-		}
-		typ, n := binary.BigEndian.Uint32(h[12:]), binary.BigEndian.Uint32(h[16:])
-		if n > 64<<10 {
-			return nil, fmt.Errorf("%w: option reply of %d bytes", ErrHandshake, n)
-		}
-		body := make([]byte, n)
-		if _, err := io.ReadFull(r, body); err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrHandshake, err)
-		}
-		out = append(out, optReply{typ, body})
-		if typ == protocol.NEGOTIATION_TYPE_REPLY_ACK || typ&repErrBit != 0 {
-			return out, nil
-		}
-	}
-	return nil, fmt.Errorf("%w: too many replies to option %d", ErrHandshake, opt)
-}
-
-func negotiate(ctx context.Context, nc *net.Conn, rp **bufio.Reader, t target) (neg negotiated, err error) {
-	export, r := t.export, *rp
-	neg.maxIO = defaultMaxIO
-	var hello [18]byte
-	if _, err := io.ReadFull(r, hello[:]); err != nil {
-		return neg, fmt.Errorf("%w: reading the greeting: %v", ErrHandshake, err)
-	}
-	if binary.BigEndian.Uint64(hello[0:]) != protocol.NEGOTIATION_MAGIC_OLDSTYLE ||
-		binary.BigEndian.Uint64(hello[8:]) != protocol.NEGOTIATION_MAGIC_OPTION {
-		return neg, fmt.Errorf("%w: not a newstyle NBD server", ErrHandshake)
-	}
-	hs := binary.BigEndian.Uint16(hello[16:])
-	if hs&protocol.NEGOTIATION_HANDSHAKE_FLAG_FIXED_NEWSTYLE == 0 {
-		return neg, fmt.Errorf("%w: the server does not speak fixed newstyle", ErrHandshake)
-	}
-	cf := clientFixed
-	if hs&hsNoZeroes != 0 {
-		cf |= clientNoZeroes
-	}
-	if _, err := (*nc).Write(binary.BigEndian.AppendUint32(nil, cf)); err != nil {
-		return neg, fmt.Errorf("%w: %v", ErrHandshake, err)
-	}
-	if t.tls != nil { // NBD_OPT_STARTTLS, then TLS, then the rest inside it
-		rs, err := option(*nc, r, optStartTLS, nil)
-		if err != nil {
-			return neg, err
-		}
-		if typ := rs[0].typ; len(rs) != 1 || typ != protocol.NEGOTIATION_TYPE_REPLY_ACK || len(rs[0].body) != 0 {
-			return neg, fmt.Errorf("%w: the server refused TLS (reply %#x)", ErrHandshake, typ)
-		}
-		tc := tls.Client(*nc, t.tls)
-		if err := tc.HandshakeContext(ctx); err != nil {
-			return neg, fmt.Errorf("%w: TLS: %v", ErrHandshake, err)
-		}
-		*nc, r = tc, bufio.NewReaderSize(tc, 256<<10)
-		*rp = r
-	}
-	// Structured replies, then base:allocation: block status passed
-	// through. A server without them is used without them.
-	rs, err := option(*nc, r, optStructured, nil)
-	if err != nil {
-		return neg, err
-	}
-	if rs[len(rs)-1].typ == protocol.NEGOTIATION_TYPE_REPLY_ACK {
-		neg.structured = true
-		q := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
-		q = append(q, export...)
-		q = binary.BigEndian.AppendUint32(q, 1)
-		q = binary.BigEndian.AppendUint32(q, uint32(len(metaAllocation)))
-		q = append(q, metaAllocation...)
-		if rs, err = option(*nc, r, optSetMeta, q); err != nil {
-			return neg, err
-		}
-		if rs[len(rs)-1].typ == protocol.NEGOTIATION_TYPE_REPLY_ACK {
-			for _, x := range rs {
-				if x.typ == repMetaContext && len(x.body) > 4 && string(x.body[4:]) == metaAllocation {
-					neg.meta, neg.hasMeta = binary.BigEndian.Uint32(x.body), true
-				}
-			}
-		}
-	}
-	// NBD_OPT_GO: name, then one information request (block size).
-	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
-	data = append(data, export...)
-	data = binary.BigEndian.AppendUint16(data, 1)
-	data = binary.BigEndian.AppendUint16(data, protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE)
-	if rs, err = option(*nc, r, protocol.NEGOTIATION_ID_OPTION_GO, data); err != nil {
-		return neg, err
-	}
-	gotExport := false
-	for _, x := range rs {
-		typ, body, n := x.typ, x.body, len(x.body)
-		switch {
-		case typ == protocol.NEGOTIATION_TYPE_REPLY_ACK:
-			if !gotExport {
-				return neg, fmt.Errorf("%w: the server sent no export size", ErrHandshake)
-			}
-			return neg, nil
-		case typ == protocol.NEGOTIATION_TYPE_REPLY_INFO && n >= 2:
-			switch binary.BigEndian.Uint16(body) {
-			case protocol.NEGOTIATION_TYPE_INFO_EXPORT:
-				if n < 12 {
-					return neg, fmt.Errorf("%w: short export information", ErrHandshake)
-				}
-				size := binary.BigEndian.Uint64(body[2:])
-				if size > math.MaxInt64 {
-					return neg, fmt.Errorf("%w: export size %d is beyond what a device can address", ErrHandshake, size)
-				}
-				neg.size = int64(size)
-				neg.flags = binary.BigEndian.Uint16(body[10:])
-				gotExport = true
-			case protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE:
-				if n >= 14 {
-					if m := int(binary.BigEndian.Uint32(body[10:])); m >= 4096 && m < neg.maxIO {
-						neg.maxIO = m
-					}
-				}
-			}
-		case typ&repErrBit != 0:
-			text := string(body)
-			if typ == protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN {
-				return neg, fmt.Errorf("%w: no export %q (%s)", ErrHandshake, export, text)
-			}
-			return neg, fmt.Errorf("%w: the server refused export %q: error %d: %s", ErrHandshake, export, typ&^repErrBit, text)
-		}
-	}
-	return neg, fmt.Errorf("%w: no final reply to NBD_OPT_GO", ErrHandshake)
-}
-
 // readReplies reads replies on l, simple or structured, and wakes their
 // callers, until the connection ends; then the outage begins (lost).
 func (d *Device) readReplies(l *link, r *bufio.Reader) {
@@ -581,7 +292,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 			return
 		}
 		m := binary.BigEndian.Uint32(h[0:])
-		structured := m == structuredMagic && l.structured
+		structured := m == nbdproto.StructuredReplyMagic && l.structured
 		if !structured && m != protocol.TRANSMISSION_MAGIC_REPLY {
 			drop(fmt.Errorf("reply magic %#x", m))
 			return
@@ -628,7 +339,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 					return
 				}
 			}
-			if errno == 0 && c.typ == opBlockStatus {
+			if errno == 0 && c.typ == nbdproto.CmdBlockStatus {
 				drop(errors.New("a simple reply to a block status request"))
 				return
 			}
@@ -672,7 +383,7 @@ func (c *call) settle() {
 // sent again on the next (the outage goes on until a whole, valid reply).
 func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, err error) {
 	flags, typ, n := binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:])
-	done = flags&chunkDone != 0
+	done = flags&nbdproto.ReplyFlagDone != 0
 	var b [16]byte
 	readN := func(k int) ([]byte, error) {
 		if uint32(k) > n {
@@ -683,11 +394,11 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 		return b[:k], err
 	}
 	switch {
-	case typ == chunkNone:
+	case typ == nbdproto.ReplyNone:
 		if n != 0 || !done {
 			return false, errors.New("a NONE chunk with a payload or without DONE")
 		}
-	case typ == chunkData && c.buf != nil:
+	case typ == nbdproto.ReplyOffsetData && c.buf != nil:
 		p, err := readN(8)
 		if err != nil {
 			return false, err
@@ -700,7 +411,7 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 			return false, err
 		}
 		n = 0
-	case typ == chunkHole && c.buf != nil:
+	case typ == nbdproto.ReplyOffsetHole && c.buf != nil:
 		p, err := readN(12)
 		if err != nil {
 			return false, err
@@ -713,7 +424,7 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 			return false, err
 		}
 		clear(c.buf[at : at+size])
-	case typ == chunkStatus && c.typ == opBlockStatus:
+	case typ == nbdproto.ReplyBlockStatus && c.typ == nbdproto.CmdBlockStatus:
 		p, err := readN(4)
 		if err != nil {
 			return false, err
@@ -734,7 +445,7 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 				c.extents = append(c.extents, block.Extent{Length: length, Flags: fl})
 			}
 		}
-	case typ&chunkErrBit != 0:
+	case typ&nbdproto.ReplyErrBit != 0:
 		p, err := readN(6)
 		if err != nil {
 			return false, err
@@ -746,7 +457,7 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 			}
 		}
 		msg := int(binary.BigEndian.Uint16(p[4:]))
-		if uint32(msg) > n || typ == chunkErrOffset && n != uint32(msg)+8 {
+		if uint32(msg) > n || typ == nbdproto.ReplyErrorOffset && n != uint32(msg)+8 {
 			return false, fmt.Errorf("error chunk of %d bytes with a %d-byte message", n, msg)
 		}
 		if _, err := r.Discard(int(n)); err != nil {
@@ -765,7 +476,7 @@ func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, 
 		if c.buf != nil && (c.got != int64(len(c.buf)) || len(c.ranges) != 0) {
 			return false, fmt.Errorf("a read of %d bytes answered with %d", len(c.buf), c.got)
 		}
-		if c.typ == opBlockStatus && len(c.extents) == 0 {
+		if c.typ == nbdproto.CmdBlockStatus && len(c.extents) == 0 {
 			return false, errors.New("a block status reply without extents")
 		}
 	}
@@ -1100,16 +811,16 @@ func (d *Device) SubmitReadAt(p []byte, off int64, done func(error)) bool {
 // write that is durable when done runs (false where the server offers no
 // FUA: use WriteAtFUA).
 func (d *Device) SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool {
-	if len(p) > d.maxIO || len(p) == 0 || fua && d.flags&flagSendFUA == 0 {
+	if len(p) > d.maxIO || len(p) == 0 || fua && d.flags&nbdproto.FlagSendFUA == 0 {
 		return false
 	}
-	if d.flags&flagReadOnly != 0 {
+	if d.flags&nbdproto.FlagReadOnly != 0 {
 		done(fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS))
 		return true
 	}
 	var flags uint16
 	if fua {
-		flags = reqFUA
+		flags = nbdproto.CmdFlagFUA
 	}
 	return d.submit(protocol.TRANSMISSION_TYPE_REQUEST_WRITE, flags, off, p, nil, done)
 }
@@ -1168,7 +879,7 @@ func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 	if err := d.check(off, int64(len(p))); err != nil {
 		return 0, err
 	}
-	if d.flags&flagReadOnly != 0 {
+	if d.flags&nbdproto.FlagReadOnly != 0 {
 		return 0, fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS)
 	}
 	err := d.chunks(off, len(p), func(o int64, lo, hi int) error {
@@ -1194,7 +905,7 @@ func (d *Device) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 	}
 	length = min(length, 1<<31)
 	c := d.calls.Get().(*call)
-	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.max = opBlockStatus, 0, off, uint32(length), nil, nil, maxN
+	c.typ, c.flags, c.off, c.length, c.payload, c.buf, c.max = nbdproto.CmdBlockStatus, 0, off, uint32(length), nil, nil, maxN
 	err := d.wait(c)
 	if err == nil {
 		for _, e := range c.extents { // the last may reach past the range
@@ -1215,7 +926,7 @@ func (d *Device) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 // WriteAtFUA writes p at off durably: NBD_CMD_FLAG_FUA on each write
 // where the server takes it, else a write and a FLUSH.
 func (d *Device) WriteAtFUA(p []byte, off int64) (int, error) {
-	if d.flags&flagSendFUA == 0 {
+	if d.flags&nbdproto.FlagSendFUA == 0 {
 		if _, err := d.WriteAt(p, off); err != nil {
 			return 0, err
 		}
@@ -1224,11 +935,11 @@ func (d *Device) WriteAtFUA(p []byte, off int64) (int, error) {
 	if err := d.check(off, int64(len(p))); err != nil {
 		return 0, err
 	}
-	if d.flags&flagReadOnly != 0 {
+	if d.flags&nbdproto.FlagReadOnly != 0 {
 		return 0, fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS)
 	}
 	err := d.chunks(off, len(p), func(o int64, lo, hi int) error {
-		return d.do(protocol.TRANSMISSION_TYPE_REQUEST_WRITE, reqFUA, o, uint32(hi-lo), p[lo:hi], nil)
+		return d.do(protocol.TRANSMISSION_TYPE_REQUEST_WRITE, nbdproto.CmdFlagFUA, o, uint32(hi-lo), p[lo:hi], nil)
 	})
 	if err != nil {
 		return 0, fmt.Errorf("upstream %s: write %d bytes at %d (FUA): %w", d.uri, len(p), off, err)
@@ -1239,10 +950,10 @@ func (d *Device) WriteAtFUA(p []byte, off int64) (int, error) {
 // Flush asks the server to make completed writes durable (NBD_CMD_FLUSH);
 // a server that offers no flush has nothing volatile to flush.
 func (d *Device) Flush() error {
-	if d.flags&flagSendFlush == 0 {
+	if d.flags&nbdproto.FlagSendFlush == 0 {
 		return nil
 	}
-	if err := d.do(opFlush, 0, 0, 0, nil, nil); err != nil {
+	if err := d.do(nbdproto.CmdFlush, 0, 0, 0, nil, nil); err != nil {
 		return fmt.Errorf("upstream %s: flush: %w", d.uri, err)
 	}
 	return nil
@@ -1253,10 +964,10 @@ func (d *Device) Trim(off, length int64) error {
 	if err := d.check(off, length); err != nil {
 		return err
 	}
-	if d.flags&flagSendTrim == 0 {
+	if d.flags&nbdproto.FlagSendTrim == 0 {
 		return block.ErrNotSupported
 	}
-	return d.ranged("trim", opTrim, 0, off, length)
+	return d.ranged("trim", nbdproto.CmdTrim, 0, off, length)
 }
 
 // Zero writes zeros over a range without sending them (WRITE_ZEROES),
@@ -1265,17 +976,17 @@ func (d *Device) Zero(off, length int64, mayUnmap, fast bool) error {
 	if err := d.check(off, length); err != nil {
 		return err
 	}
-	if d.flags&flagSendZeroes == 0 || fast && d.flags&flagSendFastZero == 0 {
+	if d.flags&nbdproto.FlagSendZeroes == 0 || fast && d.flags&nbdproto.FlagSendFastZero == 0 {
 		return block.ErrNotSupported
 	}
 	var flags uint16
 	if !mayUnmap {
-		flags |= reqNoHole
+		flags |= nbdproto.CmdFlagNoHole
 	}
 	if fast {
-		flags |= reqFastZero
+		flags |= nbdproto.CmdFlagFastZero
 	}
-	err := d.ranged("write_zeroes", opWriteZeroes, flags, off, length)
+	err := d.ranged("write_zeroes", nbdproto.CmdWriteZeroes, flags, off, length)
 	if fast && errors.Is(err, syscall.EOPNOTSUPP) {
 		return block.ErrNotSupported
 	}
@@ -1306,7 +1017,7 @@ func (d *Device) Limit(size int64) {
 }
 
 // ReadOnly reports whether the server serves the export read-only.
-func (d *Device) ReadOnly() bool { return d.flags&flagReadOnly != 0 }
+func (d *Device) ReadOnly() bool { return d.flags&nbdproto.FlagReadOnly != 0 }
 
 // Close ends the connection (NBD_CMD_DISC); requests still in flight fail.
 func (d *Device) Close() error {
