@@ -22,13 +22,6 @@ func sendMore(fd int, p []byte) (int, error) {
 	return int(n), nil
 }
 
-// dataAt reports whether the file fd holds data at off (SEEK_DATA finds
-// it there). False when it does not, or cannot tell.
-func dataAt(fd int, off int64) bool {
-	d, err := unix.Seek(fd, off, unix.SEEK_DATA)
-	return err == nil && d == off
-}
-
 // peerCred is the SO_PEERCRED of a Unix-socket connection: the uid, gid
 // and pid of the process that connected.
 func peerCred(uc *net.UnixConn) (*unix.Ucred, error) {
