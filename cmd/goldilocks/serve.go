@@ -389,7 +389,7 @@ func serve(a *app, sf serveFlags) error {
 		return err
 	}
 	keys := &volume.Keys{Reg: reg, Open: exports, Log: log, Who: "control-socket"}
-	registry.MustRegister(newKeyStateCollector(keys))
+	registry.MustRegister(newKeyStateCollector(keys), newMapCacheCollector(reg))
 	if a.alog != nil {
 		keys.Record = a.alog.Append
 		if sf.auditOnFailure == "continue" {

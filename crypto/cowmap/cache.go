@@ -116,6 +116,15 @@ func (c *Cache) drop(owner uint64) {
 	}
 }
 
+// Capacity is how many nodes the cache holds at most.
+func (c *Cache) Capacity() int {
+	n := 0
+	for i := range c.shards {
+		n += c.shards[i].max // fixed at NewCache
+	}
+	return n
+}
+
 // Stats reports cached nodes, hits and misses.
 func (c *Cache) Stats() (nodes int, hits, misses uint64) {
 	for i := range c.shards {

@@ -123,6 +123,10 @@ func Open(dataDir string) (*Registry, error) {
 // this registry opens share (default cowmap.DefaultCacheBytes).
 func (r *Registry) SetCacheBytes(n int) { r.cache = cowmap.NewCache(n) }
 
+// MapCache is the map-node cache the registry's encrypted volumes share,
+// for its statistics (cowmap.Cache.Stats). SetCacheBytes replaces it.
+func (r *Registry) MapCache() *cowmap.Cache { return r.cache }
+
 // Anchor is the rollback anchor store of the data dir.
 func (r *Registry) Anchor() crypto.Anchor { return crypto.NewFileAnchor(r.dir) }
 
