@@ -72,7 +72,7 @@ func TestMapCacheMetrics(t *testing.T) {
 		first := scrape()
 		run(t, "nbdcopy", g.uri("enc"), out)
 		second := scrape()
-			if !bytes.Equal(mustRead(t, out), mustRead(t, src)) {
+		if !bytes.Equal(mustRead(t, out), mustRead(t, src)) {
 			t.Fatalf("%v: the volume did not read back what was written", tc.flag)
 		}
 		// 16 MiB is 66 leaves: the first pass reads each from the store.
