@@ -16,7 +16,7 @@ import (
 // an attached volume, and reads of an encrypted volume by a real client
 // move its hit and miss counters.
 func TestMapCacheMetrics(t *testing.T) {
-	need(t, "nbdcopy", "qemu-img")
+	need(t, "nbdcopy")
 	dir := t.TempDir()
 	goldilocks(t, dir, "volume", "create", "enc", "--size", "16M")
 	goldilocks(t, dir, "volume", "create", "big", "--size", "80M") // 326 leaves

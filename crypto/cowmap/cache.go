@@ -65,14 +65,24 @@ func NewCache(bytes int) *Cache {
 
 func (c *Cache) owner() uint64 { return c.next.Add(1) }
 
-// get returns the node cached under k if its hash is h.
+// get returns the node cached under k if its hash is h; nil is a miss,
+// after which the caller reads the node.
 func (c *Cache) get(k cacheKey, h [32]byte) *node {
+	n := c.peek(k, h)
+	if n == nil {
+		c.misses.Add(1)
+	}
+	return n
+}
+
+// peek is get for a lookup that gives up rather than read the node
+// (ErrNotCached): its miss is counted when the node is read.
+func (c *Cache) peek(k cacheKey, h [32]byte) *node {
 	s := &c.shards[k.shard()]
 	s.mu.Lock()
 	el, ok := s.items[k]
 	if !ok || el.Value.(*cacheItem).hash != h {
 		s.mu.Unlock()
-		c.misses.Add(1)
 		return nil
 	}
 	s.lru.MoveToFront(el)

@@ -258,20 +258,32 @@ func TestTryLookupRangeReadsNothing(t *testing.T) {
 	}
 	m2 := h.open() // its own, empty cache
 	out := make([]Entry, 300)
-	h.dev.mu.Lock()
-	before := h.dev.reads
-	h.dev.mu.Unlock()
+	readsNow := func() int {
+		h.dev.mu.Lock()
+		defer h.dev.mu.Unlock()
+		return h.dev.reads
+	}
+	missesNow := func() int {
+		_, _, misses := m2.cfg.Cache.Stats()
+		return int(misses)
+	}
+	before, missedBefore := readsNow(), missesNow()
 	if err := m2.TryLookupRange(0, out); !errors.Is(err, ErrNotCached) {
 		t.Fatalf("TryLookupRange on a cold cache: %v, want ErrNotCached", err)
 	}
-	h.dev.mu.Lock()
-	reads := h.dev.reads - before
-	h.dev.mu.Unlock()
-	if reads != 0 {
+	if reads := readsNow() - before; reads != 0 {
 		t.Fatalf("TryLookupRange read %d blocks", reads)
+	}
+	// The cache's misses are nodes read (goldilocks_map_cache_misses_total):
+	// the probe that gave up read none.
+	if m := missesNow() - missedBefore; m != 0 {
+		t.Fatalf("TryLookupRange read nothing but counted %d misses", m)
 	}
 	if err := m2.LookupRange(0, out); err != nil {
 		t.Fatal(err)
+	}
+	if reads, m := readsNow()-before, missesNow()-missedBefore; reads == 0 || m != reads {
+		t.Fatalf("LookupRange read %d nodes and counted %d misses", reads, m)
 	}
 	clear(out)
 	if err := m2.TryLookupRange(0, out); err != nil {

@@ -379,7 +379,7 @@ func (m *Map) leafLocked(c uint64, cachedOnly bool) (*node, error) {
 		var n *node
 		var err error
 		if cachedOnly {
-			if n = m.cfg.Cache.get(cacheKey{m.owner, level, c / span(level)}, ref.Hash); n == nil {
+			if n = m.cfg.Cache.peek(cacheKey{m.owner, level, c / span(level)}, ref.Hash); n == nil {
 				return nil, ErrNotCached
 			}
 		} else {
