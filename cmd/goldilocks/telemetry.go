@@ -193,9 +193,9 @@ func (c *keyStateCollector) Collect(ch chan<- prometheus.Metric) {
 
 // mapCacheCollector reports the map-node cache the encrypted volumes
 // share (serve --map-cache): how full it is and how often a lookup found
-// its node there. A miss reads and hashes a 4 KiB node; a cache smaller
-// than the leaves a workload cycles through misses on nearly every one
-// (crypto/cowmap/cache.go: least recently used out).
+// its node there. A miss reads and hashes a 4 KiB node; a cache much
+// smaller than the leaves a workload cycles through misses on most of
+// them (crypto/cowmap/cache.go: sampled LRU).
 type mapCacheCollector struct {
 	reg                           *volume.Registry
 	nodes, capacity, hits, misses *prometheus.Desc

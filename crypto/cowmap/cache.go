@@ -1,14 +1,21 @@
 package cowmap
 
 import (
-	"container/list"
 	"sync"
 	"sync/atomic"
 )
 
-// Cache holds verified map nodes of any number of maps, least recently
-// used first out, within a byte budget. It is safe for concurrent use:
-// keys are spread over shards, each with its own lock and LRU list.
+// Cache holds verified map nodes of any number of maps within a byte
+// budget. It is safe for concurrent use: keys are spread over shards, each
+// with its own lock.
+//
+// Eviction is sampled LRU: of evictSamples nodes picked at random, the
+// one used longest ago goes (as in Redis). Strict LRU misses every node of
+// a loop over a few more nodes than it holds (repeated sequential reads of
+// a volume a little larger than the cache covers: each node is evicted
+// just before its turn comes again); sampling keeps most of such a loop
+// (TestCacheLoopSlightlyLarger), and nodes in steady use still survive a
+// long scan (TestCacheHotNodesSurviveScan).
 type Cache struct {
 	shards [cacheShards]cacheShard
 	next   atomic.Uint64 // owner ids
@@ -16,14 +23,19 @@ type Cache struct {
 	hits, misses atomic.Uint64
 }
 
-const cacheShards = 16
+const (
+	cacheShards  = 16
+	evictSamples = 3
+)
 
 type cacheShard struct {
 	mu    sync.Mutex
 	max   int // nodes
-	lru   *list.List
-	items map[cacheKey]*list.Element
-	_     [40]byte // keep shards on separate cache lines
+	clock uint64
+	rnd   uint64 // xorshift state
+	items map[cacheKey]*cacheItem
+	all   []*cacheItem // in no order; item.pos is its index
+	_     [40]byte     // keep shards on separate cache lines
 }
 
 // cacheKey names a node of a map, not a version of it: a node written by
@@ -45,6 +57,8 @@ type cacheItem struct {
 	key  cacheKey
 	n    *node
 	hash [32]byte
+	used uint64 // the shard's clock at the last get or put
+	pos  int    // index in the shard's all
 }
 
 // DefaultCacheBytes is the default node cache of a gateway: 32 MiB, the
@@ -58,7 +72,7 @@ func NewCache(bytes int) *Cache {
 	c := &Cache{}
 	per := max(16, bytes/BlockSize/cacheShards)
 	for i := range c.shards {
-		c.shards[i] = cacheShard{max: per, lru: list.New(), items: make(map[cacheKey]*list.Element)}
+		c.shards[i] = cacheShard{max: per, rnd: uint64(i)*0x9e3779b97f4a7c15 + 1, items: make(map[cacheKey]*cacheItem)}
 	}
 	return c
 }
@@ -80,13 +94,14 @@ func (c *Cache) get(k cacheKey, h [32]byte) *node {
 func (c *Cache) peek(k cacheKey, h [32]byte) *node {
 	s := &c.shards[k.shard()]
 	s.mu.Lock()
-	el, ok := s.items[k]
-	if !ok || el.Value.(*cacheItem).hash != h {
+	it, ok := s.items[k]
+	if !ok || it.hash != h {
 		s.mu.Unlock()
 		return nil
 	}
-	s.lru.MoveToFront(el)
-	n := el.Value.(*cacheItem).n
+	s.clock++
+	it.used = s.clock
+	n := it.n
 	s.mu.Unlock()
 	c.hits.Add(1)
 	return n
@@ -97,18 +112,41 @@ func (c *Cache) put(k cacheKey, n *node, h [32]byte) {
 	s := &c.shards[k.shard()]
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if el, ok := s.items[k]; ok {
-		it := el.Value.(*cacheItem)
-		it.n, it.hash = n, h
-		s.lru.MoveToFront(el)
+	s.clock++
+	if it, ok := s.items[k]; ok {
+		it.n, it.hash, it.used = n, h, s.clock
 		return
 	}
-	s.items[k] = s.lru.PushFront(&cacheItem{key: k, n: n, hash: h})
-	for s.lru.Len() > s.max {
-		el := s.lru.Back()
-		s.lru.Remove(el)
-		delete(s.items, el.Value.(*cacheItem).key)
+	for len(s.all) >= s.max {
+		s.remove(s.victim())
 	}
+	it := &cacheItem{key: k, n: n, hash: h, used: s.clock, pos: len(s.all)}
+	s.items[k] = it
+	s.all = append(s.all, it)
+}
+
+// victim is the node used longest ago of evictSamples picked at random.
+func (s *cacheShard) victim() *cacheItem {
+	var v *cacheItem
+	for range evictSamples {
+		s.rnd ^= s.rnd << 13
+		s.rnd ^= s.rnd >> 7
+		s.rnd ^= s.rnd << 17
+		it := s.all[s.rnd%uint64(len(s.all))]
+		if v == nil || it.used < v.used {
+			v = it
+		}
+	}
+	return v
+}
+
+func (s *cacheShard) remove(it *cacheItem) {
+	last := s.all[len(s.all)-1]
+	s.all[it.pos] = last
+	last.pos = it.pos
+	s.all[len(s.all)-1] = nil
+	s.all = s.all[:len(s.all)-1]
+	delete(s.items, it.key)
 }
 
 // drop forgets every node of owner (a map that closes).
@@ -116,10 +154,9 @@ func (c *Cache) drop(owner uint64) {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		for k, el := range s.items {
+		for k, it := range s.items {
 			if k.owner == owner {
-				s.lru.Remove(el)
-				delete(s.items, k)
+				s.remove(it)
 			}
 		}
 		s.mu.Unlock()
@@ -140,7 +177,7 @@ func (c *Cache) Stats() (nodes int, hits, misses uint64) {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		nodes += s.lru.Len()
+		nodes += len(s.all)
 		s.mu.Unlock()
 	}
 	return nodes, c.hits.Load(), c.misses.Load()
