@@ -1,0 +1,45 @@
+package e2e
+
+import (
+	"os"
+	"regexp"
+	"runtime"
+	"strconv"
+	"testing"
+)
+
+// serve runs with twice the Go runtime's default GOMAXPROCS (large
+// preads and writevs hold a P; bench/README.md), unless GOMAXPROCS is set,
+// which it then obeys as every Go program does. go_sched_gomaxprocs_threads
+// on /metrics is what an operator checks.
+func TestServeGOMAXPROCS(t *testing.T) {
+	def := runtime.GOMAXPROCS(0)         // this process's: the runtime's default...
+	set := os.Getenv("GOMAXPROCS") != "" // ...unless set
+	for _, tc := range []struct {
+		env  string
+		want int
+	}{
+		{"", 2 * def},
+		{"3", 3},
+	} {
+		if tc.env == "" && set {
+			t.Log("GOMAXPROCS is set for the tests: the default is not known here, not checked")
+			continue
+		}
+		t.Setenv("GOMAXPROCS", tc.env)
+		dir := t.TempDir()
+		g := startGateway(t, dir, "--metrics", "127.0.0.1:0")
+		_, body := httpGet(t, "http://"+metricsAddr(t, g)+"/metrics")
+		m := regexp.MustCompile(`(?m)^go_sched_gomaxprocs_threads (\S+)$`).FindStringSubmatch(body)
+		if m == nil {
+			t.Fatal("no go_sched_gomaxprocs_threads on /metrics")
+		}
+		got, err := strconv.ParseFloat(m[1], 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if int(got) != tc.want {
+			t.Errorf("GOMAXPROCS=%q: the gateway runs with %v Ps, want %d", tc.env, got, tc.want)
+		}
+	}
+}
