@@ -35,7 +35,7 @@ type cacheShard struct {
 	rnd   uint64 // xorshift state
 	items map[cacheKey]*cacheItem
 	all   []*cacheItem // in no order; item.pos is its index
-	_     [40]byte     // keep shards on separate cache lines
+	_     [64]byte     // 128 bytes a shard: apart from its neighbours' lines
 }
 
 // cacheKey names a node of a map, not a version of it: a node written by
