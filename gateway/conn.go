@@ -68,6 +68,7 @@ type conn struct {
 	sendFD        int             // the file of a plain device (splice, sendfile), or -1
 	sendfileReads bool            // large plain reads go by sendfile (TCP, Config.SendfileReads)
 	splice        *splicer        // large plain writes, socket to file; or nil
+	mapper        block.Mapper    // large reads lent from the file's mapping (Config.MapReads); or nil
 
 	// Owned by the reader goroutine. noInlineUntil pauses inline writes
 	// after one was slow (the backend blocked) while other requests
@@ -272,6 +273,9 @@ func (c *conn) transmit() {
 	o := block.OptionalOf(dev) // what the device declares (block.Caps)
 	c.trimmer, c.zeroer, c.extenter, c.cacher, c.tryRead = o.Trimmer, o.Zeroer, o.Extenter, o.Cacher, o.TryReader
 	c.submitter = o.Submitter
+	if c.srv.cfg.MapReads {
+		c.mapper = o.Mapper
+	}
 	c.fastWrite = o.FastWrite
 	if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
 		if raw, err := sc.SyscallConn(); err == nil {
@@ -749,8 +753,10 @@ func (c *conn) finish(r *request, n int64, err error) {
 }
 
 // Reads of at least zeroCopyMin bytes go by sendfile when the server is
-// configured for it (Config.SendfileReads) and the path allows; smaller
-// ones are cheaper copied, since their replies share one writev.
+// configured for it (Config.SendfileReads) and the path allows, or are
+// lent from the file's mapping (Config.MapReads); smaller ones are read
+// into a buffer, most of them on the reader (TryReadAt), which a
+// mapping's page faults could block.
 const zeroCopyMin = 64 << 10
 
 // Reads of at least holeCheckMin bytes with structured replies first ask
@@ -767,6 +773,13 @@ func (c *conn) read(r *request) {
 		r.zeroCopy = true
 		c.sendRead(r, nil)
 		return
+	}
+	if c.mapper != nil && r.length >= zeroCopyMin {
+		data, err := c.mapper.Mapped(int64(r.off), int64(r.length))
+		if err != block.ErrNotMapped {
+			c.answerRead(r, data, err)
+			return
+		}
 	}
 	r.buf = c.srv.pool.get(int(r.length))
 	data := r.buf.b[:r.length]

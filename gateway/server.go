@@ -94,6 +94,11 @@ type Config struct {
 	// Xeon machine) the copy was faster, 1 MiB reads 1.34x
 	// (bench/README.md).
 	SendfileReads bool
+	// MapReads sends reads of at least 64 KiB of a plain volume from a
+	// read-only shared mapping of its file (block.Mapper): the bytes are
+	// copied once, page cache to socket, where pread and writev copy
+	// them twice. SendfileReads, where it applies, comes first.
+	MapReads bool
 	// HandshakeTimeout bounds the option haggling phase.
 	HandshakeTimeout time.Duration
 	// Policy returns the access policy in force (policy/FORMAT.md). A nil

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -107,8 +108,9 @@ func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *sl
 	}}
 	// With metrics, as the gateway runs (BenchmarkServer counts on them).
 	// Over TCP large plain reads go by sendfile (Config.SendfileReads):
-	// the tests that use TCP are about that path.
-	cfg := gateway.Config{Exports: s.exp, Logger: log, Metrics: gateway.NewMetrics(prometheus.NewRegistry()), SendfileReads: s.tcp}
+	// the tests that use TCP are about that path. Elsewhere they are lent
+	// from the file's mapping, as serve does by default (MapReads).
+	cfg := gateway.Config{Exports: s.exp, Logger: log, Metrics: gateway.NewMetrics(prometheus.NewRegistry()), SendfileReads: s.tcp, MapReads: true}
 	if yaml != "" {
 		p, err := policy.Parse([]byte(yaml), "/etc/secret-place/policy.yaml")
 		if err != nil {
@@ -428,6 +430,73 @@ func TestSendfileReadErrorInBand(t *testing.T) {
 	cl.request(0, 3, 3, 0, 0, nil) // the connection lives
 	if e, ck := cl.simpleReply(nil); e != 0 || ck != 3 {
 		t.Fatalf("flush after the failed read: errno %d cookie %d", e, ck)
+	}
+}
+
+// A large read of a plain volume is lent from the file's mapping
+// (Config.MapReads): it returns the bytes written before it, also by
+// another writer of the file, and a page that cannot be read (the file
+// shrank underneath) is EIO for that read, in a simple and in a
+// structured reply, not a crash; the connection lives.
+func TestMappedReads(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "dev.img")
+	data := make([]byte, 1<<20)
+	rand.NewChaCha8([32]byte{3}).Read(data)
+	if err := os.WriteFile(p, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := block.OpenFile(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	s := startSpecServer(t, dev, "", nil)
+	simple := newClient(t, s.dial(t))
+	simple.attach("disk", false)
+	structured := newClient(t, s.dial(t))
+	structured.attach("disk", true)
+
+	got := make([]byte, 300<<10)
+	simple.request(0, 0, 1, 12345, 300<<10, nil)
+	if e, _ := simple.simpleReply(got); e != 0 || !bytes.Equal(got, data[12345:12345+300<<10]) {
+		t.Fatalf("mapped read: errno %d, or other bytes", e)
+	}
+	// A write through the gateway, and one by another writer of the file.
+	w := bytes.Repeat([]byte{0x5a}, 128<<10)
+	simple.request(0, 1, 2, 64<<10, uint32(len(w)), w)
+	if e, _ := simple.simpleReply(nil); e != 0 {
+		t.Fatalf("write: errno %d", e)
+	}
+	copy(data[64<<10:], w)
+	if _, err := dev.WriteAt(w[:4096], 200<<10); err != nil {
+		t.Fatal(err)
+	}
+	copy(data[200<<10:], w[:4096])
+	structured.request(0, 0, 3, 0, 512<<10, nil)
+	if fl, typ, _, pl := structured.structuredChunk(); typ != 1 || fl&1 == 0 || !bytes.Equal(pl[8:], data[:512<<10]) {
+		t.Fatalf("structured mapped read: flags %d type %d, or other bytes", fl, typ)
+	}
+
+	if err := os.Truncate(p, 512<<10); err != nil {
+		t.Fatal(err)
+	}
+	simple.request(0, 0, 4, 384<<10, 256<<10, nil) // across the new end
+	if e, ck := simple.errnoOfReply(); e != 5 || ck != 4 {
+		t.Fatalf("simple read across the new end: errno %d cookie %d, want EIO", e, ck)
+	}
+	structured.request(0, 0, 5, 768<<10, 128<<10, nil) // past it
+	if fl, typ, _, pl := structured.structuredChunk(); typ>>15 != 1 || fl&1 == 0 || binary.BigEndian.Uint32(pl) != 5 {
+		t.Fatalf("structured read past the new end: flags %d type %#x; want an EIO error chunk with DONE", fl, typ)
+	}
+	for _, cl := range []*client{simple, structured} { // both connections live
+		cl.request(0, 0, 6, 0, 128<<10, nil)
+		if cl == simple {
+			if e, _ := cl.simpleReply(got[:128<<10]); e != 0 || !bytes.Equal(got[:128<<10], data[:128<<10]) {
+				t.Fatalf("read after the failed ones: errno %d, or other bytes", e)
+			}
+		} else if _, typ, _, pl := cl.structuredChunk(); typ != 1 || !bytes.Equal(pl[8:], data[:128<<10]) {
+			t.Fatalf("structured read after the failed ones: type %d, or other bytes", typ)
+		}
 	}
 }
 

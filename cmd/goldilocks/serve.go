@@ -40,6 +40,7 @@ type serveFlags struct {
 	logLevel, logFormat            string
 	maxInflight                    int
 	sendfileReads                  bool
+	mapReads                       bool
 	maxHandshakes, attachBurst     int
 	maxPeerHandshakes              int
 	attachRate                     float64
@@ -91,6 +92,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.StringVar(&sf.logFormat, "log-format", "text", "text or json")
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
 	f.BoolVar(&sf.sendfileReads, "sendfile-reads", false, "send large reads of plain volumes to TCP clients with sendfile(2) (zero-copy) instead of pread and writev (off: the copy measured faster, bench/README.md)")
+	f.BoolVar(&sf.mapReads, "map-reads", true, "send large reads of plain volumes from a read-only mapping of the backing file: one copy where pread and writev make two (--map-reads=false: pread)")
 	f.IntVar(&sf.maxHandshakes, "max-handshakes", 1024, "connections still negotiating at once; more are closed at accept (-1: no limit)")
 	f.IntVar(&sf.maxPeerHandshakes, "max-peer-handshakes", 128, "connections still negotiating at once from one peer (uid or address) (-1: no limit)")
 	f.DurationVar(&sf.handshakeTimeout, "handshake-timeout", 30*time.Second, "time a client has to finish the handshake")
@@ -284,6 +286,7 @@ func serve(a *app, sf serveFlags) error {
 		Metrics:       gateway.NewMetrics(registry),
 		MaxInflight:   sf.maxInflight,
 		SendfileReads: sf.sendfileReads,
+		MapReads:      sf.mapReads,
 		TLS:           tlsCfg,
 		TLSRequired:   sf.tlsRequired,
 

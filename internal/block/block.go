@@ -87,6 +87,19 @@ type Filer interface {
 	File() *os.File
 }
 
+// Mapper is implemented by devices that lend their bytes from memory: a
+// read-only shared mapping of the backing file, so that a transport
+// copies them once, into the socket, instead of reading them into a
+// buffer first. Mapped returns the n bytes at off, after faulting in
+// every page (the I/O a read would do, on the caller's goroutine): a page
+// that cannot be read (an I/O error, a file that shrank underneath) is an
+// error, never a crash. The slice stays valid until the device is
+// closed; it is read-only, and its bytes change under a concurrent write
+// as the file's do. ErrNotMapped: no mapping (read instead).
+type Mapper interface {
+	Mapped(off, n int64) ([]byte, error)
+}
+
 // TryReader is implemented by devices that can attempt a read that fails
 // with ErrWouldBlock, at once, instead of waiting for I/O (the data is not
 // in memory). The transport then serves the read without a thread hop.
@@ -121,6 +134,7 @@ var (
 	ErrReadOnly     = errors.New("block: device is read-only")
 	ErrClosed       = errors.New("block: device is closed")
 	ErrWouldBlock   = errors.New("block: operation would block")
+	ErrNotMapped    = errors.New("block: no memory mapping")
 	// ErrLeased: another gateway holds the store's lease (an RBD image's
 	// exclusive lock); only it may write the store.
 	ErrLeased = errors.New("the backing store is leased by another gateway")

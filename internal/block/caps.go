@@ -26,6 +26,7 @@ const (
 	// must not declare it: its writes would then run one at a time.
 	CanFastWrite
 	CanSubmit // Submitter
+	CanMap    // Mapper: reads lent from a mapping of the device's file
 )
 
 // Capable is implemented by devices that declare their Caps.
@@ -43,6 +44,7 @@ type Optional struct {
 	TryReader TryReader
 	Filer     Filer
 	Submitter Submitter
+	Mapper    Mapper
 	FastWrite bool // CanFastWrite declared
 }
 
@@ -75,6 +77,9 @@ func OptionalOf(d Device) Optional {
 	if caps&CanSubmit != 0 {
 		o.Submitter, _ = d.(Submitter)
 	}
+	if caps&CanMap != 0 {
+		o.Mapper, _ = d.(Mapper)
+	}
 	if _, ok := d.(Capable); ok {
 		o.FastWrite = caps&CanFastWrite != 0 // an undeclared device promises nothing
 	}
@@ -83,7 +88,7 @@ func OptionalOf(d Device) Optional {
 
 // Caps of the devices of this package.
 func (d *File) Caps() Caps {
-	return CanTrim | CanZero | CanExtents | CanCache | CanTryRead | CanFile | CanFastWrite
+	return CanTrim | CanZero | CanExtents | CanCache | CanTryRead | CanFile | CanFastWrite | CanMap
 }
 
 func (m *Mem) Caps() Caps { return CanTrim | CanZero | CanFastWrite }

@@ -18,15 +18,15 @@ func TestOptionalOf(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		d    Device
-		want [6]bool // trim, zero, extents, cache, tryRead, file
+		want [7]bool // trim, zero, extents, cache, tryRead, file, map
 	}{
-		{"file", f, [6]bool{true, true, true, true, true, true}},
-		{"mem", NewMem(4096), [6]bool{true, true}},
-		{"a wrapper that declares nothing optional", hider{f}, [6]bool{}},
-		{"a wrapper that passes on trim", trimOnly{f}, [6]bool{true}},
+		{"file", f, [7]bool{true, true, true, true, true, true, true}},
+		{"mem", NewMem(4096), [7]bool{true, true}},
+		{"a wrapper that declares nothing optional", hider{f}, [7]bool{}},
+		{"a wrapper that passes on trim", trimOnly{f}, [7]bool{true}},
 	} {
 		o := OptionalOf(tc.d)
-		got := [6]bool{o.Trimmer != nil, o.Zeroer != nil, o.Extenter != nil, o.Cacher != nil, o.TryReader != nil, o.Filer != nil}
+		got := [7]bool{o.Trimmer != nil, o.Zeroer != nil, o.Extenter != nil, o.Cacher != nil, o.TryReader != nil, o.Filer != nil, o.Mapper != nil}
 		if got != tc.want {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
 		}

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -23,10 +25,14 @@ type File struct {
 	readOnly bool
 	blockDev bool
 
-	noNowait atomic.Bool // RWF_NOWAIT reads are not supported here
+	noNowait atomic.Bool   // RWF_NOWAIT reads are not supported here
+	sink     atomic.Uint32 // where Mapped's page touches go
 
 	zeroOnce sync.Once
 	zeros    []byte // shared zero buffer for fallback zeroing; read-only
+
+	mapOnce sync.Once
+	mapped  []byte // the file, mapped read-only and shared; nil: none (yet)
 }
 
 var (
@@ -37,6 +43,7 @@ var (
 	_ Filer     = (*File)(nil)
 	_ Cacher    = (*File)(nil)
 	_ TryReader = (*File)(nil)
+	_ Mapper    = (*File)(nil)
 )
 
 // OpenFile opens path as a Device. A regular file's size is its length; a
@@ -348,5 +355,57 @@ func (d *File) Cache(off, length int64) error {
 	return unix.Fadvise(d.fd, off, length, unix.FADV_WILLNEED)
 }
 
-// Close closes the file.
-func (d *File) Close() error { return d.f.Close() }
+// Mapped returns the n bytes at off from a read-only shared mapping of
+// the file, made at the first call, after touching each of their pages:
+// a page not in the page cache is read there, on the caller's goroutine,
+// and one that cannot be read (SIGBUS: an I/O error, or the file shrank
+// underneath) returns EIO instead of killing the process. A page evicted
+// again before the caller copies it is read once more by the kernel
+// during that copy (which then fails with EFAULT if it cannot be).
+func (d *File) Mapped(off, n int64) (p []byte, err error) {
+	if !CheckRange(d.size, off, n) {
+		return nil, ErrOutOfRange
+	}
+	d.mapOnce.Do(d.mapFile)
+	if d.mapped == nil {
+		return nil, ErrNotMapped
+	}
+	p = d.mapped[off : off+n : off+n]
+	defer func() {
+		if recover() != nil { // only the faults below panic here
+			p, err = nil, fmt.Errorf("mapped read of %d bytes at %d: %w", n, off, unix.EIO)
+		}
+	}()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	var sum byte
+	for i := int64(0); i < n; i += pageSize - (off+i)%pageSize {
+		sum += p[i]
+	}
+	d.sink.Store(uint32(sum)) // keep the loads
+	return p, nil
+}
+
+const pageSize = 4096 // a lower bound: touching more often costs little
+
+// mapFile maps the whole file, or leaves d.mapped nil if it cannot (an
+// empty file, an address space too small for it).
+func (d *File) mapFile() {
+	if d.size <= 0 || d.size > math.MaxInt {
+		return
+	}
+	m, err := unix.Mmap(d.fd, 0, int(d.size), unix.PROT_READ, unix.MAP_SHARED)
+	if err == nil {
+		d.mapped = m
+	}
+}
+
+// Close closes the file and removes its mapping; no slice Mapped
+// returned may be used after it.
+func (d *File) Close() error {
+	d.mapOnce.Do(func() {}) // no mapping from now on
+	if d.mapped != nil {
+		unix.Munmap(d.mapped)
+		d.mapped = nil
+	}
+	return d.f.Close()
+}

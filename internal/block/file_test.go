@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"math/rand/v2"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -188,6 +190,16 @@ func TestFileShrunk(t *testing.T) {
 	if _, err := d.TryReadAt(buf, 512<<10); err == nil {
 		t.Error("TryReadAt past the new end succeeded")
 	}
+	// The mapping still spans 1 MiB: its pages past the end fault
+	// (SIGBUS), which must come back as EIO, not kill the test binary.
+	for _, off := range []int64{512 << 10, 200 << 10} { // past the end; across it
+		if p, err := d.Mapped(off, 128<<10); !errors.Is(err, syscall.EIO) || p != nil {
+			t.Errorf("Mapped(%d) past the new end: %d bytes, %v; want EIO", off, len(p), err)
+		}
+	}
+	if p, err := d.Mapped(0, 256<<10); err != nil || !bytes.Equal(p, bytes.Repeat([]byte{7}, 256<<10)) {
+		t.Errorf("Mapped within the file: %v", err)
+	}
 	for _, off := range []int64{512 << 10, 128 << 10} { // past the end; across it
 		if es, err := d.Extents(nil, off, 512<<10, 8); err == nil {
 			t.Errorf("Extents(%d) past the new end: %+v, no error", off, es)
@@ -195,6 +207,46 @@ func TestFileShrunk(t *testing.T) {
 	}
 	if es, err := d.Extents(nil, 0, 256<<10, 8); err != nil || len(es) != 1 || es[0].Flags != 0 {
 		t.Errorf("Extents within the file: %+v %v", es, err)
+	}
+}
+
+// Mapped lends the file's bytes, unaligned ranges included, sees writes
+// made after the mapping, and refuses ranges outside the device.
+func TestFileMapped(t *testing.T) {
+	d := newFile(t, 1<<20, false)
+	want := make([]byte, 1<<20) // the file's bytes: the first half written
+	rand.NewChaCha8([32]byte{1}).Read(want[:512<<10])
+	if _, err := d.WriteAt(want[:512<<10], 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		off, n int64
+		err    error
+	}{
+		{0, 4096, nil}, {1, 1, nil}, {4095, 2, nil}, {12345, 300 << 10, nil}, {0, 1 << 20, nil},
+		{1<<20 - 1, 1, nil}, {1 << 20, 0, nil},
+		{1<<20 - 1, 2, ErrOutOfRange}, {-1, 1, ErrOutOfRange}, {1 << 62, 1, ErrOutOfRange},
+	} {
+		p, err := d.Mapped(tc.off, tc.n)
+		if !errors.Is(err, tc.err) {
+			t.Errorf("Mapped(%d, %d): %v, want %v", tc.off, tc.n, err, tc.err)
+			continue
+		}
+		if err == nil && !bytes.Equal(p, want[tc.off:tc.off+tc.n]) {
+			t.Errorf("Mapped(%d, %d): other bytes than the file's", tc.off, tc.n)
+		}
+	}
+	// A write after the mapping was made, and a trim, show through it.
+	rand.NewChaCha8([32]byte{2}).Read(want[512<<10:])
+	if _, err := d.WriteAt(want[512<<10:], 512<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Trim(0, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[:64<<10])
+	if p, err := d.Mapped(0, 1<<20); err != nil || !bytes.Equal(p, want) {
+		t.Errorf("Mapped after a write and a trim: %v, or other bytes", err)
 	}
 }
 
