@@ -3,8 +3,8 @@ package block
 import (
 	"bytes"
 	"errors"
-	"os"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
