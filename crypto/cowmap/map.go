@@ -91,7 +91,7 @@ type Map struct {
 	// commitMu, spare by mu.
 	keyBuf []uint64
 	recBuf []record
-	spare  map[uint64]Entry
+	spare  *entries
 	macer  *logMACer // MACs the log blocks a commit writes; guarded by commitMu
 	// nodeWrites are a checkpoint's node writes (ParallelIO); guarded by
 	// commitMu.
@@ -104,9 +104,9 @@ type Map struct {
 
 	mu     sync.Mutex       // guards the fields below
 	cond   sync.Cond        // a commit or a checkpoint ended
-	dirty  map[uint64]Entry // nil until the first write after a large commit
-	snap   map[uint64]Entry // being committed; nil between commits
-	logged map[uint64]Entry // committed since the checkpoint (or since a running one began); nil until the first commit after one began
+	dirty  *entries // nil until the first write after a large commit
+	snap   *entries // being committed; nil between commits
+	logged *entries // committed since the checkpoint (or since a running one began); nil until the first commit after one began
 	// The sizes the next dirty and logged maps are made with: the last
 	// ones' (large ones only), so that they do not grow entry by entry.
 	// They are made at first use, so an idle volume keeps none.
@@ -115,7 +115,7 @@ type Map struct {
 	// ckpt holds the entries a checkpoint running in the background
 	// writes into the tree, until its header is durable; bgDone is
 	// closed when it ends. Both nil when none runs.
-	ckpt     map[uint64]Entry
+	ckpt     *entries
 	bgDone   chan struct{}
 	deferred func() // DeferCheckpoint: the running checkpoint's tree part
 	moving   bool   // the running checkpoint still copies data in the log home
@@ -153,7 +153,7 @@ func Open(cfg Config, st State) (*Map, error) {
 		cfg.MaxLogged = 65536
 	}
 	m := &Map{cfg: cfg, owner: cfg.Cache.owner(), top: cfg.Geo.Levels - 1,
-		dirty: make(map[uint64]Entry), logged: make(map[uint64]Entry), state: st, seq: st.Seq}
+		dirty: newEntries(0), logged: newEntries(0), state: st, seq: st.Seq}
 	m.cond.L = &m.mu
 	m.macer = newLogMACer(cfg.LogKey)
 	m.homes.m = make(map[uint64]leafHomes)
@@ -250,7 +250,7 @@ func (m *Map) replay() error {
 	m.base, m.used = start, start
 	for _, c := range commits {
 		for _, r := range c.recs {
-			m.logged[r.chunk] = r.e
+			m.logged.Set(r.chunk, r.e)
 			m.maxEpoch = max(m.maxEpoch, r.e.Epoch())
 		}
 		m.used = start + c.next
@@ -291,11 +291,11 @@ func (m *Map) Failed() error {
 // Lookup returns chunk c's current entry.
 func (m *Map) Lookup(c uint64) (Entry, error) {
 	m.mu.Lock()
-	if e, ok := m.dirty[c]; ok {
+	if e, ok := m.dirty.Get(c); ok {
 		m.mu.Unlock()
 		return e, nil
 	}
-	if e, ok := m.snap[c]; ok {
+	if e, ok := m.snap.Get(c); ok {
 		m.mu.Unlock()
 		return e, nil
 	}
@@ -325,9 +325,9 @@ func (m *Map) lookupRange(first uint64, out []Entry, cachedOnly bool) error {
 	m.mu.Lock()
 	for i := range out {
 		c := first + uint64(i)
-		if e, ok := m.dirty[c]; ok {
+		if e, ok := m.dirty.Get(c); ok {
 			out[i] = e
-		} else if e, ok := m.snap[c]; ok {
+		} else if e, ok := m.snap.Get(c); ok {
 			out[i] = e
 		} else if e, ok := m.loggedLocked(c); ok {
 			out[i] = e
@@ -454,9 +454,9 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 			return ErrFailed
 		}
 		busy := false
-		if len(m.snap) > 0 {
+		if m.snap.Len() > 0 {
 			for i := range out {
-				if _, in := m.snap[first+uint64(i)]; in {
+				if m.snap.Has(first + uint64(i)) {
 					busy = true
 					break
 				}
@@ -480,7 +480,7 @@ func (m *Map) Homes(first uint64, out []uint64) error {
 	var fresh uint8 // bit i: out[i] is not a rewrite of a dirty entry (small writes only)
 	for i := range out {
 		c := first + uint64(i)
-		if d, ok := m.dirty[c]; ok && d.Mapped() {
+		if d, ok := m.dirty.Get(c); ok && d.Mapped() {
 			out[i] = d.Loc()
 			continue
 		}
@@ -671,11 +671,9 @@ func (m *Map) SetRange(first uint64, es []Entry) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.makeDirtyLocked()
-	for i := range es {
-		m.dirty[first+uint64(i)] = es[i]
-	}
-	m.ndirty.Store(int64(len(m.dirty)))
-	return len(m.dirty)
+	m.dirty.SetRange(first, es)
+	m.ndirty.Store(int64(m.dirty.Len()))
+	return m.dirty.Len()
 }
 
 // Set records chunk c's new entry (written, not yet committed) and
@@ -684,16 +682,16 @@ func (m *Map) Set(c uint64, e Entry) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.makeDirtyLocked()
-	m.dirty[c] = e
-	m.ndirty.Store(int64(len(m.dirty)))
-	return len(m.dirty)
+	m.dirty.Set(c, e)
+	m.ndirty.Store(int64(m.dirty.Len()))
+	return m.dirty.Len()
 }
 
 // makeDirtyLocked makes the dirty map if a commit left none. Callers
 // hold mu.
 func (m *Map) makeDirtyLocked() {
 	if m.dirty == nil {
-		m.dirty = make(map[uint64]Entry, m.dirtyHint)
+		m.dirty = newEntries(m.dirtyHint)
 	}
 }
 
@@ -716,17 +714,17 @@ func (m *Map) Commit(quiesce func() func()) error {
 		release()
 		return ErrFailed
 	}
-	if len(m.dirty) == 0 {
+	if m.dirty.Len() == 0 {
 		m.mu.Unlock()
 		release()
 		return m.fail(m.cfg.Dev.Flush())
 	}
 	m.snap, m.dirty = m.dirty, m.spare
 	m.spare = nil
-	m.ndirty.Store(int64(len(m.dirty)))
+	m.ndirty.Store(int64(m.dirty.Len()))
 	m.dirtyHint = 0
-	if len(m.snap) > smallKeep {
-		m.dirtyHint = min(len(m.snap), maxHint)
+	if m.snap.Len() > smallKeep {
+		m.dirtyHint = min(m.snap.Len(), maxHint)
 	}
 	seq := m.seq + 1
 	// The commit's first log block is its slot, followed by the data
@@ -735,18 +733,18 @@ func (m *Map) Commit(quiesce func() func()) error {
 		m.slot = m.tail
 		m.tail++
 	}
-	blocks := (uint64(len(m.snap)) + LogPerBlock - 1) / LogPerBlock
+	blocks := (uint64(m.snap.Len()) + LogPerBlock - 1) / LogPerBlock
 	slot, data := m.slot, m.pend
 	m.tail += blocks - 1
 	end := m.tail
 	room := end-m.base <= m.cfg.Geo.LogBlocks-1
 	bgDone := m.bgDone
 	m.slotSet, m.pend = false, 0
-	m.small = len(m.snap) <= smallCommit
+	m.small = m.snap.Len() <= smallCommit
 	m.mu.Unlock()
 	release()
 
-	recs, keys := sortedRecords(m.snap, nil, m.keyBuf[:0], m.recBuf[:0])
+	recs, keys := m.snap.sorted(nil, m.keyBuf[:0], m.recBuf[:0])
 	if len(recs) <= smallKeep { // a large commit's buffers are not kept
 		m.keyBuf, m.recBuf = keys, recs
 	}
@@ -782,16 +780,16 @@ func (m *Map) Commit(quiesce func() func()) error {
 	}
 	m.mu.Lock()
 	if m.logged == nil {
-		m.logged = make(map[uint64]Entry, max(m.loggedHint, len(recs)))
+		m.logged = newEntries(max(m.loggedHint, len(recs)))
 	}
 	for _, r := range recs {
-		m.logged[r.chunk] = r.e
+		m.logged.Set(r.chunk, r.e)
 	}
 	m.endSnap()
 	m.seq = seq
 	m.used = end
 	m.prev = last
-	full := m.bgDone == nil && (len(m.logged) >= m.cfg.MaxLogged || m.used-m.base > m.cfg.Geo.LogBlocks/2)
+	full := m.bgDone == nil && (m.logged.Len() >= m.cfg.MaxLogged || m.used-m.base > m.cfg.Geo.LogBlocks/2)
 	deferred := m.deferred != nil
 	m.cond.Broadcast()
 	m.mu.Unlock()
@@ -813,22 +811,20 @@ func (m *Map) Commit(quiesce func() func()) error {
 // later commit made the one to write next (FORMAT.md, "Checkpoints beside
 // commits"). Callers hold mu.
 func (m *Map) movingLocked(c uint64) bool {
-	e, ok := m.ckpt[c]
+	e, ok := m.ckpt.Get(c)
 	if !ok || !IsInLog(e.Loc()) {
 		return false
 	}
-	_, later := m.logged[c]
-	return later
+	return m.logged.Has(c)
 }
 
 // loggedLocked returns chunk c's entry in the log: committed since the
 // checkpoint, or in the one running. Callers hold mu.
 func (m *Map) loggedLocked(c uint64) (Entry, bool) {
-	if e, ok := m.logged[c]; ok {
+	if e, ok := m.logged.Get(c); ok {
 		return e, true
 	}
-	e, ok := m.ckpt[c]
-	return e, ok
+	return m.ckpt.Get(c)
 }
 
 // startCheckpoint starts a checkpoint of every commit so far that runs
@@ -836,13 +832,13 @@ func (m *Map) loggedLocked(c uint64) (Entry, bool) {
 // hold commitMu; no checkpoint runs.
 func (m *Map) startCheckpoint() error {
 	m.mu.Lock()
-	recs, _ := sortedRecords(m.logged, nil, nil, nil)
+	recs, _ := m.logged.sorted(nil, nil, nil)
 	seq := m.seq
 	head := m.reserveStart()
 	m.ckpt, m.logged = m.logged, nil
 	m.loggedHint = 0
-	if len(m.ckpt) > smallKeep {
-		m.loggedHint = min(len(m.ckpt), maxHint)
+	if m.ckpt.Len() > smallKeep {
+		m.loggedHint = min(m.ckpt.Len(), maxHint)
 	}
 	done := make(chan struct{})
 	m.bgDone = done
@@ -964,8 +960,8 @@ const maxHint = 1 << 17
 // endSnap ends a commit's snapshot, keeping a small one's map emptied for
 // the next commit. Callers hold mu.
 func (m *Map) endSnap() {
-	if len(m.snap) <= smallKeep && m.spare == nil {
-		clear(m.snap)
+	if m.snap.Len() <= smallKeep && m.spare == nil {
+		m.snap.Clear()
 		m.spare = m.snap
 	}
 	m.snap = nil
@@ -1061,7 +1057,7 @@ func (m *Map) Checkpoint() error {
 	defer m.commitMu.Unlock()
 	m.waitCheckpoint()
 	m.mu.Lock()
-	failed, empty := m.failed, len(m.logged) == 0 && m.used == m.base
+	failed, empty := m.failed, m.logged.Len() == 0 && m.used == m.base
 	m.mu.Unlock()
 	if failed != nil {
 		return ErrFailed
@@ -1078,7 +1074,7 @@ func (m *Map) Checkpoint() error {
 // background.
 func (m *Map) checkpointLocked(seq uint64, extra []record) error {
 	m.mu.Lock()
-	recs, _ := sortedRecords(m.logged, extra, nil, nil)
+	recs, _ := m.logged.sorted(extra, nil, nil)
 	newSeq := m.seq
 	if extra != nil {
 		newSeq = seq
@@ -1135,7 +1131,7 @@ func (m *Map) writeTree(recs []record, seq, head uint64, bg bool) error {
 	if bg {
 		m.ckpt = nil
 	} else {
-		m.logged = make(map[uint64]Entry) // a cleared map keeps its buckets
+		m.logged = newEntries(0)
 	}
 	m.base = head
 	m.used = max(m.used, head)
@@ -1168,29 +1164,6 @@ func (m *Map) moveHome(recs []record) error {
 		}
 	}
 	return nil
-}
-
-// sortedRecords appends to out the entries of mp, with those of extra
-// (sorted, one per chunk) in place of mp's for the same chunk, in chunk
-// order, and returns it with keys, the chunk numbers it sorted (appended
-// to keys; it sorts them, not the 72-byte records).
-func sortedRecords(mp map[uint64]Entry, extra []record, keys []uint64, out []record) ([]record, []uint64) {
-	for c := range mp {
-		keys = append(keys, c)
-	}
-	sortChunks(keys)
-	out = slices.Grow(out, len(keys)+len(extra))
-	for _, c := range keys {
-		for len(extra) > 0 && extra[0].chunk < c {
-			out = append(out, extra[0])
-			extra = extra[1:]
-		}
-		if len(extra) > 0 && extra[0].chunk == c {
-			continue // extra's entry, appended next, is the newer one
-		}
-		out = append(out, record{c, mp[c]})
-	}
-	return append(out, extra...), keys
 }
 
 // sortChunks sorts distinct chunk numbers. Dense ones (what sequential
@@ -1292,7 +1265,7 @@ func (m *Map) SwitchKey(key []byte, write func(State) error) error {
 	defer m.commitMu.Unlock()
 	m.waitCheckpoint()
 	m.mu.Lock()
-	failed, empty := m.failed, len(m.logged) == 0 && m.used == m.base
+	failed, empty := m.failed, m.logged.Len() == 0 && m.used == m.base
 	m.mu.Unlock()
 	if failed != nil {
 		return ErrFailed

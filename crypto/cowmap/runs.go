@@ -18,9 +18,9 @@ func (m *Map) Runs(dst []Run, from, to uint64, maxRuns int) ([]Run, error) {
 	var over []ov
 	m.mu.Lock()
 	seen := make(map[uint64]bool)
-	for _, mp := range []map[uint64]Entry{m.dirty, m.snap, m.logged, m.ckpt} { // newest first
-		for c, e := range mp {
-			if c >= from && c < to && !seen[c] {
+	for _, mp := range []*entries{m.dirty, m.snap, m.logged, m.ckpt} { // newest first
+		for c, e := range mp.within(from, to) {
+			if !seen[c] {
 				seen[c] = true
 				over = append(over, ov{c, e.Mapped()})
 			}
