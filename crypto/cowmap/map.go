@@ -102,11 +102,11 @@ type Map struct {
 	riding bool
 	burst  int
 
-	mu     sync.Mutex       // guards the fields below
-	cond   sync.Cond        // a commit or a checkpoint ended
-	dirty  *entries // nil until the first write after a large commit
-	snap   *entries // being committed; nil between commits
-	logged *entries // committed since the checkpoint (or since a running one began); nil until the first commit after one began
+	mu     sync.Mutex // guards the fields below
+	cond   sync.Cond  // a commit or a checkpoint ended
+	dirty  *entries   // nil until the first write after a large commit
+	snap   *entries   // being committed; nil between commits
+	logged *entries   // committed since the checkpoint (or since a running one began); nil until the first commit after one began
 	// The sizes the next dirty and logged maps are made with: the last
 	// ones' (large ones only), so that they do not grow entry by entry.
 	// They are made at first use, so an idle volume keeps none.
