@@ -382,12 +382,11 @@ func TestNoZeroLengthExtents(t *testing.T) {
 	}
 }
 
-// Bug 5: a zero-copy structured read whose file fails mid-read answers
-// with an error at the failing offset (after padding the data chunk), and
-// the connection lives.
-func TestSendfileReadErrorInBand(t *testing.T) {
+// fileDeviceOf opens a file holding data as a device, and returns it with
+// the file's path (for a test to change the file underneath).
+func fileDeviceOf(t *testing.T, data []byte) (*block.File, string) {
+	t.Helper()
 	p := filepath.Join(t.TempDir(), "dev.img")
-	data := bytes.Repeat([]byte{0xab}, 1<<20)
 	if err := os.WriteFile(p, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -396,6 +395,15 @@ func TestSendfileReadErrorInBand(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dev.Close() })
+	return dev, p
+}
+
+// Bug 5: a zero-copy structured read whose file fails mid-read answers
+// with an error at the failing offset (after padding the data chunk), and
+// the connection lives.
+func TestSendfileReadErrorInBand(t *testing.T) {
+	data := bytes.Repeat([]byte{0xab}, 1<<20)
+	dev, p := fileDeviceOf(t, data)
 	s := startSpecServerOn(t, true, dev, "", nil) // TCP: large plain reads go by sendfile
 	cl := newClient(t, s.dial(t))
 	cl.attach("disk", true)
@@ -439,17 +447,9 @@ func TestSendfileReadErrorInBand(t *testing.T) {
 // shrank underneath) is EIO for that read, in a simple and in a
 // structured reply, not a crash; the connection lives.
 func TestMappedReads(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "dev.img")
 	data := make([]byte, 1<<20)
 	rand.NewChaCha8([32]byte{3}).Read(data)
-	if err := os.WriteFile(p, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	dev, err := block.OpenFile(p, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Close() })
+	dev, p := fileDeviceOf(t, data)
 	s := startSpecServer(t, dev, "", nil)
 	simple := newClient(t, s.dial(t))
 	simple.attach("disk", false)
