@@ -776,7 +776,7 @@ func (c *conn) read(r *request) {
 	}
 	if c.mapper != nil && r.length >= zeroCopyMin {
 		data, err := c.mapper.Mapped(int64(r.off), int64(r.length))
-		if err != block.ErrNotMapped {
+		if !errors.Is(err, block.ErrNotMapped) {
 			c.answerRead(r, data, err)
 			return
 		}

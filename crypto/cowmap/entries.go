@@ -7,10 +7,11 @@ import (
 
 // entries maps chunk numbers to entries: the dirty, committing and logged
 // sets of a Map. Chunks are kept in groups of 64 neighbours, each a bitmap
-// of the chunks it holds and their entries in chunk order, so that a
-// sequential write's 256 chunks cost four hash lookups, not 256, and a
-// commit sorts groups rather than chunks. A random write costs one group
-// for one entry: up to twice a Go map's memory per entry.
+// of the chunks it holds and their entries in chunk order, so that setting
+// a sequential write's 256 entries costs four hash lookups, not 256, and a
+// commit sorts groups rather than chunks (a lookup, Get, is still one per
+// chunk). Heap per entry, 65,536 entries measured with runtime.MemStats:
+// 65 bytes in one run, 132 at random chunks, 160 in a map[uint64]Entry.
 //
 // A nil *entries is empty for reading (Len, Get); Set needs a made one.
 // Callers serialize access (Map.mu).
@@ -31,7 +32,8 @@ type group struct {
 	e    []Entry // the present chunks' entries, in chunk order
 }
 
-// newEntries makes a set sized for about hint entries.
+// newEntries makes a set sized for about hint entries: hint/8 groups, a
+// guess between random writes (one entry a group) and runs (64).
 func newEntries(hint int) *entries {
 	return &entries{groups: make(map[uint64]*group, hint/8)}
 }
@@ -139,14 +141,15 @@ func (s *entries) Clear() {
 // of extra (sorted, one per chunk) in place of s's for the same chunk, and
 // returns it with keys, the group keys it sorted (appended to keys).
 func (s *entries) sorted(extra []record, keys []uint64, out []record) ([]record, []uint64) {
+	start := len(keys)
 	if s != nil {
 		for k := range s.groups {
 			keys = append(keys, k)
 		}
 	}
-	sortChunks(keys)
+	sortChunks(keys[start:])
 	out = slices.Grow(out, s.Len()+len(extra))
-	for _, k := range keys {
+	for _, k := range keys[start:] {
 		g := s.groups[k]
 		b, i := g.bits, 0
 		for b != 0 {

@@ -72,6 +72,11 @@ func TestEntriesModel(t *testing.T) {
 			if !slices.Equal(got, merged) {
 				t.Fatalf("sorted: %d records, want %d (or other order)", len(got), len(merged))
 			}
+			// Keys already in the buffer are the caller's: kept, not read.
+			got, ks := s.sorted(extra, []uint64{^uint64(0)}, nil)
+			if !slices.Equal(got, merged) || ks[0] != ^uint64(0) {
+				t.Fatalf("sorted after a used key buffer: %d records, keys[0] %#x", len(got), ks[0])
+			}
 		})
 	}
 }

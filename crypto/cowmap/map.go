@@ -953,8 +953,8 @@ func (m *Map) waitCheckpoint() {
 // its emptied map for the next one; a larger one's go to the collector.
 const smallKeep = 64
 
-// maxHint caps the size a dirty or logged map is made with (64-byte
-// entries: 8 MiB).
+// maxHint caps the size hint a dirty or logged set is made with (its
+// group table then has 16,384 slots).
 const maxHint = 1 << 17
 
 // endSnap ends a commit's snapshot, keeping a small one's map emptied for
