@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"goldilocks/crypto/cowmap"
 	"goldilocks/internal/block"
@@ -274,7 +275,7 @@ func TestCrashModel(t *testing.T) {
 	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_FIRST")); err == nil {
 		first = s
 	}
-	var writes, flushes, failed, inLog int
+	var writes, flushes, failed, inLog, aligned int
 	for seed := first; seed < first+seeds; seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			st := crashOnce(t, uint64(seed))
@@ -282,18 +283,22 @@ func TestCrashModel(t *testing.T) {
 			flushes += st.flushes
 			failed += st.failedFlushes
 			inLog += st.inLog
+			aligned += st.aligned
 		})
 	}
-	t.Logf("%d seeds: %d chunk writes (%d into the log), %d flushes, %d failed fdatasyncs", seeds, writes, inLog, flushes, failed)
+	t.Logf("%d seeds: %d chunk writes (%d into the log), %d flushes, %d failed fdatasyncs, %d chunks moved by home alignment", seeds, writes, inLog, flushes, failed, aligned)
 	if writes < seeds*5 {
 		t.Fatalf("the model wrote only %d chunks over %d seeds: its write branch does not run", writes, seeds)
+	}
+	if aligned < seeds {
+		t.Fatalf("home alignment moved only %d chunks over %d seeds: that path is not exercised", aligned, seeds)
 	}
 	if inLog < seeds {
 		t.Fatalf("only %d chunk writes went into the log over %d seeds: that path is not exercised", inLog, seeds)
 	}
 }
 
-type crashStats struct{ writes, flushes, failedFlushes, inLog int }
+type crashStats struct{ writes, flushes, failedFlushes, inLog, aligned int }
 
 // chunkModel is the set of values each chunk may legally hold after a
 // crash: its value as of the last flush known complete, then every value
@@ -375,6 +380,7 @@ func crashOnce(t *testing.T, seed uint64) crashStats {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(v.stopBackground) // also when the workload fails the test
 	if seed%5 == 1 {
 		dev.mu.Lock()
 		dev.failAt = dev.ops + 1 + rng.IntN(400) // if this op is a flush, it fails
@@ -466,6 +472,19 @@ func crashWorkload(t *testing.T, v *Volume, dev *crashDev, m *chunkModel, rng *r
 	ops := 20 + rng.IntN(160)
 	for op := 0; op < ops && dev.cut() == nil && dev.failures() == 0; op++ {
 		switch k := rng.IntN(20); {
+		case k == 18: // align homes (what an idle volume does after large requests over scattered chunks)
+			v.markScattered(0, int(size/ChunkSize), int(size/ChunkSize))
+			moved, err := v.align(func() bool { return false })
+			if dev.failures() > 0 {
+				return st
+			}
+			if err != nil {
+				t.Fatalf("op %d align: %v", op, err)
+			}
+			st.aligned += moved
+			if moved > 0 && dev.cut() == nil { // its commit made every write durable
+				m.flushed(nil)
+			}
 		case k == 19: // rekey, walked in small checkpoints, maybe stopped half-way
 			opt := RekeyOptions{every: 1 + uint64(rng.IntN(16))}
 			if rng.IntN(2) == 0 {
@@ -557,6 +576,33 @@ func crashWorkersConcurrent(t *testing.T, v *Volume, dev *crashDev, m *chunkMode
 	)
 	seeds := [workers]uint64{rng.Uint64(), rng.Uint64(), rng.Uint64()}
 	stop := func() bool { return dev.cut() != nil || dev.failures() > 0 }
+	// Beside the writers, home alignment passes over every leaf (they
+	// change no value, so the model does not see them).
+	alignDone := make(chan struct{})
+	alignStopped := make(chan struct{})
+	go func() {
+		defer close(alignStopped)
+		for {
+			select {
+			case <-alignDone:
+				return
+			default:
+			}
+			v.markScattered(0, chunks, chunks)
+			moved, err := v.align(func() bool { return false })
+			if stop() {
+				return
+			}
+			if err != nil {
+				t.Errorf("align: %v", err)
+				return
+			}
+			mu.Lock()
+			st.aligned += moved
+			mu.Unlock()
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
 		go func(w int) {
@@ -611,6 +657,8 @@ func crashWorkersConcurrent(t *testing.T, v *Volume, dev *crashDev, m *chunkMode
 		}(w)
 	}
 	wg.Wait()
+	close(alignDone)
+	<-alignStopped
 	if t.Failed() {
 		t.FailNow()
 	}

@@ -18,6 +18,7 @@ import (
 // chunks are read with one pread per run of neighbouring homes and opened
 // in place.
 func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+	v.touch()
 	if !block.CheckRange(v.size, off, int64(len(p))) {
 		return 0, block.ErrOutOfRange
 	}
@@ -53,6 +54,7 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 // and whose ciphertext is in the store's cache. A chunk that does not
 // open is left to ReadAt, which reports it.
 func (v *Volume) TryReadAt(p []byte, off int64) (int, error) {
+	v.touch()
 	if !block.CheckRange(v.size, off, int64(len(p))) {
 		return 0, block.ErrOutOfRange
 	}
@@ -124,6 +126,7 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf, nowait bool) er
 		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
 		i = j
 	}
+	v.markScattered(first, n, len(runs))
 	if nowait {
 		if inLog { // a checkpoint may move it meanwhile: ReadAt copes
 			return block.ErrWouldBlock
@@ -369,6 +372,7 @@ func openBuffered(s *Sealer, c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf)
 // under the chunk's lock; runs of whole chunks are sealed in batches and
 // written with one pwrite per run of neighbouring homes.
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+	v.touch()
 	if !block.CheckRange(v.size, off, int64(len(p))) {
 		return 0, block.ErrOutOfRange
 	}
@@ -478,6 +482,7 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 		runs = append(runs, ioRun{bb.ct[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
 		i = j
 	}
+	v.markScattered(first, n, len(runs))
 	if err := v.doRuns(runs, true); err != nil {
 		return err
 	}
@@ -612,6 +617,7 @@ func (v *Volume) unmapChunk(c uint64) error {
 // Zero makes the range read as zeros: whole chunks are unmapped (nothing
 // is written and no ciphertext stays referenced), partial ones rewritten.
 func (v *Volume) Zero(off, length int64, _, _ bool) error {
+	v.touch()
 	if !block.CheckRange(v.size, off, length) {
 		return block.ErrOutOfRange
 	}

@@ -69,6 +69,10 @@ type Options struct {
 	// "Small writes into the log"): every write goes to a home. For
 	// comparisons; a store with network latency never uses the log.
 	NoLogData bool
+	// NoAlign turns home alignment off (align.go; FORMAT.md, "Home
+	// alignment"): chunks that random writes left alternating between
+	// their homes stay so.
+	NoAlign bool
 	// deferCheckpoint: cowmap.Config.DeferCheckpoint (tests that cut the
 	// power at every operation of a fixed workload).
 	deferCheckpoint bool
@@ -116,6 +120,8 @@ type Volume struct {
 	pressure   sync.Mutex // one writer at a time commits for back-pressure
 	bg         sync.WaitGroup
 	lastCommit atomic.Int64 // unix nanos of the last commit
+	touched    atomic.Bool  // a client request since the background loop's last tick
+	marks      alignMarks
 	poke       chan struct{}
 	done       chan struct{}
 	closeOnce  sync.Once
@@ -380,14 +386,26 @@ func (v *Volume) background() {
 	t := time.NewTicker(anchorEvery)
 	defer t.Stop()
 	var anchored uint64
+	lastActive := time.Now()
 	for {
 		select {
 		case <-v.done:
 			return
 		case <-t.C:
 		}
+		if v.touched.Swap(false) {
+			lastActive = time.Now()
+		}
 		if v.m.Failed() != nil {
 			continue
+		}
+		if !v.opt.NoAlign && time.Since(lastActive) > alignIdle {
+			moved, err := v.align(v.busy)
+			if err != nil {
+				v.log.Error("aligning homes failed", "volume", v.name, "err", err)
+			} else if moved > 0 {
+				v.log.Debug("aligned homes", "volume", v.name, "chunks", moved)
+			}
 		}
 		if time.Since(time.Unix(0, v.lastCommit.Load())) > idleCkpt {
 			if err := v.m.Checkpoint(); err != nil {
@@ -402,6 +420,16 @@ func (v *Volume) background() {
 			anchored = seq
 		}
 	}
+}
+
+// busy reports a client request since the last tick, or a detach.
+func (v *Volume) busy() bool {
+	select {
+	case <-v.done:
+		return true
+	default:
+	}
+	return v.touched.Load()
 }
 
 // Size is the logical size.

@@ -186,6 +186,7 @@ type countDev struct {
 	written int64
 	flushes int
 	reads   int // ReadAt calls
+	writes  int // WriteAt calls
 	// fast declares a fast local store (block.CanFastWrite) that tells
 	// written blocks from holes (block.Prober), as a sparse file does.
 	fast bool
@@ -229,6 +230,7 @@ func (d *countDev) WriteAt(p []byte, off int64) (int, error) {
 		d.blocks[(off+int64(i))/ChunkSize] = bytes.Clone(p[i:min(len(p), i+ChunkSize)])
 	}
 	d.written += int64(len(p))
+	d.writes++
 	return len(p), nil
 }
 func (d *countDev) Flush() error {

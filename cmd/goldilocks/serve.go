@@ -41,6 +41,7 @@ type serveFlags struct {
 	maxInflight                    int
 	sendfileReads                  bool
 	mapReads                       bool
+	alignHomes                     bool
 	maxHandshakes, attachBurst     int
 	maxPeerHandshakes              int
 	attachRate                     float64
@@ -93,6 +94,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.IntVar(&sf.maxInflight, "max-inflight", 32, "requests one connection may have in flight")
 	f.BoolVar(&sf.sendfileReads, "sendfile-reads", false, "send large reads of plain volumes to TCP clients with sendfile(2) (zero-copy) instead of pread and writev (off: the copy measured faster, bench/README.md)")
 	f.BoolVar(&sf.mapReads, "map-reads", true, "send large reads of plain volumes from a read-only mapping of the backing file: one copy where pread and writev make two (--map-reads=false: pread)")
+	f.BoolVar(&sf.alignHomes, "align-homes", true, "encrypted volumes: when idle, move chunks that random writes left alternating between their two homes so that large requests over them are one store request again (copies, never re-seals; --align-homes=false: never)")
 	f.IntVar(&sf.maxHandshakes, "max-handshakes", 1024, "connections still negotiating at once; more are closed at accept (-1: no limit)")
 	f.IntVar(&sf.maxPeerHandshakes, "max-peer-handshakes", 128, "connections still negotiating at once from one peer (uid or address) (-1: no limit)")
 	f.DurationVar(&sf.handshakeTimeout, "handshake-timeout", 30*time.Second, "time a client has to finish the handshake")
@@ -255,6 +257,7 @@ func serve(a *app, sf serveFlags) error {
 		return usagef("--backing-outage-limit %s: want a positive duration", sf.outageLimit)
 	}
 	reg.SetOutageLimit(sf.outageLimit)
+	reg.SetAlignHomes(sf.alignHomes)
 	vols, err := reg.List()
 	if err != nil {
 		return err

@@ -142,7 +142,7 @@ func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) 
 		f.Close()
 		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 	}
-	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, crypto.Options{Anchor: anchor, Cache: r.cache, Pools: r.pools})
+	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, crypto.Options{Anchor: anchor, Cache: r.cache, Pools: r.pools, NoAlign: r.noAlign})
 	if err != nil {
 		f.Close()
 		return nil, err

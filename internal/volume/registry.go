@@ -87,6 +87,7 @@ type stamp struct {
 // concurrent use, and other processes may change the file underneath it.
 type Registry struct {
 	outageLimit time.Duration // upstream backing stores; 0: the default
+	noAlign     bool          // encrypted volumes: no home alignment
 	dir         string
 	passphrase  []byte // seals the local keystore; see SetKeystorePassphrase
 	vaultCfg    crypto.VaultConfig

@@ -25,6 +25,10 @@ import (
 // while it is unreachable before they fail (0: upstream's default, 30 s).
 func (r *Registry) SetOutageLimit(d time.Duration) { r.outageLimit = d }
 
+// SetAlignHomes turns home alignment of encrypted volumes on (the
+// default) or off (crypto.Options.NoAlign).
+func (r *Registry) SetAlignHomes(on bool) { r.noAlign = !on }
+
 // IsRemote reports whether v's backing store is not a local path: an
 // upstream NBD export or a Ceph RBD image.
 func IsRemote(v Volume) bool { return isRemote(v.Backing) }
