@@ -25,6 +25,8 @@
 #   SETS        "plain encrypted", "plain", "encrypted" (default "plain encrypted")
 #   LUKS_ITER_MS  qemu-img luks iter-time in ms (default 10; qemu-img's own is 2000)
 #   PORT_BASE   first TCP port tried     (default 10930; ports PORT_BASE..+9)
+#   QUIET       seconds the gateway must use no CPU after its job before the
+#               next job starts (default 6: its idle work runs untimed)
 #   JOBS        which jobs, in order     (default: all; randread4k randwrite4k
 #               randwrite4ksync read1m write1m copyread copywrite)
 # Quick check: RUNTIME=3 REPS=1 bash bench/run.sh
@@ -41,7 +43,7 @@ LUKS_ITER_MS=${LUKS_ITER_MS:-10}
 PORT_BASE=${PORT_BASE:-10930}
 RAMP=2
 SIZE_BYTES=$((2 * 1024 * 1024 * 1024))
-PY=/usr/bin/python3 # not a pyenv shim: only the standard library is needed
+PY=/usr/bin/python3 # not a pyenv shim: the standard library and Debian's python3-libnbd
 
 SERVERS_plain=(goldilocks qemu-nbd nbdkit)
 SERVERS_encrypted=(goldilocks-enc qemu-nbd-luks nbdkit-luks)
@@ -86,6 +88,7 @@ fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine"
 # ---- temp dir, servers, cleanup ----------------------------------------------
 W=$(mktemp -d /tmp/goldilocks-bench.XXXXXX)
 declare -A PID=()  # server name -> pid
+declare -A HOLD=() # server name -> pid of the client that stays attached to it
 CHILD=""           # running client (fio/nbdcopy), if any
 FAILED=0
 
@@ -105,6 +108,7 @@ cleanup() {
 	set +e
 	trap '' INT TERM HUP
 	[[ -n $CHILD ]] && stop_pid "$CHILD"
+	for n in "${!HOLD[@]}"; do stop_pid "${HOLD[$n]}"; done
 	for n in "${!PID[@]}"; do stop_pid "${PID[$n]}"; done
 	rm -rf "$W"
 	exit "$rc"
@@ -161,6 +165,12 @@ start_server() { # name uri command...
 			nbdinfo --size "$uri" >/dev/null 2>&1 || die "$name: second nbdinfo failed ($uri)"
 			t1=$(date +%s.%N)
 			printf '%s\t%s\t%s\n' "$CUR_T" "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" >>"$CONNECT"
+			# One client stays attached through the run, as a running VM
+			# does: a Goldilocks volume is open only while attached, and
+			# its idle work (checkpoints, home alignment) needs it open.
+			"$PY" -c 'import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); time.sleep(1e9)' \
+				"$uri" >>"$W/$name.log" 2>&1 &
+			HOLD[$name]=$!
 			return 0
 		fi
 		sleep 0.1
@@ -170,6 +180,8 @@ start_server() { # name uri command...
 }
 
 stop_servers() {
+	for n in "${!HOLD[@]}"; do stop_pid "${HOLD[$n]}"; done
+	HOLD=()
 	for n in "${!PID[@]}"; do stop_pid "${PID[$n]}"; done
 	PID=()
 	URI=()
@@ -274,10 +286,39 @@ copy_job() { # uri read|write
 	awk -v a="$t0" -v b="$t1" -v n="$SIZE_BYTES" 'BEGIN { printf "%.3f\n", n / (b - a) / 1e6 }' >"$VALUE"
 }
 
-# settle writes back every dirty page before a job (not timed): a server
-# that leaves its writes in the page cache would otherwise have the kernel
-# write them back during the next server's job, which then pays for them.
-settle() { sync; }
+# settle makes every server's writes durable before a job (not timed): an
+# NBD FLUSH to each (a Goldilocks volume commits; the peers fdatasync),
+# then `sync` writes back every dirty page. A server that leaves its
+# writes in the page cache would otherwise have the kernel write them back
+# during the next server's job, which then pays for them. After a
+# Goldilocks job it also waits until the gateway has used no CPU for
+# QUIET seconds: its idle work (a checkpoint 5 s after the last commit,
+# home alignment 2 s after the last request) then runs here, untimed,
+# rather than inside the next server's job.
+QUIET=${QUIET:-6}
+LAST="" # server of the previous job
+cpu_ticks() { # pid: utime + stime of the process, in clock ticks
+	awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+settle() {
+	local n
+	for n in "${!URI[@]}"; do
+		"$PY" -c 'import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' \
+			"${URI[$n]}" >>"$W/flush.log" 2>&1 || log "flush of $n failed"
+	done
+	sync
+	if [[ $LAST == goldilocks* && -n ${PID[$LAST]:-} ]]; then
+		local pid=${PID[$LAST]} quiet=0 deadline=$((SECONDS + 120)) a b
+		a=$(cpu_ticks "$pid")
+		while ((quiet < QUIET * 2 && SECONDS < deadline)); do
+			sleep 0.5
+			b=$(cpu_ticks "$pid")
+			if ((b - a <= 1)); then quiet=$((quiet + 1)); else quiet=0; fi
+			a=$b
+		done
+		sync
+	fi
+}
 
 # precondition writes every byte of each server's disk once (nbdcopy of the
 # source file, flushed at its end; not timed) before the first job of a set,
@@ -329,7 +370,7 @@ echo "- method: one 2 GiB file of random data in page cache, served by all three
 	"(Goldilocks volume --plain --backing it) and copied into the encrypted set's volumes; fio ioengine=nbd numjobs=1, ${RUNTIME} s + ${RAMP} s ramp;" \
 	"nbdcopy -C 1 of the whole 2 GiB (read to null:, write from a second file);" \
 	"each server's disk written once in full before the first job (preconditioning, untimed);" \
-	"servers alternate job by job, order rotated; \`sync\` (untimed) before each job; each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
+	"one client (libnbd) stays attached to each server through the run, as a VM would; servers alternate job by job, order rotated; before each job (untimed) an NBD FLUSH to every server and \`sync\`, and after a Goldilocks job a wait until the gateway has used no CPU for ${QUIET} s (its idle work); each figure is the median of ${REPS} run(s); MB = 10^6 bytes"
 echo "- sets: ${SETS}; transports: ${TRANSPORTS}; jobs: ${JOBS[*]}"
 if ((ENCRYPTED)); then
 	echo "- encrypted set: Goldilocks default volume (AES-256-GCM, local keystore) filled by volume import" \
@@ -411,7 +452,7 @@ for set in $SETS; do
 						log "$set $t rep $((r + 1))/$REPS $job $s: server is not running"
 						tail -n 5 "$W/$s.log" >&2 || true
 						v=fail
-					elif rm -f "$VALUE" && settle && measure "$job" "${URI[$s]}" && read -r v <"$VALUE"; then
+					elif rm -f "$VALUE" && settle && LAST=$s && measure "$job" "${URI[$s]}" && read -r v <"$VALUE"; then
 						:
 					else
 						log "$set $t rep $((r + 1))/$REPS $job $s: FAILED"

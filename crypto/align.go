@@ -24,11 +24,11 @@ import (
 // ends the pass. Nothing is written to a durable home, and no chunk is
 // sealed again, so crash safety and nonces are those of ordinary writes.
 const (
-	alignMinChunks = 16      // a request of at least this many chunks...
-	alignRunLen    = 8       // ...whose store requests average fewer chunks marks its leaves
-	alignMaxMarked = 1 << 16 // leaves remembered between passes (4 M chunks); more are dropped
-	alignIdle      = 5 * time.Second
-	alignPass      = maxDirty / 2 // chunks moved in one pass, then a commit
+	alignMinChunks = 16              // a request of at least this many chunks...
+	alignRunLen    = 8               // ...whose store requests average fewer chunks marks its leaves
+	alignMaxMarked = 1 << 16         // leaves remembered between passes (4 M chunks); more are dropped
+	alignIdle      = 2 * time.Second // without a request: a guest file system that commits every 5 s leaves such gaps
+	alignPass      = maxDirty / 2    // chunks moved in one pass, then a commit
 )
 
 // alignMarks are the leaves (indices, LeafFanout chunks each) that a
