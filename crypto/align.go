@@ -146,6 +146,11 @@ func (v *Volume) alignLeaf(li uint64, ab *alignBuf) (int, error) {
 		return 0, nil
 	}
 	n := int(min(cowmap.LeafFanout, v.geo.Chunks-first))
+	if n < alignMinChunks {
+		// A volume's short last leaf: not worth it, and Homes may give
+		// a write of a few chunks places in the log.
+		return 0, nil
+	}
 	v.lockRange(first, ab.locks[:n])
 	defer v.unlockRange(ab.locks[:n])
 	v.gate.RLock()

@@ -18,7 +18,7 @@ func never() bool { return false }
 // written twice (home B), then ~30 % of them once more at random (home
 // A), every step flushed: what random writes leave. It returns the
 // contents.
-func scatteredVolume(t *testing.T, chunks int, opt Options) (*Volume, *countDev, []byte, func() *Volume) {
+func scatteredVolume(t *testing.T, chunks int, opt Options, log *slog.Logger) (*Volume, *countDev, []byte, func() *Volume) {
 	t.Helper()
 	ctx := context.Background()
 	size := uint64(chunks * ChunkSize)
@@ -29,7 +29,10 @@ func scatteredVolume(t *testing.T, chunks int, opt Options) (*Volume, *countDev,
 		t.Fatal(err)
 	}
 	opt.NoLogData = true
-	v, err := Open(ctx, d, "al", id, kek, quietLog(), opt)
+	if log == nil {
+		log = quietLog()
+	}
+	v, err := Open(ctx, d, "al", id, kek, log, opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +67,7 @@ func scatteredVolume(t *testing.T, chunks int, opt Options) (*Volume, *countDev,
 		if err := v.Close(); err != nil {
 			t.Fatal(err)
 		}
-		v, err = Open(ctx, d, "al", id, kek, quietLog(), opt)
+		v, err = Open(ctx, d, "al", id, kek, log, opt)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -102,7 +105,7 @@ func readCalls(t *testing.T, v *Volume, d *countDev, want []byte) int {
 // after a reattach too.
 func TestAlignHomes(t *testing.T) {
 	const chunks = 1024 // 4 MiB, 17 leaves
-	v, d, want, reopen := scatteredVolume(t, chunks, Options{})
+	v, d, want, reopen := scatteredVolume(t, chunks, Options{}, nil)
 	before := readCalls(t, v, d, want)
 	if before < 200 {
 		t.Fatalf("reading the scattered volume took %d store reads: the setup did not scatter it", before)
@@ -155,7 +158,7 @@ func TestAlignHomes(t *testing.T) {
 
 // TestAlignHomesOff: with NoAlign nothing is marked and nothing moves.
 func TestAlignHomesOff(t *testing.T) {
-	v, d, want, _ := scatteredVolume(t, 256, Options{NoAlign: true})
+	v, d, want, _ := scatteredVolume(t, 256, Options{NoAlign: true}, nil)
 	readCalls(t, v, d, want)
 	if moved, err := v.align(never); err != nil || moved != 0 {
 		t.Fatalf("NoAlign: alignment moved %d chunks (%v)", moved, err)
@@ -169,8 +172,7 @@ func TestAlignHomesOff(t *testing.T) {
 func TestAlignHomesLeavesWhatItMustNot(t *testing.T) {
 	const chunks = 256
 	var logs atkLogBuf
-	v, d, want, _ := scatteredVolume(t, chunks, Options{})
-	v.log = slog.New(slog.NewTextHandler(&logs, nil))
+	v, d, want, _ := scatteredVolume(t, chunks, Options{}, slog.New(slog.NewTextHandler(&logs, nil)))
 	readCalls(t, v, d, want) // marks every leaf
 	// Leaf 0: find two chunks in its minority home.
 	es := make([]cowmap.Entry, cowmap.LeafFanout)
