@@ -44,6 +44,8 @@ PORT_BASE=${PORT_BASE:-10930}
 RAMP=2
 SIZE_BYTES=$((2 * 1024 * 1024 * 1024))
 PY=/usr/bin/python3 # not a pyenv shim: the standard library and Debian's python3-libnbd
+# shellcheck source=bench/settle.sh
+. "$REPO/bench/settle.sh"
 
 SERVERS_plain=(goldilocks qemu-nbd nbdkit)
 SERVERS_encrypted=(goldilocks-enc qemu-nbd-luks nbdkit-luks)
@@ -168,9 +170,8 @@ start_server() { # name uri command...
 			# One client stays attached through the run, as a running VM
 			# does: a Goldilocks volume is open only while attached, and
 			# its idle work (checkpoints, home alignment) needs it open.
-			"$PY" -c 'import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); time.sleep(1e9)' \
-				"$uri" >>"$W/$name.log" 2>&1 &
-			HOLD[$name]=$!
+			hold "$uri" "$W/$name.log"
+			HOLD[$name]=$HOLD_PID
 			return 0
 		fi
 		sleep 0.1
@@ -297,25 +298,14 @@ copy_job() { # uri read|write
 # rather than inside the next server's job.
 QUIET=${QUIET:-6}
 LAST="" # server of the previous job
-cpu_ticks() { # pid: utime + stime of the process, in clock ticks
-	awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
-}
 settle() {
 	local n
 	for n in "${!URI[@]}"; do
-		"$PY" -c 'import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' \
-			"${URI[$n]}" >>"$W/flush.log" 2>&1 || log "flush of $n failed"
+		nbd_flush "${URI[$n]}" "$W/flush.log" || log "flush of $n failed"
 	done
 	sync
 	if [[ $LAST == goldilocks* && -n ${PID[$LAST]:-} ]]; then
-		local pid=${PID[$LAST]} quiet=0 deadline=$((SECONDS + 120)) a b
-		a=$(cpu_ticks "$pid")
-		while ((quiet < QUIET * 2 && SECONDS < deadline)); do
-			sleep 0.5
-			b=$(cpu_ticks "$pid")
-			if ((b - a <= 1)); then quiet=$((quiet + 1)); else quiet=0; fi
-			a=$b
-		done
+		wait_quiet "${PID[$LAST]}" "$QUIET"
 		sync
 	fi
 }

@@ -16,7 +16,8 @@
 #
 # Knobs: RUNTIME (s per job, default 10), REPS (default 2, median shown),
 #        GOLDILOCKS (binary, default REPO/bin/goldilocks, built with Ceph),
-#        SETS ("rbd upstream", default both).
+#        SETS ("rbd upstream", default both), QUIET (s of no gateway CPU
+#        after a Goldilocks job before the next, default 6; settle.sh).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +27,9 @@ REPS=${REPS:-2}
 SETS=${SETS:-"rbd upstream"}
 RAMP=2
 PY=/usr/bin/python3
+# shellcheck source=bench/settle.sh
+. "$REPO/bench/settle.sh"
+QUIET=${QUIET:-6}
 SIZE=1G
 
 log() { printf '[storage %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -103,8 +107,12 @@ measure() { # job uri
 }
 
 # compare SET "name uri" ...: alternate the servers job by job, REPS times.
+# The first server is Goldilocks, whose process is GLPID. One client stays
+# attached to each server throughout, as a VM would; before each job every
+# server gets an NBD FLUSH and the page cache a `sync`, and after a
+# Goldilocks job the gateway's idle work runs first (settle.sh).
 compare() {
-	local set=$1 r j k n=$(($# - 1))
+	local set=$1 r j k n=$(($# - 1)) last=-1
 	shift
 	local -a names=() uris=()
 	for s in "$@"; do
@@ -115,17 +123,31 @@ compare() {
 		log "$set: preconditioning ${names[$k]}"
 		nbdcopy -C 1 "$W/src.raw" "${uris[$k]}" || die "preconditioning ${names[$k]}"
 	done
+	local -a holds=()
+	for ((k = 0; k < n; k++)); do
+		hold "${uris[$k]}" "$W/hold.log"
+		holds+=("$HOLD_PID")
+	done
 	for ((r = 0; r < REPS; r++)); do
 		for j in "${JOBS[@]}"; do
 			for ((k = 0; k < n; k++)); do
-				local i=$(((k + r) % n)) v
+				local i=$(((k + r) % n)) v u
+				for u in "${uris[@]}"; do
+					nbd_flush "$u" "$W/flush.log" || log "$set: flush of $u failed"
+				done
 				sync
+				if ((last == 0)); then
+					wait_quiet "$GLPID" "$QUIET"
+					sync
+				fi
+				last=$i
 				if measure "$j" "${uris[$i]}" && read -r v <"$VALUE"; then :; else v=fail; fi
 				log "$set rep $((r + 1))/$REPS $j ${names[$i]}: $v"
 				printf '%s\t%s\t%s\t%s\n' "$set" "$j" "${names[$i]}" "$v" >>"$RESULTS"
 			done
 		done
 	done
+	for k in "${holds[@]}"; do stop_pid "$k"; done
 }
 
 log "temp dir $W"
@@ -149,6 +171,7 @@ if [[ " $SETS " == *" rbd "* ]]; then
 	start qemu-rbd "$W/qemu-rbd.sock" qemu-nbd -t -e 4 -f raw --cache=none -k "$W/qemu-rbd.sock" -x disk "rbd:rbd/qemu:conf=$CEPH_CONF"
 	start qemu-rbd-luks "$W/qemu-luks.sock" qemu-nbd -t -e 4 -k "$W/qemu-luks.sock" -x disk --cache=none \
 		--object "secret,id=s0,file=$W/luks.pass" --image-opts "driver=luks,key-secret=s0,file.driver=rbd,file.pool=rbd,file.image=luks,file.conf=$CEPH_CONF"
+	GLPID=${PID[gl-rbd]}
 	compare rbd-plain "goldilocks nbd+unix:///disk?socket=$D/nbd.sock" "qemu-nbd nbd+unix:///disk?socket=$W/qemu-rbd.sock"
 	compare rbd-encrypted "goldilocks nbd+unix:///enc?socket=$D/nbd.sock" "qemu-nbd+luks nbd+unix:///disk?socket=$W/qemu-luks.sock"
 	for n in gl-rbd qemu-rbd qemu-rbd-luks; do stop_pid "${PID[$n]}"; unset "PID[$n]"; done
@@ -161,6 +184,7 @@ if [[ " $SETS " == *" upstream "* ]]; then
 	D=$W/gl-up
 	"$GOLDILOCKS" --data-dir "$D" volume create disk --plain --backing "nbd+unix:///disk?socket=$W/qemu-up.sock" >&2
 	start gl-up "$D/nbd.sock" "$GOLDILOCKS" serve --data-dir "$D" --listen "" --metrics "" --log-level warn
+	GLPID=${PID[gl-up]}
 	compare upstream "goldilocks->qemu-nbd nbd+unix:///disk?socket=$D/nbd.sock" "qemu-nbd nbd+unix:///disk?socket=$W/qemu-up.sock"
 fi
 
@@ -181,7 +205,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 ver = subprocess.run([gl, "version"], capture_output=True, text=True).stdout.strip()
 print("# Goldilocks storage-backend benchmark\n")
 print("- kernel %s; cpus %d; cpu %s" % (platform.release(), __import__("os").cpu_count(), cpu))
-print("- %s; fio ioengine=nbd, %s s + 2 s ramp per job, median of %s; every disk written once before its first job" % (ver, runtime, reps))
+print("- %s; fio ioengine=nbd, %s s + 2 s ramp per job, median of %s; every disk written once before its first job; one client attached to each server throughout; before each job an NBD FLUSH to every server and `sync`, and after a Goldilocks job a wait until the gateway has used no CPU for %s s (its idle work)" % (ver, runtime, reps, __import__("os").environ.get("QUIET", "6")))
 print("- RBD: single-node Ceph 16.2 (one BlueStore OSD on a sparse file on this VM's disk, pool size 1); upstream: qemu-nbd --aio=native --cache=none on a raw file, Unix sockets throughout\n")
 labels = {"randread4k": "4k randread qd32 (IOPS)", "randwrite4k": "4k randwrite qd32 (IOPS)", "read1m": "1 MiB read qd8 (MB/s)", "write1m": "1 MiB write qd8 (MB/s)"}
 sets = []
