@@ -151,16 +151,22 @@ func (v *Volume) alignLeaf(li uint64, ab *alignBuf) (int, error) {
 		// a write of a few chunks places in the log.
 		return 0, nil
 	}
+	// The chunk locks keep writes out for the whole move; the gate (which
+	// a commit waits for) is held only around the choice of homes and
+	// around the write and its Set, as for a client write, not across
+	// the read.
 	v.lockRange(first, ab.locks[:n])
 	defer v.unlockRange(ab.locks[:n])
-	v.gate.RLock()
-	defer v.gate.RUnlock()
 	homes, es := ab.homes[:n], ab.es[:n]
-	if err := v.m.Homes(first, homes); err != nil {
-		return 0, fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
+	v.gate.RLock()
+	err := v.m.Homes(first, homes)
+	if err == nil {
+		if err = v.m.LookupRange(first, es); err != nil {
+			v.integrityFailure("map", err)
+		}
 	}
-	if err := v.m.LookupRange(first, es); err != nil {
-		v.integrityFailure("map", err)
+	v.gate.RUnlock()
+	if err != nil {
 		return 0, fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
 	}
 	var on [2]int // mapped chunks in home A, in home B
@@ -206,6 +212,23 @@ func (v *Volume) alignLeaf(li uint64, ab *alignBuf) (int, error) {
 	clear(b.pt[:])
 	v.bufs.Put(b)
 	if len(ok) == 0 {
+		return 0, nil
+	}
+	v.gate.RLock()
+	defer v.gate.RUnlock()
+	// A commit may have run meanwhile; with the chunks locked it cannot
+	// have changed where their next writes go, but that is what the
+	// write must follow, so it is asked again.
+	if err := v.m.Homes(first, homes); err != nil {
+		return 0, fmt.Errorf("volume %s chunk %d: %w", v.name, first, err)
+	}
+	still := ok[:0]
+	for _, i := range ok {
+		if homes[i] == to {
+			still = append(still, i)
+		}
+	}
+	if ok = still; len(ok) == 0 {
 		return 0, nil
 	}
 	if err := v.doRuns(v.alignRuns(first, ok, to, ab), true); err != nil {

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
 
 	"goldilocks/crypto/cowmap"
 )
@@ -310,5 +311,47 @@ func BenchmarkAlignedWrite1M(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestAlignHomesWhenIdle: the background loop aligns marked leaves once
+// no request has come for alignIdle, and not while requests keep coming.
+func TestAlignHomesWhenIdle(t *testing.T) {
+	const chunks = 256
+	v, d, want, _ := scatteredVolume(t, chunks, Options{}, nil)
+	readCalls(t, v, d, want) // marks every leaf
+	got := make([]byte, ChunkSize)
+	busyUntil := time.Now().Add(alignIdle + 3*time.Second) // past the first idle chance had nothing come
+	for time.Now().Before(busyUntil) { // a request every 200 ms
+		if _, err := v.ReadAt(got, 0); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	v.marks.mu.Lock()
+	marked := len(v.marks.leaves)
+	v.marks.mu.Unlock()
+	if marked == 0 {
+		t.Fatal("leaves were aligned while requests kept coming")
+	}
+	deadline := time.Now().Add(alignIdle + 6*time.Second)
+	for {
+		v.marks.mu.Lock()
+		marked = len(v.marks.leaves)
+		v.marks.mu.Unlock()
+		if marked == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d leaves still marked %v after the volume went idle", marked, alignIdle+6*time.Second)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The pass took the marks holding keyMu: once that is free, it has
+	// moved and committed.
+	v.keyMu.Lock()
+	v.keyMu.Unlock() //nolint:staticcheck // an empty critical section: waiting for the pass
+	if n := readCalls(t, v, d, want); n > 6 {
+		t.Fatalf("after the idle pass, reading 1 MiB took %d store reads", n)
 	}
 }
