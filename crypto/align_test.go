@@ -322,7 +322,7 @@ func TestAlignHomesWhenIdle(t *testing.T) {
 	readCalls(t, v, d, want) // marks every leaf
 	got := make([]byte, ChunkSize)
 	busyUntil := time.Now().Add(alignIdle + 3*time.Second) // past the first idle chance had nothing come
-	for time.Now().Before(busyUntil) { // a request every 200 ms
+	for time.Now().Before(busyUntil) {                     // a request every 200 ms
 		if _, err := v.ReadAt(got, 0); err != nil {
 			t.Fatal(err)
 		}
