@@ -321,8 +321,10 @@ func TestAlignHomesWhenIdle(t *testing.T) {
 	v, d, want, _ := scatteredVolume(t, chunks, Options{}, nil)
 	readCalls(t, v, d, want) // marks every leaf
 	got := make([]byte, ChunkSize)
-	busyUntil := time.Now().Add(alignIdle + 3*time.Second) // past the first idle chance had nothing come
-	for time.Now().Before(busyUntil) {                     // a request every 200 ms
+	// A request every 200 ms, for longer than the first idle chance
+	// would have come had nothing come.
+	busyUntil := time.Now().Add(alignIdle + 3*time.Second)
+	for time.Now().Before(busyUntil) {
 		if _, err := v.ReadAt(got, 0); err != nil {
 			t.Fatal(err)
 		}
@@ -350,7 +352,8 @@ func TestAlignHomesWhenIdle(t *testing.T) {
 	// The pass took the marks holding keyMu: once that is free, it has
 	// moved and committed.
 	v.keyMu.Lock()
-	v.keyMu.Unlock() //nolint:staticcheck // an empty critical section: waiting for the pass
+	//lint:ignore SA2001 the lock is taken only to wait for the pass that holds it
+	v.keyMu.Unlock()
 	if n := readCalls(t, v, d, want); n > 6 {
 		t.Fatalf("after the idle pass, reading 1 MiB took %d store reads", n)
 	}
