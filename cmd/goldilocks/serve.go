@@ -49,6 +49,7 @@ type serveFlags struct {
 	mapCache                       string
 	shutdownTimeout                time.Duration
 	outageLimit                    time.Duration
+	upstreamConns                  int
 	cpuProfile                     string
 	blockProfile                   string
 	memProfile                     string
@@ -103,6 +104,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.DurationVar(&sf.replyTimeout, "reply-timeout", time.Minute, "how long a reply may wait for a client that does not read before the connection is closed")
 	f.StringVar(&sf.mapCache, "map-cache", "32MiB", "memory for the chunk-map nodes of all encrypted volumes together")
 	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
+	f.IntVar(&sf.upstreamConns, "upstream-conns", 4, "connections to an upstream backing store (nbd://…) that advertises multi-conn, per attached volume")
 	f.DurationVar(&sf.outageLimit, "backing-outage-limit", 30*time.Second, "how long requests to an unreachable upstream backing store (nbd://…) wait, reconnecting, before they fail with EIO")
 	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
 	f.MarkHidden("cpuprofile")
@@ -257,6 +259,10 @@ func serve(a *app, sf serveFlags) error {
 		return usagef("--backing-outage-limit %s: want a positive duration", sf.outageLimit)
 	}
 	reg.SetOutageLimit(sf.outageLimit)
+	if sf.upstreamConns < 1 || sf.upstreamConns > 64 {
+		return usagef("--upstream-conns %d: want 1 to 64", sf.upstreamConns)
+	}
+	reg.SetUpstreamConns(sf.upstreamConns)
 	reg.SetAlignHomes(sf.alignHomes)
 	vols, err := reg.List()
 	if err != nil {

@@ -4,7 +4,8 @@
 // another Goldilocks. It is an NBD client: fixed newstyle handshake,
 // structured replies and the base:allocation meta context where the
 // server offers them (block status passed through), NBD_OPT_GO, many
-// requests in flight on one connection.
+// requests in flight, on several connections where the server advertises
+// multi-conn.
 //
 // It owns the client side of the protocol and nothing else: it knows
 // nothing of encryption, policy or the gateway that serves its bytes.
@@ -59,6 +60,14 @@ type Options struct {
 	// server that holds requests without answering is then reconnected
 	// and sent them again, and the outage limit applies (0: 2 min).
 	ReplyTimeout time.Duration
+	// Conns is how many connections a server that advertises multi-conn
+	// (NBD_FLAG_CAN_MULTI_CONN: a FLUSH on one covers writes completed on
+	// any) gets (0: 4, as nbdcopy opens). A server serves a connection's
+	// requests a bounded number at a time (QEMU's, 16), so one connection
+	// caps the requests in flight. The first connection is made at Dial
+	// and after each outage; the others are added in the background, and
+	// one that fails (a server at its connection limit) just leaves fewer.
+	Conns int
 	// Log receives outages and recoveries (event=backing_outage,
 	// backing_restored: they reach the audit trail); nil: discarded.
 	Log *slog.Logger
@@ -90,8 +99,15 @@ type Device struct {
 	calls       sync.Pool   // *call: a request allocates nothing once warm
 	unpushed    atomic.Bool // a link may hold submitted requests (Push)
 
-	mu      sync.Mutex // guards the fields below
-	link    *link      // nil while disconnected
+	mu sync.Mutex // guards the fields below
+	// links are the connections up (nil while disconnected): the first
+	// made, then those widen added. A loss of any ends them all (an
+	// outage), and old keeps them until their readers have ended, which
+	// reconnect waits for before it sends anything again.
+	links   []*link
+	old     []*link
+	gen     uint64 // counts outages: widen adds a link only to the generation it dialled for
+	rr      int    // the link the last request went to, round robin
 	next    uint64
 	pending map[uint64]*call
 	down    time.Time // when the current outage began; zero: connected
@@ -195,10 +211,56 @@ func Dial(ctx context.Context, uri string, o Options) (*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", uri, err)
 	}
-	d.link = l
+	d.links = []*link{l}
 	go d.readReplies(l, r)
 	go d.watchdog()
+	go d.widen(0)
 	return d, nil
+}
+
+// widen adds connections up to Options.Conns, one at a time, where the
+// server advertises multi-conn, while the device stays in generation gen.
+// A connection the server does not complete in time (qemu-nbd at its -e
+// limit accepts and never answers) ends the widening: fewer links.
+func (d *Device) widen(gen uint64) {
+	want := d.o.Conns
+	if want <= 0 {
+		want = 4
+	}
+	if d.flags&nbdproto.FlagCanMultiConn == 0 {
+		return
+	}
+	for {
+		d.mu.Lock()
+		n, stale := len(d.links), d.closed || d.gen != gen || d.links == nil
+		d.mu.Unlock()
+		if stale || n >= want {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), min(d.o.DialTimeout, 2*time.Second))
+		l, r, err := d.connect(ctx, false)
+		cancel()
+		if err != nil {
+			d.o.Log.Debug("backing store: no further connection", "backing", d.uri, "conns", n, "err", err)
+			return
+		}
+		d.mu.Lock()
+		if d.closed || d.gen != gen || d.links == nil {
+			d.mu.Unlock()
+			l.nc.Close()
+			return
+		}
+		d.links = append(d.links[:len(d.links):len(d.links)], l) // a new array: Push may range over the old
+		d.mu.Unlock()
+		go d.readReplies(l, r)
+	}
+}
+
+// conns is how many connections are up.
+func (d *Device) conns() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.links)
 }
 
 // watchdog drops a connection on which a request has waited longer than
@@ -212,8 +274,8 @@ func (d *Device) watchdog() {
 			d.mu.Unlock()
 			return
 		}
-		l, stale := d.link, false
-		if l != nil {
+		links, stale := d.links, false
+		if links != nil {
 			for _, c := range d.pending {
 				if c.resending == 0 && time.Since(c.since) > d.o.ReplyTimeout {
 					stale = true
@@ -225,7 +287,7 @@ func (d *Device) watchdog() {
 		if stale {
 			d.o.Log.Warn("backing store holds a request without answering: reconnecting", "backing", d.uri,
 				"reply_timeout", d.o.ReplyTimeout.String())
-			l.nc.Close() // the reader sees it: an outage begins, the requests are sent again
+			links[0].nc.Close() // its reader sees it: an outage begins, the requests are sent again
 		}
 	}
 }
@@ -348,7 +410,9 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		delete(d.pending, cookie)
 		c.reading = false
 		owned = slices.DeleteFunc(owned, func(o *call) bool { return o == c })
-		d.down = time.Time{} // a whole, valid reply: any outage is over
+		if slices.Contains(d.links, l) {
+			d.down = time.Time{} // a whole, valid reply on a link up: any outage is over
+		} // (one a lost link had buffered says nothing of the outage it began)
 		d.mu.Unlock()
 		d.complete(c, errnoError(errno))
 	}
@@ -525,10 +589,15 @@ func (d *Device) lost(l *link, cause error) {
 	l.nc.Close()
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.link != l {
-		return
+	if !slices.Contains(d.links, l) {
+		return // a link of an outage already under way
 	}
-	d.link = nil
+	for _, o := range d.links {
+		o.nc.Close()
+	}
+	d.old = append(d.old, d.links...)
+	d.links = nil
+	d.gen++
 	if d.closed {
 		d.failLocked(fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri))
 		return
@@ -574,6 +643,15 @@ func (d *Device) failLocked(err error) {
 // reconnect dials with backoff until it succeeds or the device closes;
 // past the outage limit the requests waiting fail, and it keeps trying.
 func (d *Device) reconnect() {
+	// The readers of the links lost must end first: one may still be
+	// reading a reply it had buffered, for a call sent again below.
+	d.mu.Lock()
+	old := d.old
+	d.old = nil
+	d.mu.Unlock()
+	for _, o := range old {
+		<-o.done
+	}
 	wait := d.o.retry
 	for {
 		l, r, err := d.connect(context.Background(), false)
@@ -587,7 +665,8 @@ func (d *Device) reconnect() {
 			return
 		}
 		if err == nil {
-			d.link, d.redial = l, false
+			d.links, d.redial = []*link{l}, false
+			gen := d.gen
 			outage := time.Since(d.down)
 			d.failed = nil
 			if len(d.pending) == 0 {
@@ -638,6 +717,7 @@ func (d *Device) reconnect() {
 			d.mu.Unlock()
 			d.o.Log.Info("backing store reachable again", "event", audit.EvBackingRestored, "backing", d.uri,
 				"outage_seconds", outage.Round(time.Millisecond).Seconds(), "resent", len(again))
+			d.widen(gen)
 			return
 		}
 		if d.failed == nil && time.Since(d.down) > d.o.OutageLimit {
@@ -746,8 +826,10 @@ func (d *Device) send(c *call, hold bool) error {
 	cookie := d.next
 	c.resetReply()
 	d.pending[cookie] = c
-	l := d.link // nil while reconnecting: the request is sent on reconnection
-	if l != nil {
+	var l *link // nil while reconnecting: the request is sent on reconnection
+	if n := len(d.links); n > 0 {
+		d.rr = (d.rr + 1) % n
+		l = d.links[d.rr]
 		c.senders.Add(1) // before its reply can come
 	}
 	d.mu.Unlock()
@@ -757,8 +839,9 @@ func (d *Device) send(c *call, hold bool) error {
 		c.senders.Add(-1)
 		if err == nil {
 			if hold {
-				l.held = l.w.Buffered() > 0
-				d.unpushed.Store(l.held)
+				if l.held = l.w.Buffered() > 0; l.held {
+					d.unpushed.Store(true)
+				}
 			} else {
 				err = l.w.Flush()
 				l.held = false
@@ -778,20 +861,19 @@ func (d *Device) Push() {
 		return
 	}
 	d.mu.Lock()
-	l := d.link
+	links := d.links // nil while reconnecting: reconnect sends them
 	d.mu.Unlock()
-	if l == nil {
-		return // reconnect sends them
-	}
-	l.wmu.Lock()
-	var err error
-	if l.held {
-		err = l.w.Flush()
-		l.held = false
-	}
-	l.wmu.Unlock()
-	if err != nil {
-		l.nc.Close()
+	for _, l := range links {
+		l.wmu.Lock()
+		var err error
+		if l.held {
+			err = l.w.Flush()
+			l.held = false
+		}
+		l.wmu.Unlock()
+		if err != nil {
+			l.nc.Close()
+		}
 	}
 }
 
@@ -1019,26 +1101,33 @@ func (d *Device) Limit(size int64) {
 // ReadOnly reports whether the server serves the export read-only.
 func (d *Device) ReadOnly() bool { return d.flags&nbdproto.FlagReadOnly != 0 }
 
-// Close ends the connection (NBD_CMD_DISC); requests still in flight fail.
+// Close ends the connections (NBD_CMD_DISC); requests still in flight fail.
 func (d *Device) Close() error {
 	d.mu.Lock()
 	d.closed = true
-	l := d.link
+	links := d.links
 	d.mu.Unlock()
-	if l == nil {
+	if links == nil {
 		d.mu.Lock()
 		d.failLocked(fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri))
 		d.mu.Unlock()
 		return nil
 	}
-	l.wmu.Lock()
-	var h [28]byte
-	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
-	binary.BigEndian.PutUint16(h[6:], protocol.TRANSMISSION_TYPE_REQUEST_DISC)
-	l.w.Write(h[:])
-	l.w.Flush()
-	l.wmu.Unlock()
-	err := l.nc.Close()
-	<-l.done
-	return err
+	var errs []error
+	for _, l := range links {
+		l.wmu.Lock()
+		var h [28]byte
+		binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
+		binary.BigEndian.PutUint16(h[6:], protocol.TRANSMISSION_TYPE_REQUEST_DISC)
+		l.w.Write(h[:])
+		l.w.Flush()
+		l.wmu.Unlock()
+		if err := l.nc.Close(); !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err) // (a reader that saw the first DISC answered may have closed the rest)
+		}
+	}
+	for _, l := range links {
+		<-l.done
+	}
+	return errors.Join(errs...)
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -70,6 +71,21 @@ func dial(t *testing.T, uri string) *Device {
 	}
 	t.Cleanup(func() { d.Close() })
 	return d
+}
+
+// waitConns waits until d has n connections up (widen adds them in the
+// background) and checks that it does not go beyond n.
+func waitConns(t *testing.T, d *Device, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); d.conns() < n; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections up after 10 s, want %d", d.conns(), n)
+		}
+	}
+	time.Sleep(50 * time.Millisecond)
+	if got := d.conns(); got != n {
+		t.Fatalf("%d connections up, want %d", got, n)
+	}
 }
 
 // rw is what the tests call: the Device itself (ReadAt, WriteAt: the
@@ -156,6 +172,7 @@ func TestReadWriteModel(t *testing.T) {
 	if d.Size() != size {
 		t.Fatalf("size %d, want %d", d.Size(), size)
 	}
+	waitConns(t, d, 4) // nbdkit offers multi-conn: the requests below spread over 4
 	var (
 		mu    sync.Mutex
 		model = make([]byte, size)
@@ -366,6 +383,7 @@ func TestReconnectUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
+	waitConns(t, d, 4) // a loss of any ends them all; all are back after
 	model := make([]byte, size)
 	var wg sync.WaitGroup
 	errc := make(chan error, 8)
@@ -431,6 +449,99 @@ func TestReconnectUnderLoad(t *testing.T) {
 	if !bytes.Equal(got, model) {
 		t.Fatal("after the restart the disk differs from what was written")
 	}
+	waitConns(t, d, 4)
+}
+
+// Where the server advertises multi-conn, requests go over several
+// connections (nbdkit's log filter names the connection of each); where
+// it does not (nbdkit's multi-conn filter hiding it), over one; a server
+// at its connection limit (qemu-nbd -e 2) leaves fewer, without delaying
+// the attach.
+func TestMultiConn(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want int
+	}{
+		{"offered", nil, 3},
+		{"not offered", []string{"--filter=multi-conn", "multi-conn-mode=disable"}, 1}, // (a filter, then its parameter)
+	} {
+		t.Run(tc.name, func(t *testing.T) { multiConn(t, tc.args, tc.want) })
+	}
+	t.Run("qemu-nbd -e 2", func(t *testing.T) {
+		needTool(t, "qemu-nbd")
+		sock := filepath.Join(t.TempDir(), "q.sock")
+		img := filepath.Join(t.TempDir(), "disk.raw")
+		os.WriteFile(img, make([]byte, 1<<20), 0o600)
+		cmd := exec.Command("qemu-nbd", "-f", "raw", "-k", sock, "-x", "disk", "-t", "-e", "2", img)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		waitSocket(t, "unix", sock)
+		start := time.Now()
+		d := dial(t, "nbd+unix:///disk?socket="+sock)
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("the attach took %s", took)
+		}
+		waitConns(t, d, 2)
+		if _, err := d.WriteAt([]byte("x"), 0); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// multiConn writes from several goroutines through a Device with Conns 3
+// to nbdkit's memory plugin behind its log filter (and args), and checks
+// how many connections the writes went over.
+func multiConn(t *testing.T, args []string, want int) {
+	logf := filepath.Join(t.TempDir(), "log")
+	var filters, params []string
+	for _, a := range args {
+		if strings.HasPrefix(a, "--") {
+			filters = append(filters, a)
+		} else {
+			params = append(params, a)
+		}
+	}
+	uri, stop := nbdkit(t, slices.Concat([]string{"--filter=log"}, filters, []string{"memory", "16M", "logfile=" + logf}, params)...)
+	d, err := Dial(context.Background(), uri, Options{Conns: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitConns(t, d, want)
+	{
+		var wg sync.WaitGroup
+		for g := range 6 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				p := make([]byte, 4096)
+				for i := range 20 {
+					if _, err := either(d, g).WriteAt(p, int64(g*20+i)*4096); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		d.Close()
+		stop()
+		b, err := os.ReadFile(logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		used := map[string]int{}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 3 && f[3] == "Write" {
+				used[f[2]]++
+			}
+		}
+		if len(used) != want {
+			t.Fatalf("the writes went over %d connections (%v), want %d", len(used), used, want)
+		}
+	}
 }
 
 // qemu-nbd over TCP, with a named export: the right name attaches, a
@@ -468,6 +579,7 @@ func TestQemuNbdTCP(t *testing.T) {
 	if b, _ := os.ReadFile(img); !bytes.Equal(b[100:110], []byte("goldilocks")) {
 		t.Fatal("the flushed write is not in qemu-nbd's file")
 	}
+	d.Close() // it holds both of the connections qemu-nbd -e 2 takes
 	_, err = Dial(context.Background(), "nbd://"+addr+"/nope", Options{})
 	if !errors.Is(err, ErrHandshake) || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("unknown export: %v", err)

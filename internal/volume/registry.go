@@ -86,11 +86,12 @@ type stamp struct {
 // Registry is the volume registry of one data dir. It is safe for
 // concurrent use, and other processes may change the file underneath it.
 type Registry struct {
-	outageLimit time.Duration // upstream backing stores; 0: the default
-	noAlign     bool          // encrypted volumes: no home alignment
-	dir         string
-	passphrase  []byte // seals the local keystore; see SetKeystorePassphrase
-	vaultCfg    crypto.VaultConfig
+	outageLimit   time.Duration // upstream backing stores; 0: the default
+	upstreamConns int           // connections to an upstream that offers multi-conn; 0: the default
+	noAlign       bool          // encrypted volumes: no home alignment
+	dir           string
+	passphrase    []byte // seals the local keystore; see SetKeystorePassphrase
+	vaultCfg      crypto.VaultConfig
 
 	cache *cowmap.Cache // map nodes of every volume this process opens
 	pools *crypto.Pools // their batch buffers

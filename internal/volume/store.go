@@ -25,6 +25,10 @@ import (
 // while it is unreachable before they fail (0: upstream's default, 30 s).
 func (r *Registry) SetOutageLimit(d time.Duration) { r.outageLimit = d }
 
+// SetUpstreamConns sets how many connections an upstream backing store
+// that advertises multi-conn gets (0: upstream's default).
+func (r *Registry) SetUpstreamConns(n int) { r.upstreamConns = n }
+
 // SetAlignHomes turns home alignment of encrypted volumes on (the
 // default) or off (crypto.Options.NoAlign).
 func (r *Registry) SetAlignHomes(on bool) { r.noAlign = !on }
@@ -70,7 +74,7 @@ func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (stor
 		if log != nil {
 			log = log.With("volume", v.Name)
 		}
-		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{Log: log, OutageLimit: r.outageLimit})
+		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{Log: log, OutageLimit: r.outageLimit, Conns: r.upstreamConns})
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
