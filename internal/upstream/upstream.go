@@ -45,6 +45,7 @@ var (
 // Protocol values go-nbd's protocol package lacks (doc/proto.md).
 const (
 	defaultMaxIO = 32 << 20
+	directWrite  = 64 << 10 // a write payload this large bypasses the link's buffer
 )
 
 // Options tune a connection.
@@ -122,6 +123,8 @@ type link struct {
 	wmu        sync.Mutex // one request on the wire at a time
 	w          *bufio.Writer
 	held       bool          // w holds submitted requests not yet sent (Push); guarded by wmu
+	iov        net.Buffers   // a large write's header and payload; guarded by wmu
+	hdr        [28]byte      // that header
 	done       chan struct{} // the reader ended
 	structured bool          // structured replies negotiated on this connection
 	hasMeta    bool          // base:allocation negotiated, with context id meta
@@ -778,6 +781,18 @@ func (l *link) write(cookie uint64, c *call) error {
 	binary.BigEndian.PutUint64(h[8:], cookie)
 	binary.BigEndian.PutUint64(h[16:], uint64(c.off))
 	binary.BigEndian.PutUint32(h[24:], c.length)
+	if len(payload) >= directWrite {
+		// A large payload goes out with its header in one writev, not
+		// partly copied through the buffer first (what the buffer holds
+		// goes before it).
+		if err := l.w.Flush(); err != nil {
+			return err
+		}
+		l.hdr = h
+		l.iov = append(l.iov[:0], l.hdr[:], payload)
+		_, err := l.iov.WriteTo(l.nc)
+		return err
+	}
 	if _, err := l.w.Write(h[:]); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -245,6 +246,97 @@ func TestReadWriteModel(t *testing.T) {
 	if _, err := d.ReadAt(make([]byte, 4096), size-2048); !errors.Is(err, block.ErrOutOfRange) {
 		t.Fatalf("read past the end: %v", err)
 	}
+}
+
+// Large writes leave with their header in one writev, after whatever
+// submitted requests the link's buffer holds: a small write submitted
+// (held), then a large one behind it, then the other way round, through
+// qemu-nbd; every byte reads back.
+func TestLargeWriteAfterHeld(t *testing.T) {
+	needTool(t, "qemu-nbd")
+	sock := filepath.Join(t.TempDir(), "q.sock")
+	img := filepath.Join(t.TempDir(), "disk.raw")
+	os.WriteFile(img, make([]byte, 8<<20), 0o600)
+	cmd := exec.Command("qemu-nbd", "-f", "raw", "-k", sock, "-x", "disk", "-t", img)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitSocket(t, "unix", sock)
+	var logBuf syncBuffer
+	d, err := Dial(context.Background(), "nbd+unix:///disk?socket="+sock,
+		Options{Log: slog.New(slog.NewTextHandler(&logBuf, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	rng := rand.New(rand.NewPCG(3, 4))
+	random := func(n int) []byte {
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(rng.Uint32())
+		}
+		return p
+	}
+	type w struct {
+		off int64
+		p   []byte
+	}
+	// 70 small writes fill the 256 KiB buffer past its end: it then holds
+	// the tail of a request whose head has left.
+	var many []w
+	for i := range 70 {
+		many = append(many, w{int64(i) * 4096, random(4096)})
+	}
+	many = append(many, w{1 << 20, random(1 << 20)})
+	for _, ws := range [][]w{
+		{{0, random(4096)}, {4096, random(1 << 20)}},
+		{{2 << 20, random(directWrite)}, {1 << 20, random(512)}, {3 << 20, random(3 << 20)}},
+		many,
+	} {
+		errc := make(chan error, len(ws))
+		for _, x := range ws {
+			if !d.SubmitWriteAt(x.p, x.off, false, func(err error) { errc <- err }) {
+				t.Fatal("a write was declined")
+			}
+		}
+		d.Push()
+		for range ws {
+			if err := <-errc; err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, x := range ws {
+			got := make([]byte, len(x.p))
+			if _, err := d.ReadAt(got, x.off); err != nil || !bytes.Equal(got, x.p) {
+				t.Fatalf("%d bytes at %d read back wrong (%v)", len(x.p), x.off, err)
+			}
+		}
+	}
+	if _, err := d.WriteAt(random(1<<20), 5<<20); err != nil { // the caller waits: same path
+		t.Fatal(err)
+	}
+	if strings.Contains(logBuf.String(), "unreachable") { // the client recovers by sending again
+		t.Fatalf("the server dropped the connection:\n%s", logBuf.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer for a logger written from several goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // A server with a small maximum request: large requests are split.
