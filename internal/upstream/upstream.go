@@ -123,7 +123,8 @@ type link struct {
 	wmu        sync.Mutex // one request on the wire at a time
 	w          *bufio.Writer
 	held       bool          // w holds submitted requests not yet sent (Push); guarded by wmu
-	iov        net.Buffers   // a large write's header and payload; guarded by wmu
+	iovArr     [2][]byte     // a large write's header and payload; guarded by wmu
+	iov        net.Buffers   // over iovArr
 	hdr        [28]byte      // that header
 	done       chan struct{} // the reader ended
 	structured bool          // structured replies negotiated on this connection
@@ -789,8 +790,10 @@ func (l *link) write(cookie uint64, c *call) error {
 			return err
 		}
 		l.hdr = h
-		l.iov = append(l.iov[:0], l.hdr[:], payload)
+		l.iovArr = [2][]byte{l.hdr[:], payload}
+		l.iov = l.iovArr[:] // WriteTo consumes the slice, not the array
 		_, err := l.iov.WriteTo(l.nc)
+		l.iovArr[1] = nil
 		return err
 	}
 	if _, err := l.w.Write(h[:]); err != nil {

@@ -324,6 +324,26 @@ func TestLargeWriteAfterHeld(t *testing.T) {
 	}
 }
 
+// A large write allocates no more than a small one: its header and
+// payload leave from arrays the link keeps (its writev's slice too).
+func TestLargeWriteAllocs(t *testing.T) {
+	uri, _ := nbdkit(t, "memory", "16M")
+	d := dial(t, uri)
+	p := make([]byte, 1<<20)
+	write := func(n int) func() {
+		return func() {
+			if _, err := d.WriteAt(p[:n], 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write(len(p))() // warm: the call pool, the buffers
+	small, large := testing.AllocsPerRun(50, write(4096)), testing.AllocsPerRun(50, write(len(p)))
+	if large > small {
+		t.Fatalf("a 1 MiB write allocates %.1f times, a 4 KiB one %.1f", large, small)
+	}
+}
+
 // A server with a small maximum request: large requests are split.
 func TestSplitsToServerMaximum(t *testing.T) {
 	uri, _ := nbdkit(t, "--filter=blocksize-policy", "memory", "8M",
