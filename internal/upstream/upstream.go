@@ -125,7 +125,7 @@ type link struct {
 	held       bool          // w holds submitted requests not yet sent (Push); guarded by wmu
 	iovArr     [2][]byte     // a large write's header and payload; guarded by wmu
 	iov        net.Buffers   // over iovArr
-	hdr        [28]byte      // that header
+	hdr        [28]byte      // the request header being written; guarded by wmu
 	done       chan struct{} // the reader ended
 	structured bool          // structured replies negotiated on this connection
 	hasMeta    bool          // base:allocation negotiated, with context id meta
@@ -339,6 +339,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	defer close(l.done)
 	var (
 		h [20]byte
+		b [16]byte // a chunk's fixed fields (chunk): here, once per reader, not once per chunk
 		// owned: calls whose replies are being read (structured chunks of
 		// several replies may interleave): failLocked leaves them.
 		owned []*call
@@ -388,7 +389,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		}
 		var errno uint32
 		if structured {
-			done, err := d.chunk(l, r, c, h[:])
+			done, err := d.chunk(l, r, c, h[:], &b)
 			if err != nil {
 				drop(err) // c stays pending: it is sent again
 				return
@@ -449,10 +450,9 @@ func (c *call) settle() {
 // header in h) and reports whether it was the last. A chunk that does not
 // fit its request is a protocol violation: the connection ends, and c is
 // sent again on the next (the outage goes on until a whole, valid reply).
-func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte) (done bool, err error) {
+func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte, b *[16]byte) (done bool, err error) {
 	flags, typ, n := binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:])
 	done = flags&nbdproto.ReplyFlagDone != 0
-	var b [16]byte
 	readN := func(k int) ([]byte, error) {
 		if uint32(k) > n {
 			return nil, fmt.Errorf("structured reply type %d of %d bytes, too short", typ, n)
@@ -775,7 +775,7 @@ func (c *call) resetReply() {
 // waits for the count (settle).
 func (l *link) write(cookie uint64, c *call) error {
 	payload := c.payload
-	var h [28]byte
+	h := &l.hdr // in the link: a local array would escape (bufio may hand it to the socket)
 	binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
 	binary.BigEndian.PutUint16(h[4:], c.flags)
 	binary.BigEndian.PutUint16(h[6:], c.typ)
@@ -789,8 +789,7 @@ func (l *link) write(cookie uint64, c *call) error {
 		if err := l.w.Flush(); err != nil {
 			return err
 		}
-		l.hdr = h
-		l.iovArr = [2][]byte{l.hdr[:], payload}
+		l.iovArr = [2][]byte{h[:], payload}
 		l.iov = l.iovArr[:] // WriteTo consumes the slice, not the array
 		_, err := l.iov.WriteTo(l.nc)
 		l.iovArr[1] = nil
