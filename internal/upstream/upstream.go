@@ -78,14 +78,16 @@ type Options struct {
 }
 
 // Device is an NBD export used as a block device. It is safe for
-// concurrent use: requests from many goroutines share one connection.
+// concurrent use: requests from many goroutines share its connections
+// (one, or Options.Conns where the server advertises multi-conn).
 //
-// When the connection is lost, requests in flight are kept and sent
-// again once it is back (a write at a fixed offset is idempotent; a FLUSH
-// goes after the writes sent before it), new ones wait, and the device
-// reconnects with backoff; after Options.OutageLimit they all fail with
-// EIO (ErrDisconnect), and later ones fail at once until a reconnection
-// in the background succeeds.
+// When a connection is lost, all of them are dropped; requests in flight
+// are kept and sent again, in order, on the first connection back (a
+// write at a fixed offset is idempotent; a FLUSH goes after the writes
+// sent before it), the others are added after, new requests wait, and
+// the device reconnects with backoff; after Options.OutageLimit they all
+// fail with EIO (ErrDisconnect), and later ones fail at once until a
+// reconnection in the background succeeds.
 type Device struct {
 	uri   string
 	t     target
@@ -447,7 +449,8 @@ func (c *call) settle() {
 }
 
 // chunk reads the rest of one structured reply chunk for c (its 20-byte
-// header in h) and reports whether it was the last. A chunk that does not
+// header in h; b is the reader's room for the chunk's fixed fields) and
+// reports whether it was the last. A chunk that does not
 // fit its request is a protocol violation: the connection ends, and c is
 // sent again on the next (the outage goes on until a whole, valid reply).
 func (d *Device) chunk(l *link, r *bufio.Reader, c *call, h []byte, b *[16]byte) (done bool, err error) {
