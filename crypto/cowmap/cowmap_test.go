@@ -1069,3 +1069,67 @@ func FuzzNode(f *testing.F) {
 		}
 	})
 }
+
+// While a checkpoint runs in the background, Homes walks the tree its
+// header has not yet replaced: the nodes it rewrote must not push the old
+// versions out of the cache (each walk would then read and hash them
+// again), and once its header is written the new versions are cached.
+func TestHomesDuringCheckpointReadNothing(t *testing.T) {
+	const chunks = 63 * 84 * 3 // three interior nodes below the root
+	h := newHarness(t, chunks, 64, 1<<20)
+	h.cfg.Cache = NewCache(int(h.g.Nodes) * BlockSize * 4) // room for all, twice over
+	m := h.open()
+	defer m.Close()
+	md := model{}
+	md.commit(t, m, md.writeEvery(t, m, 0, chunks, 1, 1))
+	if err := m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	// The next checkpoint runs in the background and waits in its header
+	// write until the test lets it go.
+	m.cfg.MaxLogged = 10
+	entered, release := make(chan struct{}), make(chan struct{})
+	write := h.cfg.WriteHeader
+	m.cfg.WriteHeader = func(st State) error {
+		close(entered)
+		<-release
+		return write(st)
+	}
+	// Chunks of even leaves change; a write to an odd leaf asks where.
+	var pending []uint64
+	for li := uint64(0); li < chunks/LeafFanout; li += 2 {
+		md.write(t, m, li*LeafFanout, 2)
+		pending = append(pending, li*LeafFanout)
+	}
+	if err := m.Commit(noQuiesce); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range pending {
+		e := md[c]
+		e.SetGen(m.Seq())
+		md[c] = e
+	}
+	<-entered
+	homes := func(when string) {
+		t.Helper()
+		reads := h.dev.reads
+		out := make([]uint64, 1)
+		for li := uint64(1); li < chunks/LeafFanout; li += 2 {
+			if err := m.Homes(li*LeafFanout+5, out); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := h.dev.reads - reads; n != 0 {
+			t.Errorf("%s: Homes read %d map blocks with every node cached", when, n)
+		}
+	}
+	homes("during the checkpoint")
+	close(release)
+	m.waitCheckpoint()
+	if h.st.Seq != 2 {
+		t.Fatalf("the checkpoint wrote state seq %d, want 2", h.st.Seq)
+	}
+	homes("after the checkpoint")
+	md.check(t, m, chunks, "after the checkpoint")
+	md.check(t, h.open(), chunks, "reopened")
+}

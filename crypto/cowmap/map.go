@@ -96,6 +96,15 @@ type Map struct {
 	// nodeWrites are a checkpoint's node writes (ParallelIO); guarded by
 	// commitMu.
 	nodeWrites []nodeWrite
+	// fresh are the interior nodes a checkpoint wrote and the homes of its
+	// leaves, cached when its header is durable: until then Homes walks the
+	// old tree, and a new version cached in place of an old one would make
+	// each walk a miss that reads and hashes the old node again. The new
+	// leaves themselves go into the cache at once: they are many (a local
+	// store's are written already, and holding them would add up to the
+	// whole cache to a checkpoint's memory), and Homes needs only their
+	// homes. Used by the checkpoint that runs, as nodeWrites.
+	fresh []freshNode
 	// riding: the checkpoint running beside commits lets their flushes
 	// carry its writes, burst counts them (FORMAT.md, "Checkpoints beside
 	// commits"); owned by the checkpoint.
@@ -1110,10 +1119,12 @@ func (m *Map) writeTree(recs []record, seq, head uint64, bg bool) error {
 	if len(recs) > 0 {
 		var err error
 		m.nodeWrites = m.nodeWrites[:0]
+		m.fresh = m.fresh[:0]
 		if root, err = m.update(m.top, 0, old.Root, recs, seq); err == nil {
 			err = m.writeNodes()
 		}
 		if err != nil {
+			clear(m.fresh)
 			return err
 		}
 	}
@@ -1136,6 +1147,16 @@ func (m *Map) writeTree(recs []record, seq, head uint64, bg bool) error {
 	m.base = head
 	m.used = max(m.used, head)
 	m.mu.Unlock()
+	for _, f := range m.fresh { // in place of the old versions, now unreachable
+		if f.n != nil {
+			m.cfg.Cache.put(cacheKey{m.owner, f.level, f.idx}, f.n, f.hash)
+		}
+		if f.level == 0 {
+			m.homes.put(f.idx, f.homes)
+		}
+	}
+	clear(m.fresh) // drop the node references
+	m.fresh = m.fresh[:0]
 	return nil
 }
 
@@ -1243,10 +1264,12 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 		return Ref{}, err
 	}
 	h := n.hash()
-	m.cfg.Cache.put(cacheKey{m.owner, level, idx}, n, h) // in place of the old version
+	f := freshNode{n: n, hash: h, level: level, idx: idx}
 	if level == 0 {
-		m.homes.put(idx, homesOf(n, h))
+		m.cfg.Cache.put(cacheKey{m.owner, level, idx}, n, h) // in place of the old version
+		f.n, f.homes = nil, homesOf(n, h)
 	}
+	m.fresh = append(m.fresh, f) // cached by writeTree
 	return Ref{Loc: loc, Hash: h, MaxGen: n.maxGen()}, nil
 }
 
@@ -1295,6 +1318,15 @@ type nodeWrite struct {
 	off   int64
 	level int
 	idx   uint64
+}
+
+// freshNode is a node a checkpoint wrote, with its hash, or a leaf's homes.
+type freshNode struct {
+	n     *node // an interior node's
+	hash  [32]byte
+	level int
+	idx   uint64
+	homes leafHomes // a leaf's
 }
 
 // writeNodes writes the nodes update collected (ParallelIO), at most
