@@ -1019,6 +1019,63 @@ func TestBlockedFastDeviceLetsWaitingWritesThrough(t *testing.T) {
 	}
 }
 
+// stallOnceDev declares memory-speed writes; its first write stalls for
+// stall, and it counts the writes that ran on the connection's reader.
+type stallOnceDev struct {
+	*block.Mem
+	stall          time.Duration
+	writes, inline atomic.Int32
+}
+
+func (d *stallOnceDev) Caps() block.Caps { return block.CanTrim | block.CanZero | block.CanFastWrite }
+
+func (d *stallOnceDev) WriteAt(p []byte, off int64) (int, error) {
+	if d.writes.Add(1) == 1 {
+		for t0 := time.Now(); time.Since(t0) < d.stall; {
+			runtime.Gosched()
+		}
+	}
+	buf := make([]byte, 8<<10)
+	if strings.Contains(string(buf[:runtime.Stack(buf, false)]), "(*conn).inline") {
+		d.inline.Add(1)
+	}
+	return d.Mem.WriteAt(p, off)
+}
+
+// A lone stall of an inline write pauses inline writes briefly: 300 ms
+// later small writes run on the reader again. (A fixed pause of a second
+// after every stall kept an encrypted volume's writes on the workers most
+// of the time under fio randwrite, at up to twice the CPU a write.)
+func TestLoneStallPausesInlineWritesBriefly(t *testing.T) {
+	dev := &stallOnceDev{Mem: block.NewMem(1 << 20), stall: 5 * time.Millisecond}
+	s := startSpecServer(t, dev, "", nil)
+	cl := newClient(t, s.dial(t))
+	cl.attach("disk", false)
+	batch := func(first uint64) {
+		var reqs []byte
+		for i := range uint64(16) {
+			reqs = append(reqs, reqHeader(false, 0, 1, first+i, i*4096, 4096)...)
+			reqs = append(reqs, make([]byte, 4096)...)
+		}
+		cl.write(reqs)
+		for range 16 {
+			if e, _ := cl.simpleReply(nil); e != 0 {
+				t.Fatalf("write: errno %d", e)
+			}
+		}
+	}
+	batch(1) // the first write stalls with 15 behind it
+	time.Sleep(300 * time.Millisecond)
+	before := dev.inline.Load()
+	batch(17)
+	// At least the first (a busy machine may stall a later one).
+	n := dev.inline.Load() - before
+	t.Logf("%d of 16 ran on the reader", n)
+	if n == 0 {
+		t.Fatal("300 ms after a lone 5 ms stall, pipelined writes still ran on the workers")
+	}
+}
+
 // flushSpy is a slowDev that records whether each Flush ran on the
 // connection's reader (inline) or on a worker.
 type flushSpy struct {
