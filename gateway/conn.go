@@ -532,7 +532,7 @@ const (
 // volume, a fixed pause of a second after each of the 7 stalls of 2 to
 // 17 ms in 8 s kept most writes on the workers, where they contended for
 // the file's lock: 23–47 µs of gateway CPU a write, against 17–23 µs
-// without the pause (bench/README.md).
+// without any pause (bench/README.md, "Map cache during checkpoints").
 const (
 	pauseMin = 20 * time.Millisecond
 	pauseMax = time.Second

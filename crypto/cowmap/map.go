@@ -1116,15 +1116,18 @@ func (m *Map) writeTree(recs []record, seq, head uint64, bg bool) error {
 	old := m.state
 	m.treeMu.RUnlock()
 	root := old.Root
+	m.fresh = m.fresh[:0]
+	defer func() {
+		clear(m.fresh) // drop the node references, on success or failure
+		m.fresh = m.fresh[:0]
+	}()
 	if len(recs) > 0 {
 		var err error
 		m.nodeWrites = m.nodeWrites[:0]
-		m.fresh = m.fresh[:0]
 		if root, err = m.update(m.top, 0, old.Root, recs, seq); err == nil {
 			err = m.writeNodes()
 		}
 		if err != nil {
-			clear(m.fresh)
 			return err
 		}
 	}
@@ -1148,15 +1151,12 @@ func (m *Map) writeTree(recs []record, seq, head uint64, bg bool) error {
 	m.used = max(m.used, head)
 	m.mu.Unlock()
 	for _, f := range m.fresh { // in place of the old versions, now unreachable
-		if f.n != nil {
-			m.cfg.Cache.put(cacheKey{m.owner, f.level, f.idx}, f.n, f.hash)
-		}
 		if f.level == 0 {
 			m.homes.put(f.idx, f.homes)
+		} else {
+			m.cfg.Cache.put(cacheKey{m.owner, f.level, f.idx}, f.n, f.hash)
 		}
 	}
-	clear(m.fresh) // drop the node references
-	m.fresh = m.fresh[:0]
 	return nil
 }
 
@@ -1264,10 +1264,12 @@ func (m *Map) update(level int, idx uint64, ref Ref, recs []record, seq uint64) 
 		return Ref{}, err
 	}
 	h := n.hash()
-	f := freshNode{n: n, hash: h, level: level, idx: idx}
+	f := freshNode{level: level, idx: idx}
 	if level == 0 {
 		m.cfg.Cache.put(cacheKey{m.owner, level, idx}, n, h) // in place of the old version
-		f.n, f.homes = nil, homesOf(n, h)
+		f.homes = homesOf(n, h)
+	} else {
+		f.n, f.hash = n, h
 	}
 	m.fresh = append(m.fresh, f) // cached by writeTree
 	return Ref{Loc: loc, Hash: h, MaxGen: n.maxGen()}, nil
@@ -1320,13 +1322,14 @@ type nodeWrite struct {
 	idx   uint64
 }
 
-// freshNode is a node a checkpoint wrote, with its hash, or a leaf's homes.
+// freshNode is an interior node a checkpoint wrote, with its hash, or the
+// homes of a leaf it wrote (which hold the leaf's hash).
 type freshNode struct {
-	n     *node // an interior node's
-	hash  [32]byte
 	level int
 	idx   uint64
-	homes leafHomes // a leaf's
+	n     *node // level > 0
+	hash  [32]byte
+	homes leafHomes // level 0
 }
 
 // writeNodes writes the nodes update collected (ParallelIO), at most
