@@ -269,9 +269,10 @@ except Exception as e:
 	if lag > time.Second || ops == 0 {
 		t.Fatalf("cut %v after revocation (%d ops), want within 1 s", lag, ops)
 	}
-	if !strings.Contains(g.logText(), "event=session_revoked") {
-		t.Error("no session_revoked event")
-	}
+	// The client can see its connection closed before the gateway's log
+	// line is read back (a CI run found the event in the log dump of a
+	// check that had looked a moment too early).
+	waitLog(t, g, "event=session_revoked", 1)
 	if out, err := runErr("qemu-io", "-f", "raw", "-c", "read 0 4k", g.unixURI("r-vol")); err == nil || !strings.Contains(out, "quarantined") {
 		t.Fatalf("attach after quarantine: %v\n%s", err, out)
 	}
