@@ -345,3 +345,68 @@ func TestLargeWritesSpliced(t *testing.T) {
 		}
 	}
 }
+
+// TestSplicedWritesPipelined sends large plain writes back to back before
+// reading any reply, two of them in small pieces: each piece takes a slot
+// of the connection's pipe, which then fills up by slots long before by
+// bytes, and the splice from the socket moves such a payload in many
+// short rounds. Every byte must land where it was sent.
+func TestSplicedWritesPipelined(t *testing.T) {
+	const size = 16 << 20
+	dev := newFileDevice(t, size)
+	cl := newClient(t, startServer(t, dev)(t))
+	cl.attach("disk", false)
+	want := make([]byte, size)
+	rand.NewChaCha8([32]byte{7}).Read(want)
+	type wr struct {
+		off, n int
+		pieces int // the payload in pieces of this many bytes (0: one write)
+	}
+	writes := []wr{
+		{0, 1 << 20, 0}, {1 << 20, 1 << 20, 0}, {2<<20 + 4096, 512 << 10, 1000},
+		{3 << 20, 1<<20 - 512, 0}, {4<<20 + 100, 300 << 10, 0}, {5 << 20, 1 << 20, 0},
+		{6 << 20, 1 << 20, 0}, {7 << 20, 1 << 20, 0}, {8 << 20, 3 << 20, 0}, {12 << 20, 1 << 20, 4096},
+	}
+	sent := make(chan error, 1)
+	go func() { // the requests, while the replies are read below
+		for i, w := range writes {
+			p := want[w.off : w.off+w.n]
+			hdr := reqHeader(false, 0, 1, uint64(i), uint64(w.off), uint64(w.n))
+			if w.pieces == 0 {
+				if _, err := cl.c.Write(append(hdr, p...)); err != nil {
+					sent <- err
+					return
+				}
+				continue
+			}
+			if _, err := cl.c.Write(hdr); err != nil {
+				sent <- err
+				return
+			}
+			for ; len(p) > 0; p = p[min(w.pieces, len(p)):] {
+				if _, err := cl.c.Write(p[:min(w.pieces, len(p))]); err != nil {
+					sent <- err
+					return
+				}
+			}
+		}
+		sent <- nil
+	}()
+	for range writes {
+		if e, ck := cl.simpleReply(nil); e != 0 {
+			t.Errorf("write %d: errno %d", ck, e)
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := dev.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i, w := range writes {
+		if !bytes.Equal(got[w.off:w.off+w.n], want[w.off:w.off+w.n]) {
+			t.Errorf("write %d (%d bytes at %d): the file holds other bytes", i, w.n, w.off)
+		}
+	}
+}
