@@ -472,6 +472,7 @@ for set in $SETS; do
 				job=${JOBS[$j]}
 				for ((k = 0; k < nserv; k++)); do
 					s=${SERVERS[$(((k + r + j) % nserv))]}
+					STEAL=0 # a failed run reports none
 					if ! kill -0 "${PID[$s]}" 2>/dev/null; then
 						log "$set $t rep $((r + 1))/$REPS $job $s: server is not running"
 						tail -n 5 "$W/$s.log" >&2 || true
