@@ -35,8 +35,11 @@ serve() { # data dir [serve flag...]
 	shift
 	"$GOLDILOCKS" serve --data-dir "$d" --listen "127.0.0.1:$PORT" --unix none --metrics "" --log-level warn "$@" 2>"$W/serve.log" &
 	GW=$!
-	for _ in $(seq 100); do
+	# Up to a minute: 1,000 volumes on a disk still busy with the files
+	# of a run before took more than 10 s once.
+	for _ in $(seq 600); do
 		(exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
+		kill -0 "$GW" 2>/dev/null || break
 		sleep 0.1
 	done
 	echo "gateway did not start: $(cat "$W/serve.log")" >&2

@@ -136,9 +136,8 @@ func serve(a *app, sf serveFlags) error {
 		// checkpoint's new leaves) that come and go per commit, and the
 		// request path allocates nothing: collecting at 1.3× rather than
 		// 2× of it keeps RSS down for a GC cost of about 1 % of CPU. After
-		// a random 4k pass over 4 GiB of a 1 TiB volume RSS was 116–122
-		// MiB at 30, 122–141 at 50, with the same IOPS (bench/README.md,
-		// "The gateway's RSS after the scale pass").
+		// a random 4k pass over 4 GiB of a 1 TiB volume RSS was 113–120
+		// MiB at 30, 119–138 at 50, with the same IOPS (bench/scale.md).
 		debug.SetGCPercent(30)
 	}
 	if os.Getenv("GOMAXPROCS") == "" {
