@@ -43,3 +43,31 @@ func TestServeGOMAXPROCS(t *testing.T) {
 		}
 	}
 }
+
+// serve collects garbage at GOGC 30 (its live heap is mostly the map's
+// node cache; bench/scale.md), unless GOGC is set, which it obeys.
+// go_gc_gogc_percent on /metrics is what an operator checks.
+func TestServeGOGC(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want int
+	}{
+		{"", 30},
+		{"80", 80},
+	} {
+		t.Setenv("GOGC", tc.env)
+		g := startGateway(t, t.TempDir(), "--metrics", "127.0.0.1:0")
+		_, body := httpGet(t, "http://"+metricsAddr(t, g)+"/metrics")
+		m := regexp.MustCompile(`(?m)^go_gc_gogc_percent (\S+)$`).FindStringSubmatch(body)
+		if m == nil {
+			t.Fatal("no go_gc_gogc_percent on /metrics")
+		}
+		got, err := strconv.ParseFloat(m[1], 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if int(got) != tc.want {
+			t.Errorf("GOGC=%q: the gateway collects at %v %%, want %d", tc.env, got, tc.want)
+		}
+	}
+}
