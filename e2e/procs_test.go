@@ -29,16 +29,7 @@ func TestServeGOMAXPROCS(t *testing.T) {
 		t.Setenv("GOMAXPROCS", tc.env)
 		dir := t.TempDir()
 		g := startGateway(t, dir, "--metrics", "127.0.0.1:0")
-		_, body := httpGet(t, "http://"+metricsAddr(t, g)+"/metrics")
-		m := regexp.MustCompile(`(?m)^go_sched_gomaxprocs_threads (\S+)$`).FindStringSubmatch(body)
-		if m == nil {
-			t.Fatal("no go_sched_gomaxprocs_threads on /metrics")
-		}
-		got, err := strconv.ParseFloat(m[1], 64)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if int(got) != tc.want {
+		if got := runtimeMetric(t, g, "go_sched_gomaxprocs_threads"); int(got) != tc.want {
 			t.Errorf("GOMAXPROCS=%q: the gateway runs with %v Ps, want %d", tc.env, got, tc.want)
 		}
 	}
@@ -57,17 +48,23 @@ func TestServeGOGC(t *testing.T) {
 	} {
 		t.Setenv("GOGC", tc.env)
 		g := startGateway(t, t.TempDir(), "--metrics", "127.0.0.1:0")
-		_, body := httpGet(t, "http://"+metricsAddr(t, g)+"/metrics")
-		m := regexp.MustCompile(`(?m)^go_gc_gogc_percent (\S+)$`).FindStringSubmatch(body)
-		if m == nil {
-			t.Fatal("no go_gc_gogc_percent on /metrics")
-		}
-		got, err := strconv.ParseFloat(m[1], 64)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if int(got) != tc.want {
+		if got := runtimeMetric(t, g, "go_gc_gogc_percent"); int(got) != tc.want {
 			t.Errorf("GOGC=%q: the gateway collects at %v %%, want %d", tc.env, got, tc.want)
 		}
 	}
+}
+
+// runtimeMetric is the value of an unlabelled metric on g's /metrics.
+func runtimeMetric(t *testing.T, g *gw, name string) float64 {
+	t.Helper()
+	_, body := httpGet(t, "http://"+metricsAddr(t, g)+"/metrics")
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("no %s on /metrics", name)
+	}
+	v, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
