@@ -12,9 +12,11 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"goldilocks/internal/block"
 	"goldilocks/internal/nbdproto"
+	"goldilocks/internal/rawsock"
 	"goldilocks/policy"
 )
 
@@ -82,6 +84,7 @@ type conn struct {
 	// while one ran. sock and peekFn look at the socket for that.
 	flushPause pause
 	sock       syscall.RawConn // the socket when it is one (TLS: nil)
+	rs         *rawsock.Conn   // the same, read and written with raw system calls; or nil
 	peekFn     func(fd uintptr)
 	peeked     bool // what peekFn found: bytes are waiting
 	peekBuf    [1]byte
@@ -124,11 +127,11 @@ func (s *Server) newConn(nc net.Conn) *conn {
 	c := &conn{
 		srv:    s,
 		nc:     nc,
-		rd:     bufio.NewReaderSize(nc, 64<<10),
 		addr:   peer,
 		log:    s.log.With("peer", peer),
 		sendFD: -1,
 	}
+	c.rd = bufio.NewReaderSize(source{c}, 64<<10)
 	c.cut = make(chan struct{})
 	if uc, ok := nc.(*net.UnixConn); ok {
 		if cred, err := peerCred(uc); err == nil {
@@ -252,6 +255,7 @@ type request struct {
 	hdr      [nbdproto.ExtHdrSize + 16]byte // request in; reply header (and its fixed payload) out
 	vec      [2][]byte                      // the reply: header and payload (or nil)
 	zeroCopy bool                           // the payload goes by sendfile
+	mapped   bool                           // the payload is lent from the file's mapping: reading it may fault
 	deferred bool                           // run on the reader: reply batched by flushDeferred
 	trailer  [nbdproto.ExtHdrSize + 14]byte // a zero-copy read's last chunk
 	extents  []block.Extent
@@ -281,6 +285,9 @@ func (c *conn) transmit() {
 		if raw, err := sc.SyscallConn(); err == nil {
 			c.sock = raw
 			c.peekFn = c.peek
+			if rs, err := rawsock.New(c.nc); err == nil {
+				c.rs = rs
+			}
 		}
 	}
 	c.prober, _ = dev.(block.Prober)
@@ -683,10 +690,22 @@ func (c *conn) waiting() bool {
 	return c.peeked
 }
 
-// peek is peekFn: a non-blocking MSG_PEEK of one byte.
+// peek is peekFn: a non-blocking MSG_PEEK of one byte, a raw system
+// call as in package rawsock.
 func (c *conn) peek(fd uintptr) {
-	n, _, err := syscall.Recvfrom(int(fd), c.peekBuf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-	c.peeked = err == nil && n > 0
+	n, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&c.peekBuf[0])), 1, syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+	c.peeked = e == 0 && n > 0
+}
+
+// source is what c.rd reads: the socket through package rawsock once in
+// transmission without TLS, else c.nc (the handshake, TLS).
+type source struct{ c *conn }
+
+func (s source) Read(p []byte) (int, error) {
+	if s.c.rs != nil {
+		return s.c.rs.Read(p)
+	}
+	return s.c.nc.Read(p)
 }
 
 // readPayload fills p: what the read buffer already holds is copied, the
@@ -699,7 +718,7 @@ func (c *conn) readPayload(p []byte) error {
 	if n == len(p) {
 		return nil
 	}
-	_, err := io.ReadFull(c.nc, p[n:])
+	_, err := io.ReadFull(source{c}, p[n:])
 	return err
 }
 
@@ -808,6 +827,7 @@ func (c *conn) read(r *request) {
 	if c.mapper != nil && r.length >= zeroCopyMin {
 		data, err := c.mapper.Mapped(int64(r.off), int64(r.length))
 		if !errors.Is(err, block.ErrNotMapped) {
+			r.mapped = true
 			c.answerRead(r, data, err)
 			return
 		}

@@ -79,10 +79,11 @@ func (c *conn) writeQueueLocked() {
 // writeBatch sends the replies of batch in order and releases them.
 func (c *conn) writeBatch(batch []*request) {
 	iov := c.iovArr[:0]
+	mayFault := false
 	for _, r := range batch {
 		if r.zeroCopy {
-			c.writeIov(iov)
-			iov = c.iovArr[:0]
+			c.writeIov(iov, mayFault)
+			iov, mayFault = c.iovArr[:0], false
 			c.sendfileReply(r)
 			continue
 		}
@@ -90,16 +91,27 @@ func (c *conn) writeBatch(batch []*request) {
 		if r.vec[1] != nil {
 			iov = append(iov, r.vec[1])
 		}
+		mayFault = mayFault || r.mapped
 	}
-	c.writeIov(iov)
+	c.writeIov(iov, mayFault)
 	for _, r := range batch {
-		r.vec[0], r.vec[1], r.zeroCopy, r.deferred = nil, nil, false, false
+		r.vec[0], r.vec[1], r.zeroCopy, r.mapped, r.deferred = nil, nil, false, false, false
 		c.done(r)
 	}
 }
 
-func (c *conn) writeIov(iov [][]byte) {
+// writeIov sends iov: with a raw writev (package rawsock) unless a buffer
+// is lent from a file's mapping (mayFault), whose page faults read the
+// disk inside the system call, which the Go runtime must then know is
+// under way.
+func (c *conn) writeIov(iov [][]byte, mayFault bool) {
 	if len(iov) == 0 || c.broken {
+		return
+	}
+	if c.rs != nil && !mayFault {
+		if _, err := c.rs.Writev(iov); err != nil {
+			c.fail("reply failed; closing connection", err)
+		}
 		return
 	}
 	c.iov = iov

@@ -148,9 +148,11 @@ func (d *File) TryReadAt(p []byte, off int64) (int, error) {
 	if d.noNowait.Load() {
 		return 0, ErrWouldBlock
 	}
+	// A raw system call: RWF_NOWAIT cannot block, so the Go runtime need
+	// not know of it, and its sysmon is not woken (see package rawsock).
 	iov := unix.Iovec{Base: &p[0]}
 	iov.SetLen(len(p))
-	n, _, e := unix.Syscall6(unix.SYS_PREADV2, uintptr(d.fd), uintptr(unsafe.Pointer(&iov)), 1, uintptr(off), 0, unix.RWF_NOWAIT)
+	n, _, e := unix.RawSyscall6(unix.SYS_PREADV2, uintptr(d.fd), uintptr(unsafe.Pointer(&iov)), 1, uintptr(off), 0, unix.RWF_NOWAIT)
 	switch {
 	case e == unix.EOPNOTSUPP || e == unix.ENOSYS || e == unix.EINVAL:
 		d.noNowait.Store(true)

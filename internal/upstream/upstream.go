@@ -33,6 +33,7 @@ import (
 	"goldilocks/audit"
 	"goldilocks/internal/block"
 	"goldilocks/internal/nbdproto"
+	"goldilocks/internal/rawsock"
 )
 
 // Errors callers branch on.
@@ -122,7 +123,8 @@ type Device struct {
 // link is one connection to the server.
 type link struct {
 	nc         net.Conn
-	wmu        sync.Mutex // one request on the wire at a time
+	rs         *rawsock.Conn // nc with raw system calls (no TLS); or nil
+	wmu        sync.Mutex    // one request on the wire at a time
 	w          *bufio.Writer
 	held       bool          // w holds submitted requests not yet sent (Push); guarded by wmu
 	iovArr     [2][]byte     // a large write's header and payload; guarded by wmu
@@ -331,8 +333,17 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 		d.size, d.flags, d.maxIO, d.blockStatus = size, flags, maxIO, neg.hasMeta
 	}
 	nc.SetDeadline(time.Time{})
-	return &link{nc: nc, w: bufio.NewWriterSize(nc, 256<<10), done: make(chan struct{}),
-		structured: neg.structured, hasMeta: neg.hasMeta, meta: neg.meta}, r, nil
+	l := &link{nc: nc, done: make(chan struct{}), structured: neg.structured, hasMeta: neg.hasMeta, meta: neg.meta}
+	var w io.Writer = nc
+	// Without TLS, requests and replies go by raw system calls (package
+	// rawsock). The handshake's reader holds nothing more: the server
+	// says nothing until asked.
+	if rs, err := rawsock.New(nc); err == nil && r.Buffered() == 0 {
+		l.rs, w = rs, rs
+		r.Reset(rs)
+	}
+	l.w = bufio.NewWriterSize(w, 256<<10)
+	return l, r, nil
 }
 
 // readReplies reads replies on l, simple or structured, and wakes their
@@ -793,8 +804,13 @@ func (l *link) write(cookie uint64, c *call) error {
 			return err
 		}
 		l.iovArr = [2][]byte{h[:], payload}
-		l.iov = l.iovArr[:] // WriteTo consumes the slice, not the array
-		_, err := l.iov.WriteTo(l.nc)
+		var err error
+		if l.rs != nil {
+			_, err = l.rs.Writev(l.iovArr[:])
+		} else {
+			l.iov = l.iovArr[:] // WriteTo consumes the slice, not the array
+			_, err = l.iov.WriteTo(l.nc)
+		}
 		l.iovArr[1] = nil
 		return err
 	}
