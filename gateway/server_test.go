@@ -1,7 +1,6 @@
 package gateway_test
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -12,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"goldilocks/gateway"
 	"goldilocks/internal/block"
@@ -65,123 +63,6 @@ func startServer(tb testing.TB, dev block.Device) (dial func(testing.TB) net.Con
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return (&specServer{log: &logSink{}}).start(tb, dev, "", log).dial
-}
-
-// client is a minimal raw NBD client, for requests no real client sends.
-type client struct {
-	tb testing.TB
-	c  net.Conn
-	r  *bufio.Reader
-}
-
-func newClient(tb testing.TB, c net.Conn) *client {
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	cl := &client{tb: tb, c: c, r: bufio.NewReader(c)}
-	var hello [18]byte
-	cl.read(hello[:])
-	if binary.BigEndian.Uint64(hello[:]) != 0x4e42444d41474943 || binary.BigEndian.Uint64(hello[8:]) != 0x49484156454F5054 {
-		tb.Fatalf("bad greeting % x", hello)
-	}
-	cl.write(binary.BigEndian.AppendUint32(nil, 3)) // fixed newstyle, no zeroes
-	return cl
-}
-
-func (cl *client) read(b []byte) {
-	cl.tb.Helper()
-	if _, err := io.ReadFull(cl.r, b); err != nil {
-		cl.tb.Fatalf("read: %v", err)
-	}
-}
-
-func (cl *client) write(b []byte) {
-	cl.tb.Helper()
-	if _, err := cl.c.Write(b); err != nil {
-		cl.tb.Fatalf("write: %v", err)
-	}
-}
-
-func (cl *client) option(opt uint32, data []byte) {
-	b := binary.BigEndian.AppendUint64(nil, 0x49484156454F5054)
-	b = binary.BigEndian.AppendUint32(b, opt)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
-	cl.write(append(b, data...))
-}
-
-// optReply reads one option reply.
-func (cl *client) optReply() (opt, typ uint32, data []byte) {
-	cl.tb.Helper()
-	var h [20]byte
-	cl.read(h[:])
-	if binary.BigEndian.Uint64(h[:]) != 0x3e889045565a9 {
-		cl.tb.Fatalf("bad option reply magic % x", h)
-	}
-	data = make([]byte, binary.BigEndian.Uint32(h[16:]))
-	cl.read(data)
-	return binary.BigEndian.Uint32(h[8:]), binary.BigEndian.Uint32(h[12:]), data
-}
-
-func goData(name string, infos ...uint16) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	b = append(b, name...)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(infos)))
-	for _, i := range infos {
-		b = binary.BigEndian.AppendUint16(b, i)
-	}
-	return b
-}
-
-// attach negotiates structured replies (optional) and GO.
-func (cl *client) attach(name string, structured bool) (size uint64, flags uint16) {
-	cl.tb.Helper()
-	if structured {
-		cl.option(8, nil)
-		if _, typ, _ := cl.optReply(); typ != 1 {
-			cl.tb.Fatalf("structured reply refused: %d", typ)
-		}
-		q := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		q = append(q, name...)
-		q = binary.BigEndian.AppendUint32(q, 1)
-		q = binary.BigEndian.AppendUint32(q, uint32(len("base:allocation")))
-		q = append(q, "base:allocation"...)
-		cl.option(10, q)
-		for {
-			_, typ, _ := cl.optReply()
-			if typ == 1 {
-				break
-			}
-		}
-	}
-	cl.option(7, goData(name))
-	for {
-		_, typ, data := cl.optReply()
-		switch {
-		case typ == 1:
-			return size, flags
-		case typ == 3 && binary.BigEndian.Uint16(data) == 0:
-			size, flags = binary.BigEndian.Uint64(data[2:]), binary.BigEndian.Uint16(data[10:])
-		case typ&(1<<31) != 0:
-			cl.tb.Fatalf("GO refused: %#x %s", typ, data[:])
-		}
-	}
-}
-
-func (cl *client) request(flags, typ uint16, cookie, off uint64, length uint32, payload []byte) {
-	cl.write(append(reqHeader(false, flags, typ, cookie, off, uint64(length)), payload...))
-}
-
-// simpleReply reads a simple reply and returns its error and cookie.
-func (cl *client) simpleReply(data []byte) (errno uint32, cookie uint64) {
-	cl.tb.Helper()
-	var h [16]byte
-	cl.read(h[:])
-	if m := binary.BigEndian.Uint32(h[:]); m != 0x67446698 {
-		cl.tb.Fatalf("reply magic %#x, want simple", m)
-	}
-	errno, cookie = binary.BigEndian.Uint32(h[4:]), binary.BigEndian.Uint64(h[8:])
-	if errno == 0 && data != nil {
-		cl.read(data)
-	}
-	return errno, cookie
 }
 
 func TestRawProtocolErrors(t *testing.T) {

@@ -175,33 +175,6 @@ func (s *specServer) structuredClient(t *testing.T) *client {
 	return cl
 }
 
-// metaReplies reads replies up to the ACK (or an error) and returns the
-// contexts (id and name) and the final reply type.
-func (cl *client) metaReplies() (ids []uint32, names []string, last uint32) {
-	cl.tb.Helper()
-	for {
-		_, typ, data := cl.optReply()
-		if typ != 4 {
-			return ids, names, typ
-		}
-		ids = append(ids, binary.BigEndian.Uint32(data))
-		names = append(names, string(data[4:]))
-	}
-}
-
-// structuredChunk reads one structured reply chunk.
-func (cl *client) structuredChunk() (flags, typ uint16, cookie uint64, payload []byte) {
-	cl.tb.Helper()
-	var h [20]byte
-	cl.read(h[:])
-	if m := binary.BigEndian.Uint32(h[:]); m != 0x668e33ef {
-		cl.tb.Fatalf("chunk magic %#x, want structured", m)
-	}
-	payload = make([]byte, binary.BigEndian.Uint32(h[16:]))
-	cl.read(payload)
-	return binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint64(h[8:]), payload
-}
-
 const rootPolicy = `
 identities:
   - {name: root-local, unix: {uid: 0}}
@@ -287,33 +260,6 @@ type reqCase struct {
 	off        uint64
 	n          uint32
 	holeOK     bool // the reply may be one OFFSET_HOLE chunk
-}
-
-// structuredOrSimple reads a simple reply's errno (structured flag 1).
-func (cl *client) structuredOrSimple() (uint16, uint16, uint64, uint32) {
-	cl.tb.Helper()
-	e, ck := cl.simpleReply(nil)
-	return 1, 0, ck, e
-}
-
-// structuredChunkOrSimple reads one reply chunk of either kind: a simple
-// reply is its own last chunk (type 0xffff if it carries an error).
-func (cl *client) structuredChunkOrSimple() (flags, typ uint16, cookie uint64, payload []byte) {
-	cl.tb.Helper()
-	var m [4]byte
-	b, err := cl.r.Peek(4)
-	if err != nil {
-		cl.tb.Fatal(err)
-	}
-	copy(m[:], b)
-	if binary.BigEndian.Uint32(m[:]) == 0x67446698 {
-		e, ck := cl.simpleReply(nil)
-		if e != 0 {
-			return 1, 0xffff, ck, []byte{}
-		}
-		return 1, 0, ck, nil
-	}
-	return cl.structuredChunk()
 }
 
 // Bug 3: a grant without block_status is offered no base:allocation
@@ -539,27 +485,6 @@ func TestMetaContextNegotiation(t *testing.T) {
 			t.Fatalf("BLOCK_STATUS with contexts of another export: errno %d, want EINVAL", e)
 		}
 	})
-}
-
-// errnoOfReply reads a reply of either kind and returns its error.
-func (cl *client) errnoOfReply() (uint32, uint64) {
-	cl.tb.Helper()
-	b, err := cl.r.Peek(4)
-	if err != nil {
-		cl.tb.Fatal(err)
-	}
-	if binary.BigEndian.Uint32(b) == 0x67446698 {
-		return cl.simpleReply(nil)
-	}
-	for {
-		fl, typ, ck, pl := cl.structuredChunk()
-		if typ >= 1<<15 {
-			return binary.BigEndian.Uint32(pl), ck
-		}
-		if fl&1 != 0 {
-			return 0, ck
-		}
-	}
 }
 
 // Bug 6: in selective TLS mode LIST/SET_META_CONTEXT never answer
@@ -809,33 +734,10 @@ func TestDeclaredCapabilities(t *testing.T) {
 	}
 }
 
-// extRequest sends an extended (32-byte) request header and its payload.
-func (cl *client) extRequest(flags, typ uint16, cookie, off, length uint64, payload []byte) {
-	cl.write(append(reqHeader(true, flags, typ, cookie, off, length), payload...))
-}
-
 type extChunk struct {
 	flags, typ          uint16
 	cookie, off, length uint64
 	payload             []byte
-}
-
-// extReply reads one extended reply chunk.
-func (cl *client) extReply() extChunk {
-	cl.tb.Helper()
-	var h [32]byte
-	cl.read(h[:])
-	if m := binary.BigEndian.Uint32(h[:]); m != 0x6e8a278c {
-		cl.tb.Fatalf("reply magic %#x, want the extended one", m)
-	}
-	c := extChunk{flags: binary.BigEndian.Uint16(h[4:]), typ: binary.BigEndian.Uint16(h[6:]),
-		cookie: binary.BigEndian.Uint64(h[8:]), off: binary.BigEndian.Uint64(h[16:]), length: binary.BigEndian.Uint64(h[24:])}
-	if c.length > 64<<20 {
-		cl.tb.Fatalf("chunk of %d bytes", c.length)
-	}
-	c.payload = make([]byte, c.length)
-	cl.read(c.payload)
-	return c
 }
 
 // Item 11: extended headers (NBD_OPT_EXTENDED_HEADERS), against the text
