@@ -13,12 +13,13 @@ import (
 // worker, backend, reply) over a Unix socket with a pipelined raw client
 // that allocates nothing itself, so allocs/op is the server's.
 func BenchmarkServer(b *testing.B) {
-	for _, bc := range []struct {
+	type benchCase struct {
 		name       string
-		cmd        uint16
+		cmd        uint16 // 0 READ, 1 WRITE
 		size       int
-		structured bool
-	}{
+		structured bool // structured replies negotiated
+	}
+	for _, bc := range []benchCase{
 		{"read-4k", 0, 4 << 10, false},
 		{"read-1m", 0, 1 << 20, false},
 		{"read-4k-structured", 0, 4 << 10, true},

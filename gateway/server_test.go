@@ -5,65 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
-	"log/slog"
 	"math/rand/v2"
-	"net"
-	"os"
-	"path/filepath"
 	"testing"
-
-	"goldilocks/gateway"
-	"goldilocks/internal/block"
 )
-
-// fileExports serves temp files as exports, in process.
-type fileExports struct {
-	devs map[string]*gateway.Export
-}
-
-func (f *fileExports) Open(name string) (*gateway.Export, func(), error) {
-	e, ok := f.devs[name]
-	if !ok {
-		return nil, nil, gateway.ErrUnknownExport
-	}
-	return e, func() {}, nil
-}
-
-func (f *fileExports) List() ([]gateway.ExportInfo, error) {
-	var out []gateway.ExportInfo
-	for n := range f.devs {
-		out = append(out, gateway.ExportInfo{Name: n})
-	}
-	return out, nil
-}
-
-func newFileDevice(tb testing.TB, size int64) *block.File {
-	tb.Helper()
-	p := filepath.Join(tb.TempDir(), "dev.img")
-	if err := os.WriteFile(p, nil, 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	if err := os.Truncate(p, size); err != nil {
-		tb.Fatal(err)
-	}
-	d, err := block.OpenFile(p, false)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { d.Close() })
-	return d
-}
-
-// startServer serves dev as export "disk" (and read-only as "ro") on a
-// Unix socket and returns a dialer.
-func startServer(tb testing.TB, dev block.Device) (dial func(testing.TB) net.Conn) {
-	tb.Helper()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	if testing.Verbose() {
-		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return (&specServer{log: &logSink{}}).start(tb, dev, "", log).dial
-}
 
 func TestRawProtocolErrors(t *testing.T) {
 	dial := startServer(t, newFileDevice(t, 1<<20))

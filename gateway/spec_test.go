@@ -145,13 +145,15 @@ func (s *specServer) start(tb testing.TB, dev block.Device, yaml string, log *sl
 	return s
 }
 
-// startRootPolicyServer serves a 1 MiB file under a policy whose rules
-// name uid 0 (the Unix socket's peer): it needs root.
-func startRootPolicyServer(t *testing.T, yaml string, rec *events) *specServer {
+// startRootPolicyServer serves a 1 MiB file under a policy with one
+// identity, root-local (uid 0: the Unix socket's peer, so it needs root),
+// and the given rules (YAML list items).
+func startRootPolicyServer(t *testing.T, rules string, rec *events) *specServer {
 	t.Helper()
 	if os.Getuid() != 0 {
 		t.Skip("the policy names uid 0: run as root")
 	}
+	yaml := "identities:\n  - {name: root-local, unix: {uid: 0}}\nrules:\n" + rules
 	return startSpecServer(t, block.NewMem(1<<20), yaml, rec)
 }
 
@@ -176,9 +178,6 @@ func (s *specServer) structuredClient(t *testing.T) *client {
 }
 
 const rootPolicy = `
-identities:
-  - {name: root-local, unix: {uid: 0}}
-rules:
   - {identity: root-local, volumes: ["disk", "ro"], access: read-write, max_connections: 1}
 `
 
@@ -266,9 +265,6 @@ type reqCase struct {
 // context (so qemu-img map does not fail on EPERM).
 func TestNoContextWithoutBlockStatusGrant(t *testing.T) {
 	s := startRootPolicyServer(t, `
-identities:
-  - {name: root-local, unix: {uid: 0}}
-rules:
   - {identity: root-local, volumes: ["disk"], access: read-write, commands: [trim, write_zeroes]}
   - {identity: root-local, volumes: ["ro"], access: read-only}
 `, nil)
@@ -491,9 +487,6 @@ func TestMetaContextNegotiation(t *testing.T) {
 // TLS_REQD (only INFO, GO and EXPORT_NAME may).
 func TestSelectiveTLSMetaContext(t *testing.T) {
 	s := startRootPolicyServer(t, `
-identities:
-  - {name: root-local, unix: {uid: 0}}
-rules:
   - {identity: root-local, volumes: ["disk"], access: read-write, tls_required: true}
   - {identity: root-local, volumes: ["ro"], access: read-only}
 `, nil)
@@ -514,9 +507,6 @@ rules:
 // internal detail (the policy's path and line) reaches a client.
 func TestRepliesShortAndDiscreet(t *testing.T) {
 	s := startRootPolicyServer(t, `
-identities:
-  - {name: root-local, unix: {uid: 0}}
-rules:
   - {identity: root-local, volumes: ["ro"], access: read-only, tls_required: true}
 `, nil)
 	cl := newClient(t, s.dial(t))

@@ -123,16 +123,16 @@ func TestTidyExtents(t *testing.T) {
 	}
 }
 
+// clip(s, n) shortens s to at most n bytes of valid UTF-8, marked "...".
 func TestClip(t *testing.T) {
 	for _, tc := range []struct {
-		s    string
-		n    int
-		want string
+		s, want string
+		n       int
 	}{
-		{"short", 64, "short"},
-		{"abcdefghij", 8, "abcde..."},
-		{"ab€€", 7, "ab..."}, // € is 3 bytes: never cut inside one
-		{"€€€€", 7, "€..."},
+		{"short", "short", 64},
+		{"abcdefghij", "abcde...", 8},
+		{"ab€€", "ab...", 7}, // € is 3 bytes: never cut inside one
+		{"€€€€", "€...", 7},
 	} {
 		got := clip(tc.s, tc.n)
 		if got != tc.want || len(got) > tc.n || !utf8.ValidString(got) {
