@@ -110,9 +110,15 @@ var listenRE = regexp.MustCompile(`msg=listening addr=(\S+) network=(tcp|unix)`)
 // Unix socket, with the volumes of dataDir.
 func startGateway(t *testing.T, dataDir string, extra ...string) *gw {
 	t.Helper()
+	return startGatewayBin(t, goldilocksBin, dataDir, extra...)
+}
+
+// startGatewayBin is startGateway with the binary at bin.
+func startGatewayBin(t *testing.T, bin, dataDir string, extra ...string) *gw {
+	t.Helper()
 	g := &gw{t: t, dataDir: dataDir, exited: make(chan struct{})}
 	args := append([]string{"serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--metrics", ""}, extra...)
-	g.cmd = exec.Command(goldilocksBin, args...)
+	g.cmd = exec.Command(bin, args...)
 	stderr, err := g.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +134,7 @@ func startGateway(t *testing.T, dataDir string, extra ...string) *gw {
 			line := sc.Text()
 			g.logMu.Lock()
 			g.log.WriteString(line + "\n")
-			if m := listenRE.FindStringSubmatch(line); m != nil {
+			if m := listenRE.FindStringSubmatch(line); m != nil && !(tcp && unix) { // (a gateway upgraded in place says it again)
 				if m[2] == "tcp" {
 					g.addr, tcp = m[1], true
 				} else {

@@ -92,6 +92,19 @@ type conn struct {
 	stopping atomic.Bool
 	shakeKey string // counted in srv.peerShakes until handshakeDone
 
+	// A handover (handover.go). hmu orders the reader's wait for a
+	// request (idle) with beginHandover's deadline; handing is hand != nil,
+	// for the reader's check between requests.
+	hmu            sync.Mutex
+	idle           bool      // the reader waits for a request header
+	hand           *handSlot // set by beginHandover; cleared when reported
+	ended          bool      // the session is over (leaveHandover)
+	handing        atomic.Bool
+	handStopped    bool   // the reader stopped for a handover (reader, then serve)
+	pending        []byte // bytes handed over with an adopted connection, read first
+	refusedAtAdopt string // the policy refuses an adopted connection: why
+	volume         string // the attached export's name, kept while it is closed for a handover
+
 	errMu         sync.Mutex // guards errAudited, errSuppressed
 	errAudited    time.Time  // the last io_error on the audit trail
 	errSuppressed int        // failed requests since, only logged
@@ -176,17 +189,43 @@ func (c *conn) serve() {
 		}
 		return
 	}
+	c.stats.start = time.Now()
+	c.session("attached")
+}
+
+// session serves an attached connection until it ends, or until it is
+// handed to another process (handover.go). how says how it came (the
+// log line that opens it).
+func (c *conn) session(how string) {
+	defer c.leaveHandover()
 	defer c.closeExport()
 	defer c.detach()
 	defer c.recordDetach()
-	c.stats.start = time.Now()
 	c.attached.Store(true)
+	c.volume = c.exp.Name
 	c.log = c.log.With("volume", c.exp.Name) // every request's log line names the volume
 	if g := c.grant.Load(); g != nil {
 		c.log = c.log.With("identity", g.identity)
 	}
-	c.log.Info("attached", "structured", c.structured, "tls", c.tls, "flags", transmissionFlagNames(c.flags))
-	c.transmit()
+	c.log.Info(how, "structured", c.structured, "tls", c.tls, "flags", transmissionFlagNames(c.flags))
+	for {
+		c.transmit()
+		if !c.handStopped {
+			break
+		}
+		c.handStopped = false
+		name, g, flags := c.exp.Name, c.offer, c.flags
+		c.closeExport() // the volume is released for the new process
+		if c.handOff() {
+			c.recorded = false // the session goes on there: no detach record
+			return
+		}
+		if err := c.openExport(name, g); err != nil {
+			c.log.Error("handover aborted, but the export does not open again: closing the connection", "err", err)
+			return
+		}
+		c.flags = flags // what the client was sent
+	}
 	c.log.Info("detached")
 }
 
@@ -343,9 +382,13 @@ func (c *conn) transmit() {
 	close(c.work)
 	workers.Wait()
 	c.async.Wait()
+	if c.handStopped && !c.drainReplies(n) {
+		c.log.Error("a reply is stuck: the connection is not handed over")
+		c.handStopped = false // ends as a stopped connection
+	}
 	// A client that leaves flushes first if it wants durability (as with
 	// nbdkit and qemu-nbd); a server that stops flushes for its clients.
-	if c.stopping.Load() && !c.readOnly && c.wrote.Load() {
+	if (c.stopping.Load() || c.handStopped) && !c.readOnly && c.wrote.Load() {
 		if err := dev.Flush(); err != nil {
 			c.log.Error("flush at stop failed", "err", err)
 		}
@@ -403,6 +446,7 @@ func (c *conn) readLoop() {
 		r := <-c.free
 		if err := c.serveRequest(r); err != nil {
 			c.free <- r
+			c.handStopped = errors.Is(err, errHandover)
 			c.readEnded(err)
 			return
 		}
@@ -440,7 +484,12 @@ func (c *conn) readRequest(r *request) error {
 	if c.extended {
 		size, magic = nbdproto.ExtRequestSize, nbdproto.ExtRequestMagic
 	}
-	if _, err := io.ReadFull(c.rd, r.hdr[:size]); err != nil {
+	if c.handing.Load() {
+		return errHandover // at a request boundary: c.rd keeps what follows
+	}
+	if c.rd.Buffered() >= size {
+		io.ReadFull(c.rd, r.hdr[:size]) // cannot fail: the bytes are here
+	} else if err := c.waitRequest(r.hdr[:size]); err != nil {
 		return err
 	}
 	h := r.hdr[:]
@@ -460,6 +509,37 @@ func (c *conn) readRequest(r *request) error {
 		return errDisconnect
 	}
 	return nil
+}
+
+// waitRequest reads a request header that is not buffered yet: the
+// reader may wait here, so a handover may wake it (beginHandover). A
+// header that had begun to arrive is read whole.
+func (c *conn) waitRequest(hdr []byte) error {
+	c.hmu.Lock()
+	if c.hand != nil {
+		c.hmu.Unlock()
+		return errHandover
+	}
+	c.idle = true
+	c.hmu.Unlock()
+	n, err := io.ReadFull(c.rd, hdr)
+	c.hmu.Lock()
+	c.idle = false
+	handing := c.hand != nil
+	if handing {
+		c.nc.SetReadDeadline(time.Time{}) // what follows this header must not time out
+	}
+	c.hmu.Unlock()
+	switch {
+	case err == nil:
+		return nil
+	case !handing || !isTimeout(err):
+		return err
+	case n == 0:
+		return errHandover
+	}
+	_, err = io.ReadFull(c.rd, hdr[n:])
+	return err
 }
 
 // receivePayload reads a WRITE's payload. A large accepted write is
@@ -702,6 +782,11 @@ func (c *conn) peek(fd uintptr) {
 type source struct{ c *conn }
 
 func (s source) Read(p []byte) (int, error) {
+	if len(s.c.pending) > 0 { // an adopted connection's first bytes
+		n := copy(p, s.c.pending)
+		s.c.pending = s.c.pending[n:]
+		return n, nil
+	}
 	if s.c.rs != nil {
 		return s.c.rs.Read(p)
 	}
@@ -727,6 +812,8 @@ func (c *conn) readEnded(err error) {
 	switch {
 	case errors.Is(err, errDisconnect):
 		c.log.Debug("client sent NBD_CMD_DISC")
+	case errors.Is(err, errHandover):
+		c.log.Debug("stopped at a request boundary for a handover")
 	case errors.As(err, &pe):
 		c.log.Warn("closing connection", "err", err)
 	case c.stopping.Load():

@@ -127,10 +127,12 @@ type Server struct {
 	pool *bufferPool
 
 	shutting atomic.Bool
+	handing  bool // a Handover runs; guarded by mu
 	conns    sync.WaitGroup
 
-	mu        sync.Mutex // guards listeners, live and idConns
+	mu        sync.Mutex // guards listeners, released, live and idConns
 	listeners map[net.Listener]struct{}
+	released  map[net.Listener]bool // Release: its Serve returns ErrListenerReleased
 	live      map[*conn]struct{}
 	idConns   map[string]int // attached connections per identity
 
@@ -179,6 +181,7 @@ func New(cfg Config) *Server {
 		log:        cfg.Logger,
 		pool:       newBufferPool(),
 		listeners:  make(map[net.Listener]struct{}),
+		released:   make(map[net.Listener]bool),
 		live:       make(map[*conn]struct{}),
 		idConns:    make(map[string]int),
 		limiters:   make(map[limKey]*bucket),
@@ -188,6 +191,20 @@ func New(cfg Config) *Server {
 
 // ErrServerClosed is returned by Serve after Shutdown.
 var ErrServerClosed = errors.New("gateway: server closed")
+
+// ErrListenerReleased is returned by Serve for a listener given up with
+// Release.
+var ErrListenerReleased = errors.New("gateway: listener released")
+
+// Release stops serving l and closes it; connections it accepted go on.
+// Its Serve returns ErrListenerReleased. (An upgrade releases the
+// listeners another process accepts on from then on.)
+func (s *Server) Release(l net.Listener) error {
+	s.mu.Lock()
+	s.released[l] = true
+	s.mu.Unlock()
+	return l.Close()
+}
 
 // Serve accepts connections on l until Shutdown. It always returns a
 // non-nil error.
@@ -203,6 +220,7 @@ func (s *Server) Serve(l net.Listener) error {
 	defer func() {
 		s.mu.Lock()
 		delete(s.listeners, l)
+		delete(s.released, l)
 		s.mu.Unlock()
 	}()
 	var delay time.Duration
@@ -211,6 +229,12 @@ func (s *Server) Serve(l net.Listener) error {
 		if err != nil {
 			if s.shutting.Load() {
 				return ErrServerClosed
+			}
+			s.mu.Lock()
+			released := s.released[l]
+			s.mu.Unlock()
+			if released {
+				return ErrListenerReleased
 			}
 			if retryableAccept(err) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)

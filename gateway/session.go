@@ -99,7 +99,11 @@ func (c *conn) recordDetach() {
 	if !s.start.IsZero() { // zero: the handshake was lost after the attach
 		d["seconds"] = math.Round(time.Since(s.start).Seconds()*1000) / 1000 // ms
 	}
-	if err := rec.Append(audit.Event{Type: audit.EvDetach, Identity: c.who(), Volume: c.exp.Name, Details: d}); err != nil {
+	vol := c.volume
+	if c.exp != nil {
+		vol = c.exp.Name
+	}
+	if err := rec.Append(audit.Event{Type: audit.EvDetach, Identity: c.who(), Volume: vol, Details: d}); err != nil {
 		c.log.Error("audit log unavailable: the detach is not on record", "err", err)
 	}
 }

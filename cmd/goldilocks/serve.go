@@ -48,6 +48,7 @@ type serveFlags struct {
 	replyTimeout, handshakeTimeout time.Duration
 	mapCache                       string
 	shutdownTimeout                time.Duration
+	upgradeTimeout                 time.Duration
 	outageLimit                    time.Duration
 	upstreamConns                  int
 	cpuProfile                     string
@@ -69,6 +70,10 @@ With --demo and no volume in the data dir, an encrypted 1 GiB volume named
 "demo" is created (make run does this); without it an empty data dir stays
 empty and volumes created later are served without a restart.
 SIGINT or SIGTERM stops accepting, finishes in-flight requests, flushes and exits 0.
+SIGUSR2 upgrades in place: the executable now at this gateway's path is
+started and takes over the listeners and every NBD connection without TLS
+(clients see a pause); TLS connections finish their requests and close. If
+the new one fails, this one serves on (--upgrade-timeout).
 Under systemd: READY=1 and STOPPING=1 on NOTIFY_SOCKET, WATCHDOG=1 when
 WatchdogSec= is set, and listeners passed by socket activation (LISTEN_FDS)
 replace --listen and --unix (contrib/systemd/).`,
@@ -104,6 +109,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.DurationVar(&sf.replyTimeout, "reply-timeout", time.Minute, "how long a reply may wait for a client that does not read before the connection is closed")
 	f.StringVar(&sf.mapCache, "map-cache", "32MiB", "memory for the chunk-map nodes of all encrypted volumes together")
 	f.DurationVar(&sf.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a stop waits for in-flight requests")
+	f.DurationVar(&sf.upgradeTimeout, "upgrade-timeout", 30*time.Second, "SIGUSR2: how long the new gateway has to start, and again to take the connections, before the old one rolls back")
 	f.IntVar(&sf.upstreamConns, "upstream-conns", 4, "connections to an upstream backing store (nbd://…) that advertises multi-conn, per attached volume")
 	f.DurationVar(&sf.outageLimit, "backing-outage-limit", 30*time.Second, "how long requests to an unreachable upstream backing store (nbd://…) wait, reconnecting, before they fail with EIO")
 	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
@@ -130,7 +136,7 @@ func newLogger(a *app, level, format string) (*slog.Logger, error) {
 	return nil, usagef("--log-format %q: want text or json", format)
 }
 
-func serve(a *app, sf serveFlags) error {
+func serve(a *app, sf serveFlags) (err error) {
 	if os.Getenv("GOGC") == "" {
 		// A gateway's live heap is mostly map nodes (the node cache, a
 		// checkpoint's new leaves) that come and go per commit; requests
@@ -157,6 +163,25 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
+	// Started by an upgrade (SIGUSR2 to the running gateway): the old one
+	// passes the listeners, then the connections (upgrade.go). Until this
+	// process takes over, a failure is told to it, and nothing the old
+	// one still uses (sockets, PID file) is removed here.
+	uc, err := takeUpgrade()
+	if err != nil {
+		return err
+	}
+	tookOver := uc == nil
+	handedOver := false // to a new gateway (SIGUSR2): leave its files alone
+	if uc != nil {
+		defer func() {
+			if !tookOver {
+				uc.fail(fmt.Errorf("the new gateway stopped: %v", err))
+				uc.close()
+			}
+		}()
+	}
+	exe, exeErr := os.Executable() // what SIGUSR2 starts: the file now at this path
 	// Caught from the start: a SIGTERM during start-up (a service manager
 	// stopping a slow start) is a clean stop once serving, never a kill.
 	sigs := make(chan os.Signal, 2)
@@ -169,8 +194,10 @@ func serve(a *app, sf serveFlags) error {
 	if sf.tlsRequired && tlsCfg == nil {
 		return usagef("--tls-required needs --tls-cert and --tls-key")
 	}
-	if err := checkListen(sf); err != nil {
-		return err
+	if uc == nil { // an upgrade's listeners are the old gateway's
+		if err := checkListen(sf); err != nil {
+			return err
+		}
 	}
 	var pol *policyHolder
 	if sf.policy != "" {
@@ -222,7 +249,9 @@ func serve(a *app, sf serveFlags) error {
 		a.alog = alog
 		log = slog.New(audit.NewHandler(log.Handler(), alog))
 		defer func() {
-			alog.Append(audit.Event{Type: audit.EvGatewayStop, Reason: "stopped"})
+			if !handedOver {
+				alog.Append(audit.Event{Type: audit.EvGatewayStop, Reason: "stopped"})
+			}
 			a.closeAudit()
 		}()
 	case sf.auditOnFailure == "continue":
@@ -238,17 +267,39 @@ func serve(a *app, sf serveFlags) error {
 	if err != nil {
 		return err
 	}
-	unlock, err := lockDataDir(reg.Dir())
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if sf.pidFile != "" {
-		remove, err := writePIDFile(sf.pidFile)
+	var lockFile *os.File
+	if uc != nil {
+		lockFile = uc.lock // the old gateway's lock, shared: it ends with both
+		if err := lockFile.Truncate(0); err == nil {
+			lockFile.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+		}
+	} else {
+		lockFile, err = lockDataDir(reg.Dir())
 		if err != nil {
 			return err
 		}
-		defer remove()
+	}
+	defer lockFile.Close()
+	// The PID file names the gateway that serves: a new one started by
+	// an upgrade writes it once it has taken over.
+	removePID := func() {}
+	writePID := func() error {
+		if sf.pidFile == "" {
+			return nil
+		}
+		remove, err := writePIDFile(sf.pidFile)
+		removePID = remove
+		return err
+	}
+	defer func() {
+		if !handedOver && tookOver {
+			removePID()
+		}
+	}()
+	if uc == nil {
+		if err := writePID(); err != nil {
+			return err
+		}
 	}
 	access, err := parseSocketAccess(sf.unixGroup, sf.unixMode, pol != nil)
 	if err != nil {
@@ -328,17 +379,25 @@ func serve(a *app, sf serveFlags) error {
 		go ignoreHUP(watchCtx, hup, log)
 	}
 
-	listeners, err := activated()
-	if err != nil {
-		return err
+	var listeners []net.Listener
+	if uc == nil {
+		if listeners, err = activated(); err != nil {
+			return err
+		}
 	}
 	closeAll := func() { closeListeners(listeners) }
 	sock := sf.unix
 	if sock == "" {
 		sock = filepath.Join(reg.Dir(), "nbd.sock")
 	}
-	ownSocket := len(listeners) == 0 && sock != "none" // ours to create and remove
-	if len(listeners) > 0 {
+	ownSocket := len(listeners) == 0 && sock != "none" && uc == nil // ours to create and remove
+	if uc != nil {
+		listeners = uc.nbd
+		sock, ownSocket = uc.ownSocket, uc.ownSocket != ""
+		if sock == "" {
+			sock = "none"
+		}
+	} else if len(listeners) > 0 {
 		log.Info("listeners passed by the service manager (socket activation): --listen and --unix are not used", "count", len(listeners))
 		sock = "none"
 		for _, l := range listeners {
@@ -353,7 +412,7 @@ func serve(a *app, sf serveFlags) error {
 		}
 		listeners = append(listeners, l)
 	}
-	if ownSocket {
+	if ownSocket && uc == nil { // (an upgrade's socket exists: the old gateway made it)
 		if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
 			closeAll()
 			return fmt.Errorf("--unix %s: %w", sock, err)
@@ -380,12 +439,16 @@ func serve(a *app, sf serveFlags) error {
 	}
 
 	var ready atomic.Bool
-	if sf.metrics != "" {
-		ml, err := net.Listen("tcp", sf.metrics)
-		if err != nil {
+	var ml net.Listener
+	if uc != nil && uc.metrics != nil {
+		ml = uc.metrics
+	} else if sf.metrics != "" {
+		if ml, err = net.Listen("tcp", sf.metrics); err != nil {
 			closeAll()
 			return fmt.Errorf("--metrics: %w", err)
 		}
+	}
+	if ml != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
@@ -412,8 +475,10 @@ func serve(a *app, sf serveFlags) error {
 	}
 
 	// Key commands run here, where attached volumes are open.
-	cl, err := control.Listen(reg.Dir())
-	if err != nil {
+	var cl net.Listener
+	if uc != nil {
+		cl = uc.control
+	} else if cl, err = control.Listen(reg.Dir()); err != nil {
 		closeAll()
 		return err
 	}
@@ -442,7 +507,9 @@ func serve(a *app, sf serveFlags) error {
 	go cs.Serve(cl)
 	defer func() {
 		cs.Close()
-		os.Remove(filepath.Join(reg.Dir(), control.SocketName))
+		if !handedOver && tookOver {
+			os.Remove(filepath.Join(reg.Dir(), control.SocketName))
+		}
 	}()
 	renewCtx, stopRenew := context.WithCancel(context.Background())
 	defer stopRenew()
@@ -454,10 +521,35 @@ func serve(a *app, sf serveFlags) error {
 		}
 	}
 
-	errc := make(chan error, len(listeners))
-	for _, l := range listeners {
+	if uc != nil {
+		adopted, err := uc.takeOver(srv)
+		if err != nil {
+			return err
+		}
+		tookOver = true
+		for _, c := range adopted {
+			c.Start()
+		}
+		if err := writePID(); err != nil {
+			log.Error("upgrade: the PID file still names the old gateway", "err", err)
+		}
+		log.Info("upgrade: serving the listeners and connections of the old gateway", "connections", len(adopted))
+	}
+	errc := make(chan error, len(listeners)+8)
+	serveNBD := func(l net.Listener) {
 		log.Info("listening", "addr", l.Addr().String(), "network", l.Addr().Network())
 		go func() { errc <- srv.Serve(l) }()
+	}
+	for _, l := range listeners {
+		serveNBD(l)
+	}
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
+	up := &upgrader{log: log, alog: a.alog, exe: exe, srv: srv, timeout: sf.upgradeTimeout, nbd: listeners,
+		metrics: ml, control: cl, lock: lockFile, serveNBD: serveNBD, handed: make(chan struct{})}
+	if ownSocket {
+		up.ownSocket = sock
 	}
 	if a.alog != nil {
 		details := map[string]any{"version": buildVersion(), "listen": sf.listen, "unix": sock, "policy": sf.policy, "tls": tlsCfg != nil}
@@ -470,13 +562,43 @@ func serve(a *app, sf serveFlags) error {
 	notify(log, "READY=1\nSTATUS=serving")
 	go watchdog(watchCtx, log, func() error { return nil })
 
-	select {
-	case s := <-sigs:
-		log.Info("stopping: finishing in-flight requests", "signal", s.String())
-	case err := <-errc:
-		closeAll()
-		srv.Shutdown(context.Background())
-		return fmt.Errorf("serving: %w", err)
+serving:
+	for {
+		select {
+		case s := <-sigs:
+			log.Info("stopping: finishing in-flight requests", "signal", s.String())
+			break serving
+		case err := <-errc:
+			if errors.Is(err, gateway.ErrListenerReleased) {
+				continue // handed to a new gateway, or being
+			}
+			closeAll()
+			srv.Shutdown(context.Background())
+			return fmt.Errorf("serving: %w", err)
+		case <-usr2:
+			if exeErr != nil {
+				log.Error("upgrade refused: the gateway's own path is unknown", "event", audit.EvGatewayUpgradeFailed, "err", exeErr)
+				continue
+			}
+			go func() {
+				if err := up.upgrade(); errors.Is(err, errUpgradeRunning) {
+					log.Warn("SIGUSR2: an upgrade is already running")
+				} else if err != nil {
+					log.Error("upgrade failed: this gateway serves on", "event", audit.EvGatewayUpgradeFailed, "err", err)
+				}
+			}()
+		case <-up.handed:
+			// The new gateway serves the listeners and the handed
+			// connections; what is left here (TLS sessions, handshakes)
+			// finishes its requests and closes.
+			handedOver = true
+			ready.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), sf.shutdownTimeout)
+			defer cancel()
+			srv.Shutdown(ctx)
+			log.Info("upgrade: handed over; this gateway exits")
+			return nil
+		}
 	}
 	ready.Store(false)
 	notify(log, "STOPPING=1\nSTATUS=finishing in-flight requests")

@@ -87,8 +87,9 @@ func closeListeners(ls []net.Listener) {
 // lockDataDir takes the data dir's serve lock (an flock on DIR/serve.lock
 // holding the PID), so that a second gateway on the same data dir refuses
 // before it touches the first one's sockets. The lock ends with the
-// process; release removes nothing (a stale file is harmless).
-func lockDataDir(dir string) (release func(), err error) {
+// process (and with a new gateway an upgrade passed it to); closing the
+// file releases it, and removes nothing (a stale file is harmless).
+func lockDataDir(dir string) (*os.File, error) {
 	path := filepath.Join(dir, "serve.lock")
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
@@ -110,7 +111,7 @@ func lockDataDir(dir string) (release func(), err error) {
 	if err := f.Truncate(0); err == nil {
 		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
-	return func() { f.Close() }, nil
+	return f, nil
 }
 
 // writePIDFile writes the PID to path (atomically: a reader never sees

@@ -1,0 +1,348 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// An upgrade in place (SIGUSR2) under running clients that do not
+// reconnect: qemu-io (QEMU's NBD client without reconnect-delay: a
+// dropped connection is an I/O error) and nbdsh (libnbd), over TCP and
+// the Unix socket, on a plain and an encrypted volume, each writing,
+// flushing and reading back what it wrote, while the gateway is
+// upgraded three times. No client sees an error, every read matches,
+// and the audit trail holds the three upgrades.
+func TestUpgradeUnderLoad(t *testing.T) {
+	need(t, "qemu-io", "nbdsh")
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "plain", "--size", "64M", "--plain")
+	goldilocks(t, dir, "volume", "create", "enc", "--size", "64M")
+	g, pidFile := startUpgradable(t, dir, copyBinary(t))
+	first := readPID(t, pidFile)
+
+	stop := filepath.Join(t.TempDir(), "stop")
+	var clients []*loadClient
+	clients = append(clients, startQemuIOLoad(t, g.unixURI("plain"), 0), startQemuIOLoad(t, g.uri("enc"), 1))
+	clients = append(clients, startNbdshLoad(t, g.uri("plain"), stop, 2), startNbdshLoad(t, g.unixURI("enc"), stop, 3))
+	for _, c := range clients {
+		c.waitProgress(t, 5)
+	}
+	pid := first
+	for i := range 3 {
+		pid = upgrade(t, g, pidFile, pid)
+		for _, c := range clients {
+			c.waitProgress(t, 5) // goes on through the new gateway
+		}
+		t.Logf("upgrade %d: pid %d", i+1, pid)
+	}
+	os.WriteFile(stop, nil, 0o600)
+	for _, c := range clients {
+		c.finish(t)
+	}
+	stalls := regexp.MustCompile(`stall_ms=(\d+)`).FindAllStringSubmatch(g.logText(), -1)
+	if len(stalls) != 3 {
+		t.Fatalf("%d upgrades logged with their stall, want 3\n%s", len(stalls), g.logText())
+	}
+	var ms []string
+	for _, s := range stalls {
+		ms = append(ms, s[1])
+	}
+	t.Logf("stall per upgrade (ms): %s", strings.Join(ms, ", "))
+	audit := goldilocks(t, dir, "audit", "export")
+	if n := strings.Count(audit, `"gateway_upgrade"`); n != 3 {
+		t.Fatalf("%d gateway_upgrade records, want 3:\n%s", n, audit)
+	}
+	// A new client sees what the last writes left: the load's own
+	// read-backs checked every write; here the gateway still serves.
+	run(t, "qemu-io", "-f", "raw", "-c", "read 0 64k", g.unixURI("enc"))
+}
+
+// A new gateway that cannot take over leaves the old one serving, its
+// clients unaware: one that exits at once, one that never answers (past
+// --upgrade-timeout), and one that starts but cannot open a volume once
+// the connections were stopped for it (Vault unreachable to it), which
+// rolls back after the handover began.
+func TestUpgradeRollback(t *testing.T) {
+	need(t, "qemu-io", "nbdsh")
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "plain", "--size", "64M", "--plain")
+	goldilocks(t, dir, "volume", "create", "enc", "--size", "64M")
+	bin := copyBinary(t)
+	real := bin + ".real"
+	if err := os.Link(bin, real); err != nil {
+		t.Fatal(err)
+	}
+	g, pidFile := startUpgradable(t, dir, bin, "--upgrade-timeout", "3s")
+	pid := readPID(t, pidFile)
+	stop := filepath.Join(t.TempDir(), "stop")
+	clients := []*loadClient{startQemuIOLoad(t, g.unixURI("plain"), 0), startNbdshLoad(t, g.uri("enc"), stop, 1)}
+	for _, c := range clients {
+		c.waitProgress(t, 5)
+	}
+	for i, tc := range []struct {
+		name, script, logged string
+	}{
+		{"exits at once", "#!/bin/sh\necho 'new build: broken' >&2\nexit 3\n", "the new gateway did not start"},
+		{"never answers", "#!/bin/sh\nexec sleep 60\n", "no answer within the upgrade timeout"},
+		// A keystore passphrase where the keystore is not sealed: the
+		// new gateway starts, but the encrypted volume's key does not
+		// unwrap there (ErrKeystoreUnsealed).
+		{"cannot open a volume", "#!/bin/sh\nGOLDILOCKS_KEYSTORE_PASSPHRASE=wrong exec " + real + " \"$@\"\n", "did not take the connections"},
+	} {
+		replaceBinary(t, bin, tc.script)
+		before := strings.Count(g.logText(), "upgrade failed")
+		syscall.Kill(pid, syscall.SIGUSR2)
+		deadline := time.Now().Add(30 * time.Second)
+		for strings.Count(g.logText(), "upgrade failed") == before && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		log := g.logText()
+		if strings.Count(log, "upgrade failed") == before || !strings.Contains(log, tc.logged) {
+			t.Fatalf("%s: no rollback logged (want %q)\n%s", tc.name, tc.logged, log)
+		}
+		if p := readPID(t, pidFile); p != pid {
+			t.Fatalf("%s: the PID file names %d, want the old gateway %d", tc.name, p, pid)
+		}
+		for _, c := range clients {
+			c.waitProgress(t, 5)
+		}
+		t.Logf("rollback %d (%s) logged", i+1, tc.name)
+	}
+	os.WriteFile(stop, nil, 0o600)
+	for _, c := range clients {
+		c.finish(t)
+	}
+	audit := goldilocks(t, dir, "audit", "export")
+	if n := strings.Count(audit, `"gateway_upgrade_failed"`); n != 3 {
+		t.Fatalf("%d gateway_upgrade_failed records, want 3:\n%s", n, audit)
+	}
+}
+
+// copyBinary copies the gateway to a path of the test's own, which an
+// upgrade test replaces as an install would.
+func copyBinary(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(goldilocksBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "goldilocks")
+	if err := os.WriteFile(p, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// replaceBinary puts a new file at path (rename over it, as install does).
+func replaceBinary(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, []byte(content), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startUpgradable starts bin serving dir with a PID file; at cleanup it
+// also stops whichever gateway the PID file names by then.
+func startUpgradable(t *testing.T, dir, bin string, extra ...string) (*gw, string) {
+	t.Helper()
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	g := startGatewayBin(t, bin, dir, append([]string{"--pid-file", pidFile}, extra...)...)
+	t.Cleanup(func() {
+		if b, err := os.ReadFile(pidFile); err == nil {
+			if p, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				syscall.Kill(p, syscall.SIGKILL)
+			}
+		}
+	})
+	return g, pidFile
+}
+
+func readPID(t *testing.T, pidFile string) int {
+	t.Helper()
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("PID file: %v", err)
+	}
+	return p
+}
+
+// upgrade sends SIGUSR2 to the gateway pid and waits until a new one
+// serves (the PID file names it) and the old one has exited.
+func upgrade(t *testing.T, g *gw, pidFile string, pid int) int {
+	t.Helper()
+	before := strings.Count(g.logText(), "handed over; this gateway exits")
+	failed := strings.Count(g.logText(), "upgrade failed")
+	if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if strings.Count(g.logText(), "handed over; this gateway exits") > before && !alive(pid) {
+			if p := readPID(t, pidFile); p != pid {
+				return p
+			}
+		}
+		if strings.Count(g.logText(), "upgrade failed") > failed {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no upgrade of pid %d\n%s", pid, g.logText())
+	return 0
+}
+
+// alive reports whether pid runs (a zombie, exited but not yet reaped
+// by its parent, does not).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, rest, ok := strings.Cut(string(b), ") ")
+	return ok && !strings.HasPrefix(rest, "Z")
+}
+
+// loadClient is a real NBD client writing, flushing and reading back in
+// a loop; progress counts its verified rounds.
+type loadClient struct {
+	name  string
+	cmd   *exec.Cmd
+	out   *lockedBuffer
+	stdin io.WriteCloser // qemu-io's commands, or nil
+	done  chan error
+	quit  chan struct{}
+	count func() int
+}
+
+// startQemuIOLoad feeds qemu-io commands on its standard input: 64 KiB
+// writes of a pattern, a flush, and reads that check the pattern, each
+// round at the next offset in the volume's first 32 MiB (an nbdsh load
+// on the same volume keeps above).
+func startQemuIOLoad(t *testing.T, uri string, seed int) *loadClient {
+	t.Helper()
+	c := &loadClient{name: "qemu-io " + uri, out: &lockedBuffer{}, done: make(chan error, 1), quit: make(chan struct{})}
+	c.cmd = exec.Command("qemu-io", "-f", "raw", uri)
+	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
+	in, err := c.cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.stdin = in
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { c.done <- c.cmd.Wait() }()
+	go func() {
+		w := bufio.NewWriter(in)
+		for i := 0; ; i++ {
+			select {
+			case <-c.quit:
+				w.WriteString("quit\n")
+				w.Flush()
+				in.Close()
+				return
+			default:
+			}
+			off := (i*977 + seed*131) % 500 * 65536 // the first 32 MiB: nbdsh writes the rest
+			p := (i + seed*50) % 255
+			fmt.Fprintf(w, "write -P %d %d 64k\nflush\nread -P %d %d 64k\n", p, off, p, off)
+			if w.Flush() != nil {
+				return
+			}
+		}
+	}()
+	c.count = func() int { return strings.Count(c.out.String(), "read 65536/65536") }
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	return c
+}
+
+// startNbdshLoad runs a libnbd script that writes, flushes and reads
+// back until the stop file exists, printing a line per round.
+func startNbdshLoad(t *testing.T, uri, stop string, seed int) *loadClient {
+	t.Helper()
+	script := fmt.Sprintf(`
+import os, sys
+h.connect_uri(%q)
+i = 0
+while not os.path.exists(%q):
+    off = (512 + (i * 613 + %d * 97) %% 500) * 65536  # above 32 MiB: qemu-io writes below
+    data = bytes([(i + %d) %% 256]) * 65536
+    h.pwrite(data, off)
+    h.flush()
+    if h.pread(65536, off) != data:
+        print("MISMATCH at", off, flush=True)
+        sys.exit(1)
+    print("round", i, flush=True)
+    i += 1
+`, uri, stop, seed, seed)
+	c := &loadClient{name: "nbdsh " + uri, out: &lockedBuffer{}, done: make(chan error, 1), quit: make(chan struct{})}
+	c.cmd = exec.Command("nbdsh", "-c", script)
+	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { c.done <- c.cmd.Wait() }()
+	c.count = func() int { return strings.Count(c.out.String(), "round ") }
+	t.Cleanup(func() { c.cmd.Process.Kill() })
+	return c
+}
+
+// waitProgress waits until the client made n more verified rounds.
+func (c *loadClient) waitProgress(t *testing.T, n int) {
+	t.Helper()
+	want := c.count() + n
+	deadline := time.Now().Add(30 * time.Second)
+	for c.count() < want {
+		select {
+		case err := <-c.done:
+			t.Fatalf("%s ended: %v\n%s", c.name, err, c.tail())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s made no progress\n%s", c.name, c.tail())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// finish ends the client and checks that it saw no error.
+func (c *loadClient) finish(t *testing.T) {
+	t.Helper()
+	close(c.quit)
+	select {
+	case err := <-c.done:
+		out := c.out.String()
+		if err != nil || strings.Contains(out, "error") || strings.Contains(out, "failed") || strings.Contains(out, "MISMATCH") {
+			t.Fatalf("%s: %v\n%s", c.name, err, c.tail())
+		}
+		t.Logf("%s: %d verified rounds", c.name, c.count())
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s did not end\n%s", c.name, c.tail())
+	}
+}
+
+func (c *loadClient) tail() string {
+	s := c.out.String()
+	if len(s) > 3000 {
+		s = "…" + s[len(s)-3000:]
+	}
+	return s
+}
