@@ -7,7 +7,10 @@
 # jobs), the IOPS, and the gateway's own stall figure per upgrade (from
 # stopping the first connection to the new gateway serving).
 #
-# Knobs: GOLDILOCKS (binary), RUNTIME (default 20), UPGRADES (default 3).
+# Knobs: GOLDILOCKS (binary), RUNTIME (default 20), UPGRADES (default 3),
+# KINDS (mixed, plain or encrypted volumes; default mixed), FSYNC (fio's
+# fsync=N: an NBD FLUSH every N writes of each job, as a guest's file
+# system flushes; default 0, never), KEEP (keep the work dir).
 # Prints a Markdown report on stdout; progress on stderr.
 set -euo pipefail
 
@@ -28,7 +31,7 @@ PID=
 cleanup() {
 	if [[ -f $W/pid ]]; then kill -9 "$(cat "$W/pid")" 2>/dev/null || true; fi
 	[[ -n $PID ]] && kill -9 "$PID" 2>/dev/null || true
-	rm -rf "$W"
+	if [[ -n ${KEEP:-} ]]; then log "kept $W"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
 
@@ -36,7 +39,7 @@ cp "$GOLDILOCKS" "$W/goldilocks" # the path an upgrade starts again
 G=$W/goldilocks
 D=$W/data
 for ((i = 0; i < VOLS; i++)); do
-	if ((i % 2)); then
+	if [[ ${KINDS:-mixed} == encrypted ]] || { [[ ${KINDS:-mixed} == mixed ]] && ((i % 2)); }; then
 		$G volume create "v$i" --size 64M --data-dir "$D" >/dev/null
 	else
 		$G volume create "v$i" --size 64M --plain --data-dir "$D" >/dev/null
@@ -50,7 +53,7 @@ for ((i = 0; i < 100; i++)); do
 done
 
 jobfile() {
-	printf '[global]\nioengine=nbd\nrw=randrw\nbs=4k\niodepth=4\ntime_based=1\nruntime=%s\nsize=64m\nthread=1\ngroup_reporting=0\n' "$RUNTIME"
+	printf '[global]\nioengine=nbd\nrw=randrw\nbs=4k\niodepth=4\ntime_based=1\nruntime=%s\nsize=64m\nthread=1\ngroup_reporting=0\nfsync=%s\n' "$RUNTIME" "${FSYNC:-0}"
 	for ((i = 0; i < VOLS; i++)); do
 		printf '[v%d]\nuri=nbd+unix:///v%d?socket=%s/nbd.sock\n' "$i" "$i" "$D"
 	done

@@ -538,3 +538,50 @@ func TestTryReadAt(t *testing.T) {
 		t.Fatalf("TryReadAt after the checkpoint: %v (or other bytes)", err)
 	}
 }
+
+// Handoff (an upgrade in place) commits what was written and writes
+// nothing more: the next Open, on the store as it is or as a crash right
+// after would leave it, reads every write back, and starts a new seal
+// epoch as after a crash (the header was not marked clean).
+func TestHandoff(t *testing.T) {
+	v, dev, kek := openTestVolume(t, 64*ChunkSize)
+	ctx := context.Background()
+	want := make([]byte, 64*ChunkSize)
+	for i := range 200 {
+		c := (i * 37) % 64
+		b := bytes.Repeat([]byte{byte(i + 1)}, ChunkSize)
+		copy(want[c*ChunkSize:], b)
+		if _, err := v.WriteAt(b, int64(c)*ChunkSize); err != nil {
+			t.Fatal(err)
+		}
+		if i == 100 {
+			if err := v.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := v.Header()
+	if err := v.Handoff(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Close(); err != nil { // a no-op after Handoff
+		t.Fatal(err)
+	}
+	for name, d := range map[string]*crashDev{"as left": dev, "after a crash": dev.crash(rand.New(rand.NewPCG(3, 4)))} {
+		v2, err := Open(ctx, d, "t", [16]byte{0xab}, kek, quietLog(), Options{})
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		got := make([]byte, len(want))
+		if _, err := v2.ReadAt(got, 0); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: the handed-off writes do not read back", name)
+		}
+		if h := v2.Header(); h.Epoch <= before.Epoch || h.EpochSeals != 0 {
+			t.Fatalf("%s: epoch %d with %d seals after a handoff from epoch %d; want a new epoch", name, h.Epoch, h.EpochSeals, before.Epoch)
+		}
+		v2.Close()
+	}
+}

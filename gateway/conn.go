@@ -388,7 +388,11 @@ func (c *conn) transmit() {
 	}
 	// A client that leaves flushes first if it wants durability (as with
 	// nbdkit and qemu-nbd); a server that stops flushes for its clients.
-	if (c.stopping.Load() || c.handStopped) && !c.readOnly && c.wrote.Load() {
+	// A handover does not: the device's Close (when its last connection
+	// releases it) leaves what was written readable by the next process
+	// (the page cache is shared; an encrypted volume commits its map),
+	// and the client's own next FLUSH, served there, makes it durable.
+	if c.stopping.Load() && !c.readOnly && c.wrote.Load() {
 		if err := dev.Flush(); err != nil {
 			c.log.Error("flush at stop failed", "err", err)
 		}

@@ -92,9 +92,11 @@ func (s *Server) Handover(ctx context.Context) (*Handover, error) {
 	}
 	s.handing = true
 	h := &Handover{s: s}
+	var stopped []*conn
 	for c := range s.live {
 		if !c.attached.Load() || c.tls {
 			c.stop() // TLS or still negotiating: ends after its requests
+			stopped = append(stopped, c)
 			continue
 		}
 		sl := &handSlot{report: make(chan *HandedConn, 1), verdict: make(chan bool, 1)}
@@ -111,6 +113,24 @@ func (s *Server) Handover(ctx context.Context) (*Handover, error) {
 		case <-ctx.Done():
 			h.Abort()
 			return nil, fmt.Errorf("%w: %d of %d connections had not stopped: %w", ErrHandover, len(h.slots)-i, len(h.slots), ctx.Err())
+		}
+	}
+	// The stopped ones release their volumes too, which the new process
+	// opens next: wait until they are gone.
+	for _, c := range stopped {
+		for {
+			s.mu.Lock()
+			_, live := s.live[c]
+			s.mu.Unlock()
+			if !live {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				h.Abort()
+				return nil, fmt.Errorf("%w: a connection that cannot be handed over (TLS) had not ended: %w", ErrHandover, ctx.Err())
+			case <-time.After(time.Millisecond):
+			}
 		}
 	}
 	return h, nil

@@ -146,6 +146,7 @@ type upgrader struct {
 	lock      *os.File
 	ownSocket string             // the Unix socket file this gateway made, or ""
 	serveNBD  func(net.Listener) // starts serving a listener again (rollback)
+	handoff   func(bool)         // volumes released meanwhile are handed off, not closed (volume.Exports.SetHandoff)
 	handed    chan struct{}      // closed once the new process has everything
 }
 
@@ -261,6 +262,7 @@ func (u *upgrader) upgrade() (err error) {
 	defer func() { closeFiles(keep) }()
 	rollback := func(cause error) error {
 		kill()
+		u.handoff(false)
 		var ls []net.Listener
 		for _, f := range keep {
 			if l, err := net.FileListener(f); err == nil {
@@ -275,10 +277,12 @@ func (u *upgrader) upgrade() (err error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), u.timeout)
 	defer cancel()
+	u.handoff(true) // the new gateway opens the volumes right after: no checkpoint at close
 	h, err := u.srv.Handover(ctx)
 	if err != nil {
 		return rollback(err)
 	}
+	stopped := time.Since(stalled) // every connection stopped, its volume closed
 	for _, hc := range h.Conns {
 		st := hc.State
 		if err := sendMsg(mine, upgradeMsg{Kind: "conn", Conn: &st}, hc.File); err != nil {
@@ -305,7 +309,7 @@ func (u *upgrader) upgrade() (err error) {
 	notify(u.log, "MAINPID="+strconv.Itoa(cmd.Process.Pid))
 	u.log.Info("upgrade: the new gateway serves", "event", audit.EvGatewayUpgrade, "pid", cmd.Process.Pid,
 		"old_version", buildVersion(), "new_version", newVersion, "connections", len(h.Conns),
-		"stall_ms", stall.Milliseconds(), "took_ms", time.Since(t0).Milliseconds())
+		"stall_ms", stall.Milliseconds(), "stop_ms", stopped.Milliseconds(), "took_ms", time.Since(t0).Milliseconds())
 	close(u.handed)
 	return nil
 }

@@ -122,6 +122,15 @@ type Submitter interface {
 	Push()
 }
 
+// Handoffer is implemented by devices that can be closed for another
+// process that opens the same store right after (an upgrade in place)
+// more cheaply than by Close: what was written stays readable there, but
+// what only a clean close records (a checkpoint, a clean-detach mark) is
+// left for that process's open to recover.
+type Handoffer interface {
+	Handoff() error
+}
+
 // Cacher is implemented by devices that can prefetch a range.
 type Cacher interface {
 	Cache(off, length int64) error

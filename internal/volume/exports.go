@@ -21,8 +21,9 @@ type Exports struct {
 	reg *Registry
 	log *slog.Logger
 
-	mu   sync.Mutex // guards open
-	open map[string]*shared
+	mu      sync.Mutex // guards open, handoff
+	open    map[string]*shared
+	handoff bool // SetHandoff
 }
 
 type shared struct {
@@ -96,7 +97,22 @@ func (e *Exports) release(name string, s *shared) {
 	if e.open[name] == s {
 		delete(e.open, name)
 	}
+	if h, ok := s.dev.(block.Handoffer); ok && e.handoff {
+		if err := h.Handoff(); err != nil {
+			e.log.Error("volume handoff", "volume", name, "err", err)
+		}
+		return
+	}
 	s.dev.Close()
+}
+
+// SetHandoff makes the last release of a volume a handoff (block.Handoffer)
+// instead of a close, while on: an upgrade in place sets it while it hands
+// the connections to the new process, which opens the volumes right after.
+func (e *Exports) SetHandoff(on bool) {
+	e.mu.Lock()
+	e.handoff = on
+	e.mu.Unlock()
 }
 
 // List lists every volume.
