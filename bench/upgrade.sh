@@ -86,8 +86,8 @@ measure() { # name upgrades
 measure baseline 0
 measure upgrades "$UPGRADES"
 
-$PY - "$W" "$UPGRADES" "$RUNTIME" "$VOLS" "$(uname -r)" "$(nproc)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$($G --version 2>/dev/null | head -1)" <<'PY'
-import json, re, sys
+FSYNC=${FSYNC:-0} KINDS=${KINDS:-mixed} $PY - "$W" "$UPGRADES" "$RUNTIME" "$VOLS" "$(uname -r)" "$(nproc)" "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$($G --version 2>/dev/null | head -1)" <<'PY'
+import json, os, re, sys
 w, ups, runtime, vols, kernel, cpus, cpu, ver = sys.argv[1:]
 def load(name):
     t = open(f"{w}/{name}.json").read()
@@ -105,7 +105,10 @@ stalls = [int(s) for s in re.findall(r"stall_ms=(\d+)", log)]
 conns = re.findall(r"event=gateway_upgrade .*?connections=(\d+)", log)
 print("# Upgrade in place under load\n")
 print(f"- {cpus} CPUs ({cpu}), kernel {kernel}; {ver}")
-print(f"- {vols} volumes (half plain, half encrypted), one fio job each: ioengine=nbd over the Unix socket, randrw 4k, iodepth 4, {runtime} s; `bash bench/upgrade.sh`")
+kinds, fsync = os.environ["KINDS"], int(os.environ["FSYNC"])
+what = {"mixed": "half plain, half encrypted", "plain": "plain", "encrypted": "encrypted"}[kinds]
+flush = f"an NBD FLUSH after every {fsync} writes of each job (fio fsync={fsync})" if fsync else "no FLUSH (fio never flushes: unflushed writes pile up)"
+print(f"- {vols} volumes ({what}), one fio job each: ioengine=nbd over the Unix socket, randrw 4k, iodepth 4, {runtime} s, {flush}; `KINDS={kinds} FSYNC={fsync} bash bench/upgrade.sh`")
 print(f"- fio errors: baseline {b[2]}, with upgrades {u[2]}\n")
 print("| run | IOPS (all jobs) | longest request (ms) |")
 print("|---|--:|--:|")
