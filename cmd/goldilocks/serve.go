@@ -533,7 +533,7 @@ func serve(a *app, sf serveFlags) (err error) {
 		if err := writePID(); err != nil {
 			log.Error("upgrade: the PID file still names the old gateway", "err", err)
 		}
-		log.Info("upgrade: serving the listeners and connections of the old gateway", "connections", len(adopted))
+		log.Info("upgrade: serving the listeners and connections of the old gateway", "connections", len(adopted), "open_ms", uc.adoptTook.Milliseconds())
 	}
 	errc := make(chan error, len(listeners)+8)
 	serveNBD := func(l net.Listener) {

@@ -78,8 +78,12 @@ func sendMsg(fd int, m upgradeMsg, files ...*os.File) error {
 
 // recvMsg reads one packet; its descriptors come back as files.
 func recvMsg(fd int) (upgradeMsg, []*os.File, error) {
+	return recvMsgBuf(fd, make([]byte, maxUpgradeMsg))
+}
+
+// recvMsgBuf is recvMsg into b (at least maxUpgradeMsg bytes, reused).
+func recvMsgBuf(fd int, b []byte) (upgradeMsg, []*os.File, error) {
 	var m upgradeMsg
-	b := make([]byte, maxUpgradeMsg)
 	oob := make([]byte, unix.CmsgSpace(64*4))
 	n, oobn, flags, _, err := unix.Recvmsg(fd, b, oob, unix.MSG_CMSG_CLOEXEC)
 	if err != nil {
@@ -239,7 +243,7 @@ func (u *upgrader) upgrade() (err error) {
 
 	if err := sendMsg(mine, upgradeMsg{Kind: "hello", Version: buildVersion(), Listeners: roles, OwnSocket: u.ownSocket}, files...); err != nil {
 		kill()
-		return fmt.Errorf("handover: %w", err)
+		return fmt.Errorf("the new gateway did not start: %w (it exited?)", err)
 	}
 	m, fs, err := recvMsg(mine)
 	closeFiles(fs)
@@ -330,6 +334,7 @@ func why(m upgradeMsg, err error) string {
 // upgradeChild is the new process's side, from serve's start to its
 // first request.
 type upgradeChild struct {
+	adoptTook time.Duration // opening the handed connections' volumes
 	fd        int
 	nbd       []net.Listener
 	metrics   net.Listener
@@ -431,9 +436,18 @@ func (uc *upgradeChild) takeOver(srv *gateway.Server) ([]*gateway.Adopted, error
 		uc.fail(err)
 		return nil, err
 	}
+	type handed struct {
+		f  *os.File
+		st gateway.ConnState
+	}
+	var conns []handed
+	buf := make([]byte, maxUpgradeMsg)
 	for {
-		m, files, err := recvMsg(uc.fd)
+		m, files, err := recvMsgBuf(uc.fd, buf)
 		if err != nil {
+			for _, h := range conns {
+				h.f.Close()
+			}
 			return giveUp(fmt.Errorf("upgrade: %w", err))
 		}
 		if m.Kind == "end" {
@@ -442,14 +456,39 @@ func (uc *upgradeChild) takeOver(srv *gateway.Server) ([]*gateway.Adopted, error
 		}
 		if m.Kind != "conn" || m.Conn == nil || len(files) != 1 {
 			closeFiles(files)
+			for _, h := range conns {
+				h.f.Close()
+			}
 			return giveUp(fmt.Errorf("upgrade: unexpected message %q with %d descriptors", m.Kind, len(files)))
 		}
-		a, err := srv.Adopt(files[0], *m.Conn)
-		if err != nil {
-			return giveUp(err)
-		}
-		adopted = append(adopted, a)
+		conns = append(conns, handed{files[0], *m.Conn})
 	}
+	// Volumes open in parallel (each open's synced writes wait on the
+	// disk, not the CPU): the clients wait meanwhile.
+	t0 := time.Now()
+	res := make([]*gateway.Adopted, len(conns))
+	errs := make([]error, len(conns))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
+	for i, h := range conns {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			res[i], errs[i] = srv.Adopt(h.f, h.st)
+		}()
+	}
+	wg.Wait()
+	for _, a := range res {
+		if a != nil {
+			adopted = append(adopted, a)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return giveUp(err)
+	}
+	uc.adoptTook = time.Since(t0)
 	if err := sendMsg(uc.fd, upgradeMsg{Kind: "ok"}); err != nil {
 		return giveUp(err)
 	}

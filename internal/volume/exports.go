@@ -27,9 +27,10 @@ type Exports struct {
 }
 
 type shared struct {
-	uuid string
-	dev  block.Device
-	refs int
+	uuid    string
+	opening chan struct{} // closed once dev is open (or failed to); nil then
+	dev     block.Device
+	refs    int
 }
 
 // NewExports returns the shared opener of reg's volumes.
@@ -70,19 +71,41 @@ func (e *Exports) acquireVolume(name string) (Volume, *shared, func(), error) {
 		return v, nil, nil, err
 	}
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	s := e.open[name]
+	for s != nil && s.uuid == v.UUID && s.opening != nil {
+		// Another attach opens it: wait for that (volumes open in
+		// parallel, one attach each; an upgrade adopts them all at once).
+		ch := s.opening
+		e.mu.Unlock()
+		<-ch
+		e.mu.Lock()
+		s = e.open[name]
+	}
 	if s == nil || s.uuid != v.UUID {
-		dev, err := e.reg.OpenDevice(v, e.log)
-		if err != nil {
-			return v, nil, nil, err
-		}
 		// A replaced volume's old connections keep their device (and
 		// their own reference) until they end.
-		s = &shared{uuid: v.UUID, dev: dev}
+		prev := s
+		s = &shared{uuid: v.UUID, opening: make(chan struct{})}
 		e.open[name] = s
+		e.mu.Unlock()
+		dev, err := e.reg.OpenDevice(v, e.log)
+		e.mu.Lock()
+		close(s.opening)
+		s.opening, s.dev = nil, dev
+		if err != nil {
+			if e.open[name] == s {
+				if prev != nil {
+					e.open[name] = prev
+				} else {
+					delete(e.open, name)
+				}
+			}
+			e.mu.Unlock()
+			return v, nil, nil, err
+		}
 	}
 	s.refs++
+	e.mu.Unlock()
 	var once sync.Once
 	return v, s, func() { once.Do(func() { e.release(name, s) }) }, nil
 }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"goldilocks/internal/block"
 )
 
 func TestRegistryVectorV1(t *testing.T) {
@@ -163,6 +165,61 @@ func TestExportsShareOneDevice(t *testing.T) {
 	rel2()
 	if _, _, err := e.Open("nope"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown volume: %v", err)
+	}
+}
+
+// Attaches that come at once (an upgrade adopting every connection) open
+// each volume once, in parallel across volumes, and share it per volume;
+// the last release closes it, and it opens again after.
+func TestExportsOpenConcurrently(t *testing.T) {
+	r, _ := Open(t.TempDir())
+	for _, n := range []string{"a", "b", "c"} {
+		if _, err := r.Create(CreateOptions{Name: n, Size: 1 << 20, Encrypted: n != "c"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e := NewExports(r, slog.New(slog.DiscardHandler))
+	const per = 8
+	devs := make([]block.Device, 3*per)
+	rels := make([]func(), 3*per)
+	errs := make([]error, 3*per)
+	var wg sync.WaitGroup
+	for i := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			x, rel, err := e.Open([]string{"a", "b", "c"}[i%3])
+			if err == nil {
+				devs[i], rels[i] = x.Device, rel
+			}
+			errs[i] = err
+		}()
+	}
+	wg.Wait()
+	for i := range devs {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		if devs[i] != devs[i%3] {
+			t.Fatalf("attach %d of volume %d got its own device", i, i%3)
+		}
+	}
+	if devs[0] == devs[1] || devs[1] == devs[2] {
+		t.Fatal("two volumes share a device")
+	}
+	for _, rel := range rels {
+		rel()
+	}
+	if _, err := devs[2].ReadAt(make([]byte, 4096), 0); err == nil { // the plain volume's file
+		t.Fatal("the device still reads after its last release")
+	}
+	x, rel, err := e.Open("a")
+	if err != nil {
+		t.Fatalf("open after the last release: %v", err)
+	}
+	defer rel()
+	if _, err := x.Device.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
 	}
 }
 
