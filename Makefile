@@ -80,6 +80,7 @@ bench: deps build vault
 	bash bench/scale.sh | tee bench/scale.md
 	bash bench/storage.sh | tee bench/storage.md
 	bash bench/upgrade.sh | tee bench/upgrade.md
+	FSYNC=16 bash bench/upgrade.sh | tee bench/upgrade-fsync16.md
 	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_LOAD_SECONDS=60 $(GO) test -count=1 -v -run 'TestLoad$$' ./e2e/ | tee bench/load.txt
 
 # Every parser of bytes from a client, a disk, an upstream server or a file.
