@@ -7,11 +7,13 @@ TEST_DEBS := qemu-utils libnbd-bin python3-libnbd nbdkit fio
 # Tools the production tests check against, without their recommends:
 # systemd (systemd-analyze, systemd-socket-activate; not made PID 1, that
 # is systemd-sysv), libvirt-clients and libxml2-utils (virt-xml-validate
-# and its xmllint), prometheus
+# and its xmllint), libvirt-daemon and its QEMU driver (a libvirtd the
+# upgrade test starts by hand; not libvirt-daemon-system, which pulls
+# systemd-sysv and iptables), prometheus
 # (promtool; its daemon is not started by the tests); a TCG guest:
 # qemu-system-x86, busybox-static, e2fsprogs (the kernel comes from
 # apt-get download at test time).
-TOOL_DEBS := systemd libvirt-clients libxml2-utils prometheus qemu-system-x86 busybox-static e2fsprogs
+TOOL_DEBS := systemd libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libxml2-utils prometheus qemu-system-x86 busybox-static e2fsprogs
 # A single-node Ceph cluster for the RBD tests, and librbd to build against.
 CEPH_DEBS := ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev
 
@@ -46,7 +48,7 @@ deps:
 		echo "installing Ceph (for the RBD tests and backend): $(CEPH_DEBS)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CEPH_DEBS) >/dev/null; \
 	fi
-	@missing=""; for t in systemd-analyze systemd-socket-activate virt-xml-validate xmllint promtool qemu-system-x86_64 busybox mkfs.ext4; do \
+	@missing=""; for t in systemd-analyze systemd-socket-activate virt-xml-validate xmllint promtool qemu-system-x86_64 busybox mkfs.ext4 libvirtd; do \
 		command -v $$t >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing test tools: $(TOOL_DEBS)"; \
