@@ -518,16 +518,22 @@ func (v *Volume) Handoff() error {
 	var err error
 	v.closeOnce.Do(func() {
 		v.stopBackground()
-		err = v.Flush()
-		v.m.Close()
-		v.h.mu.Lock()
-		v.keys.free()
-		clear(v.h.macKey)
-		v.h.mu.Unlock()
-		if cerr := v.store.Close(); err == nil {
-			err = cerr
-		}
+		err = v.closeStore(v.Flush())
 	})
+	return err
+}
+
+// closeStore ends the map, forgets the data keys and closes the store,
+// returning err or else the store's close error.
+func (v *Volume) closeStore(err error) error {
+	v.m.Close()
+	v.h.mu.Lock()
+	v.keys.free()
+	clear(v.h.macKey)
+	v.h.mu.Unlock()
+	if cerr := v.store.Close(); err == nil {
+		err = cerr
+	}
 	return err
 }
 
@@ -553,14 +559,7 @@ func (v *Volume) Close() error {
 			h := v.Header()
 			err = v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: v.m.Seq(), Generation: h.Generation, Epoch: h.Epoch})
 		}
-		v.m.Close()
-		v.h.mu.Lock()
-		v.keys.free()
-		clear(v.h.macKey)
-		v.h.mu.Unlock()
-		if cerr := v.store.Close(); err == nil {
-			err = cerr
-		}
+		err = v.closeStore(err)
 	})
 	return err
 }

@@ -29,14 +29,7 @@ func TestGuestOnEncryptedVolume(t *testing.T) {
 	kit := guestKit(t)
 	p := newPKI(t)
 	dir := t.TempDir()
-	raw := filepath.Join(t.TempDir(), "fs.raw")
-	if err := os.WriteFile(raw, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	os.Truncate(raw, 64<<20)
-	run(t, "mkfs.ext4", "-q", "-F", "-L", "guest", raw)
-	goldilocks(t, dir, "volume", "create", "vm-a-disk", "--size", "64M")
-	goldilocks(t, dir, "volume", "import", "vm-a-disk", "--from", raw)
+	ext4Volume(t, dir, "vm-a-disk")
 	pol := filepath.Join(t.TempDir(), "policy.yaml")
 	writePolicy(t, pol, tlsPolicy+"  - identity: vm-a\n    volumes: [\"vm-a-*\"]\n    access: read-write\n")
 	flags := append(p.serverFlags(), "--policy", pol, "--tls-required")
@@ -106,6 +99,20 @@ func TestGuestOnEncryptedVolume(t *testing.T) {
 	if out, err := runErr("e2fsck", "-fn", back); err != nil {
 		t.Fatalf("e2fsck of the volume after the killed guest: %v\n%s", err, out)
 	}
+}
+
+// ext4Volume makes an encrypted 64 MiB volume holding an empty ext4
+// file system (label "guest") for a guest to mount.
+func ext4Volume(t *testing.T, dir, name string) {
+	t.Helper()
+	raw := filepath.Join(t.TempDir(), "fs.raw")
+	if err := os.WriteFile(raw, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(raw, 64<<20)
+	run(t, "mkfs.ext4", "-q", "-F", "-L", "guest", raw)
+	goldilocks(t, dir, "volume", "create", name, "--size", "64M")
+	goldilocks(t, dir, "volume", "import", name, "--from", raw)
 }
 
 // guestKit builds (once, cached in ~/.cache/goldilocks) Debian's kernel

@@ -23,14 +23,7 @@ func TestLibvirtGuestAcrossUpgrades(t *testing.T) {
 	kit := guestKit(t)
 	virsh := startLibvirtd(t)
 	dir := t.TempDir()
-	raw := filepath.Join(t.TempDir(), "fs.raw")
-	if err := os.WriteFile(raw, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	os.Truncate(raw, 64<<20)
-	run(t, "mkfs.ext4", "-q", "-F", raw)
-	goldilocks(t, dir, "volume", "create", "vm", "--size", "64M")
-	goldilocks(t, dir, "volume", "import", "vm", "--from", raw)
+	ext4Volume(t, dir, "vm")
 	g, pidFile := startUpgradable(t, dir, copyBinary(t))
 
 	console := filepath.Join(t.TempDir(), "console.log")

@@ -102,6 +102,7 @@ type conn struct {
 	handing        atomic.Bool
 	handStopped    bool   // the reader stopped for a handover (reader, then serve)
 	pending        []byte // bytes handed over with an adopted connection, read first
+	adopted        bool   // taken over from another process (Server.Adopt): no handshake
 	refusedAtAdopt string // the policy refuses an adopted connection: why
 	volume         string // the attached export's name, kept while it is closed for a handover
 
@@ -170,6 +171,10 @@ func (c *conn) serve() {
 	m := c.srv.cfg.Metrics
 	m.note(connOpened)
 	defer m.note(connClosed)
+	if c.adopted {
+		c.serveAdopted()
+		return
+	}
 	err := c.handshake()
 	c.handshakeDone()
 	if err != nil {

@@ -315,7 +315,7 @@ func (s *Server) Adopt(f *os.File, st ConnState) (*Adopted, error) {
 		c.stats.bytes[i].Store(st.Bytes[i])
 	}
 	c.stats.errors.Store(st.Errors)
-	c.pending = st.Pending
+	c.pending, c.adopted = st.Pending, true
 	if d.code != 0 {
 		c.refusedAtAdopt = d.reason
 	}
@@ -338,16 +338,8 @@ func (a *Adopted) Start() {
 			a.close()
 			return
 		}
-		s.live[c] = struct{}{}
-		s.conns.Add(1)
+		s.goServe(c)
 		s.mu.Unlock()
-		go func() {
-			defer s.conns.Done()
-			c.serveAdopted()
-			s.mu.Lock()
-			delete(s.live, c)
-			s.mu.Unlock()
-		}()
 	})
 }
 
@@ -360,14 +352,9 @@ func (a *Adopted) close() {
 	a.c.nc.Close()
 }
 
-// serveAdopted is serve for an adopted connection: its handshake was
-// made with the other process.
+// serveAdopted is serve's part for an adopted connection: its handshake
+// was made with the other process.
 func (c *conn) serveAdopted() {
-	defer c.nc.Close()
-	defer c.recoverPanic()
-	m := c.srv.cfg.Metrics
-	m.note(connOpened)
-	defer m.note(connClosed)
 	if c.refusedAtAdopt != "" {
 		c.log.Warn("adopted connection no longer allowed by the policy; cutting it", "volume", c.exp.Name, "reason", c.refusedAtAdopt)
 		c.revoke(c.refusedAtAdopt)

@@ -124,23 +124,26 @@ func (l *handoverLoad) fail(err error) {
 	l.mu.Unlock()
 }
 
-// send sends requests until stop is closed.
+// send sends requests until stop is closed, then one last read, whose
+// reply the receiver knows to be the last (total is set before it goes).
 func (l *handoverLoad) send(stop chan struct{}) {
 	payload := make([]byte, 4096)
 	for i := 0; ; i++ {
+		last := false
 		select {
 		case <-stop:
-			l.mu.Lock()
-			l.total = i
-			l.mu.Unlock()
-			return
+			last = true
+			l.slots <- struct{}{}
 		case l.slots <- struct{}{}:
 		}
 		cookie := uint64(i + 1)
 		b := (i * 7919) % l.blocks
 		var hdr []byte
 		l.mu.Lock()
-		if i%3 == 2 {
+		if last {
+			l.total = i + 1
+		}
+		if i%3 == 2 || last {
 			l.inAir[cookie] = op{read: true, block: b, version: l.acked[b], highest: l.written[b]}
 			hdr = reqHeader(false, 0, 0, cookie, uint64(b)*4096, 4096)
 		} else {
@@ -158,6 +161,9 @@ func (l *handoverLoad) send(stop chan struct{}) {
 			return
 		}
 		l.sent.Add(1)
+		if last {
+			return
+		}
 	}
 }
 

@@ -262,18 +262,24 @@ func (s *Server) Serve(l net.Listener) error {
 		s.handshaking.Add(1)
 		s.peerShakes[key]++
 		c.shakeKey = key
-		s.live[c] = struct{}{}
-		s.conns.Add(1)
+		s.goServe(c)
 		s.mu.Unlock()
-		go func() {
-			defer s.conns.Done()
-			c.serve()
-			c.handshakeDone() // if serve ended in the handshake
-			s.mu.Lock()
-			delete(s.live, c)
-			s.mu.Unlock()
-		}()
 	}
+}
+
+// goServe serves c on a goroutine of its own, counted among the live
+// connections until it ends. Called with mu held.
+func (s *Server) goServe(c *conn) {
+	s.live[c] = struct{}{}
+	s.conns.Add(1)
+	go func() {
+		defer s.conns.Done()
+		c.serve()
+		c.handshakeDone() // if serve ended in the handshake (else a no-op)
+		s.mu.Lock()
+		delete(s.live, c)
+		s.mu.Unlock()
+	}()
 }
 
 // Shutdown stops accepting, lets every connection finish the requests it
