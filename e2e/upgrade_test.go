@@ -347,3 +347,69 @@ func (c *loadClient) tail() string {
 	}
 	return s
 }
+
+// 32 clients, one per volume (half encrypted): fio's nbd engine writing
+// random 4k blocks with a checksum in each (verify=crc32c), a FLUSH
+// every 16 writes, and reading every block back to check it, while the
+// gateway is upgraded twice. No job sees an error or a bad block.
+func TestUpgrade32Clients(t *testing.T) {
+	need(t, "fio")
+	dir := t.TempDir()
+	var jobs strings.Builder
+	jobs.WriteString("[global]\nioengine=nbd\nrw=randwrite\nbs=4k\niodepth=4\nsize=8m\nloops=4\nverify=crc32c\nverify_backlog=64\nfsync=16\nthread=1\n")
+	for i := range 32 {
+		args := []string{"volume", "create", fmt.Sprintf("v%d", i), "--size", "8M"}
+		if i%2 == 0 {
+			args = append(args, "--plain")
+		}
+		goldilocks(t, dir, args...)
+	}
+	g, pidFile := startUpgradable(t, dir, copyBinary(t))
+	for i := range 32 {
+		fmt.Fprintf(&jobs, "[v%d]\nuri=%s\n", i, g.unixURI(fmt.Sprintf("v%d", i)))
+	}
+	jobFile := filepath.Join(t.TempDir(), "jobs.fio")
+	write(t, jobFile, []byte(jobs.String()))
+	out := &lockedBuffer{}
+	cmd := exec.Command("fio", "--output-format=json", jobFile)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	// Upgrade once every 32 jobs are attached, and again a second later.
+	for deadline := time.Now().Add(30 * time.Second); strings.Count(g.logText(), "msg=attached") < 32; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the 32 fio jobs did not attach\n%s", out.String())
+		}
+	}
+	pid := readPID(t, pidFile)
+	for i := range 2 {
+		time.Sleep(time.Second)
+		select {
+		case err := <-done:
+			t.Fatalf("fio ended before upgrade %d (make its job longer): %v", i+1, err)
+		default:
+		}
+		pid = upgrade(t, g, pidFile, pid)
+	}
+	select {
+	case err := <-done:
+		s := out.String()
+		if err != nil || strings.Contains(s, "verify") && strings.Contains(s, "bad") || !strings.Contains(s, `"error" : 0`) || strings.Contains(s, `"error" : 5`) {
+			t.Fatalf("fio across the upgrades: %v\n%s", err, s)
+		}
+		if n := strings.Count(s, `"error" : 0`); n != 32 {
+			t.Fatalf("%d of 32 fio jobs ended without error\n%s", n, s)
+		}
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("fio did not finish\n%s", out.String())
+	}
+	stalls := regexp.MustCompile(`connections=32 stall_ms=(\d+)`).FindAllStringSubmatch(g.logText(), -1)
+	if len(stalls) != 2 {
+		t.Fatalf("%d upgrades handed over 32 connections, want 2\n%s", len(stalls), g.logText())
+	}
+	t.Logf("32 fio clients, 2 upgrades: stall %s and %s ms", stalls[0][1], stalls[1][1])
+}
