@@ -413,3 +413,53 @@ func TestUpgrade32Clients(t *testing.T) {
 	}
 	t.Logf("32 fio clients, 2 upgrades: stall %s and %s ms", stalls[0][1], stalls[1][1])
 }
+
+// A TLS connection cannot be handed over (Go's TLS state stays in the old
+// process): it is stopped as at a SIGTERM and closed. QEMU's client with
+// reconnect-delay reconnects to the new gateway and goes on: what it
+// wrote and flushed before is there, what it writes after too.
+func TestUpgradeTLSClientReconnects(t *testing.T) {
+	need(t, "qemu-io")
+	p := newPKI(t)
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "vm", "--size", "16M", "--plain")
+	g, pidFile := startUpgradable(t, dir, copyBinary(t), p.serverFlags()...)
+	host, port, _ := strings.Cut(g.addr, ":")
+	cmd := exec.Command("qemu-io", "--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+p.clients["vm-a"],
+		"--image-opts", fmt.Sprintf("driver=nbd,server.type=inet,server.host=%s,server.port=%s,export=vm,tls-creds=tls0,reconnect-delay=20", host, port),
+		"-c", "write -P 0x11 0 1M", "-c", "flush", "-c", "sleep 3000",
+		"-c", "write -P 0x22 1M 1M", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M", "-c", "flush")
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	// qemu-io's output comes at its exit: the gateway's log says when it
+	// attached; the write and flush take far less than the 500 ms here.
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(g.logText(), "tls=true"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu-io did not attach over TLS:\n%s\n%s", out.String(), g.logText())
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	upgrade(t, g, pidFile, readPID(t, pidFile)) // during the client's 3 s sleep
+	if !regexp.MustCompile(`event=gateway_upgrade .*connections=0 `).MatchString(g.logText()) {
+		t.Fatalf("the TLS connection was handed over, or no upgrade logged:\n%s", g.logText())
+	}
+	select {
+	case err := <-done:
+		s := out.String()
+		if err != nil || strings.Contains(s, "error") || strings.Contains(s, "failed") ||
+			strings.Count(s, "wrote 1048576/1048576") != 2 || strings.Count(s, "read 1048576/1048576") != 2 {
+			t.Fatalf("qemu-io over TLS across the upgrade: %v\n%s\ngateway:\n%s", err, s, g.logText())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("qemu-io hung across the upgrade:\n%s", out.String())
+	}
+	if n := strings.Count(g.logText(), "tls=true"); n < 2 {
+		t.Fatalf("%d TLS attaches logged, want the first and the reconnect:\n%s", n, g.logText())
+	}
+}
