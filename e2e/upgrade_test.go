@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -224,9 +223,7 @@ func alive(pid int) bool {
 // a loop; progress counts its verified rounds.
 type loadClient struct {
 	name  string
-	cmd   *exec.Cmd
 	out   *lockedBuffer
-	stdin io.WriteCloser // qemu-io's commands, or nil
 	done  chan error
 	quit  chan struct{}
 	count func() int
@@ -238,18 +235,13 @@ type loadClient struct {
 // on the same volume keeps above).
 func startQemuIOLoad(t *testing.T, uri string, seed int) *loadClient {
 	t.Helper()
-	c := &loadClient{name: "qemu-io " + uri, out: &lockedBuffer{}, done: make(chan error, 1), quit: make(chan struct{})}
-	c.cmd = exec.Command("qemu-io", "-f", "raw", uri)
-	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
-	in, err := c.cmd.StdinPipe()
+	c := &loadClient{name: "qemu-io " + uri, quit: make(chan struct{})}
+	cmd := exec.Command("qemu-io", "-f", "raw", uri)
+	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.stdin = in
-	if err := c.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { c.done <- c.cmd.Wait() }()
+	c.out, c.done = startWatched(t, cmd)
 	go func() {
 		w := bufio.NewWriter(in)
 		for i := 0; ; i++ {
@@ -270,7 +262,6 @@ func startQemuIOLoad(t *testing.T, uri string, seed int) *loadClient {
 		}
 	}()
 	c.count = func() int { return strings.Count(c.out.String(), "read 65536/65536") }
-	t.Cleanup(func() { c.cmd.Process.Kill() })
 	return c
 }
 
@@ -293,17 +284,26 @@ while not os.path.exists(%q):
     print("round", i, flush=True)
     i += 1
 `, uri, stop, seed, seed)
-	c := &loadClient{name: "nbdsh " + uri, out: &lockedBuffer{}, done: make(chan error, 1), quit: make(chan struct{})}
-	c.cmd = exec.Command("nbdsh", "-c", script)
-	c.cmd.Env = append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH")) // Debian's python3 (runErr)
-	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
-	if err := c.cmd.Start(); err != nil {
+	c := &loadClient{name: "nbdsh " + uri, quit: make(chan struct{})}
+	cmd := exec.Command("nbdsh", "-c", script)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH")) // Debian's python3 (runErr)
+	c.out, c.done = startWatched(t, cmd)
+	c.count = func() int { return strings.Count(c.out.String(), "round ") }
+	return c
+}
+
+// startWatched starts cmd with its output gathered in out (readable while
+// it runs); done gets its exit. It is killed at the test's end.
+func startWatched(t *testing.T, cmd *exec.Cmd) (out *lockedBuffer, done chan error) {
+	t.Helper()
+	out, done = &lockedBuffer{}, make(chan error, 1)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { c.done <- c.cmd.Wait() }()
-	c.count = func() int { return strings.Count(c.out.String(), "round ") }
-	t.Cleanup(func() { c.cmd.Process.Kill() })
-	return c
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	return out, done
 }
 
 // waitProgress waits until the client made n more verified rounds.
@@ -370,15 +370,8 @@ func TestUpgrade32Clients(t *testing.T) {
 	}
 	jobFile := filepath.Join(t.TempDir(), "jobs.fio")
 	write(t, jobFile, []byte(jobs.String()))
-	out := &lockedBuffer{}
 	cmd := exec.Command("fio", "--output-format=json", jobFile)
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	out, done := startWatched(t, cmd)
 	// Upgrade once every 32 jobs are attached, and again a second later.
 	for deadline := time.Now().Add(30 * time.Second); strings.Count(g.logText(), "msg=attached") < 32; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -429,14 +422,7 @@ func TestUpgradeTLSClientReconnects(t *testing.T) {
 		"--image-opts", fmt.Sprintf("driver=nbd,server.type=inet,server.host=%s,server.port=%s,export=vm,tls-creds=tls0,reconnect-delay=20", host, port),
 		"-c", "write -P 0x11 0 1M", "-c", "flush", "-c", "sleep 3000",
 		"-c", "write -P 0x22 1M 1M", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M", "-c", "flush")
-	out := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	out, done := startWatched(t, cmd)
 	// qemu-io's output comes at its exit: the gateway's log says when it
 	// attached; the write and flush take far less than the 500 ms here.
 	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(g.logText(), "tls=true"); time.Sleep(20 * time.Millisecond) {

@@ -174,13 +174,19 @@ func (c *conn) visible(pol *policy.Policy, id string, e ExportInfo) bool {
 // attach records an attached connection under its grant, enforcing the
 // grant's connection limit. It returns a refusal message or "".
 func (c *conn) attach(g *grant) string {
+	return c.countAttach(g, true)
+}
+
+// countAttach is attach, enforcing the connection limit only if limit (an
+// adopted connection is attached already: it is counted, never refused).
+func (c *conn) countAttach(g *grant, limit bool) string {
 	if g == nil {
 		return ""
 	}
 	s := c.srv
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if g.maxConns > 0 && s.idConns[g.identity] >= g.maxConns {
+	if limit && g.maxConns > 0 && s.idConns[g.identity] >= g.maxConns {
 		return fmt.Sprintf("identity %s already has %d connections (max_connections %d)", g.identity, s.idConns[g.identity], g.maxConns)
 	}
 	s.idConns[g.identity]++

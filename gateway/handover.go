@@ -16,8 +16,11 @@ import (
 // Handing live connections to another process (an in-place upgrade).
 //
 // Handover stops every attached connection without TLS at a request
-// boundary: no new request is read, the requests in flight are answered,
-// the device is flushed and the export released. What the connection
+// boundary: no new request is read, the requests in flight are answered
+// and their replies sent, and the export released (the caller makes that
+// a handoff, block.Handoffer, not a close: the new process opens it next).
+// Nothing is flushed for the client: its own next FLUSH, served by the
+// new process, makes its writes durable. What the connection
 // negotiated, and any bytes of the next requests already read from the
 // socket, make its ConnState; a duplicate of its socket goes with it. The
 // caller passes both to the new process, whose Adopt takes the
@@ -301,12 +304,8 @@ func (s *Server) Adopt(f *os.File, st ConnState) (*Adopted, error) {
 	}
 	c.flags = st.Flags
 	c.readOnly = c.readOnly || st.ReadOnly
-	if d.code == 0 && d.g != nil {
-		s.mu.Lock()
-		s.idConns[d.g.identity]++ // counted, never refused: it is attached already
-		s.mu.Unlock()
-		c.counted, c.isCounted = d.g.identity, true
-		c.grant.Store(d.g)
+	if d.code == 0 {
+		c.countAttach(d.g, false) // never refused: it is attached already
 	}
 	c.recorded = st.Recorded
 	c.stats.start = st.Started

@@ -546,7 +546,7 @@ func serve(a *app, sf serveFlags) (err error) {
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
 	defer signal.Stop(usr2)
-	up := &upgrader{log: log, alog: a.alog, exe: exe, srv: srv, timeout: sf.upgradeTimeout, nbd: listeners,
+	up := &upgrader{log: log, exe: exe, srv: srv, timeout: sf.upgradeTimeout, nbd: listeners,
 		metrics: ml, control: cl, lock: lockFile, serveNBD: serveNBD, handoff: exports.SetHandoff, handed: make(chan struct{})}
 	if ownSocket {
 		up.ownSocket = sock

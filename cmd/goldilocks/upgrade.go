@@ -45,18 +45,14 @@ const upgradeEnv = "GOLDILOCKS_UPGRADE_FD"
 type upgradeMsg struct {
 	Kind      string             `json:"kind"`
 	Version   string             `json:"version,omitempty"`
-	Listeners []listenerRole     `json:"listeners,omitempty"` // hello: one per descriptor, in order
+	Listeners []string           `json:"listeners,omitempty"` // hello: each descriptor's role, in order
 	OwnSocket string             `json:"own_socket,omitempty"`
 	Conn      *gateway.ConnState `json:"conn,omitempty"`
 	Reason    string             `json:"reason,omitempty"`
-	PID       int                `json:"pid,omitempty"`
 }
 
-// listenerRole says what a passed descriptor is: "nbd", "metrics",
-// "control" (listeners) or "lock" (the data dir's serve.lock).
-type listenerRole struct {
-	Role string `json:"role"`
-}
+// The roles of passed descriptors (upgradeMsg.Listeners): "nbd",
+// "metrics", "control" (listeners) or "lock" (the data dir's serve.lock).
 
 const maxUpgradeMsg = 1 << 20
 
@@ -137,8 +133,7 @@ func fileOf(l any) (*os.File, error) {
 // upgrader runs upgrades in the old process, one at a time.
 type upgrader struct {
 	log     *slog.Logger
-	alog    *audit.Log // or nil
-	exe     string     // the path the gateway was started from
+	exe     string // the path the gateway was started from
 	srv     *gateway.Server
 	timeout time.Duration
 
@@ -192,9 +187,10 @@ func (u *upgrader) upgrade() (err error) {
 		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
 	}
 
-	// The descriptors the new process inherits: listeners and the lock.
+	// The descriptors the new process inherits: duplicates of the
+	// listeners (closed here once sent), and the lock.
 	var files []*os.File
-	var roles []listenerRole
+	var roles []string
 	defer func() { closeFiles(files) }()
 	add := func(role string, l any) error {
 		f, err := fileOf(l)
@@ -202,7 +198,7 @@ func (u *upgrader) upgrade() (err error) {
 			return fmt.Errorf("%s listener: %w", role, err)
 		}
 		files = append(files, f)
-		roles = append(roles, listenerRole{Role: role})
+		roles = append(roles, role)
 		return nil
 	}
 	for _, l := range nbd {
@@ -218,9 +214,8 @@ func (u *upgrader) upgrade() (err error) {
 	if err := add("control", u.control); err != nil {
 		return err
 	}
-	files = append(files, u.lock) // not ours to close: removed below
-	roles = append(roles, listenerRole{Role: "lock"})
-	defer func() { files = files[:len(files)-1] }()
+	passed := append(files[:len(files):len(files)], u.lock) // the lock file stays ours
+	roles = append(roles, "lock")
 
 	cmd := exec.Command(u.exe, os.Args[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
@@ -241,7 +236,7 @@ func (u *upgrader) upgrade() (err error) {
 	// Every read below ends at the deadline or when the child exits.
 	unix.SetsockoptTimeval(mine, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: int64(u.timeout / time.Second)})
 
-	if err := sendMsg(mine, upgradeMsg{Kind: "hello", Version: buildVersion(), Listeners: roles, OwnSocket: u.ownSocket}, files...); err != nil {
+	if err := sendMsg(mine, upgradeMsg{Kind: "hello", Version: buildVersion(), Listeners: roles, OwnSocket: u.ownSocket}, passed...); err != nil {
 		kill()
 		return fmt.Errorf("the new gateway did not start: %w (it exited?)", err)
 	}
@@ -264,9 +259,15 @@ func (u *upgrader) upgrade() (err error) {
 		u.srv.Release(l)
 	}
 	defer func() { closeFiles(keep) }()
+	// A rollback kills the new process first: the volumes it may have
+	// opened are released before the connections here open them again.
+	var h *gateway.Handover
 	rollback := func(cause error) error {
 		kill()
 		u.handoff(false)
+		if h != nil {
+			h.Abort()
+		}
 		var ls []net.Listener
 		for _, f := range keep {
 			if l, err := net.FileListener(f); err == nil {
@@ -282,30 +283,27 @@ func (u *upgrader) upgrade() (err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), u.timeout)
 	defer cancel()
 	u.handoff(true) // the new gateway opens the volumes right after: no checkpoint at close
-	h, err := u.srv.Handover(ctx)
+	h, err = u.srv.Handover(ctx)
 	if err != nil {
+		h = nil // Handover resumed them itself
 		return rollback(err)
 	}
-	stopped := time.Since(stalled) // every connection stopped, its volume closed
+	stopped := time.Since(stalled) // every connection stopped, its volume handed off
 	for _, hc := range h.Conns {
 		st := hc.State
 		if err := sendMsg(mine, upgradeMsg{Kind: "conn", Conn: &st}, hc.File); err != nil {
-			h.Abort()
 			return rollback(fmt.Errorf("handing over a connection: %w", err))
 		}
 	}
 	if err := sendMsg(mine, upgradeMsg{Kind: "end"}); err != nil {
-		h.Abort()
 		return rollback(fmt.Errorf("handover: %w", err))
 	}
 	m, fs, err = recvMsg(mine)
 	closeFiles(fs)
 	if err != nil || m.Kind != "ok" {
-		h.Abort()
 		return rollback(fmt.Errorf("the new gateway did not take the connections: %s", why(m, err)))
 	}
 	if err := sendMsg(mine, upgradeMsg{Kind: "commit"}); err != nil {
-		h.Abort()
 		return rollback(fmt.Errorf("handover: %w", err))
 	}
 	h.Commit()
@@ -371,7 +369,7 @@ func takeUpgrade() (*upgradeChild, error) {
 	}
 	uc := &upgradeChild{fd: fd, ownSocket: m.OwnSocket}
 	for i, f := range files {
-		role := m.Listeners[i].Role
+		role := m.Listeners[i]
 		if role == "lock" {
 			uc.lock = f
 			continue
@@ -425,7 +423,7 @@ func (uc *upgradeChild) close() {
 // once all are open, waits for the commit. The returned connections are
 // then this process's to start.
 func (uc *upgradeChild) takeOver(srv *gateway.Server) ([]*gateway.Adopted, error) {
-	if err := sendMsg(uc.fd, upgradeMsg{Kind: "ready", Version: buildVersion(), PID: os.Getpid()}); err != nil {
+	if err := sendMsg(uc.fd, upgradeMsg{Kind: "ready", Version: buildVersion()}); err != nil {
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
 	var adopted []*gateway.Adopted
