@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -37,7 +38,7 @@ func TestHandoverUnderLoad(t *testing.T) {
 
 			on, pending := 0, 0
 			for step, commit := range []bool{true, true, false, true, true} {
-				time.Sleep(20 * time.Millisecond)
+				l.await(t, int64(step+1)*250) // each server answers a share of the load: a count, not a time, so that a slow machine (-race, 2 cores) holds it too
 				from, to := servers[on], servers[1-on]
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 				h, err := from.srv.Handover(ctx)
@@ -64,15 +65,12 @@ func TestHandoverUnderLoad(t *testing.T) {
 				a.Start()
 				on = 1 - on
 			}
-			time.Sleep(20 * time.Millisecond)
+			l.await(t, 1500)
 			close(stop) // the load ran through every handover
 			if err := l.wait(); err != nil {
 				t.Fatal(err)
 			}
 			t.Logf("%d requests, %d handovers with bytes of unread requests", l.sent.Load(), pending)
-			if l.sent.Load() < 1000 {
-				t.Fatalf("only %d requests across the handovers", l.sent.Load())
-			}
 			// Every block holds its last write.
 			buf := make([]byte, 4096)
 			for b := range l.blocks {
@@ -116,6 +114,24 @@ type op struct {
 func newHandoverLoad(w io.Writer, r *bufio.Reader, blocks int) *handoverLoad {
 	return &handoverLoad{w: w, r: r, blocks: blocks, written: make([]uint64, blocks), acked: make([]uint64, blocks),
 		inAir: map[uint64]op{}, slots: make(chan struct{}, 64), done: make(chan struct{}), total: -1}
+}
+
+// await returns once n requests have been sent; it fails the test at
+// the load's first error, or after 30 s.
+func (l *handoverLoad) await(t *testing.T, n int64) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%d requests sent", n), func() bool {
+		if errs := l.errors(); len(errs) > 0 {
+			t.Fatalf("after %d requests: %v", l.sent.Load(), errs)
+		}
+		return l.sent.Load() >= n
+	})
+}
+
+func (l *handoverLoad) errors() []error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.errs)
 }
 
 func (l *handoverLoad) fail(err error) {
@@ -249,15 +265,30 @@ func (l *handoverLoad) wait() error {
 	return nil
 }
 
-// gatedDevice holds every read until gate is closed.
+// gatedDevice holds every read until gate is closed; waiting counts
+// the reads held.
 type gatedDevice struct {
 	block.Device
-	gate chan struct{}
+	gate    chan struct{}
+	waiting *atomic.Int32
 }
 
 func (g gatedDevice) ReadAt(b []byte, off int64) (int, error) {
+	g.waiting.Add(1)
 	<-g.gate
 	return g.Device.ReadAt(b, off)
+}
+
+// waitFor polls cond every millisecond and fails the test after 30 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 30 s for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // Requests the old server had read into its buffer but not begun go to
@@ -266,7 +297,7 @@ func (g gatedDevice) ReadAt(b []byte, off int64) (int, error) {
 // the device while the handover starts, the other 8 read from the
 // socket but not yet served.
 func TestHandoverCarriesReadBuffer(t *testing.T) {
-	gated := gatedDevice{Device: block.NewMem(1 << 20), gate: make(chan struct{})}
+	gated := gatedDevice{Device: block.NewMem(1 << 20), gate: make(chan struct{}), waiting: new(atomic.Int32)}
 	from := startSpecServer(t, gated, "", nil)
 	to := startSpecServer(t, block.NewMem(1<<20), "", nil)
 	nc := from.dial(t)
@@ -277,7 +308,7 @@ func TestHandoverCarriesReadBuffer(t *testing.T) {
 		burst = append(burst, reqHeader(false, 0, 0, uint64(i+1), uint64(i)*4096, 4096)...)
 	}
 	cl.write(burst)
-	time.Sleep(50 * time.Millisecond) // the server reads the burst, starts 32 reads, waits
+	waitFor(t, "32 reads at the device", func() bool { return gated.waiting.Load() == 32 }) // the server read the burst, started 32 reads and waits for a slot
 	type result struct {
 		h   *gateway.Handover
 		err error
@@ -287,7 +318,7 @@ func TestHandoverCarriesReadBuffer(t *testing.T) {
 		h, err := from.srv.Handover(t.Context())
 		got <- result{h, err}
 	}()
-	time.Sleep(20 * time.Millisecond)
+	waitFor(t, "the handover to begin", from.srv.HandingOver)
 	close(gated.gate) // the 32 complete; the reader then stops at the next request
 	r := <-got
 	if r.err != nil {
