@@ -503,7 +503,10 @@ func serve(a *app, sf serveFlags) (err error) {
 			}
 		}
 	}
-	cs := &http.Server{Handler: control.Handler(keys, srv.Detach, log), ReadHeaderTimeout: 5 * time.Second}
+	// A new gateway runs no control operation before it has the volumes
+	// (the old one may hold them until it hands over).
+	gate := control.NewGate(uc != nil)
+	cs := &http.Server{Handler: control.Handler(keys, srv.Detach, gate, log), ReadHeaderTimeout: 5 * time.Second}
 	go cs.Serve(cl)
 	defer func() {
 		cs.Close()
@@ -530,6 +533,7 @@ func serve(a *app, sf serveFlags) (err error) {
 		for _, c := range adopted {
 			c.Start()
 		}
+		gate.Resume()
 		if err := writePID(); err != nil {
 			log.Error("upgrade: the PID file still names the old gateway", "err", err)
 		}
@@ -547,7 +551,7 @@ func serve(a *app, sf serveFlags) (err error) {
 	signal.Notify(usr2, syscall.SIGUSR2)
 	defer signal.Stop(usr2)
 	up := &upgrader{log: log, exe: exe, srv: srv, timeout: sf.upgradeTimeout, nbd: listeners,
-		metrics: ml, control: cl, lock: lockFile, serveNBD: serveNBD, handoff: exports.SetHandoff, handed: make(chan struct{})}
+		metrics: ml, control: cl, lock: lockFile, serveNBD: serveNBD, handoff: exports.SetHandoff, gate: gate, handed: make(chan struct{})}
 	if ownSocket {
 		up.ownSocket = sock
 	}

@@ -36,6 +36,7 @@ import (
 
 	"goldilocks/audit"
 	"goldilocks/gateway"
+	"goldilocks/internal/control"
 )
 
 // upgradeEnv names the descriptor of the handover socket in the new process.
@@ -146,6 +147,7 @@ type upgrader struct {
 	ownSocket string             // the Unix socket file this gateway made, or ""
 	serveNBD  func(net.Listener) // starts serving a listener again (rollback)
 	handoff   func(bool)         // volumes released meanwhile are handed off, not closed (volume.Exports.SetHandoff)
+	gate      *control.Gate      // control operations, paused while the volumes go to the new process
 	handed    chan struct{}      // closed once the new process has everything
 }
 
@@ -268,6 +270,7 @@ func (u *upgrader) upgrade() (err error) {
 		if h != nil {
 			h.Abort()
 		}
+		u.gate.Resume()
 		var ls []net.Listener
 		for _, f := range keep {
 			if l, err := net.FileListener(f); err == nil {
@@ -283,6 +286,12 @@ func (u *upgrader) upgrade() (err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), u.timeout)
 	defer cancel()
 	u.handoff(true) // the new gateway opens the volumes right after: no checkpoint at close
+	// A running rekey holds its volume: it stops at a point it resumes
+	// from, and its client calls again (the new gateway answers).
+	rekeys, err := u.gate.Pause(ctx)
+	if err != nil {
+		return rollback(err)
+	}
 	h, err = u.srv.Handover(ctx)
 	if err != nil {
 		h = nil // Handover resumed them itself
@@ -310,7 +319,7 @@ func (u *upgrader) upgrade() (err error) {
 	stall := time.Since(stalled)
 	notify(u.log, "MAINPID="+strconv.Itoa(cmd.Process.Pid))
 	u.log.Info("upgrade: the new gateway serves", "event", audit.EvGatewayUpgrade, "pid", cmd.Process.Pid,
-		"old_version", buildVersion(), "new_version", newVersion, "connections", len(h.Conns),
+		"old_version", buildVersion(), "new_version", newVersion, "connections", len(h.Conns), "rekeys_resumed", rekeys,
 		"stall_ms", stall.Milliseconds(), "stop_ms", stopped.Milliseconds(), "took_ms", time.Since(t0).Milliseconds())
 	close(u.handed)
 	return nil

@@ -8,7 +8,10 @@
 //
 // Protocol: POST a JSON body; the answer is JSON Lines, each one
 // {"progress":{"done":N,"total":M}}, then one {"result":…} or
-// {"error":"…"} last.
+// {"error":"…"} last. During an upgrade in place (Gate) a new request is
+// answered 503, and a rekey that was running ends with
+// {"error":"…","retry":true}: the same request succeeds against the
+// gateway that serves the socket next.
 package control
 
 import (
@@ -40,6 +43,7 @@ type line struct {
 	Progress *progress       `json:"progress,omitempty"`
 	Result   json.RawMessage `json:"result,omitempty"`
 	Error    string          `json:"error,omitempty"`
+	Retry    bool            `json:"retry,omitempty"` // ErrUpgrading
 }
 
 type progress struct {
@@ -66,8 +70,29 @@ type ReleaseResult struct {
 }
 
 // Handler serves the control API over keys, and volume releases through
-// release (nil: none).
-func Handler(keys *volume.Keys, release Releaser, log *slog.Logger) http.Handler {
+// release (nil: none). Every operation goes through gate (nil: one that
+// never pauses); a rekey is the one it interrupts.
+func Handler(keys *volume.Keys, release Releaser, gate *Gate, log *slog.Logger) http.Handler {
+	if gate == nil {
+		gate = NewGate(false)
+	}
+	run := func(w http.ResponseWriter, r *http.Request, interruptible bool, fn func(ctx context.Context, p func(done, total uint64)) (any, error)) {
+		ctx, end, err := gate.begin(r.Context(), interruptible)
+		if err != nil {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		defer end()
+		stream(w, func(p func(done, total uint64)) (any, error) {
+			res, err := fn(ctx, p)
+			if err != nil && errors.Is(context.Cause(ctx), ErrUpgrading) {
+				log.Info("control: operation stopped for an upgrade in place; the client resumes it", "path", r.URL.Path, "err", err)
+				err = ErrUpgrading
+			}
+			return res, err
+		})
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/volumes/release", func(w http.ResponseWriter, r *http.Request) {
 		var o releaseRequest
@@ -75,9 +100,9 @@ func Handler(keys *volume.Keys, release Releaser, log *slog.Logger) http.Handler
 			http.Error(w, "bad request: a volume name is required", http.StatusBadRequest)
 			return
 		}
-		stream(w, func(func(done, total uint64)) (any, error) {
+		run(w, r, false, func(ctx context.Context, _ func(done, total uint64)) (any, error) {
 			log.Info("control: volume release", "volume", o.Volume)
-			n, err := release(r.Context(), o.Volume)
+			n, err := release(ctx, o.Volume)
 			return ReleaseResult{Sessions: n}, err
 		})
 	})
@@ -87,10 +112,10 @@ func Handler(keys *volume.Keys, release Releaser, log *slog.Logger) http.Handler
 			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		stream(w, func(p func(done, total uint64)) (any, error) {
+		run(w, r, false, func(ctx context.Context, p func(done, total uint64)) (any, error) {
 			o.Progress = func(d, t int) { p(uint64(d), uint64(t)) }
 			log.Info("control: key rotate", "keys", o.Keys, "all", o.All, "rewrap_only", o.RewrapOnly)
-			return keys.Rotate(r.Context(), o)
+			return keys.Rotate(ctx, o)
 		})
 	})
 	mux.HandleFunc("POST /v1/keys/rekey", func(w http.ResponseWriter, r *http.Request) {
@@ -99,10 +124,10 @@ func Handler(keys *volume.Keys, release Releaser, log *slog.Logger) http.Handler
 			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		stream(w, func(p func(done, total uint64)) (any, error) {
+		run(w, r, true, func(ctx context.Context, p func(done, total uint64)) (any, error) {
 			o.Progress = p
 			log.Info("control: key rekey", "volume", o.Volume, "rate", o.Rate)
-			return struct{}{}, keys.Rekey(r.Context(), o.Volume, o.RekeyOptions)
+			return struct{}{}, keys.Rekey(ctx, o.Volume, o.RekeyOptions)
 		})
 	})
 	return mux
@@ -136,7 +161,7 @@ func stream(w http.ResponseWriter, fn func(progress func(done, total uint64)) (a
 	if err != nil {
 		// A partial result (a rotation with failures) goes with the error.
 		b, _ := json.Marshal(res)
-		send(line{Result: b, Error: err.Error()})
+		send(line{Result: b, Error: err.Error(), Retry: errors.Is(err, ErrUpgrading)})
 		return
 	}
 	b, _ := json.Marshal(res)
@@ -176,6 +201,7 @@ func Dial(dataDir string) (*Client, error) {
 	}
 	c.Close()
 	return &Client{hc: &http.Client{Transport: &http.Transport{
+		DisableKeepAlives: true, // a retry after an upgrade reaches the new gateway, not a connection to the old one
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
@@ -199,6 +225,9 @@ func (c *Client) call(ctx context.Context, path string, body any, p func(done, t
 		return fmt.Errorf("gateway control socket: %w", err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		return ErrUpgrading
+	}
 	if resp.StatusCode != http.StatusOK {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		return fmt.Errorf("gateway control socket: %s: %s", resp.Status, msg)
@@ -220,6 +249,9 @@ func (c *Client) call(ctx context.Context, path string, body any, p func(done, t
 			if err := json.Unmarshal(l.Result, out); err != nil {
 				return fmt.Errorf("gateway control socket: bad result: %w", err)
 			}
+		}
+		if l.Retry {
+			return ErrUpgrading
 		}
 		if l.Error != "" {
 			return errors.New(l.Error)
@@ -244,9 +276,31 @@ func (c *Client) Rotate(ctx context.Context, o volume.RotateOptions) (volume.Rot
 }
 
 // Rekey runs a rekey in the gateway; cancelling ctx stops it (resumable).
+// An upgrade in place stops it too: Rekey then calls again, every
+// RetryEvery for up to RetryFor, and the gateway that serves the socket
+// next resumes it.
 func (c *Client) Rekey(ctx context.Context, name string, o volume.RekeyOptions) error {
-	return c.call(ctx, "/v1/keys/rekey", rekeyRequest{Volume: name, RekeyOptions: o}, o.Progress, nil)
+	var waited time.Duration
+	for {
+		err := c.call(ctx, "/v1/keys/rekey", rekeyRequest{Volume: name, RekeyOptions: o}, o.Progress, nil)
+		if !errors.Is(err, ErrUpgrading) || waited >= RetryFor {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(RetryEvery):
+			waited += RetryEvery
+		}
+	}
 }
+
+// How Client.Rekey waits out an upgrade in place: longer than serve's
+// default --upgrade-timeout (30 s) and the new gateway's start.
+const (
+	RetryEvery = 200 * time.Millisecond
+	RetryFor   = 2 * time.Minute
+)
 
 // Release ends every session of a volume in the gateway (after the
 // volume left the registry) and returns once the volume is closed.
