@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -448,5 +449,65 @@ func TestUpgradeTLSClientReconnects(t *testing.T) {
 	}
 	if n := strings.Count(g.logText(), "tls=true"); n < 2 {
 		t.Fatalf("%d TLS attaches logged, want the first and the reconnect:\n%s", n, g.logText())
+	}
+}
+
+// An upgrade in the middle of `key rekey` on a volume that a client is
+// writing: the rekey stops in the old gateway at a point it resumes
+// from, the command calls again and the new gateway resumes it; the
+// command ends with success, the volume is rekeyed, the client saw no
+// error and the data it did not touch is intact.
+func TestUpgradeMidRekey(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy")
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "enc", "--size", "128M")
+	g, pidFile := startUpgradable(t, dir, copyBinary(t))
+	src := randomFile(t, 128<<20)
+	run(t, "nbdcopy", src, g.uri("enc"))
+	load := startQemuIOLoad(t, g.unixURI("enc"), 0) // the first 32 MiB
+	load.waitProgress(t, 5)
+
+	rekey := exec.Command(goldilocksBin, "key", "rekey", "enc", "--rate", "16MiB", "--data-dir", dir)
+	out, done := startWatched(t, rekey)
+	for deadline := time.Now().Add(30 * time.Second); !status(t, dir, "enc").Rekeying; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the rekey did not start\n%s", out.String())
+		}
+	}
+	time.Sleep(time.Second) // some 16 MiB re-sealed, of 128
+	upgrade(t, g, pidFile, readPID(t, pidFile))
+	if !strings.Contains(g.logText(), "rekeys_resumed=1") {
+		t.Fatalf("the upgrade did not stop the rekey for the new gateway:\n%s", g.logText())
+	}
+	load.waitProgress(t, 5)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("key rekey across the upgrade: %v\n%s\ngateway:\n%s", err, out.String(), g.logText())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("key rekey did not finish\n%s", out.String())
+	}
+	if st := status(t, dir, "enc"); st.Rekeying {
+		t.Fatalf("after the rekey: %+v", st)
+	}
+	load.finish(t)
+	audit := goldilocks(t, dir, "audit", "export")
+	if !strings.Contains(audit, `"resume":false`) || !strings.Contains(audit, `"resume":true`) || strings.Count(audit, `"rekey_finish"`) != 1 {
+		t.Fatalf("want a rekey requested, a rekey resumed and one rekey_finish:\n%s", audit)
+	}
+	// Above the client's 32 MiB, the volume holds what was copied in.
+	got := filepath.Join(t.TempDir(), "got.raw")
+	run(t, "nbdcopy", g.uri("enc"), got)
+	a, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(a[32<<20:], b[32<<20:]) {
+		t.Fatal("the rekeyed volume differs from what was written, above 32 MiB")
 	}
 }
