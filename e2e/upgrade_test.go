@@ -10,30 +10,42 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 )
 
-// An upgrade in place (SIGUSR2) under running clients that do not
-// reconnect: qemu-io (QEMU's NBD client without reconnect-delay: a
-// dropped connection is an I/O error) and nbdsh (libnbd), over TCP and
-// the Unix socket, on a plain and an encrypted volume, each writing,
-// flushing and reading back what it wrote, while the gateway is
-// upgraded three times. No client sees an error, every read matches,
-// and the audit trail holds the three upgrades.
+// An upgrade in place (SIGUSR2) under 32 running clients that do not
+// reconnect: 16 qemu-io (QEMU's NBD client without reconnect-delay: a
+// dropped connection is an I/O error) and 16 nbdsh (libnbd), one of each
+// on each of 16 volumes (half plain, half encrypted), over TCP and the
+// Unix socket, each writing, flushing and reading back what it wrote,
+// while the gateway is upgraded three times. No client sees an error,
+// every read matches, and the audit trail holds the three upgrades.
 func TestUpgradeUnderLoad(t *testing.T) {
 	need(t, "qemu-io", "nbdsh")
 	dir := t.TempDir()
-	goldilocks(t, dir, "volume", "create", "plain", "--size", "64M", "--plain")
-	goldilocks(t, dir, "volume", "create", "enc", "--size", "64M")
+	for i := range 16 {
+		args := []string{"volume", "create", fmt.Sprintf("v%d", i), "--size", "64M"}
+		if i%2 == 0 {
+			args = append(args, "--plain")
+		}
+		goldilocks(t, dir, args...)
+	}
 	g, pidFile := startUpgradable(t, dir, copyBinary(t))
 	first := readPID(t, pidFile)
 
 	stop := filepath.Join(t.TempDir(), "stop")
 	var clients []*loadClient
-	clients = append(clients, startQemuIOLoad(t, g.unixURI("plain"), 0), startQemuIOLoad(t, g.uri("enc"), 1))
-	clients = append(clients, startNbdshLoad(t, g.uri("plain"), stop, 2), startNbdshLoad(t, g.unixURI("enc"), stop, 3))
+	for i := range 16 {
+		v := fmt.Sprintf("v%d", i)
+		tcp, unix := g.uri(v), g.unixURI(v)
+		if i%4 >= 2 {
+			tcp, unix = unix, tcp
+		}
+		clients = append(clients, startQemuIOLoad(t, unix, i), startNbdshLoad(t, tcp, stop, i))
+	}
 	for _, c := range clients {
 		c.waitProgress(t, 5)
 	}
@@ -47,6 +59,9 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 	os.WriteFile(stop, nil, 0o600)
 	for _, c := range clients {
+		c.end() // all at once: each has its queued commands to run first
+	}
+	for _, c := range clients {
 		c.finish(t)
 	}
 	stalls := regexp.MustCompile(`stall_ms=(\d+)`).FindAllStringSubmatch(g.logText(), -1)
@@ -59,12 +74,12 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 	t.Logf("stall per upgrade (ms): %s", strings.Join(ms, ", "))
 	audit := goldilocks(t, dir, "audit", "export")
-	if n := strings.Count(audit, `"gateway_upgrade"`); n != 3 {
-		t.Fatalf("%d gateway_upgrade records, want 3:\n%s", n, audit)
+	if n := strings.Count(audit, `"gateway_upgrade"`); n != 3 || strings.Count(audit, `"connections":32`) != 3 {
+		t.Fatalf("%d gateway_upgrade records, want 3 with 32 connections each:\n%s", n, audit)
 	}
 	// A new client sees what the last writes left: the load's own
 	// read-backs checked every write; here the gateway still serves.
-	run(t, "qemu-io", "-f", "raw", "-c", "read 0 64k", g.unixURI("enc"))
+	run(t, "qemu-io", "-f", "raw", "-c", "read 0 64k", g.unixURI("v1"))
 }
 
 // A new gateway that cannot take over leaves the old one serving, its
@@ -119,6 +134,9 @@ func TestUpgradeRollback(t *testing.T) {
 		t.Logf("rollback %d (%s) logged", i+1, tc.name)
 	}
 	os.WriteFile(stop, nil, 0o600)
+	for _, c := range clients {
+		c.end() // all at once: each has its queued commands to run first
+	}
 	for _, c := range clients {
 		c.finish(t)
 	}
@@ -227,8 +245,12 @@ type loadClient struct {
 	out   *lockedBuffer
 	done  chan error
 	quit  chan struct{}
+	once  sync.Once // closes quit
 	count func() int
 }
+
+// end tells the client to stop (finish waits for it).
+func (c *loadClient) end() { c.once.Do(func() { close(c.quit) }) }
 
 // startQemuIOLoad feeds qemu-io commands on its standard input: 64 KiB
 // writes of a pattern, a flush, and reads that check the pattern, each
@@ -328,7 +350,7 @@ func (c *loadClient) waitProgress(t *testing.T, n int) {
 // finish ends the client and checks that it saw no error.
 func (c *loadClient) finish(t *testing.T) {
 	t.Helper()
-	close(c.quit)
+	c.end()
 	select {
 	case err := <-c.done:
 		out := c.out.String()
