@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"goldilocks/internal/vaulttest"
 )
 
 // An upgrade in place (SIGUSR2) under 32 running clients that do not
@@ -531,5 +534,76 @@ func TestUpgradeMidRekey(t *testing.T) {
 	}
 	if !bytes.Equal(a[32<<20:], b[32<<20:]) {
 		t.Fatal("the rekeyed volume differs from what was written, above 32 MiB")
+	}
+}
+
+// A Vault that hangs for the new gateway (it accepts and never answers)
+// while the old one reaches it: the new gateway opens the plain volume,
+// then waits on Vault for the encrypted one past --upgrade-timeout. The
+// old gateway kills it first, which frees the plain volume, and then
+// resumes its connections; their clients see a pause, no error. The next
+// upgrade, with Vault reachable, goes through.
+func TestUpgradeRollbackVaultHangs(t *testing.T) {
+	need(t, "qemu-io", "nbdsh")
+	v := vaulttest.Start(t, vaulttest.Options{})
+	v.Setenv(t)
+	hang, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hang.Close()
+	go func() {
+		var held []net.Conn // read nothing, answer nothing
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := hang.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "plain", "--size", "64M", "--plain")
+	goldilocks(t, dir, "volume", "create", "vlt", "--size", "64M", "--kek", "vault:vms")
+	bin := copyBinary(t)
+	real := bin + ".real"
+	if err := os.Link(bin, real); err != nil {
+		t.Fatal(err)
+	}
+	g, pidFile := startUpgradable(t, dir, bin, "--upgrade-timeout", "3s")
+	pid := readPID(t, pidFile)
+	stop := filepath.Join(t.TempDir(), "stop")
+	clients := []*loadClient{startQemuIOLoad(t, g.unixURI("plain"), 0), startNbdshLoad(t, g.uri("vlt"), stop, 1)}
+	for _, c := range clients {
+		c.waitProgress(t, 5)
+	}
+	replaceBinary(t, bin, "#!/bin/sh\nVAULT_ADDR=http://"+hang.Addr().String()+" exec "+real+" \"$@\"\n")
+	syscall.Kill(pid, syscall.SIGUSR2)
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(g.logText(), "upgrade failed"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no rollback logged\n%s", g.logText())
+		}
+	}
+	if log := g.logText(); !strings.Contains(log, "did not take the connections") || !strings.Contains(log, "volume open for a handed connection\" volume=plain") {
+		t.Fatalf("want a rollback after the new gateway opened the plain volume:\n%s", log)
+	}
+	for _, c := range clients {
+		c.waitProgress(t, 5)
+	}
+	replaceBinary(t, bin, "#!/bin/sh\nexec "+real+" \"$@\"\n")
+	if p := upgrade(t, g, pidFile, pid); p == pid {
+		t.Fatal("the second upgrade left the old gateway")
+	}
+	for _, c := range clients {
+		c.waitProgress(t, 5)
+	}
+	os.WriteFile(stop, nil, 0o600)
+	for _, c := range clients {
+		c.finish(t)
 	}
 }

@@ -525,7 +525,7 @@ func serve(a *app, sf serveFlags) (err error) {
 	}
 
 	if uc != nil {
-		adopted, err := uc.takeOver(srv)
+		adopted, err := uc.takeOver(srv, log)
 		if err != nil {
 			return err
 		}

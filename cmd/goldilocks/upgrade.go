@@ -431,7 +431,7 @@ func (uc *upgradeChild) close() {
 // takeOver says ready, adopts the connections the old process sends and,
 // once all are open, waits for the commit. The returned connections are
 // then this process's to start.
-func (uc *upgradeChild) takeOver(srv *gateway.Server) ([]*gateway.Adopted, error) {
+func (uc *upgradeChild) takeOver(srv *gateway.Server, log *slog.Logger) ([]*gateway.Adopted, error) {
 	if err := sendMsg(uc.fd, upgradeMsg{Kind: "ready", Version: buildVersion()}); err != nil {
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
@@ -483,7 +483,11 @@ func (uc *upgradeChild) takeOver(srv *gateway.Server) ([]*gateway.Adopted, error
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
+			t := time.Now()
 			res[i], errs[i] = srv.Adopt(h.f, h.st)
+			if errs[i] == nil {
+				log.Info("upgrade: volume open for a handed connection", "volume", h.st.Export, "open_ms", time.Since(t).Milliseconds())
+			}
 		}()
 	}
 	wg.Wait()
