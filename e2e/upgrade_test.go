@@ -120,6 +120,12 @@ func TestUpgradeRollback(t *testing.T) {
 		replaceBinary(t, bin, tc.script)
 		before := strings.Count(g.logText(), "upgrade failed")
 		syscall.Kill(pid, syscall.SIGUSR2)
+		if tc.name == "never answers" {
+			// One upgrade at a time: a second SIGUSR2 meanwhile is refused.
+			waitLog(t, g, "upgrade: starting the new gateway", i+1)
+			syscall.Kill(pid, syscall.SIGUSR2)
+			waitLog(t, g, "an upgrade is already running", 1)
+		}
 		deadline := time.Now().Add(30 * time.Second)
 		for strings.Count(g.logText(), "upgrade failed") == before && time.Now().Before(deadline) {
 			time.Sleep(50 * time.Millisecond)
@@ -142,6 +148,9 @@ func TestUpgradeRollback(t *testing.T) {
 	}
 	for _, c := range clients {
 		c.finish(t)
+	}
+	if n := strings.Count(g.logText(), "upgrade: starting the new gateway"); n != 3 {
+		t.Fatalf("%d new gateways started for 4 SIGUSR2, want 3 (one refused while another ran)", n)
 	}
 	audit := goldilocks(t, dir, "audit", "export")
 	if n := strings.Count(audit, `"gateway_upgrade_failed"`); n != 3 {
