@@ -436,7 +436,7 @@ func TestUpgrade32Clients(t *testing.T) {
 	case <-time.After(3 * time.Minute):
 		t.Fatalf("fio did not finish\n%s", out.String())
 	}
-	stalls := regexp.MustCompile(`connections=32 stall_ms=(\d+)`).FindAllStringSubmatch(g.logText(), -1)
+	stalls := regexp.MustCompile(`connections=32 .*?stall_ms=(\d+)`).FindAllStringSubmatch(g.logText(), -1)
 	if len(stalls) != 2 {
 		t.Fatalf("%d upgrades handed over 32 connections, want 2\n%s", len(stalls), g.logText())
 	}
