@@ -1133,3 +1133,107 @@ func TestHomesDuringCheckpointReadNothing(t *testing.T) {
 	md.check(t, m, chunks, "after the checkpoint")
 	md.check(t, h.open(), chunks, "reopened")
 }
+
+// Changed against a brute-force model: every chunk's last committed
+// change (the commit sequence) and the staged ones, for every since from
+// before the first commit to the last, across checkpointed, logged and
+// staged entries; and a reopened map answers "changed since the last
+// checkpoint but one" by reading only the subtrees that changed.
+func TestChanged(t *testing.T) {
+	const chunks = 2*LeafFanout*InteriorFanout + 5 // three levels
+	h := newHarness(t, chunks, 64, 1<<20)
+	m := h.open()
+	md := model{}
+	rng := rand.New(rand.NewPCG(5, 6))
+	changedAt := map[uint64]uint64{} // chunk -> commit of its last change
+	var seqs []uint64
+	round := func(n int, commit bool) {
+		var p []uint64
+		for range n {
+			c := uint64(rng.IntN(chunks))
+			if rng.IntN(5) == 0 {
+				md.unmap(m, c) // a TRIM is a change too
+			} else {
+				md.write(t, m, c, 1)
+			}
+			p = append(p, c)
+		}
+		if commit {
+			md.commit(t, m, p)
+			for _, c := range p {
+				changedAt[c] = m.Seq()
+			}
+			seqs = append(seqs, m.Seq())
+		}
+	}
+	round(300, true)
+	round(50, true)
+	if err := m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	round(40, true) // logged
+	round(5, true)
+	staged := map[uint64]bool{}
+	for range 7 { // staged, not committed
+		c := uint64(rng.IntN(chunks))
+		md.write(t, m, c, 2)
+		staged[c] = true
+	}
+	brute := func(from, to, since uint64, maxRuns int) []Run {
+		var out []Run
+		for c := from; c < to; c++ {
+			ch := staged[c] || changedAt[c] > since
+			if k := len(out); k > 0 && out[k-1].Mapped == ch {
+				out[k-1].Chunks++
+				continue
+			}
+			if len(out) == maxRuns {
+				break
+			}
+			out = append(out, Run{1, ch})
+		}
+		return out
+	}
+	for _, since := range append([]uint64{0}, seqs...) {
+		for _, r := range [][3]uint64{{0, chunks, 100000}, {0, chunks, 3}, {LeafFanout - 5, LeafFanout + 10, 100}} {
+			got, err := m.Changed(nil, r[0], r[1], since, int(r[2]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := brute(r[0], r[1], since, int(r[2])); !reflect.DeepEqual(got, want) {
+				i := 0
+				for i < min(len(got), len(want)) && got[i] == want[i] {
+					i++
+				}
+				t.Fatalf("Changed(%d, %d, since %d, %d): %d runs, want %d; first difference at run %d: %v, want %v",
+					r[0], r[1], since, r[2], len(got), len(want), i, got[i:min(i+3, len(got))], want[i:min(i+3, len(want))])
+			}
+		}
+	}
+	// Checkpointed, reopened: changes after the commit before the last
+	// one are in one subtree path each; nothing else is read.
+	if err := m.Commit(noQuiesce); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	last := m.Seq()
+	md.write(t, m, 7, 3)
+	md.commit(t, m, []uint64{7})
+	if err := m.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	m = h.open()
+	h.dev.reads = 0
+	got, err := m.Changed(nil, 0, chunks, last, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []Run{{7, false}, {1, true}, {chunks - 8, false}}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("changed since %d: %v, want %v", last, got, want)
+	}
+	if h.dev.reads > h.g.Levels {
+		t.Errorf("changed since %d read %d blocks, want at most the path to chunk 7 (%d)", last, h.dev.reads, h.g.Levels)
+	}
+}
