@@ -92,21 +92,8 @@ func TestUpgradeUnderLoad(t *testing.T) {
 // rolls back after the handover began.
 func TestUpgradeRollback(t *testing.T) {
 	need(t, "qemu-io", "nbdsh")
-	dir := t.TempDir()
-	goldilocks(t, dir, "volume", "create", "plain", "--size", "64M", "--plain")
-	goldilocks(t, dir, "volume", "create", "enc", "--size", "64M")
-	bin := copyBinary(t)
-	real := bin + ".real"
-	if err := os.Link(bin, real); err != nil {
-		t.Fatal(err)
-	}
-	g, pidFile := startUpgradable(t, dir, bin, "--upgrade-timeout", "3s")
-	pid := readPID(t, pidFile)
-	stop := filepath.Join(t.TempDir(), "stop")
-	clients := []*loadClient{startQemuIOLoad(t, g.unixURI("plain"), 0), startNbdshLoad(t, g.uri("enc"), stop, 1)}
-	for _, c := range clients {
-		c.waitProgress(t, 5)
-	}
+	r := startRollbackRig(t)
+	dir, bin, real, g, pidFile, pid, stop, clients := r.dir, r.bin, r.real, r.g, r.pidFile, r.pid, r.stop, r.clients
 	for i, tc := range []struct {
 		name, script, logged string
 	}{
@@ -156,6 +143,38 @@ func TestUpgradeRollback(t *testing.T) {
 	if n := strings.Count(audit, `"gateway_upgrade_failed"`); n != 3 {
 		t.Fatalf("%d gateway_upgrade_failed records, want 3:\n%s", n, audit)
 	}
+}
+
+// rollbackRig is a gateway that can be upgraded, from a binary at bin
+// (replaced by the tests; the real one stays at real), upgrades time out
+// after 3 s, serving volume "plain" and the encrypted "enc" (created
+// with encArgs), each under a client (qemu-io and nbdsh) that is making
+// progress.
+type rollbackRig struct {
+	dir, bin, real, pidFile, stop string
+	g                             *gw
+	pid                           int
+	clients                       []*loadClient
+}
+
+func startRollbackRig(t *testing.T, encArgs ...string) *rollbackRig {
+	t.Helper()
+	r := &rollbackRig{dir: t.TempDir()}
+	goldilocks(t, r.dir, "volume", "create", "plain", "--size", "64M", "--plain")
+	goldilocks(t, r.dir, append([]string{"volume", "create", "enc", "--size", "64M"}, encArgs...)...)
+	r.bin = copyBinary(t)
+	r.real = r.bin + ".real"
+	if err := os.Link(r.bin, r.real); err != nil {
+		t.Fatal(err)
+	}
+	r.g, r.pidFile = startUpgradable(t, r.dir, r.bin, "--upgrade-timeout", "3s")
+	r.pid = readPID(t, r.pidFile)
+	r.stop = filepath.Join(t.TempDir(), "stop")
+	r.clients = []*loadClient{startQemuIOLoad(t, r.g.unixURI("plain"), 0), startNbdshLoad(t, r.g.uri("enc"), r.stop, 1)}
+	for _, c := range r.clients {
+		c.waitProgress(t, 5)
+	}
+	return r
 }
 
 // copyBinary copies the gateway to a path of the test's own, which an
@@ -576,21 +595,8 @@ func TestUpgradeRollbackVaultHangs(t *testing.T) {
 			held = append(held, c)
 		}
 	}()
-	dir := t.TempDir()
-	goldilocks(t, dir, "volume", "create", "plain", "--size", "64M", "--plain")
-	goldilocks(t, dir, "volume", "create", "vlt", "--size", "64M", "--kek", "vault:vms")
-	bin := copyBinary(t)
-	real := bin + ".real"
-	if err := os.Link(bin, real); err != nil {
-		t.Fatal(err)
-	}
-	g, pidFile := startUpgradable(t, dir, bin, "--upgrade-timeout", "3s")
-	pid := readPID(t, pidFile)
-	stop := filepath.Join(t.TempDir(), "stop")
-	clients := []*loadClient{startQemuIOLoad(t, g.unixURI("plain"), 0), startNbdshLoad(t, g.uri("vlt"), stop, 1)}
-	for _, c := range clients {
-		c.waitProgress(t, 5)
-	}
+	r := startRollbackRig(t, "--kek", "vault:vms")
+	bin, real, g, pidFile, pid, stop, clients := r.bin, r.real, r.g, r.pidFile, r.pid, r.stop, r.clients
 	replaceBinary(t, bin, "#!/bin/sh\nVAULT_ADDR=http://"+hang.Addr().String()+" exec "+real+" \"$@\"\n")
 	syscall.Kill(pid, syscall.SIGUSR2)
 	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(g.logText(), "upgrade failed"); time.Sleep(50 * time.Millisecond) {

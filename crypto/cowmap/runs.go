@@ -88,42 +88,27 @@ func (m *Map) runs(dst []Run, from, to uint64, maxRuns int, prop func(e *Entry, 
 // treeRun returns how many chunks from c (below limit) share c's state in
 // the tree.
 func (m *Map) treeRun(c, limit uint64) (uint64, bool, error) {
-	m.treeMu.RLock()
-	defer m.treeMu.RUnlock()
-	ref := m.state.Root
-	for level := m.top; ; level-- {
-		idx := c / span(level)
-		if ref.Absent() {
-			end := min(limit, (idx+1)*span(level))
-			return end - c, false, nil
-		}
-		n, err := m.load(level, idx, ref)
-		if err != nil {
-			return 0, false, err
-		}
-		if level == 0 {
-			i := int(c % LeafFanout)
-			mapped := n.entry(i).Mapped()
-			k := uint64(1)
-			for i+int(k) < LeafFanout && c+k < limit && n.entry(i+int(k)).Mapped() == mapped {
-				k++
-			}
-			return k, mapped, nil
-		}
-		ref = n.ref(int((c / span(level-1)) % InteriorFanout))
-	}
+	return m.treeWalk(c, limit, func(Ref) bool { return false }, (*Entry).Mapped)
 }
 
 // treeChanged returns how many chunks from c (below limit) share c's
 // "changed after since" in the tree: a subtree whose maximum generation is
 // at most since is unchanged as a whole, and is not read.
 func (m *Map) treeChanged(c, limit, since uint64) (uint64, bool, error) {
+	return m.treeWalk(c, limit, func(r Ref) bool { return r.MaxGen <= since },
+		func(e *Entry) bool { return e.Gen() > since })
+}
+
+// treeWalk returns how many chunks from c (below limit) share prop's
+// value in the tree. An absent subtree, and one that unchanged reports,
+// is false as a whole and is not read.
+func (m *Map) treeWalk(c, limit uint64, unchanged func(Ref) bool, prop func(*Entry) bool) (uint64, bool, error) {
 	m.treeMu.RLock()
 	defer m.treeMu.RUnlock()
 	ref := m.state.Root
 	for level := m.top; ; level-- {
 		idx := c / span(level)
-		if ref.Absent() || ref.MaxGen <= since {
+		if ref.Absent() || unchanged(ref) {
 			end := min(limit, (idx+1)*span(level))
 			return end - c, false, nil
 		}
@@ -133,12 +118,12 @@ func (m *Map) treeChanged(c, limit, since uint64) (uint64, bool, error) {
 		}
 		if level == 0 {
 			i := int(c % LeafFanout)
-			changed := n.entry(i).Gen() > since
+			on := prop(n.entry(i))
 			k := uint64(1)
-			for i+int(k) < LeafFanout && c+k < limit && (n.entry(i+int(k)).Gen() > since) == changed {
+			for i+int(k) < LeafFanout && c+k < limit && prop(n.entry(i+int(k))) == on {
 				k++
 			}
-			return k, changed, nil
+			return k, on, nil
 		}
 		ref = n.ref(int((c / span(level-1)) % InteriorFanout))
 	}
