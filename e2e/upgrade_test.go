@@ -29,13 +29,7 @@ import (
 func TestUpgradeUnderLoad(t *testing.T) {
 	need(t, "qemu-io", "nbdsh")
 	dir := t.TempDir()
-	for i := range 16 {
-		args := []string{"volume", "create", fmt.Sprintf("v%d", i), "--size", "64M"}
-		if i%2 == 0 {
-			args = append(args, "--plain")
-		}
-		goldilocks(t, dir, args...)
-	}
+	createHalfPlain(t, dir, 16, "64M")
 	g, pidFile := startUpgradable(t, dir, copyBinary(t))
 	first := readPID(t, pidFile)
 
@@ -142,6 +136,19 @@ func TestUpgradeRollback(t *testing.T) {
 	audit := goldilocks(t, dir, "audit", "export")
 	if n := strings.Count(audit, `"gateway_upgrade_failed"`); n != 3 {
 		t.Fatalf("%d gateway_upgrade_failed records, want 3:\n%s", n, audit)
+	}
+}
+
+// createHalfPlain creates volumes v0 … v(n-1) of size, the even ones
+// plain, the odd ones encrypted.
+func createHalfPlain(t *testing.T, dir string, n int, size string) {
+	t.Helper()
+	for i := range n {
+		args := []string{"volume", "create", fmt.Sprintf("v%d", i), "--size", size}
+		if i%2 == 0 {
+			args = append(args, "--plain")
+		}
+		goldilocks(t, dir, args...)
 	}
 }
 
@@ -411,13 +418,7 @@ func TestUpgrade32Clients(t *testing.T) {
 	dir := t.TempDir()
 	var jobs strings.Builder
 	jobs.WriteString("[global]\nioengine=nbd\nrw=randwrite\nbs=4k\niodepth=4\nsize=8m\nloops=4\nverify=crc32c\nverify_backlog=64\nverify_state_save=0\nfsync=16\nthread=1\n")
-	for i := range 32 {
-		args := []string{"volume", "create", fmt.Sprintf("v%d", i), "--size", "8M"}
-		if i%2 == 0 {
-			args = append(args, "--plain")
-		}
-		goldilocks(t, dir, args...)
-	}
+	createHalfPlain(t, dir, 32, "8M")
 	g, pidFile := startUpgradable(t, dir, copyBinary(t))
 	for i := range 32 {
 		fmt.Fprintf(&jobs, "[v%d]\nuri=%s\n", i, g.unixURI(fmt.Sprintf("v%d", i)))
