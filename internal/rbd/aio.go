@@ -173,8 +173,17 @@ func (a *aio) do(op C.int, off int64, p []byte) int64 {
 	return ret
 }
 
-// close stops the completion reader: every request has completed (the
-// image was closed, which waits for them).
+// quiesce waits until no request is in flight and lets none start: it
+// takes every slot (a request gives its slot back only once its completion
+// has arrived). Then no callback of librbd's can write to the pipe any
+// more, whose descriptor close frees for reuse.
+func (a *aio) quiesce() {
+	for range aioSlots {
+		<-a.free
+	}
+}
+
+// close stops the completion reader, after quiesce.
 func (a *aio) close() {
 	unix.Close(a.wfd)
 	a.wg.Wait()

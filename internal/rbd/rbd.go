@@ -300,8 +300,11 @@ func (i *Image) Limit(size int64) {
 
 // Close closes the image and the cluster connection.
 func (i *Image) Close() error {
+	if i.aio != nil {
+		i.aio.quiesce()
+	}
 	i.releaseLease()
-	err := i.img.Close() // waits for every request in flight
+	err := i.img.Close()
 	if i.aio != nil {
 		i.aio.close()
 	}
