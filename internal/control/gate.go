@@ -26,7 +26,7 @@ type Gate struct {
 }
 
 type gateOp struct {
-	cancel        context.CancelCauseFunc // nil: not interruptible
+	cancel        context.CancelCauseFunc // Pause cancels an interruptible one with ErrUpgrading
 	done          chan struct{}
 	interruptible bool
 }

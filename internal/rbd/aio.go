@@ -64,6 +64,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// Operations of gl_submit.
+const (
+	opRead  C.int = 0
+	opWrite C.int = 1
+	opFlush C.int = 2
+)
+
 // aioSlots is how many requests one image has in flight through librbd's
 // asynchronous calls; more wait for a slot.
 const aioSlots = 256

@@ -144,7 +144,7 @@ func (i *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, block.ErrOutOfRange
 	}
 	if i.aio != nil {
-		if ret := i.aio.do(0, off, p); ret != int64(len(p)) {
+		if ret := i.aio.do(opRead, off, p); ret != int64(len(p)) {
 			return 0, fmt.Errorf("rbd %s: read %d bytes at %d: %w", i.spec, len(p), off, shortOr(ret))
 		}
 		return len(p), nil
@@ -163,7 +163,7 @@ func (i *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	if i.aio != nil {
 		// A write completes with 0 (a read with the bytes it read).
-		if ret := i.aio.do(1, off, p); ret != 0 && ret != int64(len(p)) {
+		if ret := i.aio.do(opWrite, off, p); ret != 0 && ret != int64(len(p)) {
 			return 0, fmt.Errorf("rbd %s: write %d bytes at %d: %w", i.spec, len(p), off, shortOr(ret))
 		}
 		return len(p), nil
@@ -178,7 +178,7 @@ func (i *Image) WriteAt(p []byte, off int64) (int, error) {
 // Flush makes completed writes durable (rbd_flush).
 func (i *Image) Flush() error {
 	if i.aio != nil {
-		if ret := i.aio.do(2, 0, nil); ret < 0 {
+		if ret := i.aio.do(opFlush, 0, nil); ret < 0 {
 			return fmt.Errorf("rbd %s: flush: %w", i.spec, aioErr(ret))
 		}
 		return nil
