@@ -372,6 +372,12 @@ func openBuffered(s *Sealer, c uint64, e *cowmap.Entry, dst []byte, b *chunkBuf)
 // under the chunk's lock; runs of whole chunks are sealed in batches and
 // written with one pwrite per run of neighbouring homes.
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+	v.wgate.RLock()
+	defer v.wgate.RUnlock()
+	return v.writeAt(p, off)
+}
+
+func (v *Volume) writeAt(p []byte, off int64) (int, error) {
 	v.touch()
 	if !block.CheckRange(v.size, off, int64(len(p))) {
 		return 0, block.ErrOutOfRange
@@ -412,6 +418,9 @@ func (v *Volume) writePartial(c uint64, in int, p []byte) error {
 	l := v.lock(c)
 	l.Lock()
 	defer l.Unlock()
+	if err := v.preserve(c, 1); err != nil {
+		return err
+	}
 	if len(p) == ChunkSize {
 		return v.writeChunk(c, p, b)
 	}
@@ -443,6 +452,9 @@ func (v *Volume) writeChunks(first uint64, p []byte) error {
 	defer v.pools.batches.Put(bb)
 	v.lockRange(first, bb.locks[:n])
 	defer v.unlockRange(bb.locks[:n])
+	if err := v.preserve(first, n); err != nil {
+		return err
+	}
 	v.gate.RLock()
 	defer v.gate.RUnlock()
 	homes := bb.homes[:n]
@@ -604,7 +616,10 @@ func (v *Volume) unmapChunk(c uint64) error {
 	defer l.Unlock()
 	e, err := v.m.Lookup(c)
 	if err == nil && e.Mapped() {
-		if err = v.m.Failed(); err == nil {
+		if err = v.preserve(c, 1); err == nil {
+			err = v.m.Failed()
+		}
+		if err == nil {
 			v.m.Set(c, cowmap.Entry{})
 		}
 	}
@@ -617,6 +632,8 @@ func (v *Volume) unmapChunk(c uint64) error {
 // Zero makes the range read as zeros: whole chunks are unmapped (nothing
 // is written and no ciphertext stays referenced), partial ones rewritten.
 func (v *Volume) Zero(off, length int64, _, _ bool) error {
+	v.wgate.RLock()
+	defer v.wgate.RUnlock()
 	v.touch()
 	if !block.CheckRange(v.size, off, length) {
 		return block.ErrOutOfRange
@@ -640,7 +657,7 @@ func (v *Volume) zeroBytes(from, to int64) error {
 	var zeros [ChunkSize]byte
 	for from < to {
 		n := min(to-from, ChunkSize-from%ChunkSize)
-		if _, err := v.WriteAt(zeros[:n], from); err != nil {
+		if _, err := v.writeAt(zeros[:n], from); err != nil {
 			return err
 		}
 		from += n

@@ -105,8 +105,18 @@ type Volume struct {
 	seal       atomic.Uint64 // epoch<<32 | seals in it
 	epochLimit uint64
 
-	keyMu sync.Mutex // one rotation or rekey at a time
-	locks [1024]sync.RWMutex
+	keyMu sync.Mutex // one rotation, rekey or snapshot create at a time
+	// wgate is held shared by every client write, trim and zero for its
+	// whole length, and exclusively by a snapshot's create (and a delete's
+	// last pass): the flush point (snapshot.go). Outside the chunk locks.
+	wgate  sync.RWMutex
+	snapMu sync.Mutex              // one snapshot create or delete at a time; guards views
+	snaps  atomic.Pointer[snapSet] // nil or the snapshots, oldest first
+	// viewMu is held shared by a View's read for its whole length, and
+	// exclusively by a delete while it replaces snaps: no read then uses
+	// a store that the delete closes.
+	viewMu sync.RWMutex
+	locks  [1024]sync.RWMutex
 	// gate is held shared by every write from the Home that chooses
 	// where its data goes to the Set that records it; a commit takes it
 	// exclusively to snapshot the map (quiesce).
@@ -135,6 +145,7 @@ type Volume struct {
 type Pools struct {
 	batches sync.Pool // *batchBuf
 	reads   sync.Pool // *readBuf
+	copies  sync.Pool // *[batchChunks * ChunkSize]byte: a snapshot's copies
 }
 
 // NewPools returns empty pools.
@@ -142,6 +153,7 @@ func NewPools() *Pools {
 	return &Pools{
 		batches: sync.Pool{New: func() any { return new(batchBuf) }},
 		reads:   sync.Pool{New: func() any { return new(readBuf) }},
+		copies:  sync.Pool{New: func() any { return new([batchChunks * ChunkSize]byte) }},
 	}
 }
 
@@ -151,11 +163,12 @@ type chunkBuf struct {
 }
 
 var (
-	_ block.Device   = (*Volume)(nil)
-	_ block.Capable  = (*Volume)(nil)
-	_ block.Trimmer  = (*Volume)(nil)
-	_ block.Zeroer   = (*Volume)(nil)
-	_ block.Extenter = (*Volume)(nil)
+	_ block.Device        = (*Volume)(nil)
+	_ block.Capable       = (*Volume)(nil)
+	_ block.Trimmer       = (*Volume)(nil)
+	_ block.Zeroer        = (*Volume)(nil)
+	_ block.Extenter      = (*Volume)(nil)
+	_ block.ChangeTracker = (*Volume)(nil)
 )
 
 // Format writes a new, empty encrypted volume on store: a fresh random
@@ -270,6 +283,7 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 		DeferCheckpoint: opt.deferCheckpoint,
 		Written:         v.homeWritten(store),
 		Verify:          v.verifyData, WriteHeader: v.writeCheckpoint,
+		BeforeCommit: v.beforeCommit,
 	}, h.MapState())
 	if err != nil {
 		v.integrityFailure("map", err)
@@ -440,7 +454,7 @@ func (v *Volume) Size() int64 { return v.size }
 // kernel as plaintext (no Cache). On a store that can try a read
 // without waiting (a file), so can it (TryReadAt).
 func (v *Volume) Caps() block.Caps {
-	c := block.CanTrim | block.CanZero | block.CanExtents
+	c := block.CanTrim | block.CanZero | block.CanExtents | block.CanChanges
 	if !v.parallel { // a seal and a write to a fast store
 		c |= block.CanFastWrite
 	}
@@ -519,6 +533,9 @@ func (v *Volume) Handoff() error {
 	v.closeOnce.Do(func() {
 		v.stopBackground()
 		err = v.closeStore(v.Flush())
+		if serr := v.closeSnapshots(true); err == nil {
+			err = serr
+		}
 	})
 	return err
 }
@@ -560,6 +577,9 @@ func (v *Volume) Close() error {
 			err = v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: v.m.Seq(), Generation: h.Generation, Epoch: h.Epoch})
 		}
 		err = v.closeStore(err)
+		if serr := v.closeSnapshots(false); err == nil {
+			err = serr
+		}
 	})
 	return err
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -39,6 +40,7 @@ type conn struct {
 	extended   bool   // extended headers: 32-byte requests and reply chunks
 	metaAlloc  bool   // base:allocation selected
 	metaExport string // export named in SET_META_CONTEXT
+	metaSince  string // the snapshot of the selected changed-block context; "" none
 	exp        *Export
 	release    func()
 	flags      uint16 // transmission flags sent to the client
@@ -60,6 +62,7 @@ type conn struct {
 	trimmer       block.Trimmer
 	zeroer        block.Zeroer
 	extenter      block.Extenter
+	changes       block.ChangeTracker
 	prober        block.Prober // the device tells cheaply whether a block holds data; or nil
 	cacher        block.Cacher
 	tryRead       block.TryReader
@@ -320,6 +323,7 @@ func (c *conn) transmit() {
 	dev := c.exp.Device
 	o := block.OptionalOf(dev) // what the device declares (block.Caps)
 	c.trimmer, c.zeroer, c.extenter, c.cacher, c.tryRead = o.Trimmer, o.Zeroer, o.Extenter, o.Cacher, o.TryReader
+	c.changes = o.Changes
 	c.submitter = o.Submitter
 	if c.srv.cfg.MapReads {
 		c.mapper = o.Mapper
@@ -989,31 +993,61 @@ func (c *conn) sendRead(r *request, data []byte) {
 	c.replySimple(r, 0, data)
 }
 
-// blockStatus answers base:allocation with one BLOCK_STATUS chunk.
+// blockStatus answers BLOCK_STATUS with a chunk for each selected
+// context, base:allocation first, sent together (one reply).
 func (c *conn) blockStatus(r *request) {
 	off, n := int64(r.off), int64(r.length)
 	max := 1024
 	if r.flags&nbdproto.CmdFlagReqOne != 0 {
 		max = 1
 	}
-	r.extents = r.extents[:0]
+	out := r.bsReply[:0]
 	var err error
-	if c.extenter != nil {
-		r.extents, err = c.extenter.Extents(r.extents, off, n, max)
-	} else {
-		r.extents = append(r.extents, block.Extent{Length: n})
+	if c.metaAlloc {
+		r.extents = r.extents[:0]
+		if c.extenter != nil {
+			r.extents, err = c.extenter.Extents(r.extents, off, n, max)
+		} else {
+			r.extents = append(r.extents, block.Extent{Length: n})
+		}
+		r.extents = tidyExtents(r.extents, n)
+		out = c.appendStatusChunk(out, r, metaBaseAllocID, c.metaSince == "")
 	}
-	r.extents = tidyExtents(r.extents, n)
+	if err == nil && c.metaSince != "" {
+		r.extents = r.extents[:0]
+		if c.changes == nil {
+			err = fmt.Errorf("export %s: %w", c.metaExport, block.ErrNotSupported)
+		} else {
+			r.extents, err = c.changes.ChangedExtents(c.metaSince, r.extents, off, n, max)
+		}
+		r.extents = tidyExtents(r.extents, n)
+		out = c.appendStatusChunk(out, r, metaChangedID, true)
+	}
+	r.bsReply = out
 	if err != nil {
 		c.requestFailed(r, errnoOf(err), err)
 		c.count(r, 0, true)
 		c.replyError(r, errnoOf(err))
 		return
 	}
-	b := binary.BigEndian.AppendUint32(r.bsReply[:0], metaBaseAllocID)
-	typ := nbdproto.ReplyBlockStatus
+	c.count(r, 0, false)
+	c.send(r, out, nil)
+}
+
+// appendStatusChunk appends r.extents to b as one BLOCK_STATUS chunk,
+// header included, of context id.
+func (c *conn) appendStatusChunk(b []byte, r *request, id uint32, done bool) []byte {
+	typ, size := nbdproto.ReplyBlockStatus, 4+8*len(r.extents)
 	if c.extended { // 64-bit descriptors, after their count
-		typ = nbdproto.ReplyBlockStatusExt
+		typ, size = nbdproto.ReplyBlockStatusExt, 8+16*len(r.extents)
+	}
+	var flags uint16
+	if done {
+		flags = nbdproto.ReplyFlagDone
+	}
+	b = append(b, c.chunkHeader(r.hdr[:], r, flags, typ, uint64(size))...)
+	b = binary.BigEndian.AppendUint32(b, id)
+	if c.extended {
 		b = binary.BigEndian.AppendUint32(b, uint32(len(r.extents)))
 	}
 	for _, e := range r.extents {
@@ -1025,9 +1059,7 @@ func (c *conn) blockStatus(r *request) {
 		b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
 		b = binary.BigEndian.AppendUint32(b, e.Flags)
 	}
-	r.bsReply = b
-	c.count(r, 0, false)
-	c.send(r, c.chunkHeader(r.hdr[:], r, nbdproto.ReplyFlagDone, typ, uint64(len(b))), b)
+	return b
 }
 
 // tidyExtents drops the zero-length extents a backend may return (a

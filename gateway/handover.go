@@ -41,6 +41,7 @@ type ConnState struct {
 	Structured bool   `json:"structured,omitempty"`
 	Extended   bool   `json:"extended,omitempty"`
 	MetaAlloc  bool   `json:"meta_alloc,omitempty"` // base:allocation selected
+	MetaSince  string `json:"meta_since,omitempty"` // the changed-block context's snapshot
 	ReadOnly   bool   `json:"read_only,omitempty"`
 	Identity   string `json:"identity,omitempty"` // the policy identity it attached as
 	Recorded   bool   `json:"recorded,omitempty"` // its attach is on the audit trail
@@ -252,7 +253,7 @@ func (c *conn) handed() (*HandedConn, error) {
 	}
 	st := ConnState{
 		Export: c.volume, Flags: c.flags, Structured: c.structured, Extended: c.extended,
-		MetaAlloc: c.metaAlloc, ReadOnly: c.readOnly, Recorded: c.recorded, Started: c.stats.start,
+		MetaAlloc: c.metaAlloc, MetaSince: c.metaSince, ReadOnly: c.readOnly, Recorded: c.recorded, Started: c.stats.start,
 		Ops: make([]uint64, nbdproto.NumCommands), Bytes: make([]uint64, nbdproto.NumCommands),
 		Errors: c.stats.errors.Load(),
 	}
@@ -289,8 +290,8 @@ func (s *Server) Adopt(f *os.File, st ConnState) (*Adopted, error) {
 		return nil, fmt.Errorf("adopting a connection of %s: %w", st.Export, err)
 	}
 	c := s.newConn(nc)
-	c.structured, c.extended, c.metaAlloc = st.Structured, st.Extended, st.MetaAlloc
-	if st.MetaAlloc {
+	c.structured, c.extended, c.metaAlloc, c.metaSince = st.Structured, st.Extended, st.MetaAlloc, st.MetaSince
+	if st.MetaAlloc || st.MetaSince != "" {
 		c.metaExport = st.Export
 	}
 	d := c.decide(st.Export)

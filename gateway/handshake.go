@@ -9,6 +9,7 @@ import (
 	"goldilocks/audit"
 	"io"
 	"slices"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -230,7 +231,7 @@ func (c *conn) attachExport(name string, attach bool) (code uint32, msg string) 
 		return nbdproto.RepErrShutdown, "attach refused: the gateway's audit log cannot be written"
 	}
 	if c.metaExport != name {
-		c.metaAlloc, c.metaExport = false, "" // contexts were negotiated for another export
+		c.metaAlloc, c.metaSince, c.metaExport = false, "", "" // contexts were negotiated for another export
 	}
 	identity := ""
 	if d.g != nil {
@@ -309,7 +310,7 @@ func (c *conn) optStartTLS(w *bufio.Writer, data []byte) error {
 	}
 	c.peerTLS(tc)
 	// Option state from before TLS is forgotten (spec: STARTTLS).
-	c.nc, c.tls, c.structured, c.extended, c.metaAlloc, c.metaExport = tc, true, false, false, false, ""
+	c.nc, c.tls, c.structured, c.extended, c.metaAlloc, c.metaSince, c.metaExport = tc, true, false, false, false, "", ""
 	c.log.Debug("TLS is up", "version", tls.VersionName(tc.ConnectionState().Version))
 	c.rd.Reset(tc)
 	w.Reset(tc)
@@ -412,7 +413,7 @@ func parseMetaContext(data []byte) (name string, queries []string, ok bool) {
 func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 	if opt == nbdproto.OptSetMetaContext {
 		// A SET that fails leaves nothing selected.
-		c.metaAlloc, c.metaExport = false, ""
+		c.metaAlloc, c.metaSince, c.metaExport = false, "", ""
 	}
 	name, queries, ok := parseMetaContext(data)
 	if !ok {
@@ -437,28 +438,55 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 		c.log.Error("listing exports", "err", err)
 		return replyErr(w, opt, nbdproto.RepErrPlatform, "cannot list exports")
 	}
-	if !slices.ContainsFunc(list, func(e ExportInfo) bool { return e.Name == name }) {
+	i := slices.IndexFunc(list, func(e ExportInfo) bool { return e.Name == name })
+	if i < 0 {
 		return replyErr(w, opt, nbdproto.RepErrUnknown, "no such export")
 	}
 	// A grant without block_status gets no context: a client then does
 	// not ask for block status at all (qemu-img map falls back to data).
-	match := d.g.permits(nbdproto.CmdBlockStatus) == 0
-	if match {
-		match = opt == nbdproto.OptListMetaContext && len(queries) == 0
-		for _, q := range queries {
-			if q == nbdproto.MetaBaseAllocation || (opt == nbdproto.OptListMetaContext && q == "base:") {
-				match = true
+	if d.g.permits(nbdproto.CmdBlockStatus) != 0 {
+		return writeOptReply(w, opt, nbdproto.RepAck, nil)
+	}
+	list1 := opt == nbdproto.OptListMetaContext
+	alloc := list1 && len(queries) == 0
+	var changed []string // full context names, in the order found
+	since := ""
+	for _, q := range queries {
+		switch {
+		case q == nbdproto.MetaBaseAllocation || (list1 && q == "base:"):
+			alloc = true
+		case list1 && (q == metaChangedNS || q == metaDirtyNS):
+			for _, s := range list[i].Changed {
+				changed = append(changed, q+s)
+			}
+		default:
+			for _, ns := range []string{metaChangedNS, metaDirtyNS} {
+				if s, ok := strings.CutPrefix(q, ns); ok && slices.Contains(list[i].Changed, s) && (list1 || since == "") {
+					changed = append(changed, q)
+					since = s
+				}
 			}
 		}
 	}
-	id := uint32(0) // LIST: reserved, zero
-	if opt == nbdproto.OptSetMetaContext {
-		c.metaAlloc, c.metaExport = match, name
-		id = metaBaseAllocID
+	if list1 && len(queries) == 0 {
+		for _, s := range list[i].Changed {
+			changed = append(changed, metaChangedNS+s)
+		}
 	}
-	if match {
+	id, cid := uint32(0), uint32(0) // LIST: reserved, zero
+	if opt == nbdproto.OptSetMetaContext {
+		c.metaAlloc, c.metaSince, c.metaExport = alloc, since, name
+		id, cid = metaBaseAllocID, metaChangedID
+	}
+	if alloc {
 		b := binary.BigEndian.AppendUint32(nil, id)
 		if err := writeOptReply(w, opt, nbdproto.RepMetaContext, append(b, nbdproto.MetaBaseAllocation...)); err != nil {
+			return err
+		}
+	}
+	for _, ctx := range changed {
+		b := binary.BigEndian.AppendUint32(nil, cid)
+		if err := writeOptReply(w, opt, nbdproto.RepMetaContext, append(b, ctx...)); err != nil {
 			return err
 		}
 	}

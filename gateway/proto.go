@@ -11,6 +11,10 @@ import (
 const (
 	maxOptionLength = 64 << 10 // longer options are refused with ERR_TOO_BIG
 	metaBaseAllocID = uint32(1)
+	metaChangedID   = uint32(2) // goldilocks:changed:SNAP or qemu:dirty-bitmap:SNAP
+	// Changed-block contexts, with the snapshot's name after the prefix.
+	metaChangedNS = "goldilocks:changed:"
+	metaDirtyNS   = "qemu:dirty-bitmap:"
 )
 
 // commandName names a command for logs and metric labels.

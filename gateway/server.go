@@ -47,6 +47,10 @@ type ExportInfo struct {
 	Name        string
 	Description string
 	Labels      map[string]string // for the policy's label rules
+	// Changed names the points in time (snapshots) whose changed-block
+	// contexts the export offers (goldilocks:changed:NAME and
+	// qemu:dirty-bitmap:NAME): its device is a block.ChangeTracker.
+	Changed []string
 }
 
 // Exports is the set of disks the server offers. The volume registry

@@ -71,7 +71,7 @@ func (c *conn) validate(r *request) uint32 {
 	case r.typ == nbdproto.CmdTrim && c.flags&nbdproto.FlagSendTrim == 0,
 		r.typ == nbdproto.CmdWriteZeroes && c.flags&nbdproto.FlagSendZeroes == 0,
 		r.typ == nbdproto.CmdCache && c.flags&nbdproto.FlagSendCache == 0,
-		r.typ == nbdproto.CmdBlockStatus && !c.metaAlloc:
+		r.typ == nbdproto.CmdBlockStatus && !c.metaAlloc && c.metaSince == "":
 		return nbdproto.ErrnoInval
 	}
 	// Lengths.

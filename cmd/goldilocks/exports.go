@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"fmt"
+	"time"
 
 	"goldilocks/crypto"
 	"goldilocks/crypto/cowmap"
@@ -35,7 +37,15 @@ func (g gatewayExports) List() ([]gateway.ExportInfo, error) {
 	}
 	out := make([]gateway.ExportInfo, 0, len(vols))
 	for _, v := range vols {
-		out = append(out, gateway.ExportInfo{Name: v.Name, Description: volume.Describe(v), Labels: v.Labels})
+		info := gateway.ExportInfo{Name: v.Name, Description: volume.Describe(v), Labels: v.Labels}
+		for _, sn := range v.Snapshots {
+			info.Changed = append(info.Changed, sn.Name)
+		}
+		out = append(out, info)
+		for _, sn := range v.Snapshots { // read-only exports NAME@SNAP
+			out = append(out, gateway.ExportInfo{Name: v.Name + "@" + sn.Name,
+				Description: fmt.Sprintf("snapshot of %s taken %s", volume.Describe(v), sn.Created.Format(time.RFC3339)), Labels: v.Labels})
+		}
 	}
 	return out, nil
 }
@@ -67,6 +77,9 @@ func openError(err error) error {
 
 // Labels is one volume's labels (gateway.Labeler: no listing per attach).
 func (g gatewayExports) Labels(name string) (map[string]string, bool) {
+	if vol, _, ok := volume.SplitSnapshot(name); ok {
+		name = vol // a snapshot has its volume's labels
+	}
 	v, err := g.vols.Get(name)
 	if err != nil {
 		return nil, false

@@ -506,7 +506,8 @@ func serve(a *app, sf serveFlags) (err error) {
 	// A new gateway runs no control operation before it has the volumes
 	// (the old one may hold them until it hands over).
 	gate := control.NewGate(uc != nil)
-	cs := &http.Server{Handler: control.Handler(keys, srv.Detach, gate, log), ReadHeaderTimeout: 5 * time.Second}
+	snaps := &volume.Snapshots{Reg: reg, Open: exports, Log: log, Record: keys.Record, Who: "control-socket"}
+	cs := &http.Server{Handler: control.Handler(keys, snaps, srv.Detach, gate, log), ReadHeaderTimeout: 5 * time.Second}
 	go cs.Serve(cl)
 	defer func() {
 		cs.Close()

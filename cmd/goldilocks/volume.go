@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -20,7 +21,8 @@ func newVolumeCmd(a *app) *cobra.Command {
 	c.AddCommand(newVolumeCreateCmd(a), newVolumeListCmd(a), newVolumeInfoCmd(a),
 		newVolumeImportCmd(a), newVolumeExportCmd(a), newVolumeShredCmd(a))
 	c.AddCommand(newVolumeUpgradeCmd(a), newVolumeDeleteCmd(a), newVolumeResizeCmd(a), newVolumeLabelCmd(a))
-	c.AddCommand(newVolumeAdoptCmd(a), newVolumeReleaseCmd(a), newVolumeBreakLeaseCmd(a))
+	c.AddCommand(newVolumeAdoptCmd(a), newVolumeReleaseCmd(a), newVolumeBreakLeaseCmd(a), newVolumeSnapshotCmd(a))
+	c.AddCommand(newVolumeBackupCmd(a), newVolumeRestoreCmd(a))
 	return c
 }
 
@@ -44,6 +46,8 @@ type volumeJSON struct {
 	HeaderError   string  `json:"header_error,omitempty"`
 	// Warnings (volume info): e.g. the key unsealed beside the data.
 	Warnings []string `json:"warnings,omitempty"`
+	// Snapshots (volume info), oldest first, with the space each holds.
+	Snapshots []volume.SnapshotStatus `json:"snapshots,omitempty"`
 }
 
 func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
@@ -220,6 +224,9 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 			}
 			j := toJSON(reg, v)
 			j.Warnings = volumeWarnings(reg, v)
+			if j.Snapshots, err = (&volume.Snapshots{Reg: reg}).List(v.Name); err != nil {
+				return err
+			}
 			if a.json {
 				return a.printJSON(j)
 			}
@@ -240,6 +247,9 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 			}
 			if j.HeaderError != "" {
 				fmt.Fprintf(tw, "header:\t%s\n", j.HeaderError)
+			}
+			for _, s := range j.Snapshots {
+				fmt.Fprintf(tw, "snapshot:\t%s@%s, %s, holds %s\n", v.Name, s.Name, s.Created.Format(time.RFC3339), units.Format(s.Bytes))
 			}
 			for _, w := range j.Warnings {
 				fmt.Fprintf(tw, "warning:\t%s\n", w)

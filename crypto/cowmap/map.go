@@ -66,6 +66,12 @@ type Config struct {
 	// log: a write into a written block allocates nothing, and the
 	// checkpoint would only have to move it.
 	Written func(c, home uint64) bool
+	// BeforeCommit, if set, runs in every commit that has entries, after
+	// they are taken (writers stopped and released again) and before any
+	// of them is written: what must be durable before them is made so
+	// there (a snapshot's copies, crypto/SNAPSHOTS.md). An error fails the
+	// commit and the map, as a failed flush does.
+	BeforeCommit func() error
 }
 
 // Small writes into the log (FORMAT.md): a commit of at most smallCommit
@@ -752,6 +758,11 @@ func (m *Map) Commit(quiesce func() func()) error {
 	m.small = m.snap.Len() <= smallCommit
 	m.mu.Unlock()
 	release()
+	if m.cfg.BeforeCommit != nil {
+		if err := m.cfg.BeforeCommit(); err != nil {
+			return m.fail(err)
+		}
+	}
 
 	recs, keys := m.snap.sorted(nil, m.keyBuf[:0], m.recBuf[:0])
 	if len(recs) <= smallKeep { // a large commit's buffers are not kept

@@ -131,6 +131,20 @@ type Handoffer interface {
 	Handoff() error
 }
 
+// ChangeTracker is implemented by devices that know which ranges were
+// written since a named point in time (a snapshot): ChangedExtents appends
+// at most max extents describing [off, off+length) to dst, flag
+// ExtentDirty where written since. TrackedSnapshots lists the names it
+// knows.
+type ChangeTracker interface {
+	ChangedExtents(since string, dst []Extent, off, length int64, max int) ([]Extent, error)
+	TrackedSnapshots() []string
+}
+
+// ExtentDirty flags a range written since the point a ChangeTracker was
+// asked about (NBD's qemu:dirty-bitmap contexts use the same bit).
+const ExtentDirty uint32 = 1 << 0
+
 // Cacher is implemented by devices that can prefetch a range.
 type Cacher interface {
 	Cache(off, length int64) error

@@ -25,8 +25,9 @@ const (
 	// writes wait for a network round trip (an upstream server, Ceph)
 	// must not declare it: its writes would then run one at a time.
 	CanFastWrite
-	CanSubmit // Submitter
-	CanMap    // Mapper: reads lent from a mapping of the device's file
+	CanSubmit  // Submitter
+	CanMap     // Mapper: reads lent from a mapping of the device's file
+	CanChanges // ChangeTracker
 )
 
 // Capable is implemented by devices that declare their Caps.
@@ -45,6 +46,7 @@ type Optional struct {
 	Filer     Filer
 	Submitter Submitter
 	Mapper    Mapper
+	Changes   ChangeTracker
 	FastWrite bool // CanFastWrite declared
 }
 
@@ -79,6 +81,9 @@ func OptionalOf(d Device) Optional {
 	}
 	if caps&CanMap != 0 {
 		o.Mapper, _ = d.(Mapper)
+	}
+	if caps&CanChanges != 0 {
+		o.Changes, _ = d.(ChangeTracker)
 	}
 	if _, ok := d.(Capable); ok {
 		o.FastWrite = caps&CanFastWrite != 0 // an undeclared device promises nothing

@@ -69,10 +69,17 @@ type ReleaseResult struct {
 	Sessions int `json:"sessions"`
 }
 
-// Handler serves the control API over keys, and volume releases through
-// release (nil: none). Every operation goes through gate (nil: one that
-// never pauses); a rekey is the one it interrupts.
-func Handler(keys *volume.Keys, release Releaser, gate *Gate, log *slog.Logger) http.Handler {
+type snapshotRequest struct {
+	Volume   string `json:"volume"`
+	Snapshot string `json:"snapshot"`
+	Since    string `json:"since,omitempty"` // backups
+}
+
+// Handler serves the control API over keys and snapshots (nil: none), and
+// volume releases through release (nil: none). Every operation goes
+// through gate (nil: one that never pauses); a rekey is the one it
+// interrupts.
+func Handler(keys *volume.Keys, snaps *volume.Snapshots, release Releaser, gate *Gate, log *slog.Logger) http.Handler {
 	if gate == nil {
 		gate = NewGate(false)
 	}
@@ -130,7 +137,100 @@ func Handler(keys *volume.Keys, release Releaser, gate *Gate, log *slog.Logger) 
 			return struct{}{}, keys.Rekey(ctx, o.Volume, o.RekeyOptions)
 		})
 	})
+	snapshot := func(path string, fn func(ctx context.Context, o snapshotRequest) (any, error)) {
+		mux.HandleFunc("POST "+path, func(w http.ResponseWriter, r *http.Request) {
+			var o snapshotRequest
+			if err := json.NewDecoder(r.Body).Decode(&o); err != nil || o.Volume == "" || o.Snapshot == "" || snaps == nil {
+				http.Error(w, "bad request: a volume and a snapshot name are required", http.StatusBadRequest)
+				return
+			}
+			run(w, r, false, func(ctx context.Context, _ func(done, total uint64)) (any, error) {
+				log.Info("control: "+path, "volume", o.Volume, "snapshot", o.Snapshot)
+				return fn(ctx, o)
+			})
+		})
+	}
+	snapshot("/v1/snapshots/create", func(ctx context.Context, o snapshotRequest) (any, error) {
+		return snaps.Create(ctx, o.Volume, o.Snapshot)
+	})
+	snapshot("/v1/snapshots/delete", func(ctx context.Context, o snapshotRequest) (any, error) {
+		return struct{}{}, snaps.Delete(ctx, o.Volume, o.Snapshot)
+	})
+	// A backup's stream is the answer's body (not JSON Lines); its error,
+	// if any, the trailer X-Goldilocks-Error.
+	mux.HandleFunc("POST /v1/snapshots/backup", func(w http.ResponseWriter, r *http.Request) {
+		var o snapshotRequest
+		if err := json.NewDecoder(r.Body).Decode(&o); err != nil || o.Volume == "" || o.Snapshot == "" || snaps == nil {
+			http.Error(w, "bad request: a volume and a snapshot name are required", http.StatusBadRequest)
+			return
+		}
+		ctx, end, err := gate.begin(r.Context(), false)
+		if err != nil {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		defer end()
+		log.Info("control: snapshot backup", "volume", o.Volume, "snapshot", o.Snapshot, "since", o.Since)
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Trailer", backupErrorTrailer)
+		if _, err := snaps.Backup(ctx, o.Volume, o.Snapshot, volume.BackupOptions{Since: o.Since}, w); err != nil {
+			w.Header().Set(backupErrorTrailer, err.Error())
+		}
+	})
 	return mux
+}
+
+// backupErrorTrailer carries a backup's error after its stream.
+const backupErrorTrailer = "X-Goldilocks-Error"
+
+// Backup writes a backup stream, made in the gateway, to dst; progress
+// gets the stream bytes received so far.
+func (c *Client) Backup(ctx context.Context, vol, snap, since string, dst io.Writer, progress func(n int64)) error {
+	b, err := json.Marshal(snapshotRequest{Volume: vol, Snapshot: snap, Since: since})
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://gateway/v1/snapshots/backup", bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("gateway control socket: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		return ErrUpgrading
+	}
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("gateway control socket: %s: %s", resp.Status, msg)
+	}
+	buf := make([]byte, 1<<20)
+	var n int64
+	for {
+		k, rerr := resp.Body.Read(buf)
+		if k > 0 {
+			if _, err := dst.Write(buf[:k]); err != nil {
+				return err
+			}
+			n += int64(k)
+			if progress != nil {
+				progress(n)
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return fmt.Errorf("gateway control socket: the backup stream broke off: %w", rerr)
+		}
+	}
+	if e := resp.Trailer.Get(backupErrorTrailer); e != "" {
+		return errors.New(e)
+	}
+	return nil
 }
 
 // stream runs fn, sending its progress (at most five lines a second) and
@@ -301,6 +401,18 @@ const (
 	RetryEvery = 200 * time.Millisecond
 	RetryFor   = 2 * time.Minute
 )
+
+// CreateSnapshot takes a snapshot in the gateway.
+func (c *Client) CreateSnapshot(ctx context.Context, vol, snap string) (volume.CreateResult, error) {
+	var res volume.CreateResult
+	err := c.call(ctx, "/v1/snapshots/create", snapshotRequest{Volume: vol, Snapshot: snap}, nil, &res)
+	return res, err
+}
+
+// DeleteSnapshot deletes a snapshot in the gateway.
+func (c *Client) DeleteSnapshot(ctx context.Context, vol, snap string) error {
+	return c.call(ctx, "/v1/snapshots/delete", snapshotRequest{Volume: vol, Snapshot: snap}, nil, nil)
+}
 
 // Release ends every session of a volume in the gateway (after the
 // volume left the registry) and returns once the volume is closed.

@@ -37,7 +37,7 @@ func TestControlSocket(t *testing.T) {
 	}
 	ex := volume.NewExports(reg, log)
 	keys := &volume.Keys{Reg: reg, Open: ex, Log: log}
-	srv := &http.Server{Handler: Handler(keys, nil, nil, log)}
+	srv := &http.Server{Handler: Handler(keys, nil, nil, nil, log)}
 	go srv.Serve(l)
 	defer srv.Close()
 	if _, err := Listen(dir); err == nil || !strings.Contains(err.Error(), "another gateway") {

@@ -49,7 +49,7 @@ func TestGatePausesRekey(t *testing.T) {
 	}
 	keys := &volume.Keys{Reg: reg, Open: ex, Log: log}
 	gate := NewGate(false)
-	srv := &http.Server{Handler: Handler(keys, nil, gate, log)}
+	srv := &http.Server{Handler: Handler(keys, nil, nil, gate, log)}
 	go srv.Serve(l)
 	defer srv.Close()
 	c, err := Dial(dir)

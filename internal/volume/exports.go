@@ -2,6 +2,7 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -48,11 +49,40 @@ type Attached struct {
 // Open opens the named volume for one connection (ErrNotFound if there
 // is none); release ends the connection's share of it.
 func (e *Exports) Open(name string) (a *Attached, release func(), err error) {
+	if vol, snap, ok := SplitSnapshot(name); ok {
+		return e.openSnapshot(vol, snap)
+	}
 	v, s, release, err := e.acquireVolume(name)
 	if err != nil {
 		return nil, nil, err
 	}
 	return &Attached{Volume: v, Device: s.dev}, release, nil
+}
+
+// openSnapshot opens snapshot snap of volume vol, read-only, for one
+// connection: the view of the volume's shared device (ErrNotFound if
+// either is unknown).
+func (e *Exports) openSnapshot(vol, snap string) (*Attached, func(), error) {
+	v, s, rel, err := e.acquireVolume(vol)
+	if err != nil {
+		return nil, nil, err
+	}
+	cv, ok := s.dev.(*crypto.Volume)
+	if !ok {
+		rel()
+		return nil, nil, fmt.Errorf("%s@%s: %w", vol, snap, ErrNotFound)
+	}
+	w, err := cv.SnapshotView(snap)
+	if err != nil {
+		rel()
+		if errors.Is(err, crypto.ErrNoSnapshot) {
+			return nil, nil, fmt.Errorf("%s@%s: %w", vol, snap, ErrNotFound)
+		}
+		return nil, nil, err
+	}
+	v.Name, v.ReadOnly, v.Snapshots = vol+"@"+snap, true, nil
+	var once sync.Once
+	return &Attached{Volume: v, Device: w}, func() { once.Do(func() { w.Close(); rel() }) }, nil
 }
 
 // acquire takes a reference on the named volume's shared device, opening
@@ -184,6 +214,10 @@ func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) 
 	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, crypto.Options{Anchor: anchor, Cache: r.cache, Pools: r.pools, NoAlign: r.noAlign})
 	if err != nil {
 		f.Close()
+		return nil, err
+	}
+	if err := r.loadSnapshots(v, cv, kek, log); err != nil {
+		cv.Close()
 		return nil, err
 	}
 	return cv, nil

@@ -120,6 +120,16 @@ func (k *Keys) groups() (map[string]*keyGroup, error) {
 		}
 		g.vols = append(g.vols, v)
 		g.from[v.Name] = h.KEK.Version
+		// A snapshot's store has a data key of its own under the same
+		// KEK: it is rewrapped with the volume's (as NAME@SNAP).
+		for _, sv := range snapshotStores(v) {
+			sh, err := k.Reg.Header(sv)
+			if err != nil {
+				return nil, fmt.Errorf("volume %s: %w", sv.Name, err)
+			}
+			g.vols = append(g.vols, sv)
+			g.from[sv.Name] = sh.KEK.Version
+		}
 	}
 	return gs, nil
 }
@@ -405,6 +415,7 @@ func (k *Keys) Status(names ...string) ([]KeyStatus, error) {
 		for _, v := range all {
 			if v.Encrypted {
 				vols = append(vols, v)
+				vols = append(vols, snapshotStores(v)...)
 			}
 		}
 	}
@@ -490,8 +501,27 @@ func (l LocalOpener) OpenVolume(v Volume) (*crypto.Volume, func(), error) {
 
 // OpenKeys opens a volume's header for rotation through the gateway's
 // shared devices: an attached volume's open device, or a new one that an
-// attach arriving meanwhile shares.
+// attach arriving meanwhile shares. For NAME@SNAP (snapshotStores) it is
+// the snapshot's store, which that device holds open.
 func (e *Exports) OpenKeys(v Volume) (crypto.KeyHeader, func(), error) {
+	if vol, snap, ok := SplitSnapshot(v.Name); ok {
+		dev, release, err := e.acquire(vol)
+		if err != nil {
+			return nil, nil, err
+		}
+		cv, ok := dev.(*crypto.Volume)
+		var st *crypto.Volume
+		if ok {
+			st, err = cv.SnapshotStore(snap)
+		} else {
+			err = fmt.Errorf("volume %s: not encrypted", vol)
+		}
+		if err != nil {
+			release()
+			return nil, nil, err
+		}
+		return st, release, nil
+	}
 	cv, release, err := e.OpenVolume(v)
 	if err != nil {
 		return nil, nil, err

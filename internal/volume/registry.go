@@ -32,7 +32,7 @@ import (
 // Format constants of volumes.json (FORMAT.md). Part of the on-disk format.
 const (
 	Magic         = "goldilocks-volumes"
-	FormatVersion = 1
+	FormatVersion = 2 // written when a volume has snapshots; 1 otherwise
 	registryFile  = "volumes.json"
 	lockFile      = "volumes.lock"
 	volumesDir    = "volumes"
@@ -49,6 +49,9 @@ var (
 )
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// snapNameRE: snapshot names, as volume names (an export is NAME@SNAP).
+var snapNameRE = nameRE
 
 // KEKRef names the key that wraps an encrypted volume's data key.
 type KEKRef struct {
@@ -68,6 +71,18 @@ type Volume struct {
 	Labels    map[string]string `json:"labels,omitempty"`
 	Created   time.Time         `json:"created"`
 	KEK       *KEKRef           `json:"kek,omitempty"`
+	// Snapshots, oldest first (crypto/SNAPSHOTS.md; FORMAT.md version 2).
+	Snapshots []SnapshotRecord `json:"snapshots,omitempty"`
+}
+
+// SnapshotRecord is one snapshot of a volume: its store, an encrypted
+// volume of its own (crypto/SNAPSHOTS.md).
+type SnapshotRecord struct {
+	Name    string    `json:"name"`
+	UUID    string    `json:"uuid"`    // the store's
+	Backing string    `json:"backing"` // the store, relative to the data dir
+	Created time.Time `json:"created"`
+	Seq     uint64    `json:"seq"` // the volume's map commit at the flush point
 }
 
 type registryDoc struct {
@@ -242,8 +257,8 @@ func parseRegistry(b []byte, path string) ([]Volume, error) {
 	if doc.Magic != Magic {
 		return nil, fmt.Errorf("%s: %w: magic %q is not %q", path, ErrBadRegistry, doc.Magic, Magic)
 	}
-	if doc.Version != FormatVersion {
-		return nil, fmt.Errorf("%s: %w: format version %d, this build reads %d", path, ErrBadRegistry, doc.Version, FormatVersion)
+	if doc.Version < 1 || doc.Version > FormatVersion {
+		return nil, fmt.Errorf("%s: %w: format version %d, this build reads 1 to %d", path, ErrBadRegistry, doc.Version, FormatVersion)
 	}
 	seen, ids := map[string]bool{}, map[uuid.UUID]string{}
 	for _, v := range doc.Volumes {
@@ -264,6 +279,22 @@ func parseRegistry(b []byte, path string) ([]Volume, error) {
 			return nil, fmt.Errorf("%s: %w: volumes %s and %s have the same UUID %s", path, ErrBadRegistry, ids[id], v.Name, id)
 		}
 		seen[v.Name], ids[id] = true, v.Name
+		if len(v.Snapshots) > 0 && (doc.Version < 2 || !v.Encrypted) {
+			return nil, fmt.Errorf("%s: %w: volume %s: snapshots in a version-1 registry or of a plain volume", path, ErrBadRegistry, v.Name)
+		}
+		snaps := map[string]bool{}
+		for _, sn := range v.Snapshots {
+			sid, serr := uuid.Parse(sn.UUID)
+			switch {
+			case !snapNameRE.MatchString(sn.Name) || snaps[sn.Name]:
+				return nil, fmt.Errorf("%s: %w: volume %s: snapshot name %q (invalid or listed twice)", path, ErrBadRegistry, v.Name, sn.Name)
+			case serr != nil || ids[sid] != "":
+				return nil, fmt.Errorf("%s: %w: volume %s snapshot %s: uuid %q (invalid or not unique)", path, ErrBadRegistry, v.Name, sn.Name, sn.UUID)
+			case sn.Backing == "" || filepath.IsAbs(sn.Backing) || strings.HasPrefix(filepath.Clean(sn.Backing), ".."):
+				return nil, fmt.Errorf("%s: %w: volume %s snapshot %s: backing %q is not inside the data dir", path, ErrBadRegistry, v.Name, sn.Name, sn.Backing)
+			}
+			snaps[sn.Name], ids[sid] = true, v.Name+"@"+sn.Name
+		}
 	}
 	return doc.Volumes, nil
 }
@@ -298,7 +329,13 @@ func (r *Registry) update(fn func([]Volume) ([]Volume, error)) error {
 		}
 		return 0
 	})
-	b, err := json.MarshalIndent(registryDoc{Magic: Magic, Version: FormatVersion, Volumes: vols}, "", "  ")
+	version := 1 // readable by builds without snapshots while no volume has one
+	for _, v := range vols {
+		if len(v.Snapshots) > 0 {
+			version = FormatVersion
+		}
+	}
+	b, err := json.MarshalIndent(registryDoc{Magic: Magic, Version: version, Volumes: vols}, "", "  ")
 	if err != nil {
 		return err
 	}
@@ -640,6 +677,9 @@ func (r *Registry) Shred(name string) error {
 	}
 	if !v.Encrypted {
 		return fmt.Errorf("volume %s is plain: it has no key to destroy; remove or overwrite its backing store yourself", name)
+	}
+	if n := len(v.Snapshots); n > 0 {
+		return fmt.Errorf("volume %s has %d snapshots (%s@%s first): delete them first with goldilocks volume snapshot delete", name, n, name, v.Snapshots[0].Name)
 	}
 	// An attached volume's gateway holds its key in memory and may write
 	// its header again (the nonce reservation): shredding under it would

@@ -43,11 +43,44 @@ func TestRegistryVectorV1(t *testing.T) {
 	}
 }
 
+func TestRegistryVectorV2(t *testing.T) {
+	b, err := os.ReadFile("testdata/volumes.v2.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vols, err := parseRegistry(b, "volumes.v2.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vols) != 1 || len(vols[0].Snapshots) != 2 {
+		t.Fatalf("volumes %+v: want one with two snapshots", vols)
+	}
+	want := []SnapshotRecord{
+		{Name: "nightly-1", UUID: "e3a1c5b7-9d2f-4b6a-8c0e-7f1d3b5a9c24",
+			Backing: "snapshots/5d0f6a3c-2b7e-4e41-9a8d-1c3b5e7f9a02-e3a1c5b7-9d2f-4b6a-8c0e-7f1d3b5a9c24.img",
+			Created: time.Date(2026, 12, 4, 23, 0, 0, 25e7, time.UTC), Seq: 4711},
+		{Name: "nightly-2", UUID: "0b9d7f5e-3c1a-4e8b-a6d4-2f0e8c6a4b13",
+			Backing: "snapshots/5d0f6a3c-2b7e-4e41-9a8d-1c3b5e7f9a02-0b9d7f5e-3c1a-4e8b-a6d4-2f0e8c6a4b13.img",
+			Created: time.Date(2026, 12, 5, 23, 0, 0, 0, time.UTC), Seq: 9001},
+	}
+	for i, w := range want {
+		g := vols[0].Snapshots[i]
+		if g.Name != w.Name || g.UUID != w.UUID || g.Backing != w.Backing || !g.Created.Equal(w.Created) || g.Seq != w.Seq {
+			t.Errorf("snapshot %d = %+v, want %+v", i, g, w)
+		}
+	}
+}
+
 func TestRegistryRejectsDamage(t *testing.T) {
 	for _, tc := range []struct{ name, doc, want string }{
 		{"not json", `{`, "damaged"},
 		{"bad magic", `{"magic":"x","version":1,"volumes":[]}`, "magic"},
-		{"future version", `{"magic":"goldilocks-volumes","version":2,"volumes":[]}`, "format version 2"},
+		{"future version", `{"magic":"goldilocks-volumes","version":3,"volumes":[]}`, "format version 3"},
+		{"snapshots in version 1", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"snapshots/x.img"}]}]}`, "version-1"},
+		{"snapshot of a plain volume", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"snapshots/x.img"}]}]}`, "plain volume"},
+		{"snapshot twice", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"snapshots/x.img"},{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a12","backing":"snapshots/y.img"}]}]}`, "listed twice"},
+		{"snapshot with the volume's uuid", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","backing":"snapshots/x.img"}]}]}`, "not unique"},
+		{"snapshot outside the data dir", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"../x.img"}]}]}`, "inside the data dir"},
 		{"bad name", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"../x","size":4096,"backing":"b"}]}`, "volume name"},
 		{"duplicate", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"backing":"b"},{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","size":4096,"backing":"b"}]}`, "twice"},
 		{"unaligned size", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4097,"backing":"b"}]}`, "size 4097"},
