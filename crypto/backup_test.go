@@ -143,4 +143,3 @@ func streamLen(t *testing.T, b []byte) int {
 	}
 	return r.Len()
 }
-
