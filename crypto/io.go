@@ -87,19 +87,34 @@ func (v *Volume) readChunks(first uint64, p []byte, b *chunkBuf, nowait bool) er
 	n := len(p) / ChunkSize
 	rb := v.pools.reads.Get().(*readBuf)
 	defer v.pools.reads.Put(rb)
-	for i := 0; i < n; i++ {
-		rb.locks[i] = int((first + uint64(i)) % uint64(len(v.locks)))
+	idx := v.rlockRange(first, rb.locks[:n])
+	defer v.runlockRange(idx)
+	return v.readLocked(first, p, b, nowait, rb)
+}
+
+// rlockRange read-locks the locks of chunks first..first+len(idx)-1
+// (fewer than the locks) in ascending lock order.
+func (v *Volume) rlockRange(first uint64, idx []int) []int {
+	for i := range idx {
+		idx[i] = int((first + uint64(i)) % uint64(len(v.locks)))
 	}
-	idx := rb.locks[:n]
 	slices.Sort(idx)
 	for _, i := range idx {
 		v.locks[i].RLock()
 	}
-	defer func() {
-		for _, i := range idx {
-			v.locks[i].RUnlock()
-		}
-	}()
+	return idx
+}
+
+func (v *Volume) runlockRange(idx []int) {
+	for _, i := range idx {
+		v.locks[i].RUnlock()
+	}
+}
+
+// readLocked is readChunks with the chunks' locks held; it uses rb's
+// entries and runs, not its locks.
+func (v *Volume) readLocked(first uint64, p []byte, b *chunkBuf, nowait bool, rb *readBuf) error {
+	n := len(p) / ChunkSize
 	es := rb.es[:n]
 	if nowait {
 		if err := v.m.TryLookupRange(first, es); err != nil {

@@ -260,8 +260,11 @@ func (v *Volume) preserve(first uint64, n int) error {
 	if s == nil {
 		return nil
 	}
-	var buf *[batchChunks * ChunkSize]byte
-	var b *chunkBuf
+	var (
+		buf *[batchChunks * ChunkSize]byte
+		b   *chunkBuf
+		rb  *readBuf
+	)
 	for i := 0; i < n; i++ {
 		if s.has(first + uint64(i)) {
 			continue
@@ -275,12 +278,12 @@ func (v *Volume) preserve(first uint64, n int) error {
 			defer v.pools.copies.Put(buf)
 			b = v.bufs.Get().(*chunkBuf)
 			defer v.bufs.Put(b)
+			rb = v.pools.reads.Get().(*readBuf)
+			defer v.pools.reads.Put(rb)
 		}
 		c0 := first + uint64(i)
-		for k := 0; k < j-i; k++ {
-			if err := v.readChunk(c0+uint64(k), buf[k*ChunkSize:(k+1)*ChunkSize], b); err != nil {
-				return err
-			}
+		if err := v.readLocked(c0, buf[:(j-i)*ChunkSize], b, false, rb); err != nil {
+			return err
 		}
 		if _, err := s.store.WriteAt(buf[:(j-i)*ChunkSize], int64(c0*ChunkSize)); err != nil {
 			return fmt.Errorf("volume %s snapshot %s: %w", v.name, s.name, err)
@@ -515,7 +518,8 @@ func (w *View) source(set *snapSet, from int, c uint64) int {
 
 // ReadAt reads the snapshot's contents (SNAPSHOTS.md, "The view"): each
 // chunk from the first store at or after the snapshot that holds it, else
-// from the live volume, under the chunk's read lock.
+// from the live volume, under the chunk's read lock. Whole chunks go in
+// batches: one read of a store or of the volume per run of one source.
 func (w *View) ReadAt(p []byte, off int64) (int, error) {
 	v := w.v
 	if w.once.Load() {
@@ -537,26 +541,65 @@ func (w *View) ReadAt(p []byte, off int64) (int, error) {
 	for done < len(p) {
 		pos := off + int64(done)
 		c := uint64(pos) / ChunkSize
-		in := int(pos % ChunkSize)
-		l := v.lock(c)
-		l.RLock()
-		src := w.source(set, from, c)
-		n := min(len(p)-done, ChunkSize-in)
-		if src >= 0 {
-			_, err := set.list[src].store.ReadAt(p[done:done+n], pos)
-			l.RUnlock()
-			if err != nil {
-				return done, fmt.Errorf("volume %s snapshot %s: %w", v.name, set.list[src].name, err)
-			}
-		} else {
-			err := v.readChunk(c, b.pt[:], b)
-			l.RUnlock()
-			if err != nil {
+		if in := int(pos % ChunkSize); in != 0 || len(p)-done < ChunkSize { // a part of a chunk
+			n := min(len(p)-done, ChunkSize-in)
+			if err := w.readPart(set, from, c, in, p[done:done+n], b); err != nil {
 				return done, err
 			}
-			copy(p[done:done+n], b.pt[in:])
+			done += n
+			continue
 		}
-		done += n
+		n := min((len(p)-done)/ChunkSize, batchChunks)
+		if err := w.readBatch(set, from, c, p[done:done+n*ChunkSize], b); err != nil {
+			return done, err
+		}
+		done += n * ChunkSize
 	}
 	return done, nil
+}
+
+// readPart reads bytes in.. of chunk c into p.
+func (w *View) readPart(set *snapSet, from int, c uint64, in int, p []byte, b *chunkBuf) error {
+	v := w.v
+	l := v.lock(c)
+	l.RLock()
+	defer l.RUnlock()
+	if src := w.source(set, from, c); src >= 0 {
+		if _, err := set.list[src].store.ReadAt(p, int64(c*ChunkSize)+int64(in)); err != nil {
+			return fmt.Errorf("volume %s snapshot %s: %w", v.name, set.list[src].name, err)
+		}
+		return nil
+	}
+	if err := v.readChunk(c, b.pt[:], b); err != nil {
+		return err
+	}
+	copy(p, b.pt[in:])
+	return nil
+}
+
+// readBatch reads whole chunks first.. into p (at most a batch).
+func (w *View) readBatch(set *snapSet, from int, first uint64, p []byte, b *chunkBuf) error {
+	v := w.v
+	n := len(p) / ChunkSize
+	rb := v.pools.reads.Get().(*readBuf)
+	defer v.pools.reads.Put(rb)
+	idx := v.rlockRange(first, rb.locks[:n])
+	defer v.runlockRange(idx)
+	for i := 0; i < n; {
+		src := w.source(set, from, first+uint64(i))
+		j := i + 1
+		for j < n && w.source(set, from, first+uint64(j)) == src {
+			j++
+		}
+		q := p[i*ChunkSize : j*ChunkSize]
+		if src >= 0 {
+			if _, err := set.list[src].store.ReadAt(q, int64((first+uint64(i))*ChunkSize)); err != nil {
+				return fmt.Errorf("volume %s snapshot %s: %w", v.name, set.list[src].name, err)
+			}
+		} else if err := v.readLocked(first+uint64(i), q, b, false, rb); err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
 }

@@ -189,6 +189,18 @@ func TestSnapshotModel(t *testing.T) {
 					if got := r.view(s); !bytes.Equal(got, snaps[s]) {
 						t.Fatalf("step %d: snapshot %s changed (first difference at byte %d)", step, s, firstDiff(got, snaps[s]))
 					}
+					// And a read that starts and ends inside chunks.
+					w, err := r.v.SnapshotView(s)
+					if err != nil {
+						t.Fatal(err)
+					}
+					at := rng.Int64N(size - 1)
+					part := make([]byte, 1+rng.Int64N(min(size-at, 40*ChunkSize)))
+					_, err = w.ReadAt(part, at)
+					w.Close()
+					if err != nil || !bytes.Equal(part, snaps[s][at:at+int64(len(part))]) {
+						t.Fatalf("step %d: snapshot %s: a read of %d bytes at %d: %v, or wrong bytes", step, s, len(part), at, err)
+					}
 					ext, err := r.v.ChangedExtents(s, nil, 0, size, 1<<20)
 					if err != nil {
 						t.Fatal(err)
