@@ -267,6 +267,9 @@ func (c *conn) handed() (*HandedConn, error) {
 		b, _ := c.rd.Peek(n)
 		st.Pending = append([]byte(nil), b...)
 	}
+	// An adopted connection handed on before it read all it was handed
+	// with: the rest follows what its reader holds (which came from it).
+	st.Pending = append(st.Pending, c.pending...)
 	return &HandedConn{State: st, File: f, c: c}, nil
 }
 
@@ -338,6 +341,9 @@ func (a *Adopted) Start() {
 			a.close()
 			return
 		}
+		// Attached already: a handover that starts before its goroutine
+		// runs must hand it on, not stop it as one still negotiating.
+		c.attached.Store(true)
 		s.goServe(c)
 		s.mu.Unlock()
 	})

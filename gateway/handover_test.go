@@ -27,6 +27,11 @@ func TestHandoverUnderLoad(t *testing.T) {
 		t.Run(map[bool]string{false: "unix", true: "tcp"}[tcp], func(t *testing.T) {
 			dev := newFileDevice(t, 4<<20)
 			servers := []*specServer{startSpecServerOn(t, tcp, dev, "", nil), startSpecServerOn(t, tcp, dev, "", nil)}
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("server 0:\n%s\nserver 1:\n%s", servers[0].log, servers[1].log)
+				}
+			})
 			nc := servers[0].dial(t)
 			cl := newClient(t, nc)
 			cl.attach("disk", false)

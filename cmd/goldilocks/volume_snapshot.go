@@ -65,7 +65,11 @@ OLDSNAP and SNAP (an incremental). 'volume restore' reads a chain of them.`,
 				var res volume.BackupResult
 				res, err = local.Backup(ctx, vol, snap, volume.BackupOptions{Since: since,
 					Progress: func(done, total int64) { pr.total = total; pr.update(done) }}, out.w)
-				if err == nil {
+				switch {
+				case err != nil:
+				case a.json && to != "-":
+					err = a.printJSON(res)
+				default:
 					fmt.Fprintf(a.stderr, "%s backup of %s: read %s, wrote %s in %.1f s\n", res.Kind, argv[0],
 						units.Format(res.Read), units.Format(res.Written), res.Duration.Seconds())
 				}
