@@ -62,7 +62,7 @@ echo
 
 # 1. Snapshot create under load.
 say "a ${SNAP_GIB} GiB volume under fio randwrite 4k qd16 for ${LOAD_S} s, ${SNAPS} snapshots"
-gl volume create big --size "${SNAP_GIB}G" >/dev/null
+gl volume create big --size "${SNAP_GIB}G" >/dev/null 2>&1
 start_gw big
 fio --name=load --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/big" --rw=randwrite --bs=4k --iodepth=16 \
 	--time_based --runtime="$LOAD_S" --size="${SNAP_GIB}G" --output-format=json >"$W/load.json" 2>"$W/load.err" &
@@ -83,7 +83,7 @@ for i in $(seq "$SNAPS"); do
 	sleep $(((LOAD_S - 6) / SNAPS))
 done
 wait "$FIO"
-iops=$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' "$W/load.json")
+iops=$(python3 -c 'import json,sys; t=open(sys.argv[1]).read(); print(round(json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"]))' "$W/load.json")
 echo
 echo "fio's write IOPS over the run: $iops."
 echo
@@ -95,11 +95,12 @@ gl volume delete big --yes >/dev/null
 
 # 2. Full and incremental backups.
 say "a ${BACKUP_GIB} GiB volume, ${FILL_GIB} GiB written"
-gl volume create vol --size "${BACKUP_GIB}G" >/dev/null
+gl volume create vol --size "${BACKUP_GIB}G" >/dev/null 2>&1
 start_gw vol
 fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/vol" --rw=write --bs=1M --iodepth=8 --size="${FILL_GIB}G" >/dev/null
 gl volume snapshot create vol@s0 >/dev/null
 stop_gw # backups and exports open the volume here, as a restore does
+sync
 b0=$(now)
 gl volume backup vol@s0 --to "$W/full.glb" --json >"$W/full.json"
 b1=$(now)
@@ -110,6 +111,7 @@ fio --name=change --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/vol" --rw=randwrit
 	--size="${BACKUP_GIB}G" --io_size="${change}M" >/dev/null
 gl volume snapshot create vol@s1 >/dev/null
 stop_gw
+sync
 i0=$(now)
 gl volume backup vol@s1 --since s0 --to "$W/incr.glb" --json >"$W/incr.json"
 i1=$(now)
@@ -134,14 +136,16 @@ printf 'The incremental ran %.1f× faster than the full backup.\n\n' "$(echo "$f
 
 # 3. Throughput against export and import.
 say "export, restore, import"
+sync
 e0=$(now)
 gl volume export vol --to "$W/vol.raw" >/dev/null
 e1=$(now)
-rm -f "$W/vol.raw.keep"
+sync
 r0=$(now)
 gl volume restore back --from "$W/full.glb" >/dev/null 2>&1
 r1=$(now)
 gl volume delete back --yes >/dev/null
+sync
 m0=$(now)
 gl volume import imp --from "$W/vol.raw" >/dev/null
 m1=$(now)

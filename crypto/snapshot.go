@@ -10,6 +10,7 @@ import (
 	"math/bits"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"goldilocks/internal/block"
 )
@@ -121,44 +122,53 @@ func (v *Volume) LoadSnapshots(snaps []Snapshot) error {
 // is committed and the anchor advanced, then commit makes the snapshot's
 // record durable (the registry) and is given the commit sequence; the
 // snapshot serves from then on, and writes go on. If commit fails the
-// volume is unchanged and the store is the caller's again.
-func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint64) error) error {
+// volume is unchanged and the store is the caller's again. It returns
+// how long writes waited: the flush point's commit, the anchor and commit.
+func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint64) error) (time.Duration, error) {
 	if !v.keyMu.TryLock() {
-		return fmt.Errorf("volume %s: %w", v.name, ErrRekeying)
+		return 0, fmt.Errorf("volume %s: %w", v.name, ErrRekeying)
 	}
 	defer v.keyMu.Unlock()
 	if h := v.Header(); h.Rekeying() {
-		return fmt.Errorf("volume %s: %w", v.name, ErrRekeying)
+		return 0, fmt.Errorf("volume %s: %w", v.name, ErrRekeying)
 	}
 	v.snapMu.Lock()
 	defer v.snapMu.Unlock()
 	old := v.snaps.Load()
 	if old.find(name) >= 0 {
-		return fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrSnapshotExists)
+		return 0, fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrSnapshotExists)
 	}
 	if store.m.Dirty() > 0 || store.m.Seq() > 0 {
-		return fmt.Errorf("volume %s snapshot %s: the new store is not empty", v.name, name)
+		return 0, fmt.Errorf("volume %s snapshot %s: the new store is not empty", v.name, name)
 	}
 	s, err := v.newSnapshot(name, store)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if s.count() != 0 {
-		return fmt.Errorf("volume %s snapshot %s: the new store is not empty", v.name, name)
+		return 0, fmt.Errorf("volume %s snapshot %s: the new store is not empty", v.name, name)
+	}
+	// Commit what is dirty while writes go on, until little is, so that
+	// the commit with writes stopped (the flush point) is a small one.
+	for i := 0; i < preFlushes && v.m.Dirty() > preFlushDirty; i++ {
+		if err := v.Flush(); err != nil {
+			return 0, err
+		}
 	}
 	v.wgate.Lock()
 	defer v.wgate.Unlock()
+	start := time.Now()
 	if err := v.Flush(); err != nil {
-		return err
+		return 0, err
 	}
 	seq := v.m.Seq()
 	if v.opt.Anchor != nil {
 		if err := v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: seq}); err != nil {
-			return fmt.Errorf("volume %s: snapshot %s: %w", v.name, name, err)
+			return 0, fmt.Errorf("volume %s: snapshot %s: %w", v.name, name, err)
 		}
 	}
 	if err := commit(seq); err != nil {
-		return err
+		return 0, err
 	}
 	set := &snapSet{}
 	if old != nil {
@@ -166,8 +176,15 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 	}
 	set.list = append(set.list, s)
 	v.snaps.Store(set)
-	return nil
+	return time.Since(start), nil
 }
+
+// A create commits ahead, writes going on, at most preFlushes times while
+// more than preFlushDirty entries are dirty.
+const (
+	preFlushes    = 8
+	preFlushDirty = 256
+)
 
 // DeleteSnapshot removes snapshot name: what only it holds of the next
 // older snapshot's view is copied into that one's store (SNAPSHOTS.md,

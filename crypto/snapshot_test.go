@@ -66,7 +66,7 @@ func (r *snapRig) create(name string) {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	if err := r.v.CreateSnapshot(name, st, func(uint64) error { r.stores[name] = sd; return nil }); err != nil {
+	if _, err := r.v.CreateSnapshot(name, st, func(uint64) error { r.stores[name] = sd; return nil }); err != nil {
 		r.t.Fatal(err)
 	}
 }
@@ -263,11 +263,11 @@ func TestSnapshotRules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.v.CreateSnapshot("a", st, func(uint64) error { return nil }); !errors.Is(err, ErrSnapshotExists) {
+	if _, err := r.v.CreateSnapshot("a", st, func(uint64) error { return nil }); !errors.Is(err, ErrSnapshotExists) {
 		t.Fatalf("second snapshot named a: %v, want ErrSnapshotExists", err)
 	}
 	committed := errors.New("registry full")
-	if err := r.v.CreateSnapshot("b", st, func(uint64) error { return committed }); !errors.Is(err, committed) {
+	if _, err := r.v.CreateSnapshot("b", st, func(uint64) error { return committed }); !errors.Is(err, committed) {
 		t.Fatalf("create whose commit fails: %v", err)
 	}
 	st.Close()
@@ -419,7 +419,7 @@ func snapCrashOnce(t *testing.T, seed uint64, size int64) bool {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := r.v.CreateSnapshot(name, st, func(uint64) error {
+			if _, err := r.v.CreateSnapshot(name, st, func(uint64) error {
 				mu.Lock()
 				defer mu.Unlock()
 				if img == nil { // the record is durable before the cut

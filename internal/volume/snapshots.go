@@ -148,8 +148,7 @@ func (s *Snapshots) Create(ctx context.Context, name, snap string) (CreateResult
 	if err != nil {
 		return res, fmt.Errorf("volume %s snapshot %s: %w", name, snap, err)
 	}
-	start := time.Now()
-	err = cv.CreateSnapshot(snap, store, func(seq uint64) error {
+	res.Pause, err = cv.CreateSnapshot(snap, store, func(seq uint64) error {
 		rec.Created, rec.Seq = time.Now().UTC(), seq
 		return s.Reg.update(func(vols []Volume) ([]Volume, error) {
 			i := slices.IndexFunc(vols, func(x Volume) bool { return x.Name == name && x.UUID == v.UUID })
@@ -160,7 +159,6 @@ func (s *Snapshots) Create(ctx context.Context, name, snap string) (CreateResult
 			return vols, nil
 		})
 	})
-	res.Pause = time.Since(start)
 	if err != nil {
 		store.Close()
 		s.Reg.removeSnapshotStore(rec, path)
