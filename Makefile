@@ -83,11 +83,12 @@ bench: deps build vault
 	bash bench/storage.sh | tee bench/storage.md
 	bash bench/upgrade.sh | tee bench/upgrade.md
 	FSYNC=16 bash bench/upgrade.sh | tee bench/upgrade-fsync16.md
+	bash bench/snapshots.sh | tee bench/snapshots.md
 	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_LOAD_SECONDS=60 $(GO) test -count=1 -v -run 'TestLoad$$' ./e2e/ | tee bench/load.txt
 
 # Every parser of bytes from a client, a disk, an upstream server or a file.
 FUZZ_TARGETS = gateway:FuzzHandshake gateway:FuzzTransmission \
-	crypto:FuzzParseHeader crypto:FuzzParseKeystore crypto:FuzzParseAnchor crypto/v1:FuzzParseHeader \
+	crypto:FuzzParseHeader crypto:FuzzParseKeystore crypto:FuzzParseAnchor crypto:FuzzOpenBackup crypto/v1:FuzzParseHeader \
 	crypto/cowmap:FuzzOpenLogBlock crypto/cowmap:FuzzNode internal/volume:FuzzParseRegistry \
 	internal/upstream:FuzzHandshakeReplies internal/upstream:FuzzTransmissionReplies \
 	policy:FuzzParse audit:FuzzParse

@@ -3,8 +3,9 @@
 #
 # 1. Snapshot create under load: a SNAP_GIB (64) GiB encrypted volume,
 #    sparse, served by the gateway; fio writes 4k random blocks at iodepth
-#    16 over NBD for LOAD_S seconds while `volume snapshot create` runs
-#    SNAPS times. For each: how long the volume's writes waited (the flush
+#    16 over NBD for LOAD_S seconds (FSYNC=N: a flush every N writes, as a
+#    guest's journal makes; default 0, none: the worst case) while
+#    `volume snapshot create` runs SNAPS times. For each: how long the volume's writes waited (the flush
 #    point: `pause_ns` of --json) and the command's wall time.
 # 2. Incremental against full backup: a BACKUP_GIB (16) GiB encrypted
 #    volume, FILL_GIB (8) GiB of it written with random data by fio;
@@ -13,7 +14,8 @@
 #    Each: bytes read from the snapshot, stream bytes, seconds.
 # 3. Throughput: `volume export` (raw plaintext) and `volume import` of the
 #    same volume, against the full backup and a restore of it.
-# Prints a Markdown report on stdout; progress on stderr.
+# PARTS="1 2 3" selects the parts. Prints a Markdown report on stdout;
+# progress on stderr.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +27,9 @@ BACKUP_GIB=${BACKUP_GIB:-16}
 FILL_GIB=${FILL_GIB:-8}
 CHANGE_PCT=${CHANGE_PCT:-1}
 PORT=${PORT:-10960}
+FSYNC=${FSYNC:-0}
+PARTS=${PARTS:-"1 2 3"}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 W=$(mktemp -d /tmp/goldilocks-snapbench.XXXXXX)
 D=$W/data
@@ -57,20 +62,21 @@ echo "# Snapshots and backups"
 echo
 echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S') UTC; kernel $(uname -r); cpus $(nproc); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "- goldilocks: $("$GOLDILOCKS" version 2>/dev/null | head -1); fio: $(fio --version)"
-echo "- command: \`SNAP_GIB=$SNAP_GIB LOAD_S=$LOAD_S SNAPS=$SNAPS BACKUP_GIB=$BACKUP_GIB FILL_GIB=$FILL_GIB CHANGE_PCT=$CHANGE_PCT bash bench/snapshots.sh\`"
+echo "- command: \`PARTS=\"$PARTS\" FSYNC=$FSYNC SNAP_GIB=$SNAP_GIB LOAD_S=$LOAD_S SNAPS=$SNAPS BACKUP_GIB=$BACKUP_GIB FILL_GIB=$FILL_GIB CHANGE_PCT=$CHANGE_PCT bash bench/snapshots.sh\`"
 echo
 
 # 1. Snapshot create under load.
+if part 1; then
 say "a ${SNAP_GIB} GiB volume under fio randwrite 4k qd16 for ${LOAD_S} s, ${SNAPS} snapshots"
 gl volume create big --size "${SNAP_GIB}G" >/dev/null 2>&1
 start_gw big
 fio --name=load --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/big" --rw=randwrite --bs=4k --iodepth=16 \
-	--time_based --runtime="$LOAD_S" --size="${SNAP_GIB}G" --output-format=json >"$W/load.json" 2>"$W/load.err" &
+	--time_based --runtime="$LOAD_S" --size="${SNAP_GIB}G" --fsync="$FSYNC" --output-format=json >"$W/load.json" 2>"$W/load.err" &
 FIO=$!
 sleep 3
 echo "## Snapshot create on a ${SNAP_GIB} GiB volume under load"
 echo
-echo "fio randwrite 4k iodepth 16 over NBD (TCP) for ${LOAD_S} s; \`volume snapshot create\` every $(((LOAD_S - 6) / SNAPS)) s, through the gateway's control socket."
+echo "fio randwrite 4k iodepth 16 over NBD (TCP) for ${LOAD_S} s, a flush every ${FSYNC} writes (0: none); \`volume snapshot create\` every $(((LOAD_S - 6) / SNAPS)) s, through the gateway's control socket."
 echo
 echo "| snapshot | writes waited (ms) | command wall time (ms) |"
 echo "|---|--:|--:|"
@@ -92,8 +98,10 @@ echo
 stop_gw
 gl volume snapshot list big --json | python3 -c 'import json,sys; [print(s["name"]) for s in json.load(sys.stdin)]' | while read -r s; do gl volume snapshot delete "big@$s" >/dev/null; done
 gl volume delete big --yes >/dev/null
+fi
 
 # 2. Full and incremental backups.
+if part 2; then
 say "a ${BACKUP_GIB} GiB volume, ${FILL_GIB} GiB written"
 gl volume create vol --size "${BACKUP_GIB}G" >/dev/null 2>&1
 start_gw vol
@@ -133,6 +141,10 @@ printf '| full of s0 | %s MiB | %.2f %% | %s MiB | %.2f |\n' $((fr >> 20)) "$(ec
 printf '| incremental s0 → s1 | %s MiB | %.2f %% | %s MiB | %.2f |\n' $((ir >> 20)) "$(echo "$ir * 100 / $vb" | bc -l)" $((is >> 20)) "$it"
 echo
 printf 'The incremental ran %.1f× faster than the full backup.\n\n' "$(echo "$ft / $it" | bc -l)"
+fi
+
+# 3 needs 2's volume and full backup.
+if part 2 && part 3; then
 
 # 3. Throughput against export and import.
 say "export, restore, import"
@@ -163,4 +175,5 @@ printf '| volume import (raw plaintext) | %.2f | %.0f |\n' "$mt" "$(mbps "$mt")"
 printf '| volume restore (the full stream) | %.2f | %.0f |\n' "$rt" "$(mbps "$rt")"
 echo
 printf 'Backup / export: %.2f; restore / import: %.2f (time ratios: above 1 is slower).\n' "$(echo "$ft / $et" | bc -l)" "$(echo "$rt / $mt" | bc -l)"
+fi
 say done

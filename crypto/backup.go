@@ -24,7 +24,7 @@ const (
 	BackupFull        = 1
 	BackupIncremental = 2
 	backupInfo        = "goldilocks backup v1"
-	backupFixed       = 80
+	backupFixed       = 96
 	maxBackupHeader   = 64 << 10
 	maxBackupData     = 1 << 20
 	recData           = 1
@@ -51,6 +51,7 @@ type BackupHeader struct {
 	Snapshot [16]byte // the point in time the stream brings a volume to
 	Base     [16]byte // an incremental's starting point
 	Created  time.Time
+	ID       [16]byte // the stream's own: its backup key is wrapped under it
 	SnapName string
 	BaseName string
 	KEK      KeyRef
@@ -67,6 +68,7 @@ func (h *BackupHeader) marshal() ([]byte, error) {
 	copy(b[40:], h.Snapshot[:])
 	copy(b[56:], h.Base[:])
 	binary.LittleEndian.PutUint64(b[72:], uint64(h.Created.UnixNano()))
+	copy(b[80:], h.ID[:])
 	for _, s := range []string{h.SnapName, h.BaseName, h.KEK.Provider, h.KEK.Name} {
 		if len(s) > 1024 {
 			return nil, fmt.Errorf("%w: a name of %d bytes", ErrBackupFormat, len(s))
@@ -116,6 +118,7 @@ func readBackupHeader(r io.Reader) (*BackupHeader, []byte, error) {
 	copy(h.Volume[:], b[16:])
 	copy(h.Snapshot[:], b[40:])
 	copy(h.Base[:], b[56:])
+	copy(h.ID[:], b[80:])
 	if b[11] != 0 || (h.Kind != BackupFull && h.Kind != BackupIncremental) || (h.Kind == BackupFull) != (h.Base == [16]byte{}) {
 		return nil, nil, fmt.Errorf("%w: kind %d", ErrBackupFormat, h.Kind)
 	}

@@ -23,7 +23,7 @@ func vectorBackup(t *testing.T) ([]byte, []byte) {
 		key[i] = byte(i)
 	}
 	h := &BackupHeader{Kind: BackupFull, Suite: AES256GCM, Volume: [16]byte{1, 2, 3}, Size: 64 << 10,
-		Snapshot: [16]byte{9, 8, 7}, Created: time.Unix(1764806400, 0), SnapName: "nightly",
+		Snapshot: [16]byte{9, 8, 7}, Created: time.Unix(1764806400, 0), ID: [16]byte{0xbb, 1}, SnapName: "nightly",
 		KEK: KeyRef{Provider: "local", Name: "default", Version: 3}, Wrapped: []byte("wrapped by the test")}
 	var out bytes.Buffer
 	w, err := NewBackupWriter(&out, h, key, bytes.NewReader(bytes.Repeat([]byte{0xa5}, 64)))
@@ -83,7 +83,7 @@ func TestBackupVector(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.Kind != BackupFull || h.Size != 64<<10 || h.SnapName != "nightly" || h.KEK.Version != 3 || string(h.Wrapped) != "wrapped by the test" ||
+	if h.Kind != BackupFull || h.Size != 64<<10 || h.SnapName != "nightly" || h.ID != [16]byte{0xbb, 1} || h.KEK.Version != 3 || string(h.Wrapped) != "wrapped by the test" ||
 		!h.Created.Equal(time.Unix(1764806400, 0)) {
 		t.Fatalf("header %+v", h)
 	}

@@ -149,8 +149,10 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 		return 0, fmt.Errorf("volume %s snapshot %s: the new store is not empty", v.name, name)
 	}
 	// Commit what is dirty while writes go on, until little is, so that
-	// the commit with writes stopped (the flush point) is a small one.
-	for i := 0; i < preFlushes && v.m.Dirty() > preFlushDirty; i++ {
+	// the commit with writes stopped (the flush point) is a small one; a
+	// load that never flushes and dirties as fast as commits go gets
+	// preFlushFor of this, then waits for the rest.
+	for begun := time.Now(); v.m.Dirty() > preFlushDirty && time.Since(begun) < preFlushFor; {
 		if err := v.Flush(); err != nil {
 			return 0, err
 		}
@@ -179,11 +181,11 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 	return time.Since(start), nil
 }
 
-// A create commits ahead, writes going on, at most preFlushes times while
-// more than preFlushDirty entries are dirty.
+// A create commits ahead, writes going on, while more than preFlushDirty
+// entries are dirty, for at most preFlushFor.
 const (
-	preFlushes    = 8
 	preFlushDirty = 256
+	preFlushFor   = 3 * time.Second
 )
 
 // DeleteSnapshot removes snapshot name: what only it holds of the next

@@ -378,6 +378,24 @@ func TestBackupChain(t *testing.T) {
 			t.Fatalf("%s: a failed restore left volume r2:\n%s", tc.name, list)
 		}
 	}
+	// A backup outlives its volume: with the volume and its snapshots
+	// deleted (its keys destroyed), the chain still restores.
+	for i := 0; i <= 3; i++ {
+		goldilocks(t, dir, "volume", "snapshot", "delete", fmt.Sprintf("vm@b%d", i))
+	}
+	if err := g.stop(syscall.SIGTERM); err != nil { // vm must not be attached for its delete
+		t.Fatal(err)
+	}
+	goldilocks(t, dir, "volume", "delete", "vm", "--yes")
+	args[2] = "r3"
+	goldilocks(t, dir, args...)
+	g = startGateway(t, dir)
+	run(t, "nbdcopy", g.uri("r3"), restored)
+	filesEqual(t, last, restored)
+	if m, _ := filepath.Glob(filepath.Join(dir, "snapshots", "*")); len(m) != 0 {
+		t.Fatalf("snapshot stores left after every snapshot was deleted: %v", m)
+	}
+
 	audit := goldilocks(t, dir, "audit", "export")
 	if strings.Count(audit, `"type":"volume_backup"`) < 4 || !strings.Contains(audit, `"type":"volume_restore"`) {
 		t.Fatalf("audit trail lacks backup and restore records:\n%s", audit)

@@ -106,12 +106,13 @@ func (s *Snapshots) Backup(ctx context.Context, name, snap string, o BackupOptio
 	if _, err := rand.Read(key); err != nil {
 		return res, err
 	}
-	wrapped, version, err := kek.Wrap(ctx, h.KEK.Name, h.UUID, key)
+	id := uuid.New()
+	wrapped, version, err := kek.Wrap(ctx, h.KEK.Name, id, key)
 	if err != nil {
 		return res, fmt.Errorf("volume %s: wrapping the backup key: %w", name, err)
 	}
 	bh := &crypto.BackupHeader{Kind: crypto.BackupFull, Suite: h.Suite, Volume: h.UUID, Size: uint64(v.Size),
-		Snapshot: uuid.MustParse(rec.UUID), Created: time.Now(), SnapName: snap,
+		Snapshot: uuid.MustParse(rec.UUID), Created: time.Now(), ID: id, SnapName: snap,
 		KEK: crypto.KeyRef{Provider: h.KEK.Provider, Name: h.KEK.Name, Version: version}, Wrapped: wrapped}
 	if o.Since != "" {
 		bh.Kind, bh.Base, bh.BaseName = crypto.BackupIncremental, uuid.MustParse(base.UUID), o.Since
@@ -299,7 +300,7 @@ func (s *Snapshots) apply(ctx context.Context, cv *crypto.Volume, file string, d
 		if err != nil {
 			return nil, err
 		}
-		return kek.Unwrap(ctx, h.KEK, h.Volume, h.Wrapped)
+		return kek.Unwrap(ctx, h.KEK, h.ID, h.Wrapped)
 	})
 	if err != nil {
 		return fmt.Errorf("%s: %w", file, err)
