@@ -41,6 +41,7 @@ const (
 	EvSnapshotDelete       EventType = "snapshot_delete"
 	EvVolumeBackup         EventType = "volume_backup"
 	EvVolumeRestore        EventType = "volume_restore"
+	EvVolumeClone          EventType = "volume_clone"
 	EvIntegrityFailure     EventType = "integrity_failure"
 	EvIntegrityWarning     EventType = "integrity_warning"
 	EvVaultUnreachable     EventType = "vault_unreachable"

@@ -128,6 +128,20 @@ func (v *Volume) readLocked(first uint64, p []byte, b *chunkBuf, nowait bool, rb
 	inLog := false
 	for i := 0; i < n; {
 		if !es[i].Mapped() {
+			if v.opt.Base != nil { // a clone's: from its base, below
+				if nowait {
+					return block.ErrWouldBlock
+				}
+				j := i + 1
+				for j < n && !es[j].Mapped() {
+					j++
+				}
+				if err := v.readBase(first+uint64(i), p[i*ChunkSize:j*ChunkSize]); err != nil {
+					return err
+				}
+				i = j
+				continue
+			}
 			clear(p[i*ChunkSize : (i+1)*ChunkSize])
 			i++
 			continue
@@ -318,8 +332,7 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
 	}
 	if !e.Mapped() {
-		clear(dst)
-		return nil
+		return v.readBase(c, dst)
 	}
 	err = v.openEntry(c, &e, dst, b)
 	if err != nil && cowmap.IsInLog(e.Loc()) {
@@ -328,8 +341,7 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 		if e2, lerr := v.m.Lookup(c); lerr == nil && e2 != e {
 			e = e2
 			if !e.Mapped() {
-				clear(dst)
-				return nil
+				return v.readBase(c, dst)
 			}
 			err = v.openEntry(c, &e, dst, b)
 		}
@@ -339,6 +351,19 @@ func (v *Volume) readChunk(c uint64, dst []byte, b *chunkBuf) error {
 	}
 	if err != nil {
 		return fmt.Errorf("volume %s chunk %d: %w", v.name, c, err)
+	}
+	return nil
+}
+
+// readBase reads whole chunks from c on that the volume has not written:
+// zeros, or a clone's base.
+func (v *Volume) readBase(c uint64, dst []byte) error {
+	if v.opt.Base == nil {
+		clear(dst)
+		return nil
+	}
+	if _, err := v.opt.Base.ReadAt(dst, int64(c*ChunkSize)); err != nil {
+		return fmt.Errorf("volume %s chunk %d: its base: %w", v.name, c, err)
 	}
 	return nil
 }
@@ -603,6 +628,15 @@ func (v *Volume) flushInBackground() {
 
 // unmap makes whole chunks [first, last] read as zeros.
 func (v *Volume) unmap(first, last uint64) error {
+	if v.opt.Base != nil { // a clone: unmapped would read its base
+		var zeros [ChunkSize]byte
+		for c := first; c <= last; c++ {
+			if err := v.writePartial(c, 0, zeros[:]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	// Only mapped runs need work: a TRIM of a whole, mostly empty volume
 	// (mkfs does one) skips the subtrees that were never written.
 	var runs [64]cowmap.Run
@@ -691,6 +725,9 @@ func (v *Volume) Extents(dst []block.Extent, off, length int64, maxN int) ([]blo
 	}
 	if length == 0 || maxN <= 0 {
 		return dst, nil
+	}
+	if v.opt.Base != nil { // a clone's unwritten chunks are its base's: data
+		return append(dst, block.Extent{Length: length}), nil
 	}
 	end := off + length
 	first, last := uint64(off)/ChunkSize, (uint64(end)+ChunkSize-1)/ChunkSize

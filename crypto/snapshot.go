@@ -157,6 +157,20 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 			return 0, err
 		}
 	}
+	// And empty the logs (the volume's, and the store its commit flushes
+	// first), so that the commit with writes stopped neither waits for a
+	// checkpoint nor makes one: one measured such wait took 2.6 s.
+	if err := v.m.Checkpoint(); err != nil {
+		return 0, fmt.Errorf("volume %s: %w", v.name, err)
+	}
+	if n := old.newest(); n != nil {
+		if err := n.store.Flush(); err != nil {
+			return 0, fmt.Errorf("volume %s snapshot %s: %w", v.name, n.name, err)
+		}
+		if err := n.store.m.Checkpoint(); err != nil {
+			return 0, fmt.Errorf("volume %s snapshot %s: %w", v.name, n.name, err)
+		}
+	}
 	v.wgate.Lock()
 	defer v.wgate.Unlock()
 	start := time.Now()

@@ -509,3 +509,119 @@ func snapCrashOnce(t *testing.T, seed uint64, size int64) bool {
 	}
 	return cutHere
 }
+
+// TestCloneModel: a clone of a snapshot reads as the snapshot until
+// written; random writes, zeroes and trims of it match a model; writes to
+// the source volume after the snapshot never show in it; it can have a
+// snapshot of its own; its base stays busy (not deletable) while open.
+func TestCloneModel(t *testing.T) {
+	const size = 128 * ChunkSize
+	for seed := uint64(0); seed < 4; seed++ {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(seed, 13))
+			r := newSnapRig(t, size)
+			defer r.v.Close()
+			fill := make([]byte, size)
+			for i := range fill {
+				fill[i] = byte(rng.IntN(256))
+			}
+			clear(fill[64*ChunkSize : 80*ChunkSize]) // some never written
+			if _, err := r.v.WriteAt(fill[:64*ChunkSize], 0); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := r.v.WriteAt(fill[80*ChunkSize:], 80*ChunkSize); err != nil {
+				t.Fatal(err)
+			}
+			r.create("base")
+			view, err := r.v.SnapshotView("base")
+			if err != nil {
+				t.Fatal(err)
+			}
+			cdev := newCrashDev(int64(LayoutFor(size).End))
+			cid := [16]byte{0xc1}
+			if err := Format(context.Background(), cdev, cid, size, AES256GCM, r.kek, "default"); err != nil {
+				t.Fatal(err)
+			}
+			released := false
+			clone, err := Open(context.Background(), cdev, "clone", cid, r.kek, quietLog(), Options{Base: view, Release: func() { view.Close(); released = true }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := r.v.DeleteSnapshot("base", func() error { return nil }); !errors.Is(err, ErrSnapshotBusy) {
+				t.Fatalf("delete of a clone's base: %v, want ErrSnapshotBusy", err)
+			}
+			model := bytes.Clone(fill)
+			live := make([]byte, size)
+			for i := range live {
+				live[i] = 0xee
+			}
+			if _, err := r.v.WriteAt(live, 0); err != nil { // the source moves on
+				t.Fatal(err)
+			}
+			if err := clone.LoadSnapshots(nil); err != nil {
+				t.Fatal(err)
+			}
+			var cs []byte // the clone's own snapshot, once taken
+			for step := 0; step < 80; step++ {
+				off := rng.Int64N(size - 1)
+				n := 1 + rng.Int64N(min(size-off, 12*ChunkSize))
+				switch op := rng.IntN(10); {
+				case op < 6:
+					p := make([]byte, n)
+					for i := range p {
+						p[i] = byte(rng.IntN(255)) + 1
+					}
+					if _, err := clone.WriteAt(p, off); err != nil {
+						t.Fatal(err)
+					}
+					copy(model[off:], p)
+				case op < 8:
+					if err := clone.Zero(off, n, true, false); err != nil {
+						t.Fatal(err)
+					}
+					clear(model[off : off+n])
+				case op < 9:
+					if err := clone.Flush(); err != nil {
+						t.Fatal(err)
+					}
+				case cs == nil:
+					sd := &storeDev{id: [16]byte{0xc2}, dev: newCrashDev(int64(LayoutFor(size).End))}
+					if err := Format(context.Background(), sd.dev, sd.id, size, AES256GCM, r.kek, "default"); err != nil {
+						t.Fatal(err)
+					}
+					st, err := r.openStore("cs", sd)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if _, err := clone.CreateSnapshot("cs", st, func(uint64) error { return nil }); err != nil {
+						t.Fatal(err)
+					}
+					cs = bytes.Clone(model)
+				}
+				if got := r.read(clone); !bytes.Equal(got, model) {
+					t.Fatalf("step %d: the clone differs from the model at byte %d", step, firstDiff(got, model))
+				}
+				if cs != nil {
+					w, err := clone.SnapshotView("cs")
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := r.read(w)
+					w.Close()
+					if !bytes.Equal(got, cs) {
+						t.Fatalf("step %d: the clone's snapshot changed at byte %d", step, firstDiff(got, cs))
+					}
+				}
+			}
+			if got := r.view("base"); !bytes.Equal(got, fill) {
+				t.Fatalf("the base snapshot changed (byte %d)", firstDiff(got, fill))
+			}
+			if err := clone.Close(); err != nil || !released {
+				t.Fatalf("clone close: %v, base released %v", err, released)
+			}
+			if _, err := r.v.DeleteSnapshot("base", func() error { return nil }); err != nil {
+				t.Fatalf("delete of the base after its clone closed: %v", err)
+			}
+		})
+	}
+}

@@ -73,6 +73,13 @@ type Options struct {
 	// alignment"): chunks that random writes left alternating between
 	// their homes stay so.
 	NoAlign bool
+	// Base makes the volume a clone (SNAPSHOTS.md, "Clones"): a chunk it
+	// has not written reads from Base (a snapshot's View, of the same
+	// size), and zeroing writes zeros instead of unmapping.
+	Base block.Device
+	// Release, if set, runs once the volume is closed or handed off (a
+	// clone's base is let go there).
+	Release func()
 	// deferCheckpoint: cowmap.Config.DeferCheckpoint (tests that cut the
 	// power at every operation of a fixed workload).
 	deferCheckpoint bool
@@ -536,6 +543,9 @@ func (v *Volume) Handoff() error {
 		if serr := v.closeSnapshots(true); err == nil {
 			err = serr
 		}
+		if v.opt.Release != nil {
+			v.opt.Release()
+		}
 	})
 	return err
 }
@@ -579,6 +589,9 @@ func (v *Volume) Close() error {
 		err = v.closeStore(err)
 		if serr := v.closeSnapshots(false); err == nil {
 			err = serr
+		}
+		if v.opt.Release != nil {
+			v.opt.Release()
 		}
 	})
 	return err

@@ -401,3 +401,54 @@ func TestBackupChain(t *testing.T) {
 		t.Fatalf("audit trail lacks backup and restore records:\n%s", audit)
 	}
 }
+
+// TestClone: a clone of a snapshot, made while the gateway serves its
+// volume, reads as the snapshot (nbdcopy, cmp), takes writes that neither
+// the snapshot nor the volume see, survives a restart, and keeps its base
+// snapshot from being deleted until it is gone.
+func TestClone(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy")
+	dir := t.TempDir()
+	goldilocks(t, dir, "volume", "create", "src", "--size", "16MiB")
+	g := startGateway(t, dir)
+	run(t, "nbdcopy", randomFile(t, 16<<20), g.uri("src"))
+	goldilocks(t, dir, "volume", "snapshot", "create", "src@gold")
+	snap := filepath.Join(t.TempDir(), "gold.raw")
+	run(t, "nbdcopy", g.uri("src@gold"), snap)
+	out := goldilocks(t, dir, "volume", "clone", "src@gold", "vm2")
+	if !strings.Contains(out, "clone of src@gold") {
+		t.Fatalf("volume clone printed %q", out)
+	}
+	got := filepath.Join(t.TempDir(), "vm2.raw")
+	run(t, "nbdcopy", g.uri("vm2"), got)
+	filesEqual(t, snap, got)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 100k", "-c", "write -z 5M 1M", g.uri("vm2"))
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x62 8M 64k", g.uri("src"))
+	if err := g.stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	g = startGateway(t, dir)
+	res := run(t, "qemu-io", "-f", "raw", "-c", "read -P 0x61 1M 100k", "-c", "read -P 0 5M 1M", g.uri("vm2"))
+	if strings.Contains(res, "Pattern verification failed") {
+		t.Fatalf("the clone lost its writes:\n%s", res)
+	}
+	run(t, "nbdcopy", g.uri("vm2"), got)
+	a, _ := os.ReadFile(snap)
+	b, _ := os.ReadFile(got)
+	if !bytes.Equal(a[8<<20:], b[8<<20:]) || !bytes.Equal(a[:1<<20], b[:1<<20]) {
+		t.Fatal("the clone's unwritten ranges do not read as the snapshot")
+	}
+	run(t, "nbdcopy", g.uri("src@gold"), got)
+	filesEqual(t, snap, got) // the snapshot saw neither write
+	if out, err := runGoldilocks(dir, "volume", "snapshot", "delete", "src@gold"); err == nil || !strings.Contains(out, "vm2") {
+		t.Fatalf("deleting a clone's base: %v\n%s", err, out)
+	}
+	if info := goldilocks(t, dir, "volume", "info", "vm2"); !strings.Contains(info, "clone of:") {
+		t.Fatalf("volume info of a clone:\n%s", info)
+	}
+	if err := g.stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	goldilocks(t, dir, "volume", "delete", "vm2", "--yes")
+	goldilocks(t, dir, "volume", "snapshot", "delete", "src@gold")
+}

@@ -22,7 +22,7 @@ func newVolumeCmd(a *app) *cobra.Command {
 		newVolumeImportCmd(a), newVolumeExportCmd(a), newVolumeShredCmd(a))
 	c.AddCommand(newVolumeUpgradeCmd(a), newVolumeDeleteCmd(a), newVolumeResizeCmd(a), newVolumeLabelCmd(a))
 	c.AddCommand(newVolumeAdoptCmd(a), newVolumeReleaseCmd(a), newVolumeBreakLeaseCmd(a), newVolumeSnapshotCmd(a))
-	c.AddCommand(newVolumeBackupCmd(a), newVolumeRestoreCmd(a))
+	c.AddCommand(newVolumeBackupCmd(a), newVolumeRestoreCmd(a), newVolumeCloneCmd(a))
 	return c
 }
 
@@ -48,6 +48,8 @@ type volumeJSON struct {
 	Warnings []string `json:"warnings,omitempty"`
 	// Snapshots (volume info), oldest first, with the space each holds.
 	Snapshots []volume.SnapshotStatus `json:"snapshots,omitempty"`
+	// Base: a clone's snapshot.
+	Base *volume.BaseRef `json:"base,omitempty"`
 }
 
 func toJSON(reg *volume.Registry, v volume.Volume) volumeJSON {
@@ -224,6 +226,7 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 			}
 			j := toJSON(reg, v)
 			j.Warnings = volumeWarnings(reg, v)
+			j.Base = v.Base
 			if j.Snapshots, err = (&volume.Snapshots{Reg: reg}).List(v.Name); err != nil {
 				return err
 			}
@@ -247,6 +250,9 @@ func newVolumeInfoCmd(a *app) *cobra.Command {
 			}
 			if j.HeaderError != "" {
 				fmt.Fprintf(tw, "header:\t%s\n", j.HeaderError)
+			}
+			if j.Base != nil {
+				fmt.Fprintf(tw, "clone of:\t%s@%s\n", j.Base.Volume, j.Base.Snapshot)
 			}
 			for _, s := range j.Snapshots {
 				fmt.Fprintf(tw, "snapshot:\t%s@%s, %s, holds %s\n", v.Name, s.Name, s.Created.Format(time.RFC3339), units.Format(s.Bytes))

@@ -88,6 +88,37 @@ OLDSNAP and SNAP (an incremental). 'volume restore' reads a chain of them.`,
 	return c
 }
 
+func newVolumeCloneCmd(a *app) *cobra.Command {
+	var labels map[string]string
+	c := &cobra.Command{
+		Use:   "clone NAME@SNAP NEW",
+		Short: "Create a writable volume from a snapshot, at once: it shares what it has not written",
+		Long: `Creates encrypted volume NEW, a clone of snapshot NAME@SNAP: it reads as the
+snapshot until written, and what it writes goes to its own store, under its
+own data key. Nothing is copied. While NEW exists the snapshot cannot be
+deleted, and attaching NEW opens NAME as well.`,
+		Args: args(cobra.ExactArgs(2)),
+		RunE: audited(a, audit.EvVolumeClone, func(cmd *cobra.Command, argv []string) error {
+			vol, snap, err := volume.ParseSnapshot(argv[0])
+			if err != nil {
+				return usagef("volume clone: %v", err)
+			}
+			reg, err := a.openExisting()
+			if err != nil {
+				return err
+			}
+			v, err := (&volume.Snapshots{Reg: reg}).Clone(vol, snap, argv[1], labels)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "created volume %s: a clone of %s@%s, %s\n", v.Name, vol, snap, units.Format(v.Size))
+			return nil
+		}),
+	}
+	c.Flags().StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag of the new volume (repeatable)")
+	return c
+}
+
 func newVolumeRestoreCmd(a *app) *cobra.Command {
 	var from []string
 	var labels map[string]string

@@ -85,6 +85,21 @@ func (e *Exports) openSnapshot(vol, snap string) (*Attached, func(), error) {
 	return &Attached{Volume: v, Device: w}, func() { once.Do(func() { w.Close(); rel() }) }, nil
 }
 
+// openBase opens a clone's base through the shared devices: the base
+// volume stays open (and attachable) while its clone is.
+func (e *Exports) openBase(b BaseRef) (block.Device, func(), error) {
+	dev, rel, err := e.acquire(b.Volume)
+	if err != nil {
+		return nil, nil, err
+	}
+	view, err := snapshotView(dev, b)
+	if err != nil {
+		rel()
+		return nil, nil, err
+	}
+	return view, func() { view.Close(); rel() }, nil
+}
+
 // acquire takes a reference on the named volume's shared device, opening
 // it if nobody has.
 func (e *Exports) acquire(name string) (block.Device, func(), error) {
@@ -118,7 +133,7 @@ func (e *Exports) acquireVolume(name string) (Volume, *shared, func(), error) {
 		s = &shared{uuid: v.UUID, opening: make(chan struct{})}
 		e.open[name] = s
 		e.mu.Unlock()
-		dev, err := e.reg.OpenDevice(v, e.log)
+		dev, err := e.reg.openDevice(v, e.log, e.openBase)
 		e.mu.Lock()
 		close(s.opening)
 		s.opening, s.dev = nil, dev
@@ -142,21 +157,30 @@ func (e *Exports) acquireVolume(name string) (Volume, *shared, func(), error) {
 
 func (e *Exports) release(name string, s *shared) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	s.refs--
 	if s.refs > 0 {
+		e.mu.Unlock()
 		return
 	}
-	if e.open[name] == s {
-		delete(e.open, name)
-	}
-	if h, ok := s.dev.(block.Handoffer); ok && e.handoff {
+	// Closing: an attach of the volume meanwhile waits for it (the store
+	// is locked until then), as for an opening. The close runs without
+	// e.mu: a clone's close releases its base volume here.
+	s.opening = make(chan struct{})
+	handoff := e.handoff
+	e.mu.Unlock()
+	if h, ok := s.dev.(block.Handoffer); ok && handoff {
 		if err := h.Handoff(); err != nil {
 			e.log.Error("volume handoff", "volume", name, "err", err)
 		}
-		return
+	} else {
+		s.dev.Close()
 	}
-	s.dev.Close()
+	e.mu.Lock()
+	if e.open[name] == s {
+		delete(e.open, name)
+	}
+	close(s.opening)
+	e.mu.Unlock()
 }
 
 // SetHandoff makes the last release of a volume a handoff (block.Handoffer)
@@ -178,6 +202,43 @@ func (e *Exports) Get(name string) (Volume, error) { return e.reg.Get(name) }
 // processes, as the device the gateway serves: the file itself for a plain
 // volume, the decrypting crypto.Volume for an encrypted one.
 func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) {
+	return r.openDevice(v, log, func(b BaseRef) (block.Device, func(), error) {
+		bv, err := r.Get(b.Volume)
+		if err != nil {
+			return nil, nil, err
+		}
+		dev, err := r.OpenDevice(bv, log)
+		if err != nil {
+			return nil, nil, err
+		}
+		view, err := snapshotView(dev, b)
+		if err != nil {
+			dev.Close()
+			return nil, nil, err
+		}
+		return view, func() { view.Close(); dev.Close() }, nil
+	})
+}
+
+// snapshotView opens the view of b on its volume's open device.
+func snapshotView(dev block.Device, b BaseRef) (block.Device, error) {
+	cv, ok := dev.(*crypto.Volume)
+	if !ok {
+		return nil, fmt.Errorf("%s@%s: %w", b.Volume, b.Snapshot, ErrNotFound)
+	}
+	view, err := cv.SnapshotView(b.Snapshot)
+	if err != nil {
+		return nil, fmt.Errorf("%s@%s: %w", b.Volume, b.Snapshot, err)
+	}
+	return view, nil
+}
+
+// baseOpener opens a clone's base: the view of a snapshot, and what lets
+// it go.
+type baseOpener func(BaseRef) (block.Device, func(), error)
+
+// openDevice is OpenDevice with a clone's base opened by openBase.
+func (r *Registry) openDevice(v Volume, log *slog.Logger, openBase baseOpener) (block.Device, error) {
 	// Encrypted volumes are opened read-write even when served read-only:
 	// the nonce reservation lives in the header.
 	f, err := r.openStoreLog(v, v.ReadOnly && !v.Encrypted, log)
@@ -211,9 +272,21 @@ func (r *Registry) OpenDevice(v Volume, log *slog.Logger) (block.Device, error) 
 		f.Close()
 		return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 	}
-	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, crypto.Options{Anchor: anchor, Cache: r.cache, Pools: r.pools, NoAlign: r.noAlign})
+	opt := crypto.Options{Anchor: anchor, Cache: r.cache, Pools: r.pools, NoAlign: r.noAlign}
+	if v.Base != nil {
+		base, release, err := openBase(*v.Base)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("volume %s: its base: %w", v.Name, err)
+		}
+		opt.Base, opt.Release = base, release
+	}
+	cv, err := crypto.Open(context.Background(), f, v.Name, id, kek, log, opt)
 	if err != nil {
 		f.Close()
+		if opt.Release != nil {
+			opt.Release()
+		}
 		return nil, err
 	}
 	if err := r.loadSnapshots(v, cv, kek, log); err != nil {

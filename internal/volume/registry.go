@@ -73,6 +73,16 @@ type Volume struct {
 	KEK       *KEKRef           `json:"kek,omitempty"`
 	// Snapshots, oldest first (crypto/SNAPSHOTS.md; FORMAT.md version 2).
 	Snapshots []SnapshotRecord `json:"snapshots,omitempty"`
+	// Base makes the volume a clone of a snapshot: what it has not
+	// written reads from there (FORMAT.md version 2).
+	Base *BaseRef `json:"base,omitempty"`
+}
+
+// BaseRef names the snapshot a clone reads through.
+type BaseRef struct {
+	Volume   string `json:"volume"`
+	Snapshot string `json:"snapshot"`
+	UUID     string `json:"uuid"` // the snapshot's store, so that a later one of the same name is not taken for it
 }
 
 // SnapshotRecord is one snapshot of a volume: its store, an encrypted
@@ -279,6 +289,9 @@ func parseRegistry(b []byte, path string) ([]Volume, error) {
 			return nil, fmt.Errorf("%s: %w: volumes %s and %s have the same UUID %s", path, ErrBadRegistry, ids[id], v.Name, id)
 		}
 		seen[v.Name], ids[id] = true, v.Name
+		if v.Base != nil && (doc.Version < 2 || !v.Encrypted) {
+			return nil, fmt.Errorf("%s: %w: volume %s: a clone in a version-1 registry or a plain clone", path, ErrBadRegistry, v.Name)
+		}
 		if len(v.Snapshots) > 0 && (doc.Version < 2 || !v.Encrypted) {
 			return nil, fmt.Errorf("%s: %w: volume %s: snapshots in a version-1 registry or of a plain volume", path, ErrBadRegistry, v.Name)
 		}
@@ -294,6 +307,14 @@ func parseRegistry(b []byte, path string) ([]Volume, error) {
 				return nil, fmt.Errorf("%s: %w: volume %s snapshot %s: backing %q is not inside the data dir", path, ErrBadRegistry, v.Name, sn.Name, sn.Backing)
 			}
 			snaps[sn.Name], ids[sid] = true, v.Name+"@"+sn.Name
+		}
+	}
+	for _, v := range doc.Volumes { // a clone's base is a snapshot of this file, of its size
+		if b := v.Base; b != nil {
+			i := slices.IndexFunc(doc.Volumes, func(x Volume) bool { return x.Name == b.Volume })
+			if i < 0 || doc.Volumes[i].Size != v.Size || !slices.ContainsFunc(doc.Volumes[i].Snapshots, func(s SnapshotRecord) bool { return s.Name == b.Snapshot && s.UUID == b.UUID }) {
+				return nil, fmt.Errorf("%s: %w: volume %s: its base %s@%s is not a snapshot of that size here", path, ErrBadRegistry, v.Name, b.Volume, b.Snapshot)
+			}
 		}
 	}
 	return doc.Volumes, nil
@@ -331,7 +352,7 @@ func (r *Registry) update(fn func([]Volume) ([]Volume, error)) error {
 	})
 	version := 1 // readable by builds without snapshots while no volume has one
 	for _, v := range vols {
-		if len(v.Snapshots) > 0 {
+		if len(v.Snapshots) > 0 || v.Base != nil {
 			version = FormatVersion
 		}
 	}
@@ -363,6 +384,8 @@ type CreateOptions struct {
 	KEK string
 	// Suite is crypto.AES256GCM (default) or crypto.ChaCha20Poly1305.
 	Suite byte
+	// Base makes the new volume a clone of that snapshot (Clone).
+	Base *BaseRef
 }
 
 // DefaultKeyName is the local keystore's key for volumes that name none.
@@ -430,6 +453,7 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 		ReadOnly:  o.ReadOnly,
 		Labels:    o.Labels,
 		Created:   time.Now().UTC().Truncate(time.Millisecond),
+		Base:      o.Base,
 	}
 	storeSize := o.Size
 	if o.Encrypted {

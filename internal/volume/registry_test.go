@@ -52,8 +52,11 @@ func TestRegistryVectorV2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(vols) != 1 || len(vols[0].Snapshots) != 2 {
-		t.Fatalf("volumes %+v: want one with two snapshots", vols)
+	if len(vols) != 2 || len(vols[0].Snapshots) != 2 {
+		t.Fatalf("volumes %+v: want one with two snapshots and a clone", vols)
+	}
+	if b := vols[1].Base; vols[1].Name != "db-test" || b == nil || *b != (BaseRef{Volume: "db", Snapshot: "nightly-2", UUID: "0b9d7f5e-3c1a-4e8b-a6d4-2f0e8c6a4b13"}) {
+		t.Fatalf("clone %+v", vols[1])
 	}
 	want := []SnapshotRecord{
 		{Name: "nightly-1", UUID: "e3a1c5b7-9d2f-4b6a-8c0e-7f1d3b5a9c24",
@@ -80,6 +83,7 @@ func TestRegistryRejectsDamage(t *testing.T) {
 		{"snapshot of a plain volume", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"snapshots/x.img"}]}]}`, "plain volume"},
 		{"snapshot twice", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"snapshots/x.img"},{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a12","backing":"snapshots/y.img"}]}]}`, "listed twice"},
 		{"snapshot with the volume's uuid", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","backing":"snapshots/x.img"}]}]}`, "not unique"},
+		{"clone of a missing snapshot", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","base":{"volume":"x","snapshot":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11"}}]}`, "its base"},
 		{"snapshot outside the data dir", `{"magic":"goldilocks-volumes","version":2,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"encrypted":true,"backing":"b","snapshots":[{"name":"s","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","backing":"../x.img"}]}]}`, "inside the data dir"},
 		{"bad name", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"../x","size":4096,"backing":"b"}]}`, "volume name"},
 		{"duplicate", `{"magic":"goldilocks-volumes","version":1,"volumes":[{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a10","size":4096,"backing":"b"},{"name":"a","uuid":"9b2e1b9e-6b53-4d43-8f0b-3c2a3f5e7a11","size":4096,"backing":"b"}]}`, "twice"},

@@ -182,6 +182,11 @@ func (s *Snapshots) Delete(ctx context.Context, name, snap string) error {
 		return fmt.Errorf("volume %s snapshot %s: %w", name, snap, crypto.ErrNoSnapshot)
 	}
 	rec := v.Snapshots[i]
+	if clones, err := s.Reg.clonesOf(name, snap); err != nil {
+		return err
+	} else if len(clones) > 0 {
+		return fmt.Errorf("volume %s snapshot %s: %w: clone %s reads through it (delete the clones first)", name, snap, crypto.ErrSnapshotBusy, clones[0])
+	}
 	if err := s.record(audit.Event{Type: audit.EvSnapshotDelete, Volume: name, Reason: "requested",
 		Details: map[string]any{"snapshot": snap}}); err != nil {
 		return err
@@ -356,4 +361,48 @@ func (r *Registry) removeSnapshotStore(rec SnapshotRecord, path string) {
 	if a := r.Anchor(); a != nil {
 		a.Remove(uuid.MustParse(rec.UUID))
 	}
+}
+
+// Clone creates volume name as a clone of snapshot snap of volume vol:
+// an encrypted volume of its own (a new data key under vol's KEK) that
+// reads what it has not written from the snapshot (crypto/SNAPSHOTS.md,
+// "Clones"). O(1): nothing is copied.
+func (s *Snapshots) Clone(vol, snap, name string, labels map[string]string) (Volume, error) {
+	v, err := s.volume(vol)
+	if err != nil {
+		return Volume{}, err
+	}
+	i := slices.IndexFunc(v.Snapshots, func(r SnapshotRecord) bool { return r.Name == snap })
+	if i < 0 {
+		return Volume{}, fmt.Errorf("volume %s snapshot %s: %w", vol, snap, crypto.ErrNoSnapshot)
+	}
+	h, err := s.Reg.Header(v)
+	if err != nil {
+		return Volume{}, fmt.Errorf("volume %s: %w", vol, err)
+	}
+	kek := h.KEK.Provider
+	if kek == "vault" {
+		kek = "vault:" + h.KEK.Name
+	}
+	if err := s.record(audit.Event{Type: audit.EvVolumeClone, Volume: name, Reason: "requested",
+		Details: map[string]any{"base": vol + "@" + snap}}); err != nil {
+		return Volume{}, err
+	}
+	return s.Reg.Create(CreateOptions{Name: name, Size: v.Size, Encrypted: true, KEK: kek, Suite: h.Suite, Labels: labels,
+		Base: &BaseRef{Volume: vol, Snapshot: snap, UUID: v.Snapshots[i].UUID}})
+}
+
+// clonesOf lists the volumes that read through snapshot snap of vol.
+func (r *Registry) clonesOf(vol, snap string) ([]string, error) {
+	all, err := r.List()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, v := range all {
+		if v.Base != nil && v.Base.Volume == vol && v.Base.Snapshot == snap {
+			out = append(out, v.Name)
+		}
+	}
+	return out, nil
 }
