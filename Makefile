@@ -120,7 +120,7 @@ fuzz-brief:
 # Then the real binary: 1,000 SIGKILLs and 1,000 power cuts per volume kind
 # under a random workload (e2e/torture_test.go; make test runs 6 of each).
 torture: build vault
-	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -count=1 -timeout 90m -run 'TestCrashModel|TestCrashEveryPoint' ./crypto/
+	GOLDILOCKS_CRASH_SEEDS=20000 $(GO) test -count=1 -timeout 90m -run 'TestCrashModel|TestCrashEveryPoint|TestSnapshotCrash' ./crypto/
 	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_VAULT_BIN=$(CURDIR)/bin/vault GOLDILOCKS_TORTURE_ROUNDS=$${GOLDILOCKS_TORTURE_ROUNDS:-1000} \
 		$(GO) test -count=1 -timeout 180m -v -run 'TestTorture' ./e2e/
 

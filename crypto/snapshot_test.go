@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
 
@@ -304,16 +306,19 @@ func TestSnapshotRules(t *testing.T) {
 // volume as its last flushed value or one written after.
 func TestSnapshotCrash(t *testing.T) {
 	const size = 64 * ChunkSize
-	cuts := 0
-	for seed := uint64(0); seed < 40; seed++ {
+	cuts, seeds := 0, 40
+	if s, err := strconv.Atoi(os.Getenv("GOLDILOCKS_CRASH_SEEDS")); err == nil && s > 0 {
+		seeds = s // make torture
+	}
+	for seed := uint64(0); seed < uint64(seeds); seed++ {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			if snapCrashOnce(t, seed, size) {
 				cuts++
 			}
 		})
 	}
-	if cuts < 20 {
-		t.Fatalf("the power was cut in only %d of 40 runs", cuts)
+	if cuts < seeds/2 {
+		t.Fatalf("the power was cut in only %d of %d runs", cuts, seeds)
 	}
 }
 
