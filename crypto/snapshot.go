@@ -171,28 +171,48 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 			return 0, fmt.Errorf("volume %s snapshot %s: %w", v.name, n.name, err)
 		}
 	}
+	// The flush point: writes stop for one commit, and the snapshot
+	// serves from the next write on.
 	v.wgate.Lock()
-	defer v.wgate.Unlock()
 	start := time.Now()
 	if err := v.Flush(); err != nil {
+		v.wgate.Unlock()
 		return 0, err
 	}
 	seq := v.m.Seq()
-	if v.opt.Anchor != nil {
-		if err := v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: seq}); err != nil {
-			return 0, fmt.Errorf("volume %s: snapshot %s: %w", v.name, name, err)
-		}
-	}
-	if err := commit(seq); err != nil {
-		return 0, err
-	}
 	set := &snapSet{}
 	if old != nil {
 		set.list = slices.Clone(old.list)
 	}
 	set.list = append(set.list, s)
 	v.snaps.Store(set)
-	return time.Since(start), nil
+	pause := time.Since(start)
+	v.wgate.Unlock()
+	// Then, writes going on, the anchor and the record. Until the record
+	// is durable the snapshot is not promised: a crash before it leaves
+	// a store nobody names (its copies never mattered to the volume).
+	err = nil
+	if v.opt.Anchor != nil {
+		if err = v.opt.Anchor.Advance(v.uuid, AnchorState{Seq: seq}); err != nil {
+			err = fmt.Errorf("volume %s: snapshot %s: %w", v.name, name, err)
+		}
+	}
+	if err == nil {
+		err = commit(seq)
+	}
+	if err != nil {
+		// Undone: the copies made meanwhile are committed first (so that
+		// no later commit of the volume needs the store), then the
+		// snapshot leaves the set, writes stopped.
+		v.wgate.Lock()
+		defer v.wgate.Unlock()
+		if ferr := v.Flush(); ferr != nil {
+			return 0, errors.Join(err, ferr)
+		}
+		v.snaps.Store(old)
+		return 0, err
+	}
+	return pause, nil
 }
 
 // A create commits ahead, writes going on, while more than preFlushDirty

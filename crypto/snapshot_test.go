@@ -276,6 +276,13 @@ func TestSnapshotRules(t *testing.T) {
 	if got := len(r.v.Snapshots()); got != 1 {
 		t.Fatalf("%d snapshots after a failed create, want 1", got)
 	}
+	// Writes after it neither reach its (closed) store nor fail.
+	if _, err := r.v.WriteAt(make([]byte, 3*ChunkSize), ChunkSize); err != nil {
+		t.Fatalf("a write after a failed create: %v", err)
+	}
+	if err := r.v.Flush(); err != nil {
+		t.Fatalf("a flush after a failed create: %v", err)
+	}
 	w, err := r.v.SnapshotView("a")
 	if err != nil {
 		t.Fatal(err)
