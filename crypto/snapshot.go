@@ -148,16 +148,7 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 	if s.count() != 0 {
 		return 0, fmt.Errorf("volume %s snapshot %s: the new store is not empty", v.name, name)
 	}
-	// Commit what is dirty while writes go on, until little is, so that
-	// the commit with writes stopped (the flush point) is a small one; a
-	// load that never flushes and dirties as fast as commits go gets
-	// preFlushFor of this, then waits for the rest.
-	for begun := time.Now(); v.m.Dirty() > preFlushDirty && time.Since(begun) < preFlushFor; {
-		if err := v.Flush(); err != nil {
-			return 0, err
-		}
-	}
-	// And empty the logs (the volume's, and the store its commit flushes
+	// Empty the logs (the volume's, and the store its commit flushes
 	// first), so that the commit with writes stopped neither waits for a
 	// checkpoint nor makes one: one measured such wait took 2.6 s.
 	if err := v.m.Checkpoint(); err != nil {
@@ -169,6 +160,15 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 		}
 		if err := n.store.m.Checkpoint(); err != nil {
 			return 0, fmt.Errorf("volume %s snapshot %s: %w", v.name, n.name, err)
+		}
+	}
+	// Then commit what is dirty while writes go on, until little is, so that
+	// the commit with writes stopped (the flush point) is a small one; a
+	// load that never flushes and dirties as fast as commits go gets
+	// preFlushFor of this, then waits for the rest.
+	for begun := time.Now(); v.m.Dirty() > preFlushDirty && time.Since(begun) < preFlushFor; {
+		if err := v.Flush(); err != nil {
+			return 0, err
 		}
 	}
 	// The flush point: writes stop for one commit, and the snapshot
