@@ -123,57 +123,94 @@ func (s *Snapshots) Backup(ctx context.Context, name, snap string, o BackupOptio
 		return res, err
 	}
 	start := time.Now()
-	buf := make([]byte, 1<<20)
 	total := v.Size
-	if o.Since != "" {
+	var spans [][2]int64 // what the stream covers, in increasing order
+	if o.Since == "" {
+		spans = append(spans, [2]int64{0, v.Size})
+	} else {
 		total = 0
-		cv.ChangedRuns(o.Since, snap, func(_, n uint64) error { total += int64(n * crypto.ChunkSize); return nil })
+		cv.ChangedRuns(o.Since, snap, func(first, n uint64) error {
+			spans = append(spans, [2]int64{int64(first * crypto.ChunkSize), int64(n * crypto.ChunkSize)})
+			total += int64(n * crypto.ChunkSize)
+			return nil
+		})
 	}
-	// copyRange reads [off, off+n) of the snapshot and records it: runs
-	// of zero chunks as zero records, the rest as data.
-	copyRange := func(off, n int64) error {
-		for n > 0 {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			l := min(n, int64(len(buf)))
-			p := buf[:l]
-			if _, err := view.ReadAt(p, off); err != nil {
-				return err
-			}
-			res.Read += l
-			for i := int64(0); i < l; {
-				zero := isZero(p[i : i+crypto.ChunkSize])
-				j := i + crypto.ChunkSize
-				for j < l && isZero(p[j:j+crypto.ChunkSize]) == zero {
-					j += crypto.ChunkSize
+	// Reading (opening the volume's chunks) and writing (sealing the
+	// stream) overlap: a reader fills 1 MiB pieces ahead.
+	type piece struct {
+		off int64
+		p   []byte
+		err error
+	}
+	pieces, free, quit := make(chan piece, 2), make(chan []byte, 3), make(chan struct{})
+	for range cap(free) {
+		free <- make([]byte, 1<<20)
+	}
+	go func() {
+		defer close(pieces)
+		for _, sp := range spans {
+			for off, n := sp[0], sp[1]; n > 0; {
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-quit:
+					return
 				}
-				var err error
-				if zero {
-					err = w.Zero(off+i, j-i)
-					res.Zero += j - i
-				} else {
-					err = w.Data(off+i, p[i:j])
-					res.Data += j - i
-				}
+				l := min(n, int64(len(buf)))
+				_, err := view.ReadAt(buf[:l], off)
+				pieces <- piece{off, buf[:l], err}
 				if err != nil {
-					return err
+					return
 				}
-				i = j
+				off, n = off+l, n-l
 			}
-			off, n = off+l, n-l
-			if o.Progress != nil {
-				o.Progress(res.Read, total)
+		}
+	}()
+	defer func() {
+		close(quit)
+		for range pieces { // the reader's last piece, if any
+		}
+	}()
+	// record writes a piece: runs of zero chunks as zero records, the
+	// rest as data.
+	record := func(off int64, p []byte) error {
+		l := int64(len(p))
+		for i := int64(0); i < l; {
+			zero := isZero(p[i : i+crypto.ChunkSize])
+			j := i + crypto.ChunkSize
+			for j < l && isZero(p[j:j+crypto.ChunkSize]) == zero {
+				j += crypto.ChunkSize
 			}
+			var err error
+			if zero {
+				err = w.Zero(off+i, j-i)
+				res.Zero += j - i
+			} else {
+				err = w.Data(off+i, p[i:j])
+				res.Data += j - i
+			}
+			if err != nil {
+				return err
+			}
+			i = j
 		}
 		return nil
 	}
-	if o.Since == "" {
-		err = copyRange(0, v.Size)
-	} else {
-		err = cv.ChangedRuns(o.Since, snap, func(first, n uint64) error {
-			return copyRange(int64(first*crypto.ChunkSize), int64(n*crypto.ChunkSize))
-		})
+	for pc := range pieces {
+		if err = pc.err; err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			err = record(pc.off, pc.p)
+		}
+		if err != nil {
+			break
+		}
+		res.Read += int64(len(pc.p))
+		free <- pc.p[:cap(pc.p)]
+		if o.Progress != nil {
+			o.Progress(res.Read, total)
+		}
 	}
 	if err == nil {
 		err = w.Close()
