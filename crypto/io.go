@@ -631,6 +631,11 @@ func (v *Volume) unmap(first, last uint64) error {
 	if v.opt.Base != nil { // a clone: unmapped would read its base
 		var zeros [ChunkSize]byte
 		for c := first; c <= last; c++ {
+			if v.m.Dirty() > 2*maxDirty { // a whole-disk discard: held back as writes are
+				if err := v.backPressure(); err != nil {
+					return err
+				}
+			}
 			if err := v.writePartial(c, 0, zeros[:]); err != nil {
 				return err
 			}

@@ -41,7 +41,11 @@ type snapshot struct {
 	store *Volume
 	bits  []atomic.Uint64 // chunks the store maps (SNAPSHOTS.md: "written since")
 	dirty atomic.Bool     // a copy since its store's last commit
-	views int             // open Views; guarded by Volume.snapMu
+	// pending: created, its record not yet durable; copies go into the
+	// next older snapshot's store too, so that it stays right if the
+	// record never is (a failed create, a crash).
+	pending atomic.Bool
+	views   int // open Views; guarded by Volume.snapMu
 }
 
 func (s *snapshot) has(c uint64) bool { return s.bits[c/64].Load()&(1<<(c%64)) != 0 }
@@ -185,7 +189,10 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 		set.list = slices.Clone(old.list)
 	}
 	set.list = append(set.list, s)
+	s.pending.Store(true)
+	v.viewMu.Lock() // no view reads with a set older than the first copy
 	v.snaps.Store(set)
+	v.viewMu.Unlock()
 	pause := time.Since(start)
 	v.wgate.Unlock()
 	// Then, writes going on, the anchor and the record. Until the record
@@ -201,17 +208,23 @@ func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint
 		err = commit(seq)
 	}
 	if err != nil {
-		// Undone: the copies made meanwhile are committed first (so that
-		// no later commit of the volume needs the store), then the
-		// snapshot leaves the set, writes stopped.
+		// Undone, writes stopped: the snapshot leaves the set (the older
+		// one got every copy meanwhile too), and the copies are committed
+		// (so that no later commit of the volume needs its store).
 		v.wgate.Lock()
 		defer v.wgate.Unlock()
+		v.viewMu.Lock()
+		v.snaps.Store(old)
+		v.viewMu.Unlock()
+		if n := old.newest(); n != nil {
+			n.dirty.Store(true)
+		}
 		if ferr := v.Flush(); ferr != nil {
 			return 0, errors.Join(err, ferr)
 		}
-		v.snaps.Store(old)
 		return 0, err
 	}
+	s.pending.Store(false)
 	return pause, nil
 }
 
@@ -274,7 +287,10 @@ func (v *Volume) DeleteSnapshot(name string, commit func() error) (*Volume, erro
 	v.viewMu.Lock()
 	v.snaps.Store(next)
 	v.viewMu.Unlock()
-	return s.store, s.store.Close()
+	if err := s.store.Close(); err != nil { // deleted all the same: its record is gone
+		v.log.Warn("closing a deleted snapshot's store", "volume", v.name, "snapshot", name, "err", err)
+	}
+	return s.store, nil
 }
 
 // merge copies into o every chunk that s holds and o does not. Callers
@@ -309,10 +325,21 @@ func (v *Volume) merge(s, o *snapshot) error {
 // not hold yet into its store, before a write changes them. Callers hold
 // the chunks' write locks and v.wgate shared.
 func (v *Volume) preserve(first uint64, n int) error {
-	s := v.snaps.Load().newest()
+	set := v.snaps.Load()
+	s := set.newest()
 	if s == nil {
 		return nil
 	}
+	if s.pending.Load() && len(set.list) > 1 {
+		if err := v.preserveInto(set.list[len(set.list)-2], first, n); err != nil {
+			return err
+		}
+	}
+	return v.preserveInto(s, first, n)
+}
+
+// preserveInto is preserve into snapshot s.
+func (v *Volume) preserveInto(s *snapshot, first uint64, n int) error {
 	var (
 		buf *[batchChunks * ChunkSize]byte
 		b   *chunkBuf
@@ -437,6 +464,8 @@ func (v *Volume) ChangedExtents(name string, dst []block.Extent, off, length int
 	if !block.CheckRange(v.size, off, length) {
 		return dst, block.ErrOutOfRange
 	}
+	v.viewMu.RLock()
+	defer v.viewMu.RUnlock()
 	set := v.snaps.Load()
 	i := set.find(name)
 	if i < 0 {
@@ -475,7 +504,12 @@ func (v *Volume) ChangedExtents(name string, dst []block.Extent, off, length int
 // was taken and before snapshot to was (to "": until now), in increasing
 // order: what an incremental backup from from to to holds.
 func (v *Volume) ChangedRuns(from, to string, fn func(first, n uint64) error) error {
+	v.viewMu.RLock()
+	defer v.viewMu.RUnlock()
 	set := v.snaps.Load()
+	if set == nil {
+		return fmt.Errorf("volume %s snapshot %s: %w", v.name, from, ErrNoSnapshot)
+	}
 	i, j := set.find(from), len(set.list)
 	if to != "" {
 		j = set.find(to)

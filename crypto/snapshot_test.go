@@ -268,9 +268,24 @@ func TestSnapshotRules(t *testing.T) {
 	if _, err := r.v.CreateSnapshot("a", st, func(uint64) error { return nil }); !errors.Is(err, ErrSnapshotExists) {
 		t.Fatalf("second snapshot named a: %v, want ErrSnapshotExists", err)
 	}
+	// A create whose record fails, with a write between its flush point
+	// and the record (writes go on then): the older snapshot must still
+	// read as when taken, and count the write as a change.
+	before := r.view("a")
 	committed := errors.New("registry full")
-	if _, err := r.v.CreateSnapshot("b", st, func(uint64) error { return committed }); !errors.Is(err, committed) {
+	if _, err := r.v.CreateSnapshot("b", st, func(uint64) error {
+		if _, err := r.v.WriteAt(bytes.Repeat([]byte{0x5a}, ChunkSize), 5*ChunkSize); err != nil {
+			t.Fatal(err)
+		}
+		return committed
+	}); !errors.Is(err, committed) {
 		t.Fatalf("create whose commit fails: %v", err)
+	}
+	if got := r.view("a"); !bytes.Equal(got, before) {
+		t.Fatalf("snapshot a changed by a write during a failed create (byte %d)", firstDiff(got, before))
+	}
+	if ext, err := r.v.ChangedExtents("a", nil, 5*ChunkSize, ChunkSize, 1); err != nil || len(ext) != 1 || ext[0].Flags != block.ExtentDirty {
+		t.Fatalf("changed since a after a write during a failed create: %v %v", ext, err)
 	}
 	st.Close()
 	if got := len(r.v.Snapshots()); got != 1 {

@@ -93,6 +93,7 @@ func TestChangedContext(t *testing.T) {
 	}{
 		{nil, []string{"base:allocation", "goldilocks:changed:s1"}},
 		{[]string{"qemu:dirty-bitmap:"}, []string{"qemu:dirty-bitmap:s1"}},
+		{[]string{"goldilocks:"}, []string{"goldilocks:changed:s1"}},
 		{[]string{"goldilocks:changed:s1", "goldilocks:changed:s2"}, []string{"goldilocks:changed:s1"}},
 	} {
 		cl.option(9, metaBytes("disk", tc.queries...))

@@ -455,9 +455,13 @@ func (c *conn) optMetaContext(w *bufio.Writer, opt uint32, data []byte) error {
 		switch {
 		case q == nbdproto.MetaBaseAllocation || (list1 && q == "base:"):
 			alloc = true
-		case list1 && (q == metaChangedNS || q == metaDirtyNS):
+		case list1 && (q == metaChangedNS || q == metaDirtyNS || q == "goldilocks:" || q == "qemu:"):
+			ns := map[string]string{"goldilocks:": metaChangedNS, "qemu:": metaDirtyNS}[q]
+			if ns == "" {
+				ns = q
+			}
 			for _, s := range list[i].Changed {
-				changed = append(changed, q+s)
+				changed = append(changed, ns+s)
 			}
 		default:
 			for _, ns := range []string{metaChangedNS, metaDirtyNS} {

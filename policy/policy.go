@@ -575,6 +575,11 @@ func (p *Policy) Decide(identity string, v Volume) Decision {
 	if anyGlob(p.Quarantine.Volumes, v.Name) {
 		return Decision{Quarantined: true, Reason: "volume " + v.Name + " is quarantined"}
 	}
+	// A snapshot's export NAME@SNAP holds the volume's data: quarantined
+	// with it.
+	if base, _, ok := strings.Cut(v.Name, "@"); ok && anyGlob(p.Quarantine.Volumes, base) {
+		return Decision{Quarantined: true, Reason: "volume " + base + " is quarantined (and its snapshots with it)"}
+	}
 	for i := range p.Rules {
 		r := &p.Rules[i]
 		if r.Identity != "*" && (identity == "" || r.Identity != identity) {

@@ -149,3 +149,17 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// A snapshot's export is quarantined with its volume, even where the
+// quarantine names the volume exactly.
+func TestQuarantineCoversSnapshots(t *testing.T) {
+	p, err := Parse([]byte("identities:\n  - {name: ops, unix: {uid: 0}}\nrules:\n  - {identity: ops, volumes: [\"*\"], access: read-only}\nquarantine:\n  volumes: [db]\n"), "p.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, allow := range map[string]bool{"db": false, "db@nightly": false, "db2@nightly": true, "dbx": true} {
+		if d := p.Decide("ops", Volume{Name: name}); d.Allow != allow {
+			t.Errorf("%s: allow %v (%s), want %v", name, d.Allow, d.Reason, allow)
+		}
+	}
+}

@@ -129,11 +129,13 @@ func (s *Snapshots) Backup(ctx context.Context, name, snap string, o BackupOptio
 		spans = append(spans, [2]int64{0, v.Size})
 	} else {
 		total = 0
-		cv.ChangedRuns(o.Since, snap, func(first, n uint64) error {
+		if err := cv.ChangedRuns(o.Since, snap, func(first, n uint64) error {
 			spans = append(spans, [2]int64{int64(first * crypto.ChunkSize), int64(n * crypto.ChunkSize)})
 			total += int64(n * crypto.ChunkSize)
 			return nil
-		})
+		}); err != nil {
+			return res, err
+		}
 	}
 	// Reading (opening the volume's chunks) and writing (sealing the
 	// stream) overlap: a reader fills 1 MiB pieces ahead.
@@ -277,10 +279,7 @@ func (s *Snapshots) Restore(ctx context.Context, name string, files []string, o 
 		return Volume{}, err
 	}
 	first := hs[0]
-	kekName := first.KEK.Provider
-	if kekName == "vault" {
-		kekName = "vault:" + first.KEK.Name
-	}
+	kekName := first.KEK.Provider + ":" + first.KEK.Name
 	v, err := s.Reg.Create(CreateOptions{Name: name, Size: int64(first.Size), Encrypted: true, KEK: kekName, Suite: first.Suite, Labels: o.Labels})
 	if err != nil {
 		return Volume{}, err
@@ -301,8 +300,8 @@ func (s *Snapshots) Restore(ctx context.Context, name string, files []string, o 
 		return fail(fmt.Errorf("volume %s: not encrypted", name))
 	}
 	var done int64
-	for _, f := range files {
-		if err := s.apply(ctx, cv, f, &done, total, o.Progress); err != nil {
+	for i, f := range files {
+		if err := s.apply(ctx, cv, f, hs[i], &done, total, o.Progress); err != nil {
 			cv.Close()
 			return fail(err)
 		}
@@ -326,7 +325,7 @@ func (c countReader) Read(p []byte) (int, error) {
 }
 
 // apply writes one stream's records into cv.
-func (s *Snapshots) apply(ctx context.Context, cv *crypto.Volume, file string, done *int64, total int64, progress func(done, total int64)) error {
+func (s *Snapshots) apply(ctx context.Context, cv *crypto.Volume, file string, checked *crypto.BackupHeader, done *int64, total int64, progress func(done, total int64)) error {
 	f, err := os.Open(file)
 	if err != nil {
 		return err
@@ -341,6 +340,12 @@ func (s *Snapshots) apply(ctx context.Context, cv *crypto.Volume, file string, d
 	})
 	if err != nil {
 		return fmt.Errorf("%s: %w", file, err)
+	}
+	// The header the stream authenticates is the one the chain was checked
+	// on (the file could have been replaced since).
+	if h := r.Header(); h.Kind != checked.Kind || h.Volume != checked.Volume || h.Size != checked.Size ||
+		h.Snapshot != checked.Snapshot || h.Base != checked.Base || h.ID != checked.ID {
+		return fmt.Errorf("%s: %w: it changed since the chain was checked", file, ErrBackupChain)
 	}
 	for {
 		if err := ctx.Err(); err != nil {

@@ -360,6 +360,9 @@ func (r *Registry) update(fn func([]Volume) ([]Volume, error)) error {
 	if err != nil {
 		return err
 	}
+	if _, err := parseRegistry(b, r.path()); err != nil { // never write a file no reader takes
+		return err
+	}
 	if err := atomicfile.Write(r.path(), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("volume registry: %w", err)
 	}

@@ -202,6 +202,11 @@ func (s *Snapshots) Delete(ctx context.Context, name, snap string) error {
 			if i < 0 {
 				return nil, fmt.Errorf("volume %s: %w", name, ErrNotFound)
 			}
+			for _, x := range vols { // checked again under the lock: a clone made meanwhile
+				if x.Base != nil && x.Base.Volume == name && x.Base.Snapshot == snap {
+					return nil, fmt.Errorf("volume %s snapshot %s: %w: clone %s reads through it", name, snap, crypto.ErrSnapshotBusy, x.Name)
+				}
+			}
 			vols[i].Snapshots = slices.DeleteFunc(slices.Clone(vols[i].Snapshots), func(r SnapshotRecord) bool { return r.Name == snap })
 			return vols, nil
 		})
@@ -380,14 +385,14 @@ func (s *Snapshots) Clone(vol, snap, name string, labels map[string]string) (Vol
 	if err != nil {
 		return Volume{}, fmt.Errorf("volume %s: %w", vol, err)
 	}
-	kek := h.KEK.Provider
-	if kek == "vault" {
-		kek = "vault:" + h.KEK.Name
-	}
+	kek := h.KEK.Provider + ":" + h.KEK.Name
 	if err := s.record(audit.Event{Type: audit.EvVolumeClone, Volume: name, Reason: "requested",
 		Details: map[string]any{"base": vol + "@" + snap}}); err != nil {
 		return Volume{}, err
 	}
+	// Create checks the base again under the registry lock (update's
+	// check of the whole file), so a delete racing this cannot leave a
+	// clone of nothing.
 	return s.Reg.Create(CreateOptions{Name: name, Size: v.Size, Encrypted: true, KEK: kek, Suite: h.Suite, Labels: labels,
 		Base: &BaseRef{Volume: vol, Snapshot: snap, UUID: v.Snapshots[i].UUID}})
 }
