@@ -2,12 +2,9 @@ package crypto
 
 import (
 	"bytes"
-	"encoding/hex"
 	"errors"
 	"io"
-	"os"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 )
@@ -62,23 +59,7 @@ func readAllBackup(b, key []byte) (*BackupHeader, []BackupRecord, error) {
 // vector, and the vector reads back as that input.
 func TestBackupVector(t *testing.T) {
 	got, key := vectorBackup(t)
-	path := "testdata/backup-v1-full.hex"
-	if os.Getenv("GOLDILOCKS_WRITE_VECTORS") != "" {
-		if err := os.WriteFile(path, []byte(hex.EncodeToString(got)+"\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want, err := hex.DecodeString(strings.TrimSpace(string(raw)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Fatalf("the stream differs from %s at byte %d", path, firstDiff(got, want))
-	}
+	want := vectorFile(t, got, "testdata/backup-v1-full.hex")
 	h, recs, err := readAllBackup(want, key)
 	if err != nil {
 		t.Fatal(err)

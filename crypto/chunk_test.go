@@ -61,26 +61,35 @@ func TestSioCompatibility(t *testing.T) {
 	}
 }
 
+// vectorFile checks got against the hex test vector at path (written
+// anew when GOLDILOCKS_UPDATE_VECTORS is set) and returns the vector.
+func vectorFile(t *testing.T, got []byte, path string) []byte {
+	t.Helper()
+	if os.Getenv("GOLDILOCKS_UPDATE_VECTORS") != "" {
+		if err := os.WriteFile(path, []byte(hex.EncodeToString(got)+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := hex.DecodeString(strings.TrimSpace(string(raw)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s: the encoding changed at byte %d: the format is fixed", path, firstDiff(got, want))
+	}
+	return want
+}
+
 // TestChunkVector pins the format with a fixed test vector.
 func TestChunkVector(t *testing.T) {
 	s, _ := NewSealer(testKey(0x42), AES256GCM)
 	pt := bytes.Repeat([]byte("goldilocks chunk"), ChunkSize/16)
 	pkg := s.sealWithNonce(nil, 7, pt, [12]byte{0: 0x01, 11: 0xff})
-	const path = "testdata/chunk-aes256gcm-idx7.hex"
-	if os.Getenv("GOLDILOCKS_UPDATE_VECTORS") != "" {
-		os.WriteFile(path, []byte(hex.EncodeToString(pkg)+"\n"), 0o644)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want, err := hex.DecodeString(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(pkg, want) {
-		t.Fatalf("sealing changed: the chunk format is fixed (FORMAT.md)")
-	}
+	want := vectorFile(t, pkg, "testdata/chunk-aes256gcm-idx7.hex")
 	if got, err := s.Open(nil, 7, want); err != nil || !bytes.Equal(got, pt) {
 		t.Fatalf("vector does not open: %v", err)
 	}

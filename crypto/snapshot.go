@@ -77,6 +77,15 @@ func (ss *snapSet) find(name string) int {
 	return slices.IndexFunc(ss.list, func(s *snapshot) bool { return s.name == name })
 }
 
+// find is snapshot name's index in set, or ErrNoSnapshot.
+func (v *Volume) find(set *snapSet, name string) (int, error) {
+	i := set.find(name)
+	if i < 0 {
+		return i, fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrNoSnapshot)
+	}
+	return i, nil
+}
+
 // newSnapshot checks a store against v and reads which chunks it maps.
 func (v *Volume) newSnapshot(name string, store *Volume) (*snapshot, error) {
 	if store == nil || store.size != v.size {
@@ -244,9 +253,9 @@ func (v *Volume) DeleteSnapshot(name string, commit func() error) (*Volume, erro
 	v.snapMu.Lock()
 	defer v.snapMu.Unlock()
 	set := v.snaps.Load()
-	i := set.find(name)
-	if i < 0 {
-		return nil, fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrNoSnapshot)
+	i, err := v.find(set, name)
+	if err != nil {
+		return nil, err
 	}
 	s := set.list[i]
 	if s.views > 0 {
@@ -423,9 +432,9 @@ func (v *Volume) closeSnapshots(handoff bool) error {
 // key rotation, which rewraps its data key).
 func (v *Volume) SnapshotStore(name string) (*Volume, error) {
 	set := v.snaps.Load()
-	i := set.find(name)
-	if i < 0 {
-		return nil, fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrNoSnapshot)
+	i, err := v.find(set, name)
+	if err != nil {
+		return nil, err
 	}
 	return set.list[i].store, nil
 }
@@ -443,19 +452,6 @@ func (v *Volume) Snapshots() []SnapshotInfo {
 	return out
 }
 
-// TrackedSnapshots lists the names ChangedExtents knows (block.ChangeTracker).
-func (v *Volume) TrackedSnapshots() []string {
-	set := v.snaps.Load()
-	if set == nil {
-		return nil
-	}
-	out := make([]string, len(set.list))
-	for i, s := range set.list {
-		out[i] = s.name
-	}
-	return out
-}
-
 // ChangedExtents describes [off, off+length) by whether each chunk was
 // written since snapshot name was taken: block.ExtentDirty where it
 // was (SNAPSHOTS.md, "Changed since"). At most maxN extents; ranges
@@ -467,9 +463,9 @@ func (v *Volume) ChangedExtents(name string, dst []block.Extent, off, length int
 	v.viewMu.RLock()
 	defer v.viewMu.RUnlock()
 	set := v.snaps.Load()
-	i := set.find(name)
-	if i < 0 {
-		return dst, fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrNoSnapshot)
+	i, err := v.find(set, name)
+	if err != nil {
+		return dst, err
 	}
 	since := set.list[i:]
 	end := off + length
@@ -567,9 +563,9 @@ func (v *Volume) SnapshotView(name string) (*View, error) {
 	v.snapMu.Lock()
 	defer v.snapMu.Unlock()
 	set := v.snaps.Load()
-	i := set.find(name)
-	if i < 0 {
-		return nil, fmt.Errorf("volume %s snapshot %s: %w", v.name, name, ErrNoSnapshot)
+	i, err := v.find(set, name)
+	if err != nil {
+		return nil, err
 	}
 	set.list[i].views++
 	return &View{v: v, s: set.list[i]}, nil

@@ -25,8 +25,6 @@ func (d changedDev) Extents(dst []block.Extent, off, length int64, _ int) ([]blo
 	return append(dst, block.Extent{Length: length}), nil // all data
 }
 
-func (d changedDev) TrackedSnapshots() []string { return []string{"s1"} }
-
 func (d changedDev) ChangedExtents(since string, dst []block.Extent, off, length int64, _ int) ([]block.Extent, error) {
 	if since != "s1" {
 		return dst, fmt.Errorf("snapshot %s: %w", since, block.ErrNotSupported)

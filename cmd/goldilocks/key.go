@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -33,9 +34,17 @@ func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
-// keys returns the control client of a running gateway, or the local
-// key operations when none runs.
-func (a *app) keys() (*control.Client, *volume.Keys, error) {
+// inProcess is what an operation needs to run in this process: the registry,
+// who runs it and a logger naming them.
+type inProcess struct {
+	reg *volume.Registry
+	who string
+	log *slog.Logger
+}
+
+// gatewayOrLocal returns the control client of a running gateway, or,
+// when none runs, what the operation needs to run here.
+func (a *app) gatewayOrLocal() (*control.Client, *inProcess, error) {
 	if err := a.openAudit(); err != nil {
 		return nil, nil, err
 	}
@@ -51,8 +60,17 @@ func (a *app) keys() (*control.Client, *volume.Keys, error) {
 		return nil, nil, err
 	}
 	who := cliIdentity()
-	log := a.logger().With("identity", who) // every event of this run names who ran it
-	return nil, &volume.Keys{Reg: reg, Open: volume.LocalOpener{Reg: reg, Log: log}, Log: log, Record: a.alog.Append, Who: who}, nil
+	return nil, &inProcess{reg: reg, who: who, log: a.logger().With("identity", who)}, nil // every event of this run names who ran it
+}
+
+// keys returns the control client of a running gateway, or the local
+// key operations when none runs.
+func (a *app) keys() (*control.Client, *volume.Keys, error) {
+	c, l, err := a.gatewayOrLocal()
+	if err != nil || c != nil {
+		return c, nil, err
+	}
+	return nil, &volume.Keys{Reg: l.reg, Open: volume.LocalOpener{Reg: l.reg, Log: l.log}, Log: l.log, Record: a.alog.Append, Who: l.who}, nil
 }
 
 func newKeyRotateCmd(a *app) *cobra.Command {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"text/tabwriter"
@@ -162,23 +161,11 @@ misordered stream fails the restore, and NEW is removed.`,
 // snapshots returns the control client of a running gateway, or the local
 // snapshot operations when none runs.
 func (a *app) snapshots() (*control.Client, *volume.Snapshots, error) {
-	if err := a.openAudit(); err != nil {
-		return nil, nil, err
+	c, l, err := a.gatewayOrLocal()
+	if err != nil || c != nil {
+		return c, nil, err
 	}
-	reg, err := a.openExisting()
-	if err != nil {
-		return nil, nil, err
-	}
-	c, err := control.Dial(reg.Dir())
-	if err == nil {
-		return c, nil, nil
-	}
-	if !errors.Is(err, control.ErrNoGateway) {
-		return nil, nil, err
-	}
-	who := cliIdentity()
-	log := a.logger().With("identity", who)
-	return nil, &volume.Snapshots{Reg: reg, Open: volume.LocalOpener{Reg: reg, Log: log}, Log: log, Record: a.alog.Append, Who: who}, nil
+	return nil, &volume.Snapshots{Reg: l.reg, Open: volume.LocalOpener{Reg: l.reg, Log: l.log}, Log: l.log, Record: a.alog.Append, Who: l.who}, nil
 }
 
 func newSnapshotCreateCmd(a *app) *cobra.Command {

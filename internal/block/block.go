@@ -134,11 +134,10 @@ type Handoffer interface {
 // ChangeTracker is implemented by devices that know which ranges were
 // written since a named point in time (a snapshot): ChangedExtents appends
 // at most max extents describing [off, off+length) to dst, flag
-// ExtentDirty where written since. TrackedSnapshots lists the names it
-// knows.
+// ExtentDirty where written since (the names are the caller's, as the
+// export list offers them: ExportInfo.Changed in gateway).
 type ChangeTracker interface {
 	ChangedExtents(since string, dst []Extent, off, length int64, max int) ([]Extent, error)
-	TrackedSnapshots() []string
 }
 
 // ExtentDirty flags a range written since the point a ChangeTracker was

@@ -187,26 +187,11 @@ const backupErrorTrailer = "X-Goldilocks-Error"
 // Backup writes a backup stream, made in the gateway, to dst; progress
 // gets the stream bytes received so far.
 func (c *Client) Backup(ctx context.Context, vol, snap, since string, dst io.Writer, progress func(n int64)) error {
-	b, err := json.Marshal(snapshotRequest{Volume: vol, Snapshot: snap, Since: since})
+	resp, err := c.post(ctx, "/v1/snapshots/backup", snapshotRequest{Volume: vol, Snapshot: snap, Since: since})
 	if err != nil {
 		return err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://gateway/v1/snapshots/backup", bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return fmt.Errorf("gateway control socket: %w", err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusServiceUnavailable {
-		return ErrUpgrading
-	}
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("gateway control socket: %s: %s", resp.Status, msg)
-	}
 	buf := make([]byte, 1<<20)
 	var n int64
 	for {
@@ -312,26 +297,11 @@ func Dial(dataDir string) (*Client, error) {
 // call POSTs body to path and reads the stream, calling p for progress
 // and decoding the result into out.
 func (c *Client) call(ctx context.Context, path string, body any, p func(done, total uint64), out any) error {
-	b, err := json.Marshal(body)
+	resp, err := c.post(ctx, path, body)
 	if err != nil {
 		return err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://gateway"+path, bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return fmt.Errorf("gateway control socket: %w", err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusServiceUnavailable {
-		return ErrUpgrading
-	}
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("gateway control socket: %s: %s", resp.Status, msg)
-	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 1<<20), 64<<20)
 	for sc.Scan() {
@@ -362,6 +332,33 @@ func (c *Client) call(ctx context.Context, path string, body any, p func(done, t
 		return fmt.Errorf("gateway control socket: %w", err)
 	}
 	return errors.New("gateway control socket: the gateway stopped before answering")
+}
+
+// post POSTs body to path and returns the answer if it is 200 OK
+// (ErrUpgrading for 503); the caller closes its body.
+func (c *Client) post(ctx context.Context, path string, body any) (*http.Response, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://gateway"+path, bytes.NewReader(b))
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("gateway control socket: %w", err)
+	}
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		resp.Body.Close()
+		return nil, ErrUpgrading
+	}
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		return nil, fmt.Errorf("gateway control socket: %s: %s", resp.Status, msg)
+	}
+	return resp, nil
 }
 
 // Rotate runs a rotation in the gateway.
