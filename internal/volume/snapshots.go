@@ -215,8 +215,17 @@ func (s *Snapshots) Delete(ctx context.Context, name, snap string) error {
 		return err
 	}
 	_ = store // closed by DeleteSnapshot
+	// Its data key is destroyed as a shred destroys a volume's: a copy of
+	// the store kept anywhere no longer opens.
+	var kerr error
+	if kerr = s.Reg.destroyKeys(snapshotStore(v, rec)); kerr != nil {
+		s.Log.Error("snapshot deleted, but its data key could not be destroyed", "volume", name, "snapshot", snap, "err", kerr)
+	}
 	s.Reg.removeSnapshotStore(rec, filepath.Join(s.Reg.Dir(), rec.Backing))
 	s.Log.Info("snapshot deleted", "volume", name, "snapshot", snap)
+	if kerr != nil {
+		return fmt.Errorf("volume %s snapshot %s: deleted, but its data key was not destroyed: %w", name, snap, kerr)
+	}
 	return nil
 }
 
@@ -354,10 +363,15 @@ func (r *Registry) loadSnapshots(v Volume, cv *crypto.Volume, kek crypto.KEKProv
 func snapshotStores(v Volume) []Volume {
 	var out []Volume
 	for _, sn := range v.Snapshots {
-		out = append(out, Volume{Name: v.Name + "@" + sn.Name, UUID: sn.UUID, Size: v.Size, Encrypted: true,
-			Backing: sn.Backing, Created: sn.Created, KEK: v.KEK})
+		out = append(out, snapshotStore(v, sn))
 	}
 	return out
+}
+
+// snapshotStore describes snapshot sn's store as a volume named NAME@SNAP.
+func snapshotStore(v Volume, sn SnapshotRecord) Volume {
+	return Volume{Name: v.Name + "@" + sn.Name, UUID: sn.UUID, Size: v.Size, Encrypted: true,
+		Backing: sn.Backing, Created: sn.Created, KEK: v.KEK}
 }
 
 // removeSnapshotStore removes a snapshot's store and its anchor.
