@@ -131,12 +131,13 @@ func (v *Volume) LoadSnapshots(snaps []Snapshot) error {
 }
 
 // CreateSnapshot makes store (empty, of the volume's size) the newest
-// snapshot, named name, at a flush point: writes stop, every write so far
-// is committed and the anchor advanced, then commit makes the snapshot's
-// record durable (the registry) and is given the commit sequence; the
-// snapshot serves from then on, and writes go on. If commit fails the
-// volume is unchanged and the store is the caller's again. It returns
-// how long writes waited: the flush point's commit, the anchor and commit.
+// snapshot, named name, at a flush point: writes stop for one commit of
+// everything written so far, the snapshot is installed (pending) and
+// writes go on; then the anchor is advanced and commit makes the
+// snapshot's record durable (the registry), given the commit sequence.
+// If either fails the snapshot is undone (its copies also went into the
+// next older snapshot) and the store is the caller's again. It returns
+// how long writes waited.
 func (v *Volume) CreateSnapshot(name string, store *Volume, commit func(seq uint64) error) (time.Duration, error) {
 	if !v.keyMu.TryLock() {
 		return 0, fmt.Errorf("volume %s: %w", v.name, ErrRekeying)

@@ -69,8 +69,9 @@ type Config struct {
 	// BeforeCommit, if set, runs in every commit that has entries, after
 	// they are taken (writers stopped and released again) and before any
 	// of them is written: what must be durable before them is made so
-	// there (a snapshot's copies, crypto/SNAPSHOTS.md). An error fails the
-	// commit and the map, as a failed flush does.
+	// there (a snapshot's copies, crypto/SNAPSHOTS.md). It runs with this
+	// map's commitMu held, so it must not commit this map. An error fails
+	// the commit and the map, as a failed flush does.
 	BeforeCommit func() error
 }
 

@@ -29,7 +29,7 @@ type Exports struct {
 
 type shared struct {
 	uuid    string
-	opening chan struct{} // closed once dev is open (or failed to); nil then
+	opening chan struct{} // set while dev opens or closes, closed when that is done; nil otherwise
 	dev     block.Device
 	refs    int
 }
@@ -67,12 +67,7 @@ func (e *Exports) openSnapshot(vol, snap string) (*Attached, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	cv, ok := s.dev.(*crypto.Volume)
-	if !ok {
-		rel()
-		return nil, nil, fmt.Errorf("%s@%s: %w", vol, snap, ErrNotFound)
-	}
-	w, err := cv.SnapshotView(snap)
+	w, err := snapshotView(s.dev, BaseRef{Volume: vol, Snapshot: snap})
 	if err != nil {
 		rel()
 		if errors.Is(err, crypto.ErrNoSnapshot) {
