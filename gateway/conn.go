@@ -304,6 +304,7 @@ type request struct {
 	zeroCopy bool                           // the payload goes by sendfile
 	mapped   bool                           // the payload is lent from the file's mapping: reading it may fault
 	deferred bool                           // run on the reader: reply batched by flushDeferred
+	batch    *block.Batch                   // completed in a device's batch: the reply waits for its end
 	trailer  [nbdproto.ExtHdrSize + 14]byte // a zero-copy read's last chunk
 	extents  []block.Extent
 	bsReply  []byte
@@ -316,7 +317,7 @@ type request struct {
 	sendfn   func(fd uintptr) bool
 
 	// completions of submitted requests (block.Submitter), bound once.
-	readDone, writeDone func(error)
+	readDone, writeDone func(error, *block.Batch)
 }
 
 func (c *conn) transmit() {
@@ -755,18 +756,20 @@ func (c *conn) submitWrite(r *request) bool {
 // completeRead answers a submitted READ (readDone), on the device's
 // goroutine: a panic closes this connection, as on a worker, and the
 // request still counts as done.
-func (r *request) completeRead(err error) {
+func (r *request) completeRead(err error, b *block.Batch) {
 	c := r.c
 	defer c.async.Done()
 	defer c.recoverPanic()
+	r.batch = b
 	c.answerRead(r, r.buf.b[:r.length], err)
 }
 
 // completeWrite answers a submitted WRITE (writeDone), as completeRead.
-func (r *request) completeWrite(err error) {
+func (r *request) completeWrite(err error, b *block.Batch) {
 	c := r.c
 	defer c.async.Done()
 	defer c.recoverPanic()
+	r.batch = b
 	c.finish(r, int64(r.length), err)
 }
 
@@ -843,6 +846,7 @@ func (c *conn) readEnded(err error) {
 // done returns r to the free slots. The reply writer calls it once r's
 // reply is out; nobody touches r after send.
 func (c *conn) done(r *request) {
+	r.batch = nil
 	if r.buf != nil {
 		c.srv.pool.put(r.buf)
 		r.buf = nil

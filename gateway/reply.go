@@ -33,6 +33,22 @@ func (c *conn) send(r *request, hdr, data []byte) {
 	c.running.Add(-1) // a worker's request: done at the device
 	c.wmu.Lock()
 	c.queue = append(c.queue, r) // never grows: at most MaxInflight slots exist
+	if b := r.batch; b != nil {
+		// Completed by a device with more completions at hand: the
+		// replies go out together once it has run them (FlushBatch),
+		// unless a writer at work takes them first.
+		r.batch = nil
+		c.wmu.Unlock()
+		b.Defer(c)
+		return
+	}
+	c.writeQueueLocked()
+}
+
+// FlushBatch sends the replies queued by completions of a device's
+// batch (block.Batch), at its end.
+func (c *conn) FlushBatch() {
+	c.wmu.Lock()
 	c.writeQueueLocked()
 }
 

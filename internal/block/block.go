@@ -116,10 +116,49 @@ type TryReader interface {
 // WriteAt or WriteAtFUA. Requests submitted since the last Push may wait
 // in a buffer until it (so that a batch shares one system call): a
 // caller pushes before anything that could block it.
+//
+// done's Batch is the device goroutine's batch of completions (nil when
+// done runs elsewhere, as for a request refused at once): what done
+// leaves to it runs once every completion at hand has run.
 type Submitter interface {
-	SubmitReadAt(p []byte, off int64, done func(error)) bool
-	SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool
+	SubmitReadAt(p []byte, off int64, done func(error, *Batch)) bool
+	SubmitWriteAt(p []byte, off int64, fua bool, done func(error, *Batch)) bool
 	Push()
+}
+
+// Batch gathers what the completions a device's goroutine runs together
+// leave to be done after the last of them, before the goroutine could
+// block: a transport answering them then sends their replies in one
+// system call rather than one each. The zero Batch is ready for use by
+// one goroutine; the device runs it (Run) whenever it would otherwise
+// wait, so a deferred flush waits for no new completion.
+type Batch struct{ fs []Flusher }
+
+// Flusher is what a completion defers to the end of its batch.
+type Flusher interface{ FlushBatch() }
+
+// Defer has f flushed once, at the end of the batch; on a nil Batch
+// (no batch: done runs on its own) at once.
+func (b *Batch) Defer(f Flusher) {
+	if b == nil {
+		f.FlushBatch()
+		return
+	}
+	for _, g := range b.fs {
+		if g == f {
+			return
+		}
+	}
+	b.fs = append(b.fs, f)
+}
+
+// Run flushes what was deferred, in order, and empties the batch.
+func (b *Batch) Run() {
+	for i, f := range b.fs {
+		f.FlushBatch()
+		b.fs[i] = nil
+	}
+	b.fs = b.fs[:0]
 }
 
 // Handoffer is implemented by devices that can be closed for another

@@ -70,6 +70,9 @@ type Options struct {
 	// and after each outage; the others are added in the background, and
 	// one that fails (a server at its connection limit) just leaves fewer.
 	Conns int
+	// Spill is how many requests in flight one connection carries before
+	// the next takes some (0: 32, see spill).
+	Spill int
 	// Log receives outages and recoveries (event=backing_outage,
 	// backing_restored: they reach the audit trail); nil: discarded.
 	Log *slog.Logger
@@ -111,7 +114,6 @@ type Device struct {
 	links   []*link
 	old     []*link
 	gen     uint64 // counts outages: widen adds a link only to the generation it dialled for
-	rr      int    // the link the last request went to, round robin
 	next    uint64
 	pending map[uint64]*call
 	down    time.Time // when the current outage began; zero: connected
@@ -131,6 +133,7 @@ type link struct {
 	iov        net.Buffers   // over iovArr
 	hdr        [28]byte      // the request header being written; guarded by wmu
 	done       chan struct{} // the reader ended
+	inflight   int           // requests sent on it whose reply has not come; guarded by the Device's mu
 	structured bool          // structured replies negotiated on this connection
 	hasMeta    bool          // base:allocation negotiated, with context id meta
 	meta       uint32        // (qemu-nbd's id for it is 0)
@@ -146,7 +149,7 @@ type call struct {
 	errc       chan error
 	// done, if set, takes the result instead of errc (Submit*): the call
 	// goes back to the pool first.
-	done func(error)
+	done func(error, *block.Batch)
 	// Structured replies, reset at each send: the first error chunk's
 	// errno, which parts of a READ's buffer the chunks filled, a block
 	// status request's extents (at most max).
@@ -166,6 +169,7 @@ type call struct {
 	// caller takes back its buffer and the call goes back to the pool.
 	senders atomic.Int32
 	since   time.Time // when it was last (re)sent; guarded by mu
+	on *link // the link it was last sent on (inflight); guarded by mu
 	// reading: a reader is filling its reply (c.buf); guarded by mu.
 	// failLocked leaves it to the reader, which completes it or, if the
 	// connection breaks, gives it back first.
@@ -351,6 +355,10 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	defer close(l.done)
 	var (
+		// batch: what the completions of the replies read since the
+		// reader last found no whole header buffered left to do (the
+		// gateway's replies to its clients), run before it reads on.
+		batch block.Batch
 		h [20]byte
 		b [16]byte // a chunk's fixed fields (chunk): here, once per reader, not once per chunk
 		// owned: calls whose replies are being read (structured chunks of
@@ -359,6 +367,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	)
 	// drop ends the connection, giving back the calls being read.
 	drop := func(err error) {
+		batch.Run()
 		d.mu.Lock()
 		for _, c := range owned {
 			c.reading = false
@@ -367,6 +376,9 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		d.lost(l, err)
 	}
 	for {
+		if r.Buffered() < 16 { // the read may wait for the server
+			batch.Run()
+		}
 		if _, err := io.ReadFull(r, h[:16]); err != nil {
 			drop(err)
 			return
@@ -426,24 +438,26 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		}
 		d.mu.Lock()
 		delete(d.pending, cookie)
+		c.sentOn(nil)
 		c.reading = false
 		owned = slices.DeleteFunc(owned, func(o *call) bool { return o == c })
 		if slices.Contains(d.links, l) {
 			d.down = time.Time{} // a whole, valid reply on a link up: any outage is over
 		} // (one a lost link had buffered says nothing of the outage it began)
 		d.mu.Unlock()
-		d.complete(c, errnoError(errno))
+		d.complete(c, errnoError(errno), &batch)
 	}
 }
 
 // complete hands c's result to its caller: a submitter's done function
-// (the call goes back to the pool first), or the waiting caller.
-func (d *Device) complete(c *call, err error) {
+// (the call goes back to the pool first), with the batch of the reader
+// that runs it (nil: none), or the waiting caller.
+func (d *Device) complete(c *call, err error, b *block.Batch) {
 	c.settle()
 	if done := c.done; done != nil {
 		c.done, c.payload, c.buf = nil, nil, nil
 		d.calls.Put(c)
-		done(err)
+		done(err, b)
 		return
 	}
 	c.errc <- err
@@ -650,8 +664,9 @@ func (d *Device) failLocked(err error) {
 			continue
 		}
 		delete(d.pending, k)
+		c.sentOn(nil)
 		if c.done != nil {
-			go d.complete(c, err) // not under mu: done sends a reply
+			go d.complete(c, err, nil) // not under mu: done sends a reply
 			continue
 		}
 		c.errc <- err
@@ -703,6 +718,7 @@ func (d *Device) reconnect() {
 				c := d.pending[k]
 				c.resending++ // readReplies: no reply to it before it is sent
 				c.senders.Add(1)
+				c.sentOn(l)
 				c.resetReply()
 				again = append(again, c)
 			}
@@ -862,10 +878,9 @@ func (d *Device) send(c *call, hold bool) error {
 	cookie := d.next
 	c.resetReply()
 	d.pending[cookie] = c
-	var l *link // nil while reconnecting: the request is sent on reconnection
-	if n := len(d.links); n > 0 {
-		d.rr = (d.rr + 1) % n
-		l = d.links[d.rr]
+	l := d.pick() // nil while reconnecting: the request is sent on reconnection
+	if l != nil {
+		c.sentOn(l)
 		c.senders.Add(1) // before its reply can come
 	}
 	d.mu.Unlock()
@@ -889,6 +904,46 @@ func (d *Device) send(c *call, hold bool) error {
 		}
 	}
 	return nil
+}
+
+// spill is the default Options.Spill: how many requests a link carries
+// before the next one takes some (multi-conn): QEMU's server works on 16 of a connection's at a
+// time, yet one link at fio's queue depth 32 served 4k random reads and
+// writes faster than four sharing them (bench/README.md, "Upstream
+// completions in batches"): the replies of one link come in larger
+// batches, at fewer wake-ups, and each batch's answers to the gateway's
+// clients leave in one system call (block.Batch).
+const spill = 32
+
+// pick is the link the next request goes to: the first that carries
+// fewer than spill, else the least busy; nil while none is up. The
+// caller holds mu.
+func (d *Device) pick() *link {
+	limit := d.o.Spill
+	if limit <= 0 {
+		limit = spill
+	}
+	var best *link
+	for _, l := range d.links {
+		if l.inflight < limit {
+			return l
+		}
+		if best == nil || l.inflight < best.inflight {
+			best = l
+		}
+	}
+	return best
+}
+
+// sentOn records that c went out on l (nil: its reply came, or it
+// failed), for its link's count. The caller holds mu.
+func (c *call) sentOn(l *link) {
+	if c.on != nil {
+		c.on.inflight--
+	}
+	if c.on = l; l != nil {
+		l.inflight++
+	}
 }
 
 // Push sends the requests that Submit* left in the buffer.
@@ -918,7 +973,7 @@ func (d *Device) Push() {
 // goroutine, or at once on the caller's for a request that is refused
 // before it is sent. It takes reads of at most the server's maximum
 // request (false: use ReadAt).
-func (d *Device) SubmitReadAt(p []byte, off int64, done func(error)) bool {
+func (d *Device) SubmitReadAt(p []byte, off int64, done func(error, *block.Batch)) bool {
 	if len(p) > d.maxIO || len(p) == 0 {
 		return false
 	}
@@ -928,12 +983,12 @@ func (d *Device) SubmitReadAt(p []byte, off int64, done func(error)) bool {
 // SubmitWriteAt is SubmitReadAt for a write of p at off; fua asks for a
 // write that is durable when done runs (false where the server offers no
 // FUA: use WriteAtFUA).
-func (d *Device) SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) bool {
+func (d *Device) SubmitWriteAt(p []byte, off int64, fua bool, done func(error, *block.Batch)) bool {
 	if len(p) > d.maxIO || len(p) == 0 || fua && d.flags&nbdproto.FlagSendFUA == 0 {
 		return false
 	}
 	if d.flags&nbdproto.FlagReadOnly != 0 {
-		done(fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS))
+		done(fmt.Errorf("upstream %s: %w", d.uri, syscall.EROFS), nil)
 		return true
 	}
 	var flags uint16
@@ -943,10 +998,10 @@ func (d *Device) SubmitWriteAt(p []byte, off int64, fua bool, done func(error)) 
 	return d.submit(protocol.TRANSMISSION_TYPE_REQUEST_WRITE, flags, off, p, nil, done)
 }
 
-func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done func(error)) bool {
+func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done func(error, *block.Batch)) bool {
 	n := len(payload) + len(into)
 	if err := d.check(off, int64(n)); err != nil {
-		done(err)
+		done(err, nil)
 		return true
 	}
 	c := d.calls.Get().(*call)
@@ -954,7 +1009,7 @@ func (d *Device) submit(typ, flags uint16, off int64, payload, into []byte, done
 	if err := d.send(c, true); err != nil {
 		c.done, c.payload, c.buf = nil, nil, nil
 		d.calls.Put(c)
-		done(err)
+		done(err, nil)
 	}
 	return true
 }

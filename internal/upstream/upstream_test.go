@@ -99,15 +99,24 @@ type rw interface {
 
 // submitted makes calls through SubmitReadAt and SubmitWriteAt (then
 // Push), as the gateway does, and waits for done, which must run exactly
-// once.
+// once, and then for the end of its batch: the result is taken only when
+// what done deferred runs (a reader that never ran its batch hangs here).
 type submitted struct{ d *Device }
 
-func (s submitted) wait(start func(done func(error)) bool, n int) (int, error) {
+// deferred is what a done function leaves to its batch: the result.
+type deferred struct {
+	errc chan error
+	err  error
+}
+
+func (f *deferred) FlushBatch() { f.errc <- f.err }
+
+func (s submitted) wait(start func(done func(error, *block.Batch)) bool, n int) (int, error) {
 	errc := make(chan error, 1)
 	var once sync.Once
-	done := func(err error) {
+	done := func(err error, b *block.Batch) {
 		ran := false
-		once.Do(func() { ran = true; errc <- err })
+		once.Do(func() { ran = true; b.Defer(&deferred{errc, err}) })
 		if !ran {
 			panic("upstream: done ran twice")
 		}
@@ -123,11 +132,11 @@ func (s submitted) wait(start func(done func(error)) bool, n int) (int, error) {
 }
 
 func (s submitted) ReadAt(p []byte, off int64) (int, error) {
-	return s.wait(func(done func(error)) bool { return s.d.SubmitReadAt(p, off, done) }, len(p))
+	return s.wait(func(done func(error, *block.Batch)) bool { return s.d.SubmitReadAt(p, off, done) }, len(p))
 }
 
 func (s submitted) WriteAt(p []byte, off int64) (int, error) {
-	return s.wait(func(done func(error)) bool { return s.d.SubmitWriteAt(p, off, false, done) }, len(p))
+	return s.wait(func(done func(error, *block.Batch)) bool { return s.d.SubmitWriteAt(p, off, false, done) }, len(p))
 }
 
 // either is d for odd g, submitted{d} for even: half the goroutines of a
@@ -300,7 +309,7 @@ func TestLargeWriteAfterHeld(t *testing.T) {
 	} {
 		errc := make(chan error, len(ws))
 		for _, x := range ws {
-			if !d.SubmitWriteAt(x.p, x.off, false, func(err error) { errc <- err }) {
+			if !d.SubmitWriteAt(x.p, x.off, false, func(err error, _ *block.Batch) { errc <- err }) {
 				t.Fatal("a write was declined")
 			}
 		}
@@ -615,7 +624,10 @@ func TestMultiConn(t *testing.T) {
 
 // multiConn writes from several goroutines through a Device with Conns 3
 // to nbdkit's memory plugin behind its log filter (and args), and checks
-// how many connections the writes went over.
+// how many connections the writes went over: with Spill 1, every link
+// takes a share once another carries a request; with the default, six
+// writers never fill the first. Every link's count of requests in flight
+// is back at 0 after.
 func multiConn(t *testing.T, args []string, want int) {
 	logf := filepath.Join(t.TempDir(), "log")
 	var filters, params []string
@@ -627,11 +639,25 @@ func multiConn(t *testing.T, args []string, want int) {
 		}
 	}
 	uri, stop := nbdkit(t, slices.Concat([]string{"--filter=log"}, filters, []string{"memory", "16M", "logfile=" + logf}, params)...)
-	d, err := Dial(context.Background(), uri, Options{Conns: 3})
+	for _, spill := range []int{1, 0} {
+		multiConnRun(t, uri, logf, spill, want)
+	}
+	stop()
+}
+
+func multiConnRun(t *testing.T, uri, logf string, spill, want int) {
+	t.Helper()
+	if err := os.Truncate(logf, 0); err != nil {
+		t.Fatal(err)
+	}
+	d, err := Dial(context.Background(), uri, Options{Conns: 3, Spill: spill})
 	if err != nil {
 		t.Fatal(err)
 	}
 	waitConns(t, d, want)
+	if spill == 0 {
+		want = 1
+	}
 	{
 		var wg sync.WaitGroup
 		for g := range 6 {
@@ -648,8 +674,14 @@ func multiConn(t *testing.T, args []string, want int) {
 			}()
 		}
 		wg.Wait()
+		d.mu.Lock()
+		for i, l := range d.links {
+			if l.inflight != 0 {
+				t.Errorf("link %d: %d requests in flight after all replies", i, l.inflight)
+			}
+		}
+		d.mu.Unlock()
 		d.Close()
-		stop()
 		b, err := os.ReadFile(logf)
 		if err != nil {
 			t.Fatal(err)
@@ -661,7 +693,7 @@ func multiConn(t *testing.T, args []string, want int) {
 			}
 		}
 		if len(used) != want {
-			t.Fatalf("the writes went over %d connections (%v), want %d", len(used), used, want)
+			t.Fatalf("spill %d: the writes went over %d connections (%v), want %d", spill, len(used), used, want)
 		}
 	}
 }
