@@ -169,7 +169,7 @@ type call struct {
 	// caller takes back its buffer and the call goes back to the pool.
 	senders atomic.Int32
 	since   time.Time // when it was last (re)sent; guarded by mu
-	on *link // the link it was last sent on (inflight); guarded by mu
+	on      *link     // the link it was last sent on (inflight); guarded by mu
 	// reading: a reader is filling its reply (c.buf); guarded by mu.
 	// failLocked leaves it to the reader, which completes it or, if the
 	// connection breaks, gives it back first.
@@ -359,8 +359,8 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		// reader last found no whole header buffered left to do (the
 		// gateway's replies to its clients), run before it reads on.
 		batch block.Batch
-		h [20]byte
-		b [16]byte // a chunk's fixed fields (chunk): here, once per reader, not once per chunk
+		h     [20]byte
+		b     [16]byte // a chunk's fixed fields (chunk): here, once per reader, not once per chunk
 		// owned: calls whose replies are being read (structured chunks of
 		// several replies may interleave): failLocked leaves them.
 		owned []*call
