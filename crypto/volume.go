@@ -103,6 +103,10 @@ type Volume struct {
 	// tryStore: the store can try a read without waiting for I/O (a
 	// file's page cache): so then can the volume (TryReadAt).
 	tryStore block.TryReader
+	// submitter: the store completes requests itself (RBD's aio): so
+	// then can the volume's reads of whole chunks (submit.go).
+	submitter block.Submitter
+	subs      sync.Pool // *subRead
 
 	m    *cowmap.Map
 	keys *keyring
@@ -176,6 +180,7 @@ var (
 	_ block.Zeroer        = (*Volume)(nil)
 	_ block.Extenter      = (*Volume)(nil)
 	_ block.ChangeTracker = (*Volume)(nil)
+	_ block.Submitter     = (*Volume)(nil)
 )
 
 // Format writes a new, empty encrypted volume on store: a fresh random
@@ -245,8 +250,9 @@ func Open(ctx context.Context, store block.Device, name string, uuid [16]byte, k
 	v := &Volume{
 		name: name, uuid: uuid, log: log, store: store, geo: g, size: int64(h.Size), opt: opt,
 		parallel: !so.FastWrite,
-		tryStore: so.TryReader,
-		keys:     newKeyring(uuid, h.Suite), epochLimit: epochLimit,
+		tryStore: so.TryReader, submitter: so.Submitter,
+		subs: sync.Pool{New: newSubRead},
+		keys: newKeyring(uuid, h.Suite), epochLimit: epochLimit,
 		h:    headerState{store: flusher, name: name, hdr: h},
 		poke: make(chan struct{}, 1), done: make(chan struct{}),
 		bufs:  sync.Pool{New: func() any { return new(chunkBuf) }},
@@ -467,6 +473,9 @@ func (v *Volume) Caps() block.Caps {
 	}
 	if v.tryStore != nil {
 		c |= block.CanTryRead
+	}
+	if v.submitter != nil {
+		c |= block.CanSubmit
 	}
 	return c
 }

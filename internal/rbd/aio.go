@@ -62,6 +62,8 @@ import (
 
 	gorbd "github.com/ceph/go-ceph/rbd"
 	"golang.org/x/sys/unix"
+
+	"goldilocks/internal/block"
 )
 
 // Operations of gl_submit.
@@ -87,12 +89,21 @@ type aio struct {
 	slots [aioSlots]aioSlot
 	free  chan uint32
 	wg    sync.WaitGroup // the completion reader
+	// cb completes a submitted request: librbd's result, the request's
+	// op (opRead, opWrite), length and done function, and the batch of
+	// the completion reader. Set once, before the first submit.
+	cb func(ret int64, op, n int, done func(error, *block.Batch), b *block.Batch)
 }
 
 type aioSlot struct {
 	done chan int64
 	comp C.rbd_completion_t
 	pin  runtime.Pinner // the buffer librbd holds until completion
+	// A submitted request's (submit): its completion runs the aio's
+	// callback with them instead of waking a caller through done.
+	fn func(error, *block.Batch)
+	op int
+	n  int
 }
 
 // imageHandle is the rbd_image_t of an image opened by go-ceph, which does
@@ -134,10 +145,15 @@ func newAIO(img *gorbd.Image) (*aio, error) {
 	return a, nil
 }
 
-// complete hands each completion to the goroutine waiting on its slot.
+// complete hands each completion to the goroutine waiting on its slot,
+// or runs a submitted request's callback; the callbacks of the
+// completions one read returns share a batch, run before the next read.
 func (a *aio) complete() {
 	defer a.wg.Done()
-	var buf [64 * 16]byte
+	var (
+		buf   [64 * 16]byte
+		batch block.Batch
+	)
 	have := 0
 	for {
 		n, err := a.r.Read(buf[have:])
@@ -146,15 +162,50 @@ func (a *aio) complete() {
 		for ; have-k >= 16; k += 16 {
 			slot := binary.NativeEndian.Uint64(buf[k:])
 			ret := int64(binary.NativeEndian.Uint64(buf[k+8:]))
-			if slot < aioSlots {
-				a.slots[slot].done <- ret
+			if slot >= aioSlots {
+				continue
 			}
+			s := &a.slots[slot]
+			if s.fn == nil {
+				s.done <- ret
+				continue
+			}
+			op, n, fn := s.op, s.n, s.fn
+			s.fn = nil
+			C.rbd_aio_release(s.comp)
+			s.pin.Unpin()
+			a.free <- uint32(slot)
+			a.cb(ret, op, n, fn, &batch)
 		}
 		have = copy(buf[:], buf[k:have])
+		batch.Run()
 		if err != nil {
 			return // closed
 		}
 	}
+}
+
+// submit starts one read or write and returns at once: a.cb runs on the
+// completion reader with librbd's result and fn. False, with nothing
+// started, when every slot is taken or librbd refuses the request at once.
+func (a *aio) submit(op C.int, off int64, p []byte, fn func(error, *block.Batch)) bool {
+	var slot uint32
+	select {
+	case slot = <-a.free:
+	default:
+		return false
+	}
+	s := &a.slots[slot]
+	s.pin.Pin(&p[0])
+	s.op, s.n, s.fn = int(op), len(p), fn
+	arg := C.uintptr_t(uint64(a.wfd)<<32 | uint64(slot))
+	if r := C.gl_submit(a.img, op, C.uint64_t(off), C.size_t(len(p)), (*C.char)(unsafe.Pointer(&p[0])), arg, &s.comp); r < 0 {
+		s.fn = nil
+		s.pin.Unpin()
+		a.free <- slot
+		return false
+	}
+	return true
 }
 
 // do runs one request and returns librbd's result (bytes, or -errno).

@@ -41,13 +41,17 @@ var (
 	_ block.Capable  = (*Image)(nil)
 	_ block.Trimmer  = (*Image)(nil)
 	_ block.Zeroer   = (*Image)(nil)
-	_ block.Extenter = (*Image)(nil)
+	_ block.Extenter  = (*Image)(nil)
+	_ block.Submitter = (*Image)(nil)
 )
 
 // Caps: trim and zero, block status where the image has fast-diff; not
 // CanFastWrite (every write waits for the OSDs).
 func (i *Image) Caps() block.Caps {
 	c := block.CanTrim | block.CanZero
+	if i.aio != nil {
+		c |= block.CanSubmit
+	}
 	if i.fastDiff {
 		c |= block.CanExtents
 	}
@@ -120,8 +124,12 @@ func Open(s Spec) (*Image, error) {
 		conn.Shutdown()
 		return nil, fmt.Errorf("rbd %s: %w", s, err)
 	}
-	return &Image{spec: s, conn: conn, ioctx: ioctx, img: img, size: int64(size), aio: a,
-		fastDiff: feat&gorbd.FeatureObjectMap != 0 && feat&gorbd.FeatureFastDiff != 0}, nil
+	i := &Image{spec: s, conn: conn, ioctx: ioctx, img: img, size: int64(size), aio: a,
+		fastDiff: feat&gorbd.FeatureObjectMap != 0 && feat&gorbd.FeatureFastDiff != 0}
+	if a != nil {
+		a.cb = i.completed
+	}
+	return i, nil
 }
 
 // errno turns a librbd error into the errno it carries, so that a client
@@ -154,6 +162,41 @@ func (i *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("rbd %s: read %d bytes at %d: %w", i.spec, len(p), off, errno(err))
 	}
 	return n, nil
+}
+
+// SubmitReadAt starts a read through librbd's aio; done runs on the
+// completion reader (block.Submitter). False (use ReadAt) for a range
+// out of bounds, or when every aio slot is taken.
+func (i *Image) SubmitReadAt(p []byte, off int64, done func(error, *block.Batch)) bool {
+	if i.aio == nil || len(p) == 0 || !block.CheckRange(i.size, off, int64(len(p))) {
+		return false
+	}
+	return i.aio.submit(opRead, off, p, done)
+}
+
+// SubmitWriteAt is SubmitReadAt for a write; RBD has no FUA, so a write
+// that asks for it is declined (WriteAtFUA is a write and a flush).
+func (i *Image) SubmitWriteAt(p []byte, off int64, fua bool, done func(error, *block.Batch)) bool {
+	if i.aio == nil || fua || len(p) == 0 || !block.CheckRange(i.size, off, int64(len(p))) {
+		return false
+	}
+	return i.aio.submit(opWrite, off, p, done)
+}
+
+// Push: librbd starts each request at its submission.
+func (i *Image) Push() {}
+
+// completed turns a submitted request's result into done's error, as
+// ReadAt and WriteAt do theirs (the aio's callback, bound once at Open).
+func (i *Image) completed(ret int64, op, n int, done func(error, *block.Batch), b *block.Batch) {
+	var err error
+	switch {
+	case op == int(opRead) && ret != int64(n):
+		err = fmt.Errorf("rbd %s: read %d bytes: %w", i.spec, n, shortOr(ret))
+	case op == int(opWrite) && ret != 0 && ret != int64(n):
+		err = fmt.Errorf("rbd %s: write %d bytes: %w", i.spec, n, shortOr(ret))
+	}
+	done(err, b)
 }
 
 // WriteAt writes p at off.

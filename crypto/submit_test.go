@@ -1,0 +1,160 @@
+package crypto
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"sync/atomic"
+	"syscall"
+	"testing"
+
+	"goldilocks/internal/block"
+)
+
+// submitStore is a store that completes reads itself, each on a goroutine
+// (block.Submitter), as RBD's aio does: full declines every request, and
+// reads at failAt fail with EIO.
+type submitStore struct {
+	*countDev
+	full      atomic.Bool
+	failAt    atomic.Int64
+	submitted atomic.Int32
+}
+
+func (d *submitStore) Caps() block.Caps { return block.CanSubmit }
+
+func (d *submitStore) SubmitReadAt(p []byte, off int64, done func(error, *block.Batch)) bool {
+	if d.full.Load() {
+		return false
+	}
+	d.submitted.Add(1)
+	go func() {
+		var b block.Batch
+		var err error
+		if off == d.failAt.Load() {
+			err = syscall.EIO
+		} else {
+			_, err = d.ReadAt(p, off)
+		}
+		done(err, &b)
+		b.Run()
+	}()
+	return true
+}
+
+func (d *submitStore) SubmitWriteAt([]byte, int64, bool, func(error, *block.Batch)) bool { return false }
+func (d *submitStore) Push()                                                             {}
+
+// submitRead runs v.SubmitReadAt and waits for its result; ok false if
+// it was declined.
+func submitRead(v *Volume, p []byte, off int64) (ok bool, err error) {
+	errc := make(chan error, 1)
+	if !v.SubmitReadAt(p, off, func(err error, _ *block.Batch) { errc <- err }) {
+		return false, nil
+	}
+	return true, <-errc
+}
+
+// Reads submitted to a store that completes them itself return what was
+// written (zeros where nothing was), chunks in either home, over runs of
+// one or several requests; a store with no room makes them here; a
+// failed store read and a tampered chunk are errors; what SubmitReadAt
+// cannot do alone (a partial chunk) it declines.
+func TestSubmitReadAt(t *testing.T) {
+	const size = 4 << 20
+	dev := &submitStore{countDev: &countDev{size: int64(LayoutFor(size).End)}}
+	dev.failAt.Store(-1)
+	kek := NewLocalKEK(t.TempDir(), nil)
+	id := [16]byte{9}
+	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(context.Background(), dev, "sub", id, kek, quietLog(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if block.OptionalOf(v).Submitter == nil {
+		t.Fatal("a volume on a store that submits does not declare CanSubmit")
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	want := make([]byte, size/2) // the second half stays unwritten: zeros
+	for i := range want {
+		want[i] = byte(rng.IntN(256))
+	}
+	if _, err := v.WriteAt(want, 0); err != nil || v.Flush() != nil {
+		t.Fatal(err)
+	}
+	for range 200 { // single chunks rewritten: their other home
+		c := rng.IntN(len(want) / ChunkSize)
+		for i := c * ChunkSize; i < (c+1)*ChunkSize; i++ {
+			want[i] = byte(rng.IntN(256))
+		}
+		if _, err := v.WriteAt(want[c*ChunkSize:(c+1)*ChunkSize], int64(c*ChunkSize)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	expect := func(off, n int) []byte {
+		e := make([]byte, n)
+		if off < len(want) {
+			copy(e, want[off:])
+		}
+		return e
+	}
+	accepted := 0
+	for i := range 400 {
+		n := (1 + rng.IntN(8)) * ChunkSize
+		off := rng.IntN(size/ChunkSize-n/ChunkSize+1) * ChunkSize
+		dev.full.Store(i%10 == 9) // every tenth: no room at the store
+		got := make([]byte, n)
+		ok, err := submitRead(v, got, int64(off))
+		if !ok {
+			if _, err := v.ReadAt(got, int64(off)); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			accepted++
+		}
+		if err != nil {
+			t.Fatalf("read of %d bytes at %d: %v", n, off, err)
+		}
+		if !bytes.Equal(got, expect(off, n)) {
+			t.Fatalf("read of %d bytes at %d (submitted: %v): other bytes than written", n, off, ok)
+		}
+	}
+	dev.full.Store(false)
+	if accepted < 100 || dev.submitted.Load() == 0 {
+		t.Fatalf("%d of 400 reads submitted, %d store requests: the path is not taken", accepted, dev.submitted.Load())
+	}
+
+	// Declined: a partial chunk.
+	if ok, _ := submitRead(v, make([]byte, 512), 0); ok {
+		t.Error("a partial chunk was submitted")
+	}
+
+	// A failed store read, and a tampered chunk.
+	e, err := v.m.Lookup(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := int64(v.geo.DataBlock(3, e.Loc()) * ChunkSize)
+	dev.failAt.Store(at)
+	if ok, err := submitRead(v, make([]byte, ChunkSize), 3*ChunkSize); !ok || !errors.Is(err, syscall.EIO) {
+		t.Errorf("a failed store read: submitted %v, %v; want EIO", ok, err)
+	}
+	dev.failAt.Store(-1)
+	dev.mu.Lock()
+	dev.blocks[at/ChunkSize][100] ^= 1
+	dev.mu.Unlock()
+	if ok, err := submitRead(v, make([]byte, 2*ChunkSize), 2*ChunkSize); !ok || !errors.Is(err, ErrChunkAuth) {
+		t.Errorf("a tampered chunk: submitted %v, %v; want ErrChunkAuth", ok, err)
+	}
+	// The chunks' locks were released: a write to them goes through.
+	if _, err := v.WriteAt(make([]byte, 2*ChunkSize), 2*ChunkSize); err != nil {
+		t.Fatal(err)
+	}
+}
