@@ -43,8 +43,10 @@ func (d *submitStore) SubmitReadAt(p []byte, off int64, done func(error, *block.
 	return true
 }
 
-func (d *submitStore) SubmitWriteAt([]byte, int64, bool, func(error, *block.Batch)) bool { return false }
-func (d *submitStore) Push()                                                             {}
+func (d *submitStore) SubmitWriteAt([]byte, int64, bool, func(error, *block.Batch)) bool {
+	return false
+}
+func (d *submitStore) Push() {}
 
 // submitRead runs v.SubmitReadAt and waits for its result; ok false if
 // it was declined.

@@ -37,10 +37,10 @@ type Image struct {
 }
 
 var (
-	_ block.Device   = (*Image)(nil)
-	_ block.Capable  = (*Image)(nil)
-	_ block.Trimmer  = (*Image)(nil)
-	_ block.Zeroer   = (*Image)(nil)
+	_ block.Device    = (*Image)(nil)
+	_ block.Capable   = (*Image)(nil)
+	_ block.Trimmer   = (*Image)(nil)
+	_ block.Zeroer    = (*Image)(nil)
 	_ block.Extenter  = (*Image)(nil)
 	_ block.Submitter = (*Image)(nil)
 )
