@@ -162,8 +162,14 @@ if [[ " $SETS " == *" rbd "* ]]; then
 	export CEPH_CONF=$W/ceph/ceph.conf
 	rbd create rbd/gl --size "$SIZE"
 	rbd create rbd/gl-enc --size 2200M # a 1 GiB encrypted volume's layout
-	qemu-img create -f luks --object secret,id=s0,file="$W/luks.pass" -o key-secret=s0,iter-time=10 \
-		"rbd:rbd/luks:conf=$CEPH_CONF" "$SIZE" >/dev/null
+	# qemu-img times its PBKDF and now and then cannot ("Unable to get
+	# accurate CPU usage"): a second or third try.
+	for try in 1 2 3; do
+		qemu-img create -f luks --object secret,id=s0,file="$W/luks.pass" -o key-secret=s0,iter-time=10 \
+			"rbd:rbd/luks:conf=$CEPH_CONF" "$SIZE" >/dev/null && break
+		((try < 3)) || die "qemu-img create of the LUKS image failed"
+		rbd rm rbd/luks >/dev/null 2>&1 || true
+	done
 	D=$W/gl-rbd
 	"$GOLDILOCKS" --data-dir "$D" volume create disk --plain --backing rbd:rbd/gl --ceph-conf "$CEPH_CONF" >&2
 	"$GOLDILOCKS" --data-dir "$D" volume create enc --size "$SIZE" --backing rbd:rbd/gl-enc --ceph-conf "$CEPH_CONF" >&2
