@@ -48,6 +48,23 @@ func (d *submitStore) SubmitWriteAt([]byte, int64, bool, func(error, *block.Batc
 }
 func (d *submitStore) Push() {}
 
+// formatOn formats a volume of size bytes on dev and opens it, closed at
+// the test's end.
+func formatOn(tb testing.TB, dev block.Device, size uint64) *Volume {
+	tb.Helper()
+	kek := NewLocalKEK(tb.TempDir(), nil)
+	id := [16]byte{9}
+	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
+		tb.Fatal(err)
+	}
+	v, err := Open(context.Background(), dev, "sub", id, kek, quietLog(), Options{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { v.Close() })
+	return v
+}
+
 // submitRead runs v.SubmitReadAt and waits for its result; ok false if
 // it was declined.
 func submitRead(v *Volume, p []byte, off int64) (ok bool, err error) {
@@ -67,16 +84,7 @@ func TestSubmitReadAt(t *testing.T) {
 	const size = 4 << 20
 	dev := &submitStore{countDev: &countDev{size: int64(LayoutFor(size).End)}}
 	dev.failAt.Store(-1)
-	kek := NewLocalKEK(t.TempDir(), nil)
-	id := [16]byte{9}
-	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
-		t.Fatal(err)
-	}
-	v, err := Open(context.Background(), dev, "sub", id, kek, quietLog(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	v := formatOn(t, dev, size)
 	if block.OptionalOf(v).Submitter == nil {
 		t.Fatal("a volume on a store that submits does not declare CanSubmit")
 	}
@@ -178,17 +186,7 @@ func (d inlineStore) Push()                                                     
 // entries and locks come from pools, its completion is bound once.
 func BenchmarkSubmitRead4K(b *testing.B) {
 	const size = 64 << 20
-	dev := inlineStore{&countDev{size: int64(LayoutFor(size).End)}}
-	kek := NewLocalKEK(b.TempDir(), nil)
-	id := [16]byte{5}
-	if err := Format(context.Background(), dev, id, size, AES256GCM, kek, "default"); err != nil {
-		b.Fatal(err)
-	}
-	v, err := Open(context.Background(), dev, "bench", id, kek, quietLog(), Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer v.Close()
+	v := formatOn(b, inlineStore{&countDev{size: int64(LayoutFor(size).End)}}, size)
 	if _, err := v.WriteAt(make([]byte, 1<<20), 0); err != nil || v.Flush() != nil {
 		b.Fatal(err)
 	}

@@ -99,7 +99,9 @@ print("ops", i, "switches", switches)
 	if err == nil || !strings.Contains(out, "in use by another gateway") {
 		t.Fatalf("B attached a volume A holds: %v\n%s", err, out)
 	}
-	if log := gb.logText(); !strings.Contains(log, "leased by another gateway (held by host=") || !strings.Contains(log, dirA) {
+	// (The refusal may reach qemu-io before the line reaches B's log.)
+	waitLog(t, gb, "leased by another gateway (held by host=", 1)
+	if log := gb.logText(); !strings.Contains(log, dirA) {
 		t.Errorf("B's log does not name the holder:\n%s", log)
 	}
 
