@@ -15,10 +15,15 @@ import (
 // Replies leave through one combining writer per connection. A goroutine
 // with a reply queues it; if no goroutine is writing, it becomes the
 // writer and sends everything queued, batching the replies that queued
-// meanwhile into one writev. So a reply never waits for company (QEMU's
-// client stalls against servers that hold replies back), yet under load
-// many replies share one system call. The writer releases each request
-// slot once its reply is out.
+// meanwhile into one writev. So a reply never waits for company that has
+// not come yet (QEMU's client stalls against servers that hold replies
+// back), yet under load
+// many replies share one system call. A reply completed in a device's
+// batch (block.Batch: an upstream server's replies read together, one
+// read of librbd's completions) does not become the writer: it waits in
+// the queue for the batch's end (FlushBatch), unless a writer at work
+// takes it first. The writer releases each request slot once its reply
+// is out.
 
 // send queues r's reply: header, then payload (nil for none; ignored when
 // r.zeroCopy, whose payload is sent from the backing file). r belongs to

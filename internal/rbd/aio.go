@@ -79,9 +79,11 @@ const aioSlots = 256
 
 // aio runs reads, writes and flushes through librbd's asynchronous calls
 // (rbd_aio_*), as QEMU's rbd driver does: the calling goroutine parks
-// until its completion arrives through a pipe, instead of holding an OS
-// thread blocked in librbd for the whole round trip to the OSDs (which
-// makes the Go runtime hand the thread's P to another one per request).
+// until its completion arrives through a pipe (do), or does not wait at
+// all and the completion reader runs the request's callback (submit),
+// instead of holding an OS thread blocked in librbd for the whole round
+// trip to the OSDs (which makes the Go runtime hand the thread's P to
+// another one per request).
 type aio struct {
 	img   C.rbd_image_t
 	r     *os.File // completions: slot u64, result i64
