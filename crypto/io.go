@@ -146,14 +146,10 @@ func (v *Volume) readLocked(first uint64, p []byte, b *chunkBuf, nowait bool, rb
 			i++
 			continue
 		}
-		blk := v.geo.DataBlock(first+uint64(i), es[i].Loc())
-		j := i + 1
-		for j < n && es[j].Mapped() && v.geo.DataBlock(first+uint64(j), es[j].Loc()) == blk+uint64(j-i) {
-			j++
-		}
 		inLog = inLog || cowmap.IsInLog(es[i].Loc())
-		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
-		i = j
+		var r ioRun
+		r, i = v.readRun(first, es, p, i)
+		runs = append(runs, r)
 	}
 	v.markScattered(first, n, len(runs))
 	if nowait {
@@ -196,6 +192,18 @@ func (v *Volume) readLocked(first uint64, p []byte, b *chunkBuf, nowait bool, rb
 		}
 	}
 	return nil
+}
+
+// readRun is the store request for the run of mapped chunks from es[i]
+// (es for first.., p their room) whose places on the store neighbour,
+// and the index after the run.
+func (v *Volume) readRun(first uint64, es []cowmap.Entry, p []byte, i int) (ioRun, int) {
+	blk := v.geo.DataBlock(first+uint64(i), es[i].Loc())
+	j := i + 1
+	for j < len(es) && es[j].Mapped() && v.geo.DataBlock(first+uint64(j), es[j].Loc()) == blk+uint64(j-i) {
+		j++
+	}
+	return ioRun{p[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)}, j
 }
 
 // openAt opens chunk c, whose ciphertext is p's i-th chunk, where it lies.

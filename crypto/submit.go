@@ -54,23 +54,22 @@ func (v *Volume) SubmitReadAt(p []byte, off int64, done func(error, *block.Batch
 	es := rb.es[:n]
 	runs := rb.runs[:0]
 	ok := v.m.TryLookupRange(first, es) == nil
+	for i := 0; ok && i < n; i++ {
+		if es[i].Mapped() {
+			ok = !cowmap.IsInLog(es[i].Loc())
+		} else {
+			ok = v.opt.Base == nil
+		}
+	}
 	for i := 0; ok && i < n; {
-		switch {
-		case !es[i].Mapped() && v.opt.Base != nil, es[i].Mapped() && cowmap.IsInLog(es[i].Loc()):
-			ok = false
-			continue
-		case !es[i].Mapped():
+		if !es[i].Mapped() {
 			clear(p[i*ChunkSize : (i+1)*ChunkSize])
 			i++
 			continue
 		}
-		blk := v.geo.DataBlock(first+uint64(i), es[i].Loc())
-		j := i + 1
-		for j < n && es[j].Mapped() && !cowmap.IsInLog(es[j].Loc()) && v.geo.DataBlock(first+uint64(j), es[j].Loc()) == blk+uint64(j-i) {
-			j++
-		}
-		runs = append(runs, ioRun{p[i*ChunkSize : j*ChunkSize], int64(blk * ChunkSize), first + uint64(i)})
-		i = j
+		var r ioRun
+		r, i = v.readRun(first, es, p, i)
+		runs = append(runs, r)
 	}
 	if !ok || len(runs) == 0 || len(runs) > spanRuns {
 		v.runlockRange(idx)

@@ -41,7 +41,8 @@ func (c *conn) send(r *request, hdr, data []byte) {
 	if b := r.batch; b != nil {
 		// Completed by a device with more completions at hand: the
 		// replies go out together once it has run them (FlushBatch),
-		// unless a writer at work takes them first.
+		// unless a writer at work takes them first. (A hand-over waits
+		// for every slot to come back, so for these too: drainReplies.)
 		r.batch = nil
 		c.wmu.Unlock()
 		b.Defer(c)

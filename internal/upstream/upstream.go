@@ -356,8 +356,9 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 	defer close(l.done)
 	var (
 		// batch: what the completions of the replies read since the
-		// reader last found no whole header buffered left to do (the
-		// gateway's replies to its clients), run before it reads on.
+		// reader last had to wait for the socket left to do (the
+		// gateway's replies to its clients): run before any read that
+		// the buffer cannot serve whole (ready).
 		batch block.Batch
 		h     [20]byte
 		b     [16]byte // a chunk's fixed fields (chunk): here, once per reader, not once per chunk
@@ -375,10 +376,15 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		d.mu.Unlock()
 		d.lost(l, err)
 	}
-	for {
-		if r.Buffered() < 16 { // the read may wait for the server
+	// ready runs the batch unless the next n bytes are buffered: reading
+	// them may wait for the server.
+	ready := func(n int) {
+		if r.Buffered() < n {
 			batch.Run()
 		}
+	}
+	for {
+		ready(16)
 		if _, err := io.ReadFull(r, h[:16]); err != nil {
 			drop(err)
 			return
@@ -390,6 +396,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 			return
 		}
 		if structured {
+			ready(4)
 			if _, err := io.ReadFull(r, h[16:20]); err != nil {
 				drop(err)
 				return
@@ -414,6 +421,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		}
 		var errno uint32
 		if structured {
+			ready(int(binary.BigEndian.Uint32(h[16:])))
 			done, err := d.chunk(l, r, c, h[:], &b)
 			if err != nil {
 				drop(err) // c stays pending: it is sent again
@@ -426,6 +434,7 @@ func (d *Device) readReplies(l *link, r *bufio.Reader) {
 		} else {
 			errno = binary.BigEndian.Uint32(h[4:])
 			if errno == 0 && c.buf != nil { // a READ's data follows
+				ready(len(c.buf))
 				if _, err := io.ReadFull(r, c.buf); err != nil {
 					drop(err) // c stays pending: it is sent again
 					return
@@ -907,12 +916,13 @@ func (d *Device) send(c *call, hold bool) error {
 }
 
 // spill is the default Options.Spill: how many requests a link carries
-// before the next one takes some (multi-conn): QEMU's server works on 16 of a connection's at a
-// time, yet one link at fio's queue depth 32 served 4k random reads and
-// writes faster than four sharing them (bench/README.md, "Upstream
-// completions in batches"): the replies of one link come in larger
-// batches, at fewer wake-ups, and each batch's answers to the gateway's
-// clients leave in one system call (block.Batch).
+// before the next one takes some (multi-conn). QEMU's server works on 16
+// of a connection's requests at a time, yet one link at fio's queue depth
+// 32 served 4k random reads and writes faster than four sharing them
+// (bench/README.md, "Storage backends: completions in batches"): the
+// replies of one link come in larger batches, at fewer wake-ups, and each
+// batch's answers to the gateway's clients leave in one system call
+// (block.Batch).
 const spill = 32
 
 // pick is the link the next request goes to: the first that carries
