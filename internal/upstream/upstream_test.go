@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -737,5 +738,41 @@ func TestQemuNbdTCP(t *testing.T) {
 	_, err = Dial(context.Background(), "nbd://"+addr+"/nope", Options{})
 	if !errors.Is(err, ErrHandshake) || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("unknown export: %v", err)
+	}
+}
+
+// TestUnixSendBuffer: every link to a Unix socket asks for a send buffer
+// of unixSendBuffer, which the kernel grants up to net.core.wmem_max
+// (and doubles).
+func TestUnixSendBuffer(t *testing.T) {
+	uri, _ := nbdkit(t, "memory", "64M")
+	d := dial(t, uri)
+	waitConns(t, d, 4) // the default Conns: nbdkit offers multi-conn
+	b, err := os.ReadFile("/proc/sys/net/core/wmem_max")
+	if err != nil {
+		t.Skipf("no wmem_max to compare with: %v", err)
+	}
+	wmemMax, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 2 * min(unixSendBuffer, wmemMax)
+	d.mu.Lock()
+	links := slices.Clone(d.links)
+	d.mu.Unlock()
+	for i, l := range links {
+		rc, err := l.nc.(*net.UnixConn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got int
+		var serr error
+		rc.Control(func(fd uintptr) { got, serr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF) })
+		if serr != nil {
+			t.Fatal(serr)
+		}
+		if got < want {
+			t.Errorf("link %d: SO_SNDBUF %d, want at least %d", i, got, want)
+		}
 	}
 }
