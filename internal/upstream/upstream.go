@@ -54,8 +54,8 @@ const (
 // a 1 MiB WRITE left in about eleven writev calls, each waiting for the
 // server to read: fio write 1M qd8 through the gateway to qemu-nbd took
 // 11.4 writes and 17 context switches per request; with this, 2.4 and
-// 13, and 1,242 / 907 / 1,237 MB/s against 871 / 1,023 / 1,094 without
-// (bench/README.md, "Upstream: a larger send buffer"). A TCP socket's
+// 13, and 1,285–1,457 MB/s against 1,029–1,176 without (bench/README.md,
+// "Upstream: a larger send buffer, and qemu-nbd's CPU"). A TCP socket's
 // buffer is left to the kernel's autotuning, which setting it disables.
 const unixSendBuffer = 4 << 20
 
