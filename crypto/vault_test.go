@@ -239,7 +239,9 @@ func TestVaultTokenRenewal(t *testing.T) {
 }
 
 // vaultPolicy is the least a gateway's token needs (README, "Keys in
-// Vault"): Transit for the KEKs, KV version 2 for the DEK secrets.
+// Vault"): Transit for the KEKs, KV version 2 for the DEK secrets, the
+// anchors, and the leases (not yet taken by an attach: FORMAT.md, "Lease
+// in Vault").
 const vaultPolicy = `
 path "transit/keys/*"    { capabilities = ["create", "read", "update"] }
 path "transit/encrypt/*" { capabilities = ["update"] }
@@ -249,6 +251,8 @@ path "secret/data/goldilocks/dek/*"     { capabilities = ["create", "read"] }
 path "secret/metadata/goldilocks/dek/*" { capabilities = ["list", "delete"] }
 path "secret/data/goldilocks/anchors/*"     { capabilities = ["create", "read", "update"] }
 path "secret/metadata/goldilocks/anchors/*" { capabilities = ["delete"] }
+path "secret/data/goldilocks/leases/*"      { capabilities = ["create", "read", "update"] }
+path "secret/metadata/goldilocks/leases/*"  { capabilities = ["create", "update"] }
 `
 
 // gl2ID is the secret id of a gl2 wrapping.

@@ -1,0 +1,410 @@
+package crypto
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+	"golang.org/x/sys/unix"
+
+	"goldilocks/internal/block"
+)
+
+// VaultLease keeps volume leases in Vault's KV version 2 engine, at
+// KVMount/data/goldilocks/leases/<volume UUID>, written with
+// check-and-set: the lease planned for volumes on an upstream NBD export,
+// which has no lock of its own (FORMAT.md, "Lease in Vault"). Not yet
+// taken by any attach: this is the record's protocol, tested against a
+// real Vault server, for the attach path to use.
+type VaultLease struct {
+	k   *VaultKEK
+	ttl time.Duration
+}
+
+// ErrLeaseLost is returned by Lease.Check once the holder may no longer
+// write: another gateway took the lease, or no renewal was answered in
+// time (the holder is fenced).
+var ErrLeaseLost = errors.New("the volume's lease is lost: writes are fenced")
+
+// vaultLeaseDir is where leases live under the KV mount. Part of the
+// format.
+const vaultLeaseDir = "goldilocks/leases"
+
+// DefaultLeaseTTL is a lease's time to live when none is given.
+const DefaultLeaseTTL = 20 * time.Second
+
+// vaultLeaseTimeout bounds one request about a lease.
+const vaultLeaseTimeout = 5 * time.Second
+
+// Lease states (the record's "state").
+const (
+	leaseHeld     = "held"
+	leaseReleased = "released"
+	leaseBroken   = "broken"
+)
+
+// Lease returns the lease store of this Vault connection; ttl 0 is
+// DefaultLeaseTTL.
+func (k *VaultKEK) Lease(ttl time.Duration) *VaultLease {
+	if ttl <= 0 {
+		ttl = DefaultLeaseTTL
+	}
+	return &VaultLease{k: k, ttl: ttl}
+}
+
+// margin is what separates the holder's fence from a takeover.
+func (l *VaultLease) margin(ttl time.Duration) time.Duration { return ttl / 4 }
+
+// leaseRecord is the data of one version of a lease.
+type leaseRecord struct {
+	Holder, Nonce, State string
+	TTL                  time.Duration
+}
+
+// boottime is CLOCK_BOOTTIME, which goes on through a suspend: every
+// lease duration is measured on it (FORMAT.md).
+func boottime() time.Duration {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) // cannot fail on Linux
+	return time.Duration(ts.Nano())
+}
+
+func (l *VaultLease) path(op string, volume [16]byte) string {
+	return l.k.cfg.KVMount + "/" + op + "/" + vaultLeaseDir + "/" + formatUUID(volume)
+}
+
+// read returns the newest record, its KV version (0: never written) and
+// whether it holds data (a version whose data was deleted does not).
+func (l *VaultLease) read(ctx context.Context, volume [16]byte) (leaseRecord, int64, bool, error) {
+	p := l.path("data", volume)
+	s, err := l.k.call(ctx, "reading lease "+p, func() (*vault.Secret, error) {
+		return l.k.c.Logical().ReadWithContext(ctx, p)
+	})
+	if err != nil {
+		return leaseRecord{}, 0, false, l.kvError(err)
+	}
+	var data, meta map[string]any
+	if s != nil {
+		data, _ = s.Data["data"].(map[string]any)
+		meta, _ = s.Data["metadata"].(map[string]any)
+	}
+	var version int64
+	if meta != nil {
+		n, _ := meta["version"].(json.Number)
+		version, _ = n.Int64()
+	}
+	if data == nil {
+		return leaseRecord{}, version, false, nil
+	}
+	str := func(k string) string { v, _ := data[k].(string); return v }
+	rec := leaseRecord{Holder: str("holder"), Nonce: str("nonce"), State: str("state")}
+	ms, perr := strconv.ParseInt(str("ttl_ms"), 10, 64)
+	if vol := str("volume"); vol != formatUUID(volume) || perr != nil || ms <= 0 || version == 0 {
+		return leaseRecord{}, version, false, fmt.Errorf("vault at %s: lease %s is malformed (volume %q, ttl_ms %q)", l.k.c.Address(), p, vol, str("ttl_ms"))
+	}
+	rec.TTL = time.Duration(ms) * time.Millisecond
+	return rec, version, true, nil
+}
+
+// write writes rec with check-and-set on version and returns the new
+// version.
+func (l *VaultLease) write(ctx context.Context, volume [16]byte, rec leaseRecord, version int64) (int64, error) {
+	p := l.path("data", volume)
+	s, err := l.k.call(ctx, "writing lease "+p, func() (*vault.Secret, error) {
+		return l.k.c.Logical().WriteWithContext(ctx, p, map[string]any{
+			"data": map[string]any{
+				"volume": formatUUID(volume),
+				"holder": rec.Holder,
+				"nonce":  rec.Nonce,
+				"state":  rec.State,
+				"ttl_ms": strconv.FormatInt(rec.TTL.Milliseconds(), 10),
+			},
+			"options": map[string]any{"cas": version},
+		})
+	})
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	if s != nil {
+		v, _ := s.Data["version"].(json.Number)
+		n, _ = v.Int64()
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("vault at %s: writing lease %s: no KV version in the answer", l.k.c.Address(), p)
+	}
+	return n, nil
+}
+
+// configure sets the lease key's metadata at first use: every write must
+// carry check-and-set, and versions are not deleted behind our back.
+func (l *VaultLease) configure(ctx context.Context, volume [16]byte) error {
+	p := l.path("metadata", volume)
+	_, err := l.k.call(ctx, "configuring lease "+p, func() (*vault.Secret, error) {
+		return l.k.c.Logical().WriteWithContext(ctx, p, map[string]any{
+			"cas_required": true, "delete_version_after": "0s", "max_versions": 16,
+		})
+	})
+	if err != nil {
+		return l.kvError(err)
+	}
+	return nil
+}
+
+func newNonce() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Acquire takes the volume's lease for holder (host:pid:data dir) and
+// keeps it renewed until Release. A lease another gateway holds is
+// watched: renewed meanwhile, the acquisition fails with block.ErrLeased
+// naming the holder; unchanged for its TTL and a margin, its holder is
+// taken as dead (it has fenced itself by then) and the lease taken over.
+// ctx bounds the whole acquisition.
+func (l *VaultLease) Acquire(ctx context.Context, volume [16]byte, holder string) (*Lease, error) {
+	p := l.path("data", volume)
+	var (
+		watched    int64 // the version being watched, 0: none
+		watchedRec leaseRecord
+		since      time.Duration
+	)
+	for {
+		rctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
+		rec, version, ok, err := l.read(rctx, volume)
+		cancel()
+		now := boottime() // from the reply: a renewal served before it is in what was read
+		if err != nil {
+			return nil, err
+		}
+		// Free: never written, or released. Held or broken: watched (a
+		// broken record is a holder fenced by break-lease, or about to be).
+		free := version == 0 || ok && rec.State == leaseReleased
+		if !free {
+			if watched != version || watchedRec.Nonce != rec.Nonce {
+				if watched != 0 {
+					return nil, fmt.Errorf("lease %s: %w (%s renews it)", p, block.ErrLeased, describeHolder(rec, ok))
+				}
+				watched, watchedRec, since = version, rec, now
+			}
+			ttl := rec.TTL
+			if !ok {
+				ttl = l.ttl // a deleted version: held by someone unknown
+			}
+			if wait := since + ttl + l.margin(ttl) - now; wait > 0 {
+				select {
+				case <-ctx.Done():
+					return nil, fmt.Errorf("lease %s: %w (%s): %w", p, block.ErrLeased, describeHolder(rec, ok), ctx.Err())
+				case <-time.After(min(wait, ttl/4)):
+				}
+				continue
+			}
+			// Unchanged for a TTL and a margin: its holder has fenced itself.
+		}
+		if version == 0 {
+			cctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
+			err := l.configure(cctx, volume)
+			cancel()
+			if err != nil {
+				return nil, err
+			}
+		}
+		mine := leaseRecord{Holder: holder, Nonce: newNonce(), State: leaseHeld, TTL: l.ttl}
+		sent := boottime()
+		wctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
+		n, err := l.write(wctx, volume, mine, version)
+		cancel()
+		if err != nil {
+			if casMismatch(err) {
+				watched = 0 // someone else wrote meanwhile: look again
+				continue
+			}
+			return nil, l.kvError(err)
+		}
+		ls := &Lease{l: l, volume: volume, rec: mine, version: n, deadline: sent + l.ttl - l.margin(l.ttl),
+			stop: make(chan struct{}), done: make(chan struct{})}
+		go ls.renew()
+		return ls, nil
+	}
+}
+
+func describeHolder(rec leaseRecord, ok bool) string {
+	if !ok || rec.Holder == "" {
+		return "held by an unknown gateway"
+	}
+	return "held by " + rec.Holder
+}
+
+// Break writes a broken record over whoever holds the volume's lease and
+// returns who did ("" if nobody): a holder that still lives fails its
+// next renewal and fences itself. An attach then takes the lease over as
+// from a dead holder, once the record stayed unchanged for its TTL and a
+// margin.
+func (l *VaultLease) Break(ctx context.Context, volume [16]byte, holder string) (string, error) {
+	for try := 0; ; try++ {
+		rctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
+		rec, version, ok, err := l.read(rctx, volume)
+		cancel()
+		if err != nil {
+			return "", err
+		}
+		was := ""
+		if ok && rec.State == leaseHeld {
+			was = rec.Holder
+		}
+		if version == 0 {
+			return "", nil
+		}
+		wctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
+		_, err = l.write(wctx, volume, leaseRecord{Holder: holder, Nonce: newNonce(), State: leaseBroken, TTL: l.ttl}, version)
+		cancel()
+		if err == nil {
+			return was, nil
+		}
+		if !casMismatch(err) || try == 8 {
+			return "", l.kvError(err)
+		}
+	}
+}
+
+// kvError says, with a refusal of a lease request, what the token needs
+// (not for an unavailable Vault).
+func (l *VaultLease) kvError(err error) error {
+	if errors.Is(err, ErrVaultUnavailable) || errors.Is(err, ErrVaultKV) {
+		return err
+	}
+	m := l.k.cfg.KVMount
+	return fmt.Errorf("%w (%s/): leases: the token needs create, read and update on %s/data/%s/* and %s/metadata/%s/* (README, the gateway's Vault policy): %w",
+		ErrVaultKV, m, m, vaultLeaseDir, m, vaultLeaseDir, err)
+}
+
+// Lease is a held lease, renewed every third of its TTL until Release.
+type Lease struct {
+	l      *VaultLease
+	volume [16]byte
+	rec    leaseRecord
+	stop   chan struct{}
+	done   chan struct{}
+
+	mu       sync.Mutex
+	version  int64         // the KV version last written by us
+	deadline time.Duration // boottime after which we may not write
+	lost     error         // set once: the lease went to another
+}
+
+// Check reports whether the holder may still write: nil, or
+// ErrLeaseLost (taken by another, or not renewed in time). The caller
+// checks before every write it sends.
+func (s *Lease) Check() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lost != nil {
+		return s.lost
+	}
+	if boottime() >= s.deadline {
+		return fmt.Errorf("%w: no renewal answered by Vault in time", ErrLeaseLost)
+	}
+	return nil
+}
+
+// renew rewrites the record every TTL/3 until stop.
+func (s *Lease) renew() {
+	defer close(s.done)
+	t := time.NewTicker(s.l.ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+		if s.renewOnce() {
+			return // lost for good
+		}
+	}
+}
+
+// renewOnce writes the record again; it reports whether the lease is
+// lost to another.
+func (s *Lease) renewOnce() bool {
+	s.mu.Lock()
+	version := s.version
+	s.mu.Unlock()
+	sent := boottime()
+	ctx, cancel := context.WithTimeout(context.Background(), vaultLeaseTimeout)
+	defer cancel()
+	n, err := s.l.write(ctx, s.volume, s.rec, version)
+	if err == nil {
+		s.renewed(n, sent)
+		return false
+	}
+	// Refused, or no answer: did a write of ours apply (a lost reply)?
+	rec, v, ok, rerr := s.l.read(ctx, s.volume)
+	switch {
+	case rerr != nil:
+		return false // Vault unreachable: the deadline decides
+	case ok && rec.Nonce == s.rec.Nonce && rec.State == leaseHeld:
+		// A write of ours applied though its reply was lost: go on from
+		// its version. The deadline stays: that write may be an earlier
+		// one than this.
+		s.mu.Lock()
+		if s.lost == nil && v > s.version {
+			s.version = v
+		}
+		s.mu.Unlock()
+		return false
+	}
+	s.mu.Lock()
+	s.lost = fmt.Errorf("%w: %s took it", ErrLeaseLost, describeHolder(rec, ok))
+	s.mu.Unlock()
+	return true
+}
+
+func (s *Lease) renewed(version int64, sent time.Duration) {
+	s.mu.Lock()
+	if s.lost == nil {
+		s.version, s.deadline = version, sent+s.l.ttl-s.l.margin(s.l.ttl)
+	}
+	s.mu.Unlock()
+}
+
+// Release stops renewing and marks the lease released (check-and-set on
+// the version last written), so that another gateway takes it at once.
+// Call it after the last write and FLUSH were answered.
+func (s *Lease) Release() error {
+	s.abandon()
+	s.mu.Lock()
+	version, lost := s.version, s.lost
+	s.lost = fmt.Errorf("%w: released", ErrLeaseLost)
+	s.mu.Unlock()
+	if lost != nil {
+		return nil // another holds it: nothing of ours to release
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), vaultLeaseTimeout)
+	defer cancel()
+	rec := s.rec
+	rec.State = leaseReleased
+	if _, err := s.l.write(ctx, s.volume, rec, version); err != nil {
+		return s.l.kvError(err)
+	}
+	return nil
+}
+
+// abandon stops renewing without releasing (what a holder that dies
+// does).
+func (s *Lease) abandon() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	<-s.done
+}

@@ -1,0 +1,150 @@
+package crypto
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"goldilocks/internal/block"
+	"goldilocks/internal/vaulttest"
+)
+
+// TestVaultLease runs the lease protocol of FORMAT.md ("Lease in Vault")
+// against a real Vault server, with a gateway's token: a held lease is
+// refused to another gateway, a released one taken at once, a silent one
+// taken over only after its TTL and a margin (its holder fenced by then),
+// a broken one fences a holder that still lives, and a record whose
+// newest version was deleted is not taken for free.
+func TestVaultLease(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{})
+	useGatewayToken(t, srv)
+	const ttl = 1200 * time.Millisecond
+	margin := ttl / 4
+	gateway := func() *VaultLease {
+		k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k.Lease(ttl)
+	}
+	a, b, c, d := gateway(), gateway(), gateway(), gateway()
+	vol := [16]byte{0x1e, 0xa5}
+	ctx := context.Background()
+
+	la, err := a.Acquire(ctx, vol, "host-a:1:/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := la.Check(); err != nil {
+		t.Fatalf("a fresh lease: %v", err)
+	}
+
+	// Held and renewed: refused, the holder named, once a renewal is seen.
+	start := time.Now()
+	_, err = b.Acquire(ctx, vol, "host-b:2:/b")
+	if !errors.Is(err, block.ErrLeased) || !strings.Contains(err.Error(), "host-a:1:/a") {
+		t.Fatalf("a held lease: %v, want ErrLeased naming host-a", err)
+	}
+	if el := time.Since(start); el > ttl {
+		t.Errorf("refusal took %v: the holder renews every %v", el, ttl/3)
+	}
+	if err := la.Check(); err != nil {
+		t.Fatalf("the holder after another's attempt: %v", err)
+	}
+
+	// Released: taken at once.
+	if err := la.Release(); err != nil {
+		t.Fatal(err)
+	}
+	if err := la.Check(); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("a released lease checks %v, want ErrLeaseLost", err)
+	}
+	start = time.Now()
+	lb, err := b.Acquire(ctx, vol, "host-b:2:/b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > ttl/2 {
+		t.Errorf("taking a released lease took %v", el)
+	}
+
+	// B dies (no renewal, no release): C waits a TTL and a margin, and B
+	// has fenced itself before C holds it.
+	lb.abandon()
+	start = time.Now()
+	lc, err := c.Acquire(ctx, vol, "host-c:3:/c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el < ttl+margin-ttl/3 {
+		t.Errorf("a silent lease taken over after %v, want at least %v less one renewal period", el, ttl+margin)
+	}
+	if err := lb.Check(); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("the dead holder at the takeover checks %v, want ErrLeaseLost", err)
+	}
+	if err := lc.Check(); err != nil {
+		t.Fatal(err)
+	}
+
+	// C lives; D breaks the lease: C's next renewal finds it gone.
+	who, err := d.Break(ctx, vol, "host-d:4:/d")
+	if err != nil || who != "host-c:3:/c" {
+		t.Fatalf("break: %q, %v; want host-c's", who, err)
+	}
+	deadline := time.Now().Add(ttl)
+	for lc.Check() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("a broken lease's holder still may write after a TTL")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := lc.Check(); !errors.Is(err, ErrLeaseLost) || !strings.Contains(err.Error(), "took it") {
+		t.Fatalf("the broken holder: %v", err)
+	}
+	start = time.Now()
+	ld, err := d.Acquire(ctx, vol, "host-d:4:/d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el < ttl {
+		t.Errorf("a broken lease taken after %v: a holder that lives needs up to a TTL to fence", el)
+	}
+	if err := ld.Release(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The newest version deleted (by the storage admin's token, say):
+	// held by someone unknown, not free.
+	vol2 := [16]byte{0x1e, 0xa6}
+	l2, err := a.Acquire(ctx, vol2, "host-a:1:/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2.abandon()
+	if _, err := srv.Client().Logical().Delete("secret/data/goldilocks/leases/" + formatUUID(vol2)); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	l3, err := b.Acquire(ctx, vol2, "host-b:2:/b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el < ttl {
+		t.Errorf("a lease whose newest version was deleted taken after %v, as if free", el)
+	}
+	l3.Release()
+
+	// A held lease and a short context: ErrLeased, not a hang.
+	l4, err := a.Acquire(ctx, vol2, "host-a:1:/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l4.Release()
+	sctx, cancel := context.WithTimeout(ctx, ttl/4)
+	defer cancel()
+	if _, err := b.Acquire(sctx, vol2, "host-b:2:/b"); !errors.Is(err, block.ErrLeased) {
+		t.Fatalf("with a short context: %v", err)
+	}
+}
