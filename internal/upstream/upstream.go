@@ -349,14 +349,14 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 	nc.SetDeadline(time.Time{})
 	l := &link{nc: nc, done: make(chan struct{}), structured: neg.structured, hasMeta: neg.hasMeta, meta: neg.meta}
 	var w io.Writer = nc
-	// Without TLS, requests and replies go by raw system calls (package
-	// rawsock). The handshake's reader holds nothing more: the server
-	// says nothing until asked.
 	if uc, ok := nc.(*net.UnixConn); ok {
 		if err := uc.SetWriteBuffer(unixSendBuffer); err != nil {
 			d.o.Log.Warn("upstream send buffer not enlarged", "backing", d.uri, "err", err)
 		}
 	}
+	// Without TLS, requests and replies go by raw system calls (package
+	// rawsock). The handshake's reader holds nothing more: the server
+	// says nothing until asked.
 	if rs, err := rawsock.New(nc); err == nil && r.Buffered() == 0 {
 		l.rs, w = rs, rs
 		r.Reset(rs)
