@@ -183,6 +183,9 @@ func (l *VaultLease) Acquire(ctx context.Context, volume [16]byte, holder string
 		cancel()
 		now := boottime() // from the reply: a renewal served before it is in what was read
 		if err != nil {
+			if watched != 0 && ctx.Err() != nil { // out of time while watching a holder
+				return nil, fmt.Errorf("lease %s: %w (%s): %w", p, block.ErrLeased, describeHolder(watchedRec, watchedRec.Nonce != ""), ctx.Err())
+			}
 			return nil, err
 		}
 		// Free: never written, or released. Held or broken: watched (a
@@ -223,11 +226,18 @@ func (l *VaultLease) Acquire(ctx context.Context, volume [16]byte, holder string
 		n, err := l.write(wctx, volume, mine, version)
 		cancel()
 		if err != nil {
-			if casMismatch(err) {
-				watched = 0 // someone else wrote meanwhile: look again
-				continue
+			if !casMismatch(err) {
+				return nil, l.kvError(err)
 			}
-			return nil, l.kvError(err)
+			// Someone else wrote meanwhile (or a deleted version read as
+			// none): look again, not at once.
+			watched = 0
+			select {
+			case <-ctx.Done():
+				return nil, fmt.Errorf("lease %s: %w: %w", p, block.ErrLeased, ctx.Err())
+			case <-time.After(l.ttl / 8):
+			}
+			continue
 		}
 		ls := &Lease{l: l, volume: volume, rec: mine, version: n, deadline: sent + l.ttl - l.margin(l.ttl),
 			stop: make(chan struct{}), done: make(chan struct{})}
@@ -302,7 +312,8 @@ type Lease struct {
 
 // Check reports whether the holder may still write: nil, or
 // ErrLeaseLost (taken by another, or not renewed in time). The caller
-// checks before every write it sends.
+// checks before every write it sends. It makes one clock_gettime system
+// call (CLOCK_BOOTTIME: x/sys/unix has no vDSO path for it).
 func (s *Lease) Check() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
