@@ -254,10 +254,12 @@ func describeHolder(rec leaseRecord, ok bool) string {
 }
 
 // Break writes a broken record over whoever holds the volume's lease and
-// returns who did ("" if nobody): a holder that still lives fails its
-// next renewal and fences itself. An attach then takes the lease over as
-// from a dead holder, once the record stayed unchanged for its TTL and a
-// margin.
+// returns who did ("" if nobody; a lease never taken or released is left
+// alone): a holder that still lives fails its next renewal and fences
+// itself. An attach then takes the lease over as from a dead holder, once
+// the record stayed unchanged for its TTL and a margin. The broken
+// record keeps the holder's TTL if it is the longer: with a shorter one,
+// the takeover could come before the holder's next renewal fences it.
 func (l *VaultLease) Break(ctx context.Context, volume [16]byte, holder string) (string, error) {
 	for try := 0; ; try++ {
 		rctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
@@ -266,15 +268,16 @@ func (l *VaultLease) Break(ctx context.Context, volume [16]byte, holder string) 
 		if err != nil {
 			return "", err
 		}
+		if version == 0 || ok && rec.State == leaseReleased {
+			return "", nil
+		}
 		was := ""
 		if ok && rec.State == leaseHeld {
 			was = rec.Holder
 		}
-		if version == 0 {
-			return "", nil
-		}
+		ttl := max(l.ttl, rec.TTL) // rec.TTL is 0 for a deleted version
 		wctx, cancel := context.WithTimeout(ctx, vaultLeaseTimeout)
-		_, err = l.write(wctx, volume, leaseRecord{Holder: holder, Nonce: newNonce(), State: leaseBroken, TTL: l.ttl}, version)
+		_, err = l.write(wctx, volume, leaseRecord{Holder: holder, Nonce: newNonce(), State: leaseBroken, TTL: ttl}, version)
 		cancel()
 		if err == nil {
 			return was, nil
@@ -292,7 +295,7 @@ func (l *VaultLease) kvError(err error) error {
 		return err
 	}
 	m := l.k.cfg.KVMount
-	return fmt.Errorf("%w (%s/): leases: the token needs create, read and update on %s/data/%s/* and %s/metadata/%s/* (README, the gateway's Vault policy): %w",
+	return fmt.Errorf("%w (%s/): leases: the token needs create, read and update on %s/data/%s/* and create and update on %s/metadata/%s/* (crypto/FORMAT.md, \"Lease in Vault\"): %w",
 		ErrVaultKV, m, m, vaultLeaseDir, m, vaultLeaseDir, err)
 }
 

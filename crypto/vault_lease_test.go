@@ -148,3 +148,41 @@ func TestVaultLease(t *testing.T) {
 		t.Fatalf("with a short context: %v", err)
 	}
 }
+
+// TestVaultLeaseBreakKeepsTTL: a break by a gateway with a short TTL must
+// not let the lease go before a holder with a long one has fenced itself.
+// The holder here is alive but silent (stopped, say): its own deadline
+// decides.
+func TestVaultLeaseBreakKeepsTTL(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{})
+	useGatewayToken(t, srv)
+	gateway := func(ttl time.Duration) *VaultLease {
+		k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k.Lease(ttl)
+	}
+	long, short := gateway(3*time.Second), gateway(300*time.Millisecond)
+	vol := [16]byte{0xb4, 0xea}
+	ctx := context.Background()
+	if who, err := short.Break(ctx, vol, "host-s:2:/s"); err != nil || who != "" {
+		t.Fatalf("breaking a lease never taken: %q, %v", who, err)
+	}
+	held, err := long.Acquire(ctx, vol, "host-l:1:/l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.abandon() // stopped: no renewal, so no refused one fences it early
+	if who, err := short.Break(ctx, vol, "host-s:2:/s"); err != nil || who != "host-l:1:/l" {
+		t.Fatalf("break: %q, %v", who, err)
+	}
+	taken, err := short.Acquire(ctx, vol, "host-s:2:/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Release()
+	if err := held.Check(); err == nil {
+		t.Fatal("the lease was taken over while its old holder could still write")
+	}
+}
