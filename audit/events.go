@@ -32,6 +32,7 @@ const (
 	EvVolumeAdopt          EventType = "volume_adopt"
 	EvVolumeRelease        EventType = "volume_release"
 	EvLeaseBroken          EventType = "lease_broken"
+	EvLeaseLost            EventType = "lease_lost"
 	EvKeyCreate            EventType = "key_create"
 	EvKeyRotate            EventType = "key_rotate"
 	EvRekeyStart           EventType = "rekey_start"

@@ -86,6 +86,13 @@ type Options struct {
 	// Log receives outages and recoveries (event=backing_outage,
 	// backing_restored: they reach the audit trail); nil: discarded.
 	Log *slog.Logger
+	// Lease, if set, is checked before every request is sent or sent
+	// again after an outage, and released at Close (lease.go).
+	Lease Lease
+	// UserTimeout, if set, is TCP_USER_TIMEOUT on TCP connections: how
+	// long sent data may stay unacknowledged before the connection counts
+	// as lost (a leased export: shorter than the lease's margin).
+	UserTimeout time.Duration
 	// retry is the first wait between reconnection attempts, doubled up
 	// to 2 s (0: 50 ms); the fuzz targets shorten it.
 	retry time.Duration
@@ -115,6 +122,7 @@ type Device struct {
 	blockStatus bool
 	calls       sync.Pool   // *call: a request allocates nothing once warm
 	unpushed    atomic.Bool // a link may hold submitted requests (Push)
+	fenced      atomic.Bool // the lease was found lost (logged once)
 
 	mu sync.Mutex // guards the fields below
 	// links are the connections up (nil while disconnected): the first
@@ -323,6 +331,10 @@ func (d *Device) connect(ctx context.Context, first bool) (*link, *bufio.Reader,
 	nc, err := dialer.DialContext(ctx, d.t.network, d.t.addr)
 	if err != nil {
 		return nil, nil, err
+	}
+	if err := setUserTimeout(nc, d.o.UserTimeout); err != nil {
+		nc.Close()
+		return nil, nil, fmt.Errorf("upstream %s: TCP_USER_TIMEOUT: %w", d.uri, err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(dl)
@@ -713,7 +725,7 @@ func (d *Device) reconnect() {
 	for {
 		l, r, err := d.connect(context.Background(), false)
 		d.mu.Lock()
-		if d.closed {
+		if d.closed || d.fenceLocked() { // a lease lost: nothing is sent again
 			d.redial = false
 			d.mu.Unlock()
 			if l != nil {
@@ -888,6 +900,9 @@ func (d *Device) wait(c *call) error {
 // buffer for Push; its reply completes it (complete). An error means c was
 // neither registered nor sent.
 func (d *Device) send(c *call, hold bool) error {
+	if err := d.fence(); err != nil {
+		return err
+	}
 	d.mu.Lock()
 	switch {
 	case d.closed:
@@ -1217,8 +1232,19 @@ func (d *Device) Limit(size int64) {
 // ReadOnly reports whether the server serves the export read-only.
 func (d *Device) ReadOnly() bool { return d.flags&nbdproto.FlagReadOnly != 0 }
 
-// Close ends the connections (NBD_CMD_DISC); requests still in flight fail.
+// Close ends the connections (NBD_CMD_DISC); requests still in flight
+// fail. Then the lease, if any, is released.
 func (d *Device) Close() error {
+	err := d.close()
+	if d.o.Lease != nil {
+		if lerr := d.o.Lease.Release(); lerr != nil {
+			err = errors.Join(err, fmt.Errorf("upstream %s: releasing its lease: %w", d.uri, lerr))
+		}
+	}
+	return err
+}
+
+func (d *Device) close() error {
 	d.mu.Lock()
 	d.closed = true
 	links := d.links
