@@ -6,7 +6,9 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -239,8 +241,8 @@ func TestVaultTokenRenewal(t *testing.T) {
 }
 
 // vaultPolicy is the least a gateway's token needs (README, "Keys in
-// Vault"): Transit for the KEKs, KV version 2 for the DEK secrets, the
-// anchors, and the leases (not yet taken by an attach: FORMAT.md, "Lease
+// Vault", checked by TestREADMEPolicy): Transit for the KEKs, KV version
+// 2 for the DEK secrets, the anchors, and the leases (FORMAT.md, "Lease
 // in Vault").
 const vaultPolicy = `
 path "transit/keys/*"    { capabilities = ["create", "read", "update"] }
@@ -813,4 +815,29 @@ func useGatewayToken(t *testing.T, srv *vaulttest.Server) {
 	}
 	t.Setenv("VAULT_ADDR", srv.Addr)
 	t.Setenv("VAULT_TOKEN", tok.Auth.ClientToken)
+}
+
+// TestREADMEPolicy: the policy README gives operators is the one the
+// tests run the gateway's token with.
+func TestREADMEPolicy(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(b), "```hcl\n")
+	if block, _, ok = strings.Cut(block, "```"); !ok || !strings.Contains(block, "transit/keys") {
+		t.Fatal("README has no hcl block with the gateway's policy")
+	}
+	norm := func(s string) []string {
+		var lines []string
+		for l := range strings.Lines(s) {
+			if f := strings.Fields(l); len(f) > 0 {
+				lines = append(lines, strings.Join(f, " "))
+			}
+		}
+		return lines
+	}
+	if got, want := norm(block), norm(vaultPolicy); !slices.Equal(got, want) {
+		t.Errorf("README's policy:\n%s\nthe tests':\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
 }

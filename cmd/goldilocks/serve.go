@@ -50,6 +50,7 @@ type serveFlags struct {
 	shutdownTimeout                time.Duration
 	upgradeTimeout                 time.Duration
 	outageLimit                    time.Duration
+	leaseTTL                       time.Duration
 	upstreamConns                  int
 	cpuProfile                     string
 	blockProfile                   string
@@ -112,6 +113,7 @@ replace --listen and --unix (contrib/systemd/).`,
 	f.DurationVar(&sf.upgradeTimeout, "upgrade-timeout", 30*time.Second, "SIGUSR2: how long the new gateway has to start, and again to take the connections, before the old one rolls back")
 	f.IntVar(&sf.upstreamConns, "upstream-conns", 4, "connections to an upstream backing store (nbd://…) that advertises multi-conn, per attached volume")
 	f.DurationVar(&sf.outageLimit, "backing-outage-limit", 30*time.Second, "how long requests to an unreachable upstream backing store (nbd://…) wait, reconnecting, before they fail with EIO")
+	f.DurationVar(&sf.leaseTTL, "lease-ttl", 20*time.Second, "time to live of the leases in Vault of encrypted volumes on upstream exports (nbd://…): a gateway that cannot renew one for 3/4 of it fences itself; a dead gateway's is taken over after 5/4 of it")
 	f.StringVar(&sf.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to FILE (for bench/)")
 	f.MarkHidden("cpuprofile")
 	f.StringVar(&sf.blockProfile, "blockprofile", "", "write a Go blocking profile (waits on locks, conditions, channels) of the whole run to FILE (for bench/)")
@@ -314,6 +316,10 @@ func serve(a *app, sf serveFlags) (err error) {
 		return usagef("--backing-outage-limit %s: want a positive duration", sf.outageLimit)
 	}
 	reg.SetOutageLimit(sf.outageLimit)
+	if sf.leaseTTL < time.Second || sf.leaseTTL > 10*time.Minute {
+		return usagef("--lease-ttl %s: want 1s to 10m", sf.leaseTTL)
+	}
+	reg.SetLeaseTTL(sf.leaseTTL)
 	if sf.upstreamConns < 1 || sf.upstreamConns > 64 {
 		return usagef("--upstream-conns %d: want 1 to 64", sf.upstreamConns)
 	}

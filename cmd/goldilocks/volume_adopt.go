@@ -113,8 +113,8 @@ func newVolumeReleaseCmd(a *app) *cobra.Command {
 		Long: `Removes a volume from this gateway's registry, so that no client can attach
 it here again, and, if a gateway serves this data dir, ends every session
 attached to it there as a stop does: no new request is read, those in
-flight are answered, the volume is flushed and closed, and (RBD) its lease
-is released. Then another gateway can attach it (volume adopt there). The
+flight are answered, the volume is flushed and closed, and its lease (RBD;
+an encrypted upstream volume with its key in Vault) is released. Then another gateway can attach it (volume adopt there). The
 backing store and the key stay; volume adopt here takes it back.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvVolumeRelease, func(cmd *cobra.Command, argv []string) error {
@@ -157,15 +157,24 @@ func newVolumeBreakLeaseCmd(a *app) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "break-lease NAME [--yes]",
 		Short: "Break the lease a dead gateway holds on a volume (RBD: it is blocklisted)",
-		Long: `Breaks the lease another gateway holds on a volume's RBD image, so that
-this one can attach it: the holder's Ceph client is blocklisted (it can
-never write the image again, even if it still runs: its clients get I/O
-errors) and its exclusive lock is removed. For a gateway that died or whose
-host is lost; a live one hands a volume over with volume release. Without
-a break, librbd takes over a dead holder's lock once the cluster has
-noticed it is gone (its watch times out: osd_client_watch_timeout, 30 s by
-default). On a terminal it asks you to type the volume's name; without one
-it refuses unless --yes is given.`,
+		Long: `Breaks the lease another gateway holds on a volume, so that this one can
+attach it. For a gateway that died or whose host is lost; a live one
+hands a volume over with volume release. On a terminal it asks you to
+type the volume's name; without one it refuses unless --yes is given.
+
+On an RBD image, the holder's Ceph client is blocklisted (it can never
+write the image again, even if it still runs: its clients get I/O errors)
+and its exclusive lock is removed. Without a break, librbd takes over a
+dead holder's lock once the cluster has noticed it is gone (its watch
+times out: osd_client_watch_timeout, 30 s by default).
+
+An encrypted volume on an upstream export (nbd://…) with its key in Vault
+is leased in Vault (crypto/FORMAT.md, "Lease in Vault"): the break marks
+the lease broken; a holder that still runs fails its next renewal (within
+a third of its --lease-ttl) and fences itself (its clients get I/O
+errors), and an attach here takes the lease over once the broken record
+has stood for the holder's TTL and a quarter. Without a break, a dead
+holder's lease is taken over after the same wait from its last renewal.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: audited(a, audit.EvLeaseBroken, func(cmd *cobra.Command, argv []string) error {
 			reg, v, err := a.targetVolume(argv[0])
@@ -188,6 +197,10 @@ it refuses unless --yes is given.`,
 			}
 			if who == "" {
 				fmt.Fprintf(a.stdout, "volume %s: nobody held its lease\n", v.Name)
+				return nil
+			}
+			if !rbd.IsSpec(v.Backing) {
+				fmt.Fprintf(a.stdout, "volume %s: broke the lease (%s); that holder fences itself at its next renewal\n", v.Name, who)
 				return nil
 			}
 			fmt.Fprintf(a.stdout, "volume %s: broke the lease (%s); that holder is blocklisted\n", v.Name, who)

@@ -16,6 +16,7 @@ import (
 	"goldilocks/crypto"
 	"goldilocks/internal/block"
 	"goldilocks/internal/rbd"
+	"goldilocks/internal/upstream"
 )
 
 // Several gateways, one storage: a volume's metadata lives with it (an
@@ -196,11 +197,15 @@ func (r *Registry) adoptPlain(d block.Device, v *Volume) error {
 
 // BreakLease breaks the lease another gateway holds on v's backing store
 // (an RBD image's exclusive lock: the holder is blocklisted, so it cannot
-// write again even if it lives) and returns who held it ("" if nobody
-// did). Stores without a lease say so.
+// write again even if it lives; an upstream volume's lease in Vault: the
+// holder fences itself at its next renewal, lease.go) and returns who
+// held it ("" if nobody did). Stores without a lease say so.
 func (r *Registry) BreakLease(v Volume) (string, error) {
+	if upstream.IsURI(v.Backing) {
+		return r.breakUpstreamLease(v)
+	}
 	if !rbd.IsSpec(v.Backing) {
-		return "", fmt.Errorf("volume %s: backing %s has no lease to break (only RBD images are leased)", v.Name, v.Backing)
+		return "", fmt.Errorf("volume %s: backing %s has no lease to break (only RBD images and upstream exports are leased)", v.Name, v.Backing)
 	}
 	spec, err := rbd.Parse(v.Backing)
 	if err != nil {

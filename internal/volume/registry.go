@@ -113,6 +113,7 @@ type stamp struct {
 type Registry struct {
 	outageLimit   time.Duration // upstream backing stores; 0: the default
 	upstreamConns int           // connections to an upstream that offers multi-conn; 0: the default
+	leaseTTL      time.Duration // leases of volumes on upstream exports; 0: the default
 	noAlign       bool          // encrypted volumes: no home alignment
 	dir           string
 	passphrase    []byte // seals the local keystore; see SetKeystorePassphrase

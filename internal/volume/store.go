@@ -17,9 +17,9 @@ import (
 // with flock against a second gateway on the same host), a Ceph RBD image
 // (leased: its exclusive lock, taken at every read-write open, adopt.go),
 // or an export of another NBD server (upstream.IsURI: nbd://… or
-// nbd+unix://…), which nothing guards: two gateways attaching the same
-// upstream export at once is the operator's to prevent (the upstream
-// server's connection limit, or one gateway per volume).
+// nbd+unix://…), leased in Vault where the volume's key is there
+// (lease.go); for other volumes on an upstream export, two gateways
+// attaching it at once is the operator's to prevent.
 
 // SetOutageLimit sets how long requests to an upstream backing store wait
 // while it is unreachable before they fail (0: upstream's default, 30 s).
@@ -74,8 +74,15 @@ func (r *Registry) openStoreLog(v Volume, readOnly bool, log *slog.Logger) (stor
 		if log != nil {
 			log = log.With("volume", v.Name)
 		}
-		d, err := upstream.Dial(context.Background(), v.Backing, upstream.Options{Log: log, OutageLimit: r.outageLimit, Conns: r.upstreamConns})
+		o, err := r.upstreamOptions(v, readOnly, log) // the lease (lease.go)
 		if err != nil {
+			return nil, err
+		}
+		d, err := upstream.Dial(context.Background(), v.Backing, o)
+		if err != nil {
+			if o.Lease != nil {
+				o.Lease.Release()
+			}
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
 		return d, nil
