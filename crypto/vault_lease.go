@@ -313,9 +313,9 @@ type Lease struct {
 	done   chan struct{}
 
 	mu       sync.Mutex
-	version  int64         // the KV version last written by us
-	deadline time.Time     // after which we may not write (fenced; Check)
-	lost     error         // set once: the lease went to another
+	version  int64     // the KV version last written by us
+	deadline time.Time // after which we may not write (fenced; Check)
+	lost     error     // set once: the lease went to another
 }
 
 // Check reports whether the holder may still write: nil, or
