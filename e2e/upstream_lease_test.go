@@ -34,7 +34,7 @@ func TestUpstreamHandOver(t *testing.T) {
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Truncate(img, 32<<20); err != nil {
+	if err := os.Truncate(img, 64<<20); err != nil {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "up.sock")
@@ -77,7 +77,7 @@ def connect(u, within):
                 raise
             time.sleep(0.05)
 h = connect(uris[0], 10)
-cur, i, switches, end = 0, 0, 0, time.time() + %d
+cur, i, switches, end, took = 0, 0, 0, time.time() + %d, 0
 while time.time() < end:
     buf = bytes([i %% 251]) * 4096
     off = (i %% 64) * 4096
@@ -89,9 +89,11 @@ while time.time() < end:
             break
         except nbd.Error:
             cur, switches = 1 - cur, switches + 1
+            t0 = time.time()
             h = connect(uris[cur], 30)
+            took = max(took, time.time() - t0)
     i += 1
-print("ops", i, "switches", switches)
+print("ops", i, "switches", switches, "took %%.3f" %% took)
 `, ga.unixURI("vm"), gb.unixURI("vm"), seconds)
 	done := make(chan string, 1)
 	go func() {
@@ -120,12 +122,17 @@ print("ops", i, "switches", switches)
 		t.Errorf("release: %s", rel)
 	}
 	res := <-done
-	m := regexp.MustCompile(`ops (\d+) switches (\d+)`).FindStringSubmatch(res)
+	m := regexp.MustCompile(`ops (\d+) switches (\d+) took ([0-9.]+)`).FindStringSubmatch(res)
 	if m == nil || m[2] != "1" {
 		t.Fatalf("client across the hand-over: %s\nB's log:\n%s", res, gb.logText())
 	}
 	ops, _ := strconv.Atoi(m[1])
-	t.Logf("hand-over under load: %d flushed writes, one switch of gateway", ops)
+	t.Logf("hand-over under load: %d flushed writes, one switch of gateway, attached on B in %s s", ops, m[3])
+	// A released lease is taken at once; one left held would be taken
+	// over only after its TTL and a quarter (2.5 s).
+	if took, _ := strconv.ParseFloat(m[3], 64); took >= 2 {
+		t.Errorf("the client attached on B %s s after the release: the lease was not released", m[3])
+	}
 	want := func(blk int) int { // the last flushed write to blk
 		last := ops - 1 - ((ops-1-blk)%64+64)%64
 		return last % 251
