@@ -49,49 +49,7 @@ func TestRBDHandOver(t *testing.T) {
 	}
 
 	ga, gb := startGateway(t, dirA), startGateway(t, dirB)
-	// The client: 4 KiB writes to 64 blocks, each flushed and read back;
-	// on an error it connects to the other gateway (waiting while the
-	// volume is still leased) and does the operation again.
-	const seconds = 14
-	script := fmt.Sprintf(`
-import nbd, time
-uris = [%q, %q]
-def connect(u, within):
-    deadline = time.time() + within
-    while True:
-        try:
-            c = nbd.NBD()
-            c.connect_uri(u)
-            return c
-        except nbd.Error:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.05)
-h = connect(uris[0], 10)
-cur, i, switches, end = 0, 0, 0, time.time() + %d
-while time.time() < end:
-    buf = bytes([i %% 251]) * 4096
-    off = (i %% 64) * 4096
-    while True:
-        try:
-            h.pwrite(buf, off)
-            h.flush()
-            assert h.pread(4096, off) == buf, "read back %%d" %% i
-            break
-        except nbd.Error:
-            cur, switches = 1 - cur, switches + 1
-            h = connect(uris[cur], 30)
-    i += 1
-print("ops", i, "switches", switches)
-`, ga.unixURI("vm"), gb.unixURI("vm"), seconds)
-	done := make(chan string, 1)
-	go func() {
-		out, err := runErr("nbdsh", "-c", script)
-		if err != nil {
-			out += "\nnbdsh: " + err.Error()
-		}
-		done <- out
-	}()
+	done := startHandOverClient(ga.unixURI("vm"), gb.unixURI("vm"), 14)
 	waitLog(t, ga, "msg=attached", 1)
 
 	// While A holds it, B refuses, and says why.
@@ -114,33 +72,14 @@ print("ops", i, "switches", switches)
 		t.Errorf("A still serves the released volume:\n%s", out)
 	}
 	res := <-done
-	m := regexp.MustCompile(`ops (\d+) switches (\d+)`).FindStringSubmatch(res)
-	if m == nil || m[2] != "1" {
-		t.Fatalf("client across the hand-over: %s", res)
+	if res.switches != 1 {
+		t.Fatalf("client across the hand-over: %s", res.out)
 	}
-	ops, _ := strconv.Atoi(m[1])
-	t.Logf("hand-over under load: %d flushed writes, one switch of gateway", ops)
+	t.Logf("hand-over under load: %d flushed writes, one switch of gateway", res.ops)
 	if log := gb.logText(); !strings.Contains(log, "msg=attached") {
 		t.Fatalf("the client never attached on B:\n%s", log)
 	}
-	// want is what each block holds: the last flushed write to it.
-	want := func(blk int) int {
-		last := ops - 1 - ((ops-1-blk)%64+64)%64
-		return last % 251
-	}
-	verify := func(g *gw, what string) {
-		t.Helper()
-		args := []string{"-f", "raw", "-r"}
-		for blk := range 64 {
-			args = append(args, "-c", fmt.Sprintf("read -P %d %d 4k", want(blk), blk*4096))
-		}
-		out, err := runErr("qemu-io", append(args, g.unixURI("vm"))...)
-		if err != nil || strings.Contains(out, "failed") || strings.Contains(out, "verification") {
-			t.Fatalf("%s: a flushed write is missing: %v\n%s", what, err, out)
-		}
-	}
-
-	verify(gb, "B after the hand-over")
+	verifyHandOver(t, gb.unixURI("vm"), res.ops, "B after the hand-over")
 
 	// B dies holding the volume (a client attached): its lease stays. A
 	// takes the volume back and breaks the lease; B's Ceph client is
@@ -191,5 +130,83 @@ print("ops", i, "switches", switches)
 	out, err = runErr("qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", gc.unixURI("vm"))
 	if err == nil || !strings.Contains(out, "older than its rollback anchor") {
 		t.Fatalf("a new gateway attached a rolled-back image: %v\n%s", err, out)
+	}
+}
+
+// handOver is what a hand-over client did: flushed writes, switches of
+// gateway, the longest switch in seconds, and its output.
+type handOver struct {
+	ops, switches int
+	took          float64
+	out           string
+}
+
+// startHandOverClient runs an nbdsh client for seconds: 4 KiB writes to
+// 64 blocks, each flushed and read back; on an error it connects to the
+// other gateway (waiting up to 30 s while the volume is still leased) and
+// does the operation again. The channel gets what it did.
+func startHandOverClient(uriA, uriB string, seconds int) <-chan handOver {
+	script := fmt.Sprintf(`
+import nbd, time
+uris = [%q, %q]
+def connect(u, within):
+    deadline = time.time() + within
+    while True:
+        try:
+            c = nbd.NBD()
+            c.connect_uri(u)
+            return c
+        except nbd.Error:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+h = connect(uris[0], 10)
+cur, i, switches, end, took = 0, 0, 0, time.time() + %d, 0
+while time.time() < end:
+    buf = bytes([i %% 251]) * 4096
+    off = (i %% 64) * 4096
+    while True:
+        try:
+            h.pwrite(buf, off)
+            h.flush()
+            assert h.pread(4096, off) == buf, "read back %%d" %% i
+            break
+        except nbd.Error:
+            cur, switches = 1 - cur, switches + 1
+            t0 = time.time()
+            h = connect(uris[cur], 30)
+            took = max(took, time.time() - t0)
+    i += 1
+print("ops", i, "switches", switches, "took %%.3f" %% took)
+`, uriA, uriB, seconds)
+	done := make(chan handOver, 1)
+	go func() {
+		out, err := runErr("nbdsh", "-c", script)
+		if err != nil {
+			out += "\nnbdsh: " + err.Error()
+		}
+		r := handOver{switches: -1, out: out}
+		if m := regexp.MustCompile(`ops (\d+) switches (\d+) took ([0-9.]+)`).FindStringSubmatch(out); m != nil {
+			r.ops, _ = strconv.Atoi(m[1])
+			r.switches, _ = strconv.Atoi(m[2])
+			r.took, _ = strconv.ParseFloat(m[3], 64)
+		}
+		done <- r
+	}()
+	return done
+}
+
+// verifyHandOver reads every block back from uri: each must hold the last
+// of a hand-over client's ops flushed writes to it.
+func verifyHandOver(t *testing.T, uri string, ops int, what string) {
+	t.Helper()
+	args := []string{"-f", "raw", "-r"}
+	for blk := range 64 {
+		last := ops - 1 - ((ops-1-blk)%64+64)%64
+		args = append(args, "-c", fmt.Sprintf("read -P %d %d 4k", last%251, blk*4096))
+	}
+	out, err := runErr("qemu-io", append(args, uri)...)
+	if err != nil || strings.Contains(out, "failed") || strings.Contains(out, "verification") {
+		t.Fatalf("%s: a flushed write is missing: %v\n%s", what, err, out)
 	}
 }

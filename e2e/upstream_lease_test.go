@@ -1,12 +1,9 @@
 package e2e
 
 import (
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -58,51 +55,7 @@ func TestUpstreamHandOver(t *testing.T) {
 
 	ga := startGateway(t, dirA, "--lease-ttl", "2s")
 	gb := startGateway(t, dirB, "--lease-ttl", "2s")
-	// The client: 4 KiB writes to 64 blocks, each flushed and read back;
-	// on an error it connects to the other gateway (waiting while the
-	// volume is still leased) and does the operation again.
-	const seconds = 10
-	script := fmt.Sprintf(`
-import nbd, time
-uris = [%q, %q]
-def connect(u, within):
-    deadline = time.time() + within
-    while True:
-        try:
-            c = nbd.NBD()
-            c.connect_uri(u)
-            return c
-        except nbd.Error:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.05)
-h = connect(uris[0], 10)
-cur, i, switches, end, took = 0, 0, 0, time.time() + %d, 0
-while time.time() < end:
-    buf = bytes([i %% 251]) * 4096
-    off = (i %% 64) * 4096
-    while True:
-        try:
-            h.pwrite(buf, off)
-            h.flush()
-            assert h.pread(4096, off) == buf, "read back %%d" %% i
-            break
-        except nbd.Error:
-            cur, switches = 1 - cur, switches + 1
-            t0 = time.time()
-            h = connect(uris[cur], 30)
-            took = max(took, time.time() - t0)
-    i += 1
-print("ops", i, "switches", switches, "took %%.3f" %% took)
-`, ga.unixURI("vm"), gb.unixURI("vm"), seconds)
-	done := make(chan string, 1)
-	go func() {
-		out, err := runErr("nbdsh", "-c", script)
-		if err != nil {
-			out += "\nnbdsh: " + err.Error()
-		}
-		done <- out
-	}()
+	done := startHandOverClient(ga.unixURI("vm"), gb.unixURI("vm"), 10)
 	waitLog(t, ga, "msg=attached", 1)
 
 	// While A holds it, B refuses, and says why: not the upstream's
@@ -122,33 +75,16 @@ print("ops", i, "switches", switches, "took %%.3f" %% took)
 		t.Errorf("release: %s", rel)
 	}
 	res := <-done
-	m := regexp.MustCompile(`ops (\d+) switches (\d+) took ([0-9.]+)`).FindStringSubmatch(res)
-	if m == nil || m[2] != "1" {
-		t.Fatalf("client across the hand-over: %s\nB's log:\n%s", res, gb.logText())
+	if res.switches != 1 {
+		t.Fatalf("client across the hand-over: %s\nB's log:\n%s", res.out, gb.logText())
 	}
-	ops, _ := strconv.Atoi(m[1])
-	t.Logf("hand-over under load: %d flushed writes, one switch of gateway, attached on B in %s s", ops, m[3])
+	t.Logf("hand-over under load: %d flushed writes, one switch of gateway, attached on B in %.3f s", res.ops, res.took)
 	// A released lease is taken at once; one left held would be taken
 	// over only after its TTL and a quarter (2.5 s).
-	if took, _ := strconv.ParseFloat(m[3], 64); took >= 2 {
-		t.Errorf("the client attached on B %s s after the release: the lease was not released", m[3])
+	if res.took >= 2 {
+		t.Errorf("the client attached on B %.3f s after the release: the lease was not released", res.took)
 	}
-	want := func(blk int) int { // the last flushed write to blk
-		last := ops - 1 - ((ops-1-blk)%64+64)%64
-		return last % 251
-	}
-	verify := func(g *gw, what string) {
-		t.Helper()
-		args := []string{"-f", "raw", "-r"}
-		for blk := range 64 {
-			args = append(args, "-c", fmt.Sprintf("read -P %d %d 4k", want(blk), blk*4096))
-		}
-		out, err := runErr("qemu-io", append(args, g.unixURI("vm"))...)
-		if err != nil || strings.Contains(out, "failed") || strings.Contains(out, "verification") {
-			t.Fatalf("%s: a flushed write is missing: %v\n%s", what, err, out)
-		}
-	}
-	verify(gb, "B after the hand-over")
+	verifyHandOver(t, gb.unixURI("vm"), res.ops, "B after the hand-over")
 
 	// B dies holding the volume (a client attached): A takes it back
 	// without a break, once B's lease has stood for 2 s and a quarter.

@@ -190,17 +190,7 @@ func TestUserTimeout(t *testing.T) {
 	links := slices.Clone(d.links)
 	d.mu.Unlock()
 	for i, l := range links {
-		rc, err := l.nc.(*net.TCPConn).SyscallConn()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got int
-		var serr error
-		rc.Control(func(fd uintptr) { got, serr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT) })
-		if serr != nil {
-			t.Fatal(serr)
-		}
-		if got != 2500 {
+		if got := sockopt(t, l.nc, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT); got != 2500 {
 			t.Errorf("link %d: TCP_USER_TIMEOUT %d ms, want 2500", i, got)
 		}
 	}

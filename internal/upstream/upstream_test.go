@@ -761,18 +761,28 @@ func TestUnixSendBuffer(t *testing.T) {
 	links := slices.Clone(d.links)
 	d.mu.Unlock()
 	for i, l := range links {
-		rc, err := l.nc.(*net.UnixConn).SyscallConn()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got int
-		var serr error
-		rc.Control(func(fd uintptr) { got, serr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF) })
-		if serr != nil {
-			t.Fatal(serr)
-		}
-		if got < want {
+		if got := sockopt(t, l.nc, syscall.SOL_SOCKET, syscall.SO_SNDBUF); got < want {
 			t.Errorf("link %d: SO_SNDBUF %d, want at least %d", i, got, want)
 		}
 	}
+}
+
+// sockopt reads an integer socket option of a link's connection.
+func sockopt(t *testing.T, nc net.Conn, level, opt int) int {
+	t.Helper()
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		t.Fatalf("a %T has no socket", nc)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got int
+	var serr error
+	rc.Control(func(fd uintptr) { got, serr = syscall.GetsockoptInt(int(fd), level, opt) })
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	return got
 }
