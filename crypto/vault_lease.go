@@ -321,8 +321,9 @@ type Lease struct {
 // Check reports whether the holder may still write: nil, or
 // ErrLeaseLost (taken by another, or not renewed in time). The caller
 // checks before every request it sends, so it reads the clocks Go reads
-// without a system call (the vDSO: 88 ns here, where a clock_gettime
-// system call for CLOCK_BOOTTIME took 3 µs): the deadline has passed if
+// without a system call (the vDSO: time.Now took 54 ns on the test VM,
+// a clock_gettime system call for CLOCK_BOOTTIME 1.4 µs; Check 74 ns,
+// BenchmarkLeaseCheck): the deadline has passed if
 // either CLOCK_MONOTONIC or CLOCK_REALTIME says so. The first stops
 // during a suspend, the second goes on through it (the kernel sets it
 // at resume, before any task runs again) but may be stepped; only a
