@@ -315,7 +315,7 @@ type Lease struct {
 	mu       sync.Mutex
 	version  int64     // the KV version last written by us
 	deadline time.Time // after which we may not write (fenced; Check)
-	lost     error     // set once: the lease went to another
+	lost     error     // set once: fenced (the lease went to another, or its deadline passed)
 }
 
 // Check reports whether the holder may still write: nil, or
@@ -337,7 +337,11 @@ func (s *Lease) Check() error {
 		return s.lost
 	}
 	if !now.Before(s.deadline) || !now.Round(0).Before(s.deadline.Round(0)) { // monotonic, wall
-		return fmt.Errorf("%w: no renewal answered by Vault in time", ErrLeaseLost)
+		// For good: a renewal answered later does not undo the fence
+		// (the holder's requests have failed meanwhile; it is attached
+		// again, FORMAT.md).
+		s.lost = fmt.Errorf("%w: no renewal answered by Vault in time", ErrLeaseLost)
+		return s.lost
 	}
 	return nil
 }
@@ -353,7 +357,10 @@ func (s *Lease) renew() {
 			return
 		case <-t.C:
 		}
-		if s.renewOnce() {
+		s.mu.Lock()
+		fenced := s.lost != nil
+		s.mu.Unlock()
+		if fenced || s.renewOnce() {
 			return // lost for good
 		}
 	}
@@ -405,7 +412,10 @@ func (s *Lease) renewed(version int64, sent time.Time) {
 
 // Release stops renewing and marks the lease released (check-and-set on
 // the version last written), so that another gateway takes it at once.
-// Call it after the last write and FLUSH were answered.
+// Call it after the last write and FLUSH were answered. A fenced lease
+// (taken by another, or past its deadline) is left as it is: requests
+// sent before the fence may still be at the server, and a takeover waits
+// for the record to stand for its TTL and a quarter.
 func (s *Lease) Release() error {
 	s.abandon()
 	s.mu.Lock()
@@ -413,7 +423,7 @@ func (s *Lease) Release() error {
 	s.lost = fmt.Errorf("%w: released", ErrLeaseLost)
 	s.mu.Unlock()
 	if lost != nil {
-		return nil // another holds it: nothing of ours to release
+		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), vaultLeaseTimeout)
 	defer cancel()

@@ -212,6 +212,46 @@ func TestVaultLeaseBreakKeepsTTL(t *testing.T) {
 	}
 }
 
+// A holder whose Vault goes away keeps writing through its renewals'
+// failures only until its deadline (3/4 of the TTL after the last
+// answered renewal was sent), then is fenced, and stays fenced when
+// Vault is back (its requests failed meanwhile: it is attached again).
+func TestVaultLeaseVaultGone(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{Persistent: true})
+	useGatewayToken(t, srv)
+	const ttl = 1200 * time.Millisecond
+	k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, err := k.Lease(ttl).Acquire(context.Background(), [16]byte{0x90, 0x9e}, "host-v:1:/v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.abandon()
+	time.Sleep(ttl / 2) // a renewal or so answered
+	if err := held.Check(); err != nil {
+		t.Fatalf("renewed while Vault is up: %v", err)
+	}
+	srv.Stop()
+	stopped := time.Now()
+	for held.Check() == nil {
+		if time.Since(stopped) > ttl {
+			t.Fatalf("the holder may still write %v after Vault went away (TTL %v)", time.Since(stopped).Round(time.Millisecond), ttl)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := held.Check(); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("fenced with %v, want ErrLeaseLost", err)
+	}
+	t.Logf("fenced %v after Vault went away", time.Since(stopped).Round(time.Millisecond))
+	srv.Restart()
+	time.Sleep(2 * ttl) // renewals would be answered now
+	if err := held.Check(); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("the fenced holder may write again once Vault is back: %v", err)
+	}
+}
+
 // BenchmarkLeaseCheck is what the fence costs each request an upstream
 // device sends (the clocks read through the vDSO, and a mutex).
 func BenchmarkLeaseCheck(b *testing.B) {
