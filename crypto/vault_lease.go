@@ -346,45 +346,60 @@ func (s *Lease) Check() error {
 	return nil
 }
 
-// renew rewrites the record every TTL/3 until stop.
+// renew rewrites the record every TTL/3 until stop; a renewal that was
+// not answered is tried again every TTL/12 until one is, or the deadline
+// fences the holder.
 func (s *Lease) renew() {
 	defer close(s.done)
-	t := time.NewTicker(s.l.ttl / 3)
-	defer t.Stop()
+	wait := s.l.ttl / 3
 	for {
 		select {
 		case <-s.stop:
 			return
-		case <-t.C:
+		case <-time.After(wait):
 		}
 		s.mu.Lock()
 		fenced := s.lost != nil
 		s.mu.Unlock()
-		if fenced || s.renewOnce() {
+		if fenced {
 			return // lost for good
+		}
+		renewed, lost := s.renewOnce()
+		if lost {
+			return
+		}
+		if wait = s.l.ttl / 3; !renewed {
+			wait = s.l.ttl / 12
 		}
 	}
 }
 
-// renewOnce writes the record again; it reports whether the lease is
-// lost to another.
-func (s *Lease) renewOnce() bool {
+// renewTimeout bounds one renewal request: short enough that a few fit
+// before the deadline.
+func (s *Lease) renewTimeout() time.Duration { return min(vaultLeaseTimeout, s.l.ttl/6) }
+
+// renewOnce writes the record again; it reports whether that was
+// answered, and whether the lease is lost to another.
+func (s *Lease) renewOnce() (renewed, lost bool) {
 	s.mu.Lock()
 	version := s.version
 	s.mu.Unlock()
 	sent := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), vaultLeaseTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), s.renewTimeout())
 	defer cancel()
 	n, err := s.l.write(ctx, s.volume, s.rec, version)
 	if err == nil {
 		s.renewed(n, sent)
-		return false
+		return true, false
 	}
 	// Refused, or no answer: did a write of ours apply (a lost reply)?
-	rec, v, ok, rerr := s.l.read(ctx, s.volume)
+	// Asked with a time of its own: the write's may be spent.
+	rctx, rcancel := context.WithTimeout(context.Background(), s.renewTimeout())
+	defer rcancel()
+	rec, v, ok, rerr := s.l.read(rctx, s.volume)
 	switch {
 	case rerr != nil:
-		return false // Vault unreachable: the deadline decides
+		return false, false // Vault unreachable: tried again; the deadline decides
 	case ok && rec.Nonce == s.rec.Nonce && rec.State == leaseHeld:
 		// A write of ours applied though its reply was lost: go on from
 		// its version. The deadline stays: that write may be an earlier
@@ -394,12 +409,12 @@ func (s *Lease) renewOnce() bool {
 			s.version = v
 		}
 		s.mu.Unlock()
-		return false
+		return false, false // renewed again soon, on that version
 	}
 	s.mu.Lock()
 	s.lost = fmt.Errorf("%w: %s took it", ErrLeaseLost, describeHolder(rec, ok))
 	s.mu.Unlock()
-	return true
+	return false, true
 }
 
 func (s *Lease) renewed(version int64, sent time.Time) {
@@ -417,6 +432,7 @@ func (s *Lease) renewed(version int64, sent time.Time) {
 // sent before the fence may still be at the server, and a takeover waits
 // for the record to stand for its TTL and a quarter.
 func (s *Lease) Release() error {
+	s.Check() // a deadline passed unnoticed fences it now
 	s.abandon()
 	s.mu.Lock()
 	version, lost := s.version, s.lost
@@ -433,6 +449,19 @@ func (s *Lease) Release() error {
 		return s.l.kvError(err)
 	}
 	return nil
+}
+
+// Abandon stops renewing without releasing, and fences the holder: the
+// lease runs out, and another gateway takes it over after its TTL and a
+// quarter. For a holder whose last requests may still be carried out
+// (upstream.Device.Close after one failed unanswered).
+func (s *Lease) Abandon() {
+	s.abandon()
+	s.mu.Lock()
+	if s.lost == nil {
+		s.lost = fmt.Errorf("%w: abandoned", ErrLeaseLost)
+	}
+	s.mu.Unlock()
 }
 
 // abandon stops renewing without releasing (what a holder that dies

@@ -20,8 +20,12 @@ type Lease interface {
 	// request fails with EIO, and none is sent again after an outage.
 	Check() error
 	// Release gives the lease up; Close calls it once the connections
-	// have ended, after the last reply.
+	// have ended, if every request sent was answered.
 	Release() error
+	// Abandon stops renewing it without giving it up (it runs out, and
+	// another holder waits for that); Close calls it instead of Release
+	// when a request failed unanswered.
+	Abandon()
 }
 
 // fence checks the lease, if any, before a request is sent or sent

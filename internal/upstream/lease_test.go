@@ -22,9 +22,9 @@ import (
 // testLease is a lease whose loss the test decides (the lease's own
 // protocol is crypto's, tested against Vault there).
 type testLease struct {
-	mu       sync.Mutex
-	lost     error
-	released int
+	mu                  sync.Mutex
+	lost                error
+	released, abandoned int
 }
 
 var errTestLost = errors.New("test: lease lost")
@@ -40,6 +40,12 @@ func (l *testLease) Release() error {
 	defer l.mu.Unlock()
 	l.released++
 	return nil
+}
+
+func (l *testLease) Abandon() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.abandoned++
 }
 
 func (l *testLease) lose() {
@@ -119,14 +125,13 @@ func TestLeaseFence(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Errorf("close: %v", err)
 	}
-	if lease.released != 1 {
-		t.Errorf("the lease was released %d times at Close, want once", lease.released)
+	if lease.released != 1 || lease.abandoned != 0 {
+		t.Errorf("every request answered or refused before it was sent: released %d times, abandoned %d at Close, want released once", lease.released, lease.abandoned)
 	}
 
 	// The server goes away with a write waiting; the lease is lost
 	// during the outage; the server comes back: the write fails.
 	d, lease = open()
-	defer d.Close()
 	stop()
 	werr := make(chan error, 1)
 	go func() { _, err := d.WriteAt([]byte("in the outage"), 1<<20); werr <- err }()
@@ -145,6 +150,12 @@ func TestLeaseFence(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("a write waiting when the lease was lost never completed")
+	}
+	// That write failed unanswered: the lease is left to run out, not
+	// handed on (the server might still have it).
+	d.Close()
+	if lease.released != 0 || lease.abandoned != 1 {
+		t.Errorf("a request failed unanswered: released %d times, abandoned %d at Close, want abandoned once", lease.released, lease.abandoned)
 	}
 
 	b, err := os.ReadFile(img)

@@ -138,6 +138,9 @@ type Device struct {
 	failed  error     // set once an outage outlasts the limit
 	closed  bool
 	redial  bool // a reconnection loop runs
+	// unanswered: a request was failed without its reply (failLocked),
+	// so the server may still carry it out (Close: the lease).
+	unanswered bool
 }
 
 // link is one connection to the server.
@@ -695,6 +698,9 @@ func (d *Device) lost(l *link, cause error) {
 // checking the limit and fails it once the send is over (its caller must
 // not take it back to the pool while it is written).
 func (d *Device) failLocked(err error) {
+	if len(d.pending) > 0 {
+		d.unanswered = true
+	}
 	for k, c := range d.pending {
 		if c.resending > 0 || c.reading {
 			continue
@@ -764,7 +770,9 @@ func (d *Device) reconnect() {
 			var werr error
 			for i, c := range again {
 				if werr == nil {
-					werr = l.write(cookies[i], c)
+					if werr = d.fence(); werr == nil {
+						werr = l.write(cookies[i], c)
+					}
 				}
 				d.mu.Lock()
 				c.resending--
@@ -900,9 +908,6 @@ func (d *Device) wait(c *call) error {
 // buffer for Push; its reply completes it (complete). An error means c was
 // neither registered nor sent.
 func (d *Device) send(c *call, hold bool) error {
-	if err := d.fence(); err != nil {
-		return err
-	}
 	d.mu.Lock()
 	switch {
 	case d.closed:
@@ -910,6 +915,10 @@ func (d *Device) send(c *call, hold bool) error {
 		return fmt.Errorf("%w (%s): closed", ErrDisconnect, d.uri)
 	case d.failed != nil:
 		err := errors.Join(syscall.EIO, d.failed)
+		d.mu.Unlock()
+		return err
+	}
+	if err := d.fence(); err != nil {
 		d.mu.Unlock()
 		return err
 	}
@@ -925,7 +934,13 @@ func (d *Device) send(c *call, hold bool) error {
 	d.mu.Unlock()
 	if l != nil {
 		l.wmu.Lock()
-		err := l.write(cookie, c)
+		// Again at the wire: a wait for wmu has no bound. Fenced, the
+		// link is dropped unwritten, and the outage that follows fails
+		// c with the rest (reconnect sends nothing once fenced).
+		err := d.fence()
+		if err == nil {
+			err = l.write(cookie, c)
+		}
 		c.senders.Add(-1)
 		if err == nil {
 			if hold {
@@ -998,7 +1013,9 @@ func (d *Device) Push() {
 		l.wmu.Lock()
 		var err error
 		if l.held {
-			err = l.w.Flush()
+			if err = d.fence(); err == nil { // fenced: dropped unsent, as in send
+				err = l.w.Flush()
+			}
 			l.held = false
 		}
 		l.wmu.Unlock()
@@ -1237,7 +1254,16 @@ func (d *Device) ReadOnly() bool { return d.flags&nbdproto.FlagReadOnly != 0 }
 func (d *Device) Close() error {
 	err := d.close()
 	if d.o.Lease != nil {
-		if lerr := d.o.Lease.Release(); lerr != nil {
+		d.mu.Lock()
+		unsure := d.unanswered
+		d.mu.Unlock()
+		if unsure {
+			// A request failed unanswered (an outage past its limit, the
+			// fence, a close with requests in flight): the server may
+			// still carry it out, so the lease is left to run out, not
+			// handed on at once.
+			d.o.Lease.Abandon()
+		} else if lerr := d.o.Lease.Release(); lerr != nil {
 			err = errors.Join(err, fmt.Errorf("upstream %s: releasing its lease: %w", d.uri, lerr))
 		}
 	}
@@ -1258,11 +1284,13 @@ func (d *Device) close() error {
 	var errs []error
 	for _, l := range links {
 		l.wmu.Lock()
-		var h [28]byte
-		binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
-		binary.BigEndian.PutUint16(h[6:], protocol.TRANSMISSION_TYPE_REQUEST_DISC)
-		l.w.Write(h[:])
-		l.w.Flush()
+		if d.fence() == nil { // fenced: what the buffer holds is not sent
+			var h [28]byte
+			binary.BigEndian.PutUint32(h[0:], protocol.TRANSMISSION_MAGIC_REQUEST)
+			binary.BigEndian.PutUint16(h[6:], protocol.TRANSMISSION_TYPE_REQUEST_DISC)
+			l.w.Write(h[:])
+			l.w.Flush()
+		}
 		l.wmu.Unlock()
 		if err := l.nc.Close(); !errors.Is(err, net.ErrClosed) {
 			errs = append(errs, err) // (a reader that saw the first DISC answered may have closed the rest)
