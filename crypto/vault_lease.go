@@ -304,7 +304,8 @@ func (l *VaultLease) kvError(err error) error {
 		ErrVaultKV, m, m, vaultLeaseDir, m, vaultLeaseDir, err)
 }
 
-// Lease is a held lease, renewed every third of its TTL until Release.
+// Lease is a held lease, renewed every third of its TTL until Release or
+// Abandon, or until it is fenced (Check).
 type Lease struct {
 	l      *VaultLease
 	volume [16]byte

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -178,13 +177,7 @@ func TestLeaseFence(t *testing.T) {
 // Options.UserTimeout is set as TCP_USER_TIMEOUT on every TCP link.
 func TestUserTimeout(t *testing.T) {
 	needTool(t, "nbdkit")
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	_, port, _ := net.SplitHostPort(addr)
+	addr, port := freeTCPAddr(t)
 	cmd := exec.Command("nbdkit", "-f", "-i", "127.0.0.1", "-p", port, "memory", "16M")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -87,7 +87,8 @@ type Options struct {
 	// backing_restored: they reach the audit trail); nil: discarded.
 	Log *slog.Logger
 	// Lease, if set, is checked before every request is sent or sent
-	// again after an outage, and released at Close (lease.go).
+	// again after an outage, and released at Close, or abandoned if a
+	// request failed unanswered (lease.go).
 	Lease Lease
 	// UserTimeout, if set, is TCP_USER_TIMEOUT on TCP connections: how
 	// long sent data may stay unacknowledged before the connection counts
@@ -675,8 +676,10 @@ func (d *Device) lost(l *link, cause error) {
 	}
 	if d.down.IsZero() {
 		d.down = time.Now()
-		d.o.Log.Error("backing store unreachable: requests wait while reconnecting", "event", audit.EvBackingOutage,
-			"backing", d.uri, "err", cause, "in_flight", len(d.pending), "limit", d.o.OutageLimit.String())
+		if !d.fenced.Load() { // a link dropped by the fence is no outage (lease_lost says why)
+			d.o.Log.Error("backing store unreachable: requests wait while reconnecting", "event", audit.EvBackingOutage,
+				"backing", d.uri, "err", cause, "in_flight", len(d.pending), "limit", d.o.OutageLimit.String())
+		}
 	} else if d.failed != nil {
 		d.failLocked(syscall.EIO) // what a reader or a resend held when the limit passed
 	} else if time.Since(d.down) > d.o.OutageLimit {

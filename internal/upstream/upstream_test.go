@@ -707,13 +707,7 @@ func TestQemuNbdTCP(t *testing.T) {
 	if err := os.WriteFile(img, bytes.Repeat([]byte{0xab}, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	_, port, _ := net.SplitHostPort(addr)
+	addr, port := freeTCPAddr(t)
 	cmd := exec.Command("qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", port, "-x", "vm1", "-t", "-e", "2", "--cache=none", img)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -735,7 +729,7 @@ func TestQemuNbdTCP(t *testing.T) {
 		t.Fatal("the flushed write is not in qemu-nbd's file")
 	}
 	d.Close() // it holds both of the connections qemu-nbd -e 2 takes
-	_, err = Dial(context.Background(), "nbd://"+addr+"/nope", Options{})
+	_, err := Dial(context.Background(), "nbd://"+addr+"/nope", Options{})
 	if !errors.Is(err, ErrHandshake) || !strings.Contains(err.Error(), `"nope"`) {
 		t.Fatalf("unknown export: %v", err)
 	}
@@ -785,4 +779,18 @@ func sockopt(t *testing.T, nc net.Conn, level, opt int) int {
 		t.Fatal(serr)
 	}
 	return got
+}
+
+// freeTCPAddr is a loopback address nothing listens on (a server is
+// started on it next), and its port.
+func freeTCPAddr(t *testing.T) (addr, port string) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr = l.Addr().String()
+	l.Close()
+	_, port, _ = net.SplitHostPort(addr)
+	return addr, port
 }

@@ -16,7 +16,8 @@ import (
 // read-write open of such a volume's store takes it (an encrypted
 // volume's store is opened read-write even when it is served read-only:
 // the header is written at attach), and the upstream device checks it
-// before every request it sends and releases it at Close.
+// before every request it sends and releases it at Close (abandons it,
+// left to run out, if a request failed unanswered).
 
 // SetLeaseTTL sets the time to live of the leases this registry takes on
 // volumes on upstream exports (0: crypto.DefaultLeaseTTL). A holder that
