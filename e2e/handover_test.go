@@ -41,6 +41,9 @@ func TestRBDHandOver(t *testing.T) {
 	if out, err := runGoldilocks(dirB, "volume", "adopt", "vm", "--backing", backing, "--plain"); err == nil || !strings.Contains(out, "holds an encrypted volume") {
 		t.Fatalf("adopt --plain of an encrypted store: %v\n%s", err, out)
 	}
+	if out, err := runGoldilocks(dirB, "volume", "create", "vm", "--plain", "--backing", backing); err == nil || !strings.Contains(out, "already holds an encrypted volume") {
+		t.Fatalf("volume create over an RBD image holding a volume: %v\n%s", err, out)
+	}
 	goldilocks(t, dirB, "volume", "adopt", "vm", "--backing", backing)
 	infoA, infoB := goldilocks(t, dirA, "volume", "info", "vm", "--json"), goldilocks(t, dirB, "volume", "info", "vm", "--json")
 	uuidRE := regexp.MustCompile(`"uuid":\s*"([0-9a-f-]+)"`)

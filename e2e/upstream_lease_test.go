@@ -51,6 +51,13 @@ func TestUpstreamHandOver(t *testing.T) {
 	backing := "nbd+unix:///disk?socket=" + sock
 	dirA, dirB := t.TempDir(), t.TempDir()
 	goldilocks(t, dirA, "volume", "create", "vm", "--size", "24M", "--kek", "vault:fleet", "--backing", backing)
+	// B creating a volume over the export instead of adopting it would
+	// destroy A's: refused (no terminal, no --yes), naming adopt; the
+	// adopt that follows finds A's header intact.
+	if out, err := runGoldilocks(dirB, "volume", "create", "vm", "--size", "24M", "--kek", "vault:fleet", "--backing", backing); err == nil ||
+		!strings.Contains(out, "already holds an encrypted volume") || !strings.Contains(out, "volume adopt vm --backing") {
+		t.Fatalf("B's volume create over A's volume: %v\n%s", err, out)
+	}
 	goldilocks(t, dirB, "volume", "adopt", "vm", "--backing", backing)
 
 	ga := startGateway(t, dirA, "--lease-ttl", "2s")

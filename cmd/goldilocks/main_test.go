@@ -630,3 +630,49 @@ func TestShellCompletion(t *testing.T) {
 		t.Errorf("completion bash: %d", code)
 	}
 }
+
+// TestVolumeCreateOverHeld: creating a volume over a backing store that
+// already holds one (another data dir's, as another gateway's on shared
+// storage) destroys it, so the CLI refuses without a terminal unless
+// --yes, naming adopt, and asks on one.
+func TestVolumeCreateOverHeld(t *testing.T) {
+	back := filepath.Join(t.TempDir(), "shared.img")
+	if err := os.WriteFile(back, make([]byte, 8<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, stderr := runCLI(t, "volume", "create", "vm", "--size", "2M", "--backing", back, "--data-dir", t.TempDir()); code != 0 {
+		t.Fatalf("create: %s", stderr)
+	}
+	orig, _ := os.ReadFile(back)
+	dir := t.TempDir()
+	code, _, stderr := runCLI(t, "volume", "create", "vm", "--size", "2M", "--backing", back, "--data-dir", dir)
+	if code != 1 || !strings.Contains(stderr, "already holds an encrypted volume") || !strings.Contains(stderr, "volume adopt vm --backing") ||
+		!strings.Contains(stderr, "--yes") || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+		t.Errorf("create over a held store without a terminal: %d %q", code, stderr)
+	}
+	for _, tc := range []struct {
+		typed string
+		code  int
+	}{
+		{"other\n", 1},
+		{"vm\n", 0},
+	} {
+		m, s := openPTY(t)
+		if _, err := m.WriteString(tc.typed); err != nil {
+			t.Fatal(err)
+		}
+		var o, e bytes.Buffer
+		code := run(&app{stdin: s, stdout: &o, stderr: &e}, []string{"volume", "create", "vm", "--size", "2M", "--backing", back, "--data-dir", dir})
+		if code != tc.code || !strings.Contains(e.String(), "data is lost for good. Type vm to confirm") {
+			t.Errorf("typed %q: exit %d, stderr %q", tc.typed, code, e.String())
+		}
+		now, _ := os.ReadFile(back)
+		if changed := !bytes.Equal(now, orig); changed != (tc.code == 0) {
+			t.Errorf("typed %q: the store changed: %v", tc.typed, changed)
+		}
+	}
+	// --yes needs no terminal (the store now holds this dir's volume).
+	if code, _, stderr := runCLI(t, "volume", "create", "vm2", "--size", "2M", "--backing", back, "--yes", "--data-dir", t.TempDir()); code != 0 {
+		t.Errorf("create --yes over a held store: %d %q", code, stderr)
+	}
+}

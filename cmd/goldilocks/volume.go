@@ -91,7 +91,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	var (
 		sizeStr, kek, backing, cipher string
 		cephConf, cephID              string
-		plain, readOnly               bool
+		plain, readOnly, yes          bool
 		labels                        map[string]string
 	)
 	c := &cobra.Command{
@@ -129,10 +129,25 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			v, err := reg.Create(volume.CreateOptions{
+			o := volume.CreateOptions{
 				Name: argv[0], Size: size, Backing: rbdBacking, Encrypted: !plain, ReadOnly: readOnly, Labels: labels,
-				KEK: kek, Suite: suite,
-			})
+				KEK: kek, Suite: suite, Overwrite: yes,
+			}
+			v, err := reg.Create(o)
+			if errors.Is(err, volume.ErrHoldsVolume) && isTerminal(a.stdin) {
+				// The store holds a volume: creating over it destroys that
+				// volume, so ask, as shred and delete do.
+				fmt.Fprintf(a.stderr, "%v\n", err)
+				if err := confirm(a, "volume create", o.Name,
+					fmt.Sprintf("Create volume %s over it? That volume's data is lost for good. Type %s to confirm: ", o.Name, o.Name)); err != nil {
+					return err
+				}
+				o.Overwrite = true
+				v, err = reg.Create(o)
+			}
+			if errors.Is(err, volume.ErrHoldsVolume) {
+				return fmt.Errorf("%w, or pass --yes to destroy it and create a new volume there", err)
+			}
 			if err != nil {
 				return err
 			}
@@ -153,6 +168,7 @@ func newVolumeCreateCmd(a *app) *cobra.Command {
 	cephFlags(f, &cephConf, &cephID)
 	f.BoolVar(&readOnly, "read-only", false, "serve the volume read-only")
 	f.StringToStringVar(&labels, "label", nil, "a KEY=VALUE tag the access policy can match (repeatable)")
+	f.BoolVar(&yes, "yes", false, "create even over a volume the backing store already holds, destroying it (asked on a terminal)")
 	return c
 }
 

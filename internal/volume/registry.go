@@ -390,6 +390,10 @@ type CreateOptions struct {
 	Suite byte
 	// Base makes the new volume a clone of that snapshot (Clone).
 	Base *BaseRef
+	// Overwrite lets a new volume replace one that Backing already holds
+	// (HeldVolume), destroying it; without it Create fails with
+	// ErrHoldsVolume.
+	Overwrite bool
 }
 
 // DefaultKeyName is the local keystore's key for volumes that name none.
@@ -524,6 +528,9 @@ func (r *Registry) Create(o CreateOptions) (Volume, error) {
 			if r.BackingPath(e) == r.BackingPath(v) {
 				return nil, fmt.Errorf("volume %s: backing %s already holds volume %s", o.Name, r.BackingPath(v), e.Name)
 			}
+		}
+		if err := r.refuseHeld(o); err != nil {
+			return nil, err
 		}
 		if o.Encrypted {
 			ref, err := r.format(v, kek, o.KEK, o.Suite)

@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"goldilocks/crypto"
 	"goldilocks/internal/block"
 )
 
@@ -288,6 +290,87 @@ func BenchmarkRegistryGet(b *testing.B) {
 				if _, err := r.Get(name); err != nil {
 					b.Fatal(err)
 				}
+			}
+		})
+	}
+}
+
+// TestCreateOverHeldVolume: a backing store that already holds a volume
+// (here a file holding an encrypted volume, as another data dir or another
+// gateway made it) is refused as a new volume's backing unless Overwrite,
+// and the refusal writes nothing; either header copy marks it, as one may
+// be torn.
+func TestCreateOverHeldVolume(t *testing.T) {
+	dir := t.TempDir()
+	back := filepath.Join(dir, "shared.img")
+	os.WriteFile(back, nil, 0o600)
+	os.Truncate(back, 8<<20)
+	a, err := Open(filepath.Join(dir, "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	made, err := a.Create(CreateOptions{Name: "vm", Size: 2 << 20, Encrypted: true, Backing: back})
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole, _ := os.ReadFile(back)
+	hdr := append([]byte(nil), whole[:2*crypto.HeaderBlockSize]...)
+	zero := make([]byte, crypto.HeaderBlockSize)
+	for _, tc := range []struct {
+		name   string
+		damage func(f *os.File) // to the store's header blocks, before the create
+		plain  bool
+		held   bool
+	}{
+		{name: "encrypted over encrypted", held: true},
+		{name: "plain over encrypted", plain: true, held: true},
+		{name: "copy A torn", damage: func(f *os.File) { f.WriteAt(zero, 0) }, held: true},
+		{name: "copy B torn", damage: func(f *os.File) { f.WriteAt(zero, crypto.HeaderBlockSize) }, held: true},
+		{name: "both copies zero", damage: func(f *os.File) { f.WriteAt(zero, 0); f.WriteAt(zero, crypto.HeaderBlockSize) }, plain: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, err := os.OpenFile(back, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.WriteAt(hdr, 0)
+			if tc.damage != nil {
+				tc.damage(f)
+			}
+			f.Close()
+			before, _ := os.ReadFile(back)
+			b, err := Open(filepath.Join(t.TempDir(), "b"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			held, err := b.HeldVolume(back)
+			if err != nil || (held != "") != tc.held {
+				t.Fatalf("HeldVolume = %q, %v; want held %v", held, err, tc.held)
+			}
+			if tc.held && tc.damage == nil && !strings.Contains(held, made.UUID) {
+				t.Errorf("HeldVolume = %q does not name uuid %s", held, made.UUID)
+			}
+			o := CreateOptions{Name: "vm", Size: 2 << 20, Encrypted: !tc.plain, Backing: back}
+			_, err = b.Create(o)
+			if !tc.held {
+				if err != nil {
+					t.Fatalf("create over a store that holds nothing: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrHoldsVolume) || !strings.Contains(err.Error(), "volume adopt vm --backing") {
+				t.Fatalf("create over a held store: %v, want ErrHoldsVolume naming adopt", err)
+			}
+			if after, _ := os.ReadFile(back); !bytes.Equal(before, after) {
+				t.Fatal("the refused create wrote to the store")
+			}
+			if vols, _ := b.List(); len(vols) != 0 {
+				t.Fatalf("the refused create registered %+v", vols)
+			}
+			o.Overwrite = true
+			v, err := b.Create(o)
+			if err != nil || v.UUID == made.UUID {
+				t.Fatalf("create with Overwrite: %+v %v", v, err)
 			}
 		})
 	}
