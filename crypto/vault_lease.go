@@ -32,6 +32,12 @@ type VaultLease struct {
 // time (the holder is fenced).
 var ErrLeaseLost = errors.New("the volume's lease is lost: writes are fenced")
 
+// ErrAlreadyBroken is returned by Break when the lease is broken already
+// (by the gateway it names): the record is left as it stands, so the
+// takeover it started is not put off, nor a gateway waiting for it sent
+// away as if a holder had renewed.
+var ErrAlreadyBroken = errors.New("the volume's lease is broken already")
+
 // vaultLeaseDir is where leases live under the KV mount. Part of the
 // format.
 const vaultLeaseDir = "goldilocks/leases"
@@ -255,7 +261,8 @@ func describeHolder(rec leaseRecord, ok bool) string {
 
 // Break writes a broken record over whoever holds the volume's lease and
 // returns who did ("" if nobody; a lease never taken or released is left
-// alone): a holder that still lives fails its next renewal and fences
+// alone; one broken already is too, with ErrAlreadyBroken naming who
+// broke it): a holder that still lives fails its next renewal and fences
 // itself. An attach then takes the lease over as from a dead holder, once
 // the record stayed unchanged for its TTL and a margin. The broken
 // record keeps the holder's TTL, which is what its fence is timed by
@@ -272,6 +279,9 @@ func (l *VaultLease) Break(ctx context.Context, volume [16]byte, holder string) 
 		}
 		if version == 0 || ok && rec.State == leaseReleased {
 			return "", nil
+		}
+		if ok && rec.State == leaseBroken {
+			return "", fmt.Errorf("lease %s: %w by %s", l.path("data", volume), ErrAlreadyBroken, rec.Holder)
 		}
 		was := ""
 		if ok && rec.State == leaseHeld {

@@ -29,7 +29,7 @@ func TestVaultLease(t *testing.T) {
 		}
 		return k.Lease(ttl)
 	}
-	a, b, c, d := gateway(), gateway(), gateway(), gateway()
+	a, b, c, d, e := gateway(), gateway(), gateway(), gateway(), gateway()
 	vol := [16]byte{0x1e, 0xa5}
 	ctx := context.Background()
 
@@ -103,10 +103,26 @@ func TestVaultLease(t *testing.T) {
 	if err := lc.Check(); !errors.Is(err, ErrLeaseLost) || !strings.Contains(err.Error(), "took it") {
 		t.Fatalf("the broken holder: %v", err)
 	}
+	// D waits out the broken record; E breaks it again meanwhile: told
+	// it is broken already (by D), nothing written, and D's wait goes on.
 	start = time.Now()
-	ld, err := d.Acquire(ctx, vol, "host-d:4:/d")
-	if err != nil {
-		t.Fatal(err)
+	var ld *Lease
+	acquired := make(chan error, 1)
+	go func() {
+		var err error
+		ld, err = d.Acquire(ctx, vol, "host-d:4:/d")
+		acquired <- err
+	}()
+	_, before, _, _ := d.read(ctx, vol)
+	time.Sleep(ttl / 3)
+	if who, err := e.Break(ctx, vol, "host-e:5:/e"); !errors.Is(err, ErrAlreadyBroken) || who != "" || !strings.Contains(err.Error(), "host-d:4:/d") {
+		t.Fatalf("a second break: %q, %v; want ErrAlreadyBroken naming host-d", who, err)
+	}
+	if _, after, _, _ := d.read(ctx, vol); after != before {
+		t.Fatalf("a second break wrote the record again (version %d -> %d)", before, after)
+	}
+	if err := <-acquired; err != nil {
+		t.Fatalf("the attach waiting out a broken lease, after a second break: %v", err)
 	}
 	if el := time.Since(start); el < ttl {
 		t.Errorf("a broken lease taken after %v: a holder that lives needs up to a TTL to fence", el)

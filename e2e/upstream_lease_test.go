@@ -122,6 +122,10 @@ func TestUpstreamHandOver(t *testing.T) {
 	if !strings.Contains(brk, "broke the lease (host=") || !strings.Contains(brk, dirA) || !strings.Contains(brk, "fences itself") {
 		t.Fatalf("break-lease: %s", brk)
 	}
+	// Broken again: said so, naming who broke it, and left as it stands.
+	if brk := goldilocks(t, dirB, "volume", "break-lease", "vm", "--yes"); !strings.Contains(brk, "broken already by host=") || !strings.Contains(brk, dirB) || !strings.Contains(brk, "left as it stands") {
+		t.Fatalf("a second break-lease: %s", brk)
+	}
 	lerr := make(chan error, 1)
 	go func() { lerr <- live.wait() }()
 	select {

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"goldilocks/audit"
+	"goldilocks/crypto"
 	"goldilocks/internal/control"
 	"goldilocks/internal/rbd"
 	"goldilocks/internal/units"
@@ -189,6 +190,15 @@ holder's lease is taken over after the same wait from its last renewal.`,
 			}
 			who, err := reg.BreakLease(v)
 			a.auditDetails = map[string]any{"holder": who, "backing": v.Backing}
+			if errors.Is(err, crypto.ErrAlreadyBroken) {
+				// Not written again: the takeover under way keeps its time.
+				a.auditDetails["already_broken"] = err.Error()
+				if a.json {
+					return a.printJSON(map[string]any{"volume": v.Name, "broken": false, "already_broken": err.Error()})
+				}
+				fmt.Fprintf(a.stdout, "%v; left as it stands: an attach takes the lease over once that record has stood for its holder's TTL and a quarter\n", err)
+				return nil
+			}
 			if err != nil {
 				return err
 			}
