@@ -247,6 +247,7 @@ func (l *VaultLease) Acquire(ctx context.Context, volume [16]byte, holder string
 		}
 		ls := &Lease{l: l, volume: volume, rec: mine, version: n, deadline: sent.Add(l.ttl - l.margin(l.ttl)),
 			stop: make(chan struct{}), done: make(chan struct{})}
+		ls.ctx, ls.cancel = context.WithCancel(context.Background())
 		go ls.renew()
 		return ls, nil
 	}
@@ -322,6 +323,10 @@ type Lease struct {
 	rec    leaseRecord
 	stop   chan struct{}
 	done   chan struct{}
+	// ctx is cancelled with stop: a renewal waiting on a Vault that does
+	// not answer gives up at once, so that Abandon and Release return.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	mu       sync.Mutex
 	version  int64     // the KV version last written by us
@@ -396,7 +401,7 @@ func (s *Lease) renewOnce() (renewed, lost bool) {
 	version := s.version
 	s.mu.Unlock()
 	sent := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), s.renewTimeout())
+	ctx, cancel := context.WithTimeout(s.ctx, s.renewTimeout())
 	defer cancel()
 	n, err := s.l.write(ctx, s.volume, s.rec, version)
 	if err == nil {
@@ -405,11 +410,11 @@ func (s *Lease) renewOnce() (renewed, lost bool) {
 	}
 	// Refused, or no answer: did a write of ours apply (a lost reply)?
 	// Asked with a time of its own: the write's may be spent.
-	rctx, rcancel := context.WithTimeout(context.Background(), s.renewTimeout())
+	rctx, rcancel := context.WithTimeout(s.ctx, s.renewTimeout())
 	defer rcancel()
 	rec, v, ok, rerr := s.l.read(rctx, s.volume)
 	switch {
-	case rerr != nil:
+	case rerr != nil || s.ctx.Err() != nil:
 		return false, false // Vault unreachable: tried again; the deadline decides
 	case ok && rec.Nonce == s.rec.Nonce && rec.State == leaseHeld:
 		// A write of ours applied though its reply was lost: go on from
@@ -456,7 +461,21 @@ func (s *Lease) Release() error {
 	defer cancel()
 	rec := s.rec
 	rec.State = leaseReleased
-	if _, err := s.l.write(ctx, s.volume, rec, version); err != nil {
+	_, err := s.l.write(ctx, s.volume, rec, version)
+	if casMismatch(err) {
+		// A renewal cut short by the stop may have been applied after
+		// all: released on its version if the record is still ours.
+		cur, v, ok, rerr := s.l.read(ctx, s.volume)
+		switch {
+		case rerr != nil:
+			return rerr
+		case ok && cur.Nonce == s.rec.Nonce && cur.State == leaseHeld:
+			_, err = s.l.write(ctx, s.volume, rec, v)
+		default: // not ours (a CAS refusal is no question of the token's rights)
+			return fmt.Errorf("%w: %s took it before the release", ErrLeaseLost, describeHolder(cur, ok))
+		}
+	}
+	if err != nil {
 		return s.l.kvError(err)
 	}
 	return nil
@@ -482,6 +501,7 @@ func (s *Lease) abandon() {
 	case <-s.stop:
 	default:
 		close(s.stop)
+		s.cancel()
 	}
 	<-s.done
 }

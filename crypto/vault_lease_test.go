@@ -3,6 +3,8 @@ package crypto
 import (
 	"context"
 	"errors"
+	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -279,5 +281,79 @@ func BenchmarkLeaseCheck(b *testing.B) {
 		if err := s.Check(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestVaultLeaseStopsPromptly: a renewal waiting on a Vault that has
+// stopped answering (a host that drops packets, not one that refuses)
+// does not hold up Abandon, which a device's Close calls.
+func TestVaultLeaseStopsPromptly(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{})
+	useGatewayToken(t, srv)
+	const ttl = 3 * time.Second // renewals every 1 s, each request bounded by 500 ms
+	k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, err := k.Lease(ttl).Acquire(context.Background(), [16]byte{0x57, 0x0b}, "host-h:1:/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() { // accepts, reads, never answers
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go io.Copy(io.Discard, c)
+		}
+	}()
+	if err := k.c.SetAddress("http://" + ln.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(ttl/3 + ttl/12) // the first renewal is waiting on the silent server
+	start := time.Now()
+	held.Abandon()
+	if el := time.Since(start); el > 200*time.Millisecond {
+		t.Errorf("Abandon took %v while a renewal waited on a silent Vault", el.Round(time.Millisecond))
+	}
+	if err := held.Check(); !errors.Is(err, ErrLeaseLost) {
+		t.Errorf("after Abandon: %v, want ErrLeaseLost", err)
+	}
+
+	// A renewal that the stop cut short may still have been applied:
+	// Release then finds the record one version on, still ours, and
+	// releases that version; another gateway takes the lease at once.
+	if err := k.c.SetAddress(srv.Addr); err != nil {
+		t.Fatal(err)
+	}
+	vol := [16]byte{0x57, 0x0c}
+	l := k.Lease(ttl)
+	held, err = l.Acquire(context.Background(), vol, "host-h:1:/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.mu.Lock()
+	version := held.version
+	held.mu.Unlock()
+	if _, err := l.write(context.Background(), vol, held.rec, version); err != nil { // the late renewal
+		t.Fatal(err)
+	}
+	if err := held.Release(); err != nil {
+		t.Fatalf("release after a renewal it did not see answered: %v", err)
+	}
+	start = time.Now()
+	other, err := k.Lease(ttl).Acquire(context.Background(), vol, "host-o:2:/o")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.abandon()
+	if el := time.Since(start); el > ttl/2 {
+		t.Errorf("the released lease was taken after %v, want at once", el.Round(time.Millisecond))
 	}
 }
