@@ -441,9 +441,11 @@ func (s *Lease) renewed(version int64, sent time.Time) {
 	s.mu.Unlock()
 }
 
-// Release stops renewing and marks the lease released (check-and-set on
-// the version last written), so that another gateway takes it at once.
-// Call it after the last write and FLUSH were answered. A fenced lease
+// Release stops renewing (a renewal in flight is cancelled) and marks the
+// lease released (check-and-set on the version last written, or, if that
+// is refused, on the version read back while the record is still ours: the
+// cancelled renewal may have been applied), so that another gateway takes
+// it at once. Call it after the last write and FLUSH were answered. A fenced lease
 // (taken by another, or past its deadline) is left as it is: requests
 // sent before the fence may still be at the server, and a takeover waits
 // for the record to stand for its TTL and a quarter.
@@ -468,7 +470,7 @@ func (s *Lease) Release() error {
 		cur, v, ok, rerr := s.l.read(ctx, s.volume)
 		switch {
 		case rerr != nil:
-			return rerr
+			return fmt.Errorf("releasing the lease: %w", rerr)
 		case ok && cur.Nonce == s.rec.Nonce && cur.State == leaseHeld:
 			_, err = s.l.write(ctx, s.volume, rec, v)
 		default: // not ours (a CAS refusal is no question of the token's rights)
@@ -495,7 +497,8 @@ func (s *Lease) Abandon() {
 }
 
 // abandon stops renewing without releasing (what a holder that dies
-// does).
+// does): a renewal in flight is cancelled, not waited out, so a Vault
+// that does not answer holds up no detach.
 func (s *Lease) abandon() {
 	select {
 	case <-s.stop:
