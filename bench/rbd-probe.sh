@@ -13,7 +13,10 @@
 #      OSD's and the server's context switches (/proc).
 #
 # Knobs: RUNTIME (s per fio run, default 6), REPS (default 3),
-#        GOLDILOCKS (binary, default REPO/bin/goldilocks, built with Ceph).
+#        GOLDILOCKS (binary, default REPO/bin/goldilocks, built with Ceph),
+#        PARTS (which of the parts to run, default "1 2 3"),
+#        GOLDILOCKS_B (a second binary, on an image of its own, that part 3
+#        alternates with the first: an A/B of two builds on one cluster).
 # Output: lines on stdout, progress on stderr.
 set -euo pipefail
 
@@ -21,6 +24,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GOLDILOCKS=${GOLDILOCKS:-$REPO/bin/goldilocks}
 RUNTIME=${RUNTIME:-6}
 REPS=${REPS:-3}
+PARTS=${PARTS:-1 2 3}
+GOLDILOCKS_B=${GOLDILOCKS_B:-}
 PY=/usr/bin/python3
 # shellcheck source=bench/settle.sh
 . "$REPO/bench/settle.sh"
@@ -31,6 +36,8 @@ for c in qemu-nbd qemu-img fio nbdcopy rbd ceph-mon; do
 	command -v "$c" >/dev/null || die "$c not found (make deps)"
 done
 [[ -x $GOLDILOCKS ]] || die "$GOLDILOCKS not found (make build)"
+[[ -z $GOLDILOCKS_B || -x $GOLDILOCKS_B ]] || die "GOLDILOCKS_B: $GOLDILOCKS_B not found"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 W=$(mktemp -d /tmp/goldilocks-rbd-probe.XXXXXX)
 declare -A PID=()
@@ -76,10 +83,20 @@ start luks "$W/luks.sock" qemu-nbd -t -e 4 -k "$W/luks.sock" -x disk --cache=non
 rbd create rbd/plain --size 1G
 start raw "$W/raw.sock" qemu-nbd -t -e 4 -f raw --cache=none -k "$W/raw.sock" -x disk "rbd:rbd/plain:conf=$CEPH_CONF"
 GL="nbd+unix:///enc?socket=$D/nbd.sock"
+SERVERS="gl luks"
+if [[ -n $GOLDILOCKS_B ]]; then
+	rbd create rbd/gl-enc-b --size 2200M
+	"$GOLDILOCKS_B" --data-dir "$W/glb" volume create enc --size 1G --backing rbd:rbd/gl-enc-b --ceph-conf "$CEPH_CONF" >&2
+	start glb "$W/glb/nbd.sock" "$GOLDILOCKS_B" serve --data-dir "$W/glb" --listen "" --metrics "" --log-level warn
+	GLB="nbd+unix:///enc?socket=$W/glb/nbd.sock"
+	SERVERS="gl glb luks"
+fi
 LUKS="nbd+unix:///disk?socket=$W/luks.sock"
 RAW="nbd+unix:///disk?socket=$W/raw.sock"
 head -c 1073741824 /dev/urandom >"$W/src.raw"
-for u in "$GL" "$LUKS" "$RAW"; do
+WRITE=("$GL" ${GLB:+"$GLB"} "$LUKS")
+{ has 1 || has 2; } && WRITE+=("$RAW")
+for u in "${WRITE[@]}"; do
 	log "writing 1 GiB to $u"
 	nbdcopy -C 1 "$W/src.raw" "$u" || die "nbdcopy to $u"
 done
@@ -92,6 +109,7 @@ fio4k() {
 	"$PY" -c 'import json, sys; r = json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.0f %.0f %d" % (r["iops"], r["clat_ns"]["mean"] / 1000, r["total_ios"]))' "$W/fio.json"
 }
 
+has 1 && {
 echo "## 1. qemu-nbd -f raw rbd:rbd/plain against driver=luks,file.driver=rbd (rbd/luks) (fio 4k randread, ${RUNTIME} s)"
 for qd in 1 8 32; do
 	for s in raw luks; do
@@ -102,6 +120,9 @@ for qd in 1 8 32; do
 	done
 done
 
+}
+
+has 2 && {
 echo "## 2. libnbd client, 8 reads in flight, with and without structured replies"
 for s in raw luks; do
 	u=$RAW
@@ -111,6 +132,9 @@ for s in raw luks; do
 	done
 done
 
+}
+
+has 3 || exit 0
 echo "## 3. goldilocks (encrypted) against qemu-nbd + LUKS, 4k randread qd32, a client attached throughout"
 OSD=$(cat "$W/ceph/cluster/run/osd.0.pid")
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s }'; }
@@ -119,10 +143,18 @@ PID[hold-gl]=$HOLD_PID
 hold "$LUKS" "$W/hold.log"
 PID[hold-luks]=$HOLD_PID
 fio4k "$GL" 32 >/dev/null # the gateway's map cache, warm as a running VM's
+if [[ -n $GOLDILOCKS_B ]]; then
+	hold "$GLB" "$W/hold.log"
+	PID[hold-glb]=$HOLD_PID
+	fio4k "$GLB" 32 >/dev/null
+fi
 for ((r = 1; r <= REPS; r++)); do
-	for s in gl luks; do
-		u=$GL
-		[[ $s == luks ]] && u=$LUKS
+	for s in $SERVERS; do
+		case $s in
+		gl) u=$GL ;;
+		glb) u=$GLB ;;
+		luks) u=$LUKS ;;
+		esac
 		p=${PID[$s]}
 		c0=$(cpu_ticks "$p") o0=$(cpu_ticks "$OSD") x0=$(switches "$p")
 		read -r iops _ n < <(fio4k "$u" 32)

@@ -3,25 +3,51 @@
 package rbd
 
 /*
-#cgo LDFLAGS: -lrbd
+#cgo LDFLAGS: -lrbd -lpthread
 #include <errno.h>
+#include <linux/futex.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <rbd/librbd.h>
 
-// gl_done runs on a librbd thread when a request completes: it writes the
-// request's slot and result, 16 bytes, to the pipe that Go reads (a write
-// of at most PIPE_BUF bytes to a pipe is atomic). arg packs the pipe's
-// descriptor (high 32 bits) and the slot (low 32).
-static void gl_done(rbd_completion_t c, void *arg) {
-	uintptr_t a = (uintptr_t)arg;
-	int64_t msg[2];
-	msg[0] = (int64_t)(a & 0xffffffffu);
-	msg[1] = (int64_t)rbd_aio_get_return_value(c);
+#define GL_SLOTS 256
+
+// One request a slot holds: op 0 read, 1 write, 2 flush.
+struct gl_req {
+	uint64_t off;
+	uint64_t len;
+	char *buf;
+	int32_t op;
+	int32_t pad;
+};
+
+// gl_q is what Go shares with the submission thread, in C memory. Go
+// writes a slot's request, then the slot at ring[tail % GL_SLOTS], then
+// tail (one producer at a time: Go's mutex); the thread alone reads them
+// and advances its own head. sleeping is the futex the thread waits on.
+struct gl_q {
+	uint32_t tail;
+	uint32_t sleeping;
+	uint32_t stop;
+	uint32_t pad;
+	uint32_t ring[GL_SLOTS];
+	struct gl_req req[GL_SLOTS];
+	rbd_image_t img;
+	int wfd;
+	pthread_t th;
+};
+
+// gl_report writes a request's slot and result, 16 bytes, to the pipe
+// that Go reads (a write of at most PIPE_BUF bytes to a pipe is atomic).
+static void gl_report(int fd, uint32_t slot, int64_t ret) {
+	int64_t msg[2] = {(int64_t)slot, ret};
 	const char *p = (const char *)msg;
 	size_t left = sizeof msg;
 	while (left > 0) {
-		ssize_t n = write((int)(a >> 32), p, left);
+		ssize_t n = write(fd, p, left);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -32,19 +58,79 @@ static void gl_done(rbd_completion_t c, void *arg) {
 	}
 }
 
-// gl_submit starts one request: op 0 read, 1 write, 2 flush.
-static int gl_submit(rbd_image_t img, int op, uint64_t off, size_t len, char *buf, uintptr_t arg, rbd_completion_t *c) {
-	int r = rbd_aio_create_completion((void *)arg, gl_done, c);
-	if (r < 0)
-		return r;
-	switch (op) {
-	case 0: r = rbd_aio_read(img, off, len, buf, *c); break;
-	case 1: r = rbd_aio_write(img, off, len, buf, *c); break;
-	default: r = rbd_aio_flush(img, *c); break;
+// gl_done runs on a librbd thread when a request completes. arg packs the
+// pipe's descriptor (high 32 bits) and the slot (low 32). The completion
+// is released here, as QEMU's rbd driver does, so that Go makes no call
+// into C per request.
+static void gl_done(rbd_completion_t c, void *arg) {
+	uintptr_t a = (uintptr_t)arg;
+	int64_t ret = (int64_t)rbd_aio_get_return_value(c);
+	rbd_aio_release(c);
+	gl_report((int)(a >> 32), (uint32_t)(a & 0xffffffffu), ret);
+}
+
+// gl_start starts the request in slot s; one librbd refuses at once is
+// reported through the pipe like any other result.
+static void gl_start(struct gl_q *q, uint32_t s) {
+	struct gl_req *r = &q->req[s];
+	uintptr_t arg = ((uintptr_t)(uint32_t)q->wfd << 32) | s;
+	rbd_completion_t c;
+	int ret = rbd_aio_create_completion((void *)arg, gl_done, &c);
+	if (ret < 0) {
+		gl_report(q->wfd, s, ret);
+		return;
 	}
-	if (r < 0)
-		rbd_aio_release(*c);
-	return r;
+	switch (r->op) {
+	case 0: ret = rbd_aio_read(q->img, r->off, r->len, r->buf, c); break;
+	case 1: ret = rbd_aio_write(q->img, r->off, r->len, r->buf, c); break;
+	default: ret = rbd_aio_flush(q->img, c); break;
+	}
+	if (ret < 0) {
+		rbd_aio_release(c);
+		gl_report(q->wfd, s, ret);
+	}
+}
+
+// gl_run is the submission thread: it starts what Go queued, then sleeps
+// on the futex until Go wakes it (Go stores tail, then loads sleeping;
+// the thread stores sleeping, then loads tail: one of them sees the
+// other's store).
+static void *gl_run(void *arg) {
+	struct gl_q *q = arg;
+	uint32_t h = 0;
+	for (;;) {
+		uint32_t t = __atomic_load_n(&q->tail, __ATOMIC_ACQUIRE);
+		if (h != t) {
+			for (; h != t; h++)
+				gl_start(q, q->ring[h % GL_SLOTS]);
+			continue;
+		}
+		if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
+			return NULL;
+		__atomic_store_n(&q->sleeping, 1, __ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&q->tail, __ATOMIC_SEQ_CST) == h && !__atomic_load_n(&q->stop, __ATOMIC_SEQ_CST))
+			syscall(SYS_futex, &q->sleeping, FUTEX_WAIT_PRIVATE, 1, NULL, NULL, 0);
+		__atomic_store_n(&q->sleeping, 0, __ATOMIC_SEQ_CST);
+	}
+}
+
+static struct gl_q *gl_open(rbd_image_t img, int wfd) {
+	struct gl_q *q = calloc(1, sizeof *q);
+	if (q == NULL)
+		return NULL;
+	q->img = img;
+	q->wfd = wfd;
+	if (pthread_create(&q->th, NULL, gl_run, q) != 0) {
+		free(q);
+		return NULL;
+	}
+	return q;
+}
+
+// gl_close stops the thread (Go has stored stop and woken it) and frees q.
+static void gl_close(struct gl_q *q) {
+	pthread_join(q->th, NULL);
+	free(q);
 }
 */
 import "C"
@@ -57,6 +143,7 @@ import (
 	"reflect"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -66,31 +153,47 @@ import (
 	"goldilocks/internal/block"
 )
 
-// Operations of gl_submit.
+// Operations of a request (gl_req.op).
 const (
-	opRead  C.int = 0
-	opWrite C.int = 1
-	opFlush C.int = 2
+	opRead  = 0
+	opWrite = 1
+	opFlush = 2
 )
+
+// futexWakePrivate is FUTEX_WAKE|FUTEX_PRIVATE_FLAG (linux/futex.h).
+const futexWakePrivate = C.FUTEX_WAKE | C.FUTEX_PRIVATE_FLAG
 
 // aioSlots is how many requests one image has in flight through librbd's
 // asynchronous calls; more wait for a slot.
-const aioSlots = 256
+const aioSlots = C.GL_SLOTS
 
 // aio runs reads, writes and flushes through librbd's asynchronous calls
 // (rbd_aio_*), as QEMU's rbd driver does: the calling goroutine parks
 // until its completion arrives through a pipe (do), or does not wait at
-// all and the completion reader runs the request's callback (submit),
-// instead of holding an OS thread blocked in librbd for the whole round
-// trip to the OSDs (which makes the Go runtime hand the thread's P to
-// another one per request).
+// all and the completion reader runs the request's callback (submit).
+//
+// Go makes no call into C per request. A call into C enters the Go
+// runtime as a system call does (entersyscall), and the first one after
+// the process was idle wakes the runtime's sysmon thread, which then polls
+// every 20 µs until the process is idle again: at a few thousand requests
+// a second that was an eighth of the gateway's CPU (bench/README.md,
+// "What the RBD cells measure"). So requests go through a queue in C
+// memory to a thread of C's own (gl_run), which calls librbd and sleeps on
+// a futex that Go wakes with a raw system call (push); librbd's callback
+// releases the completion itself and writes the result to a pipe, which
+// Go reads with raw system calls (package rawsock's reasoning).
 type aio struct {
-	img   C.rbd_image_t
+	q     *C.struct_gl_q
 	r     *os.File // completions: slot u64, result i64
-	wfd   int      // the pipe's write end, used by gl_done
+	rc    syscall.RawConn
+	wfd   int // the pipe's write end, used by gl_done
 	slots [aioSlots]aioSlot
 	free  chan uint32
 	wg    sync.WaitGroup // the completion reader
+	mu    sync.Mutex     // one producer at a time; guards tail, pushed
+	tail  uint32         // Go's copy of q.tail
+	// pushed is the tail the thread was last woken for (push).
+	pushed uint32
 	// cb completes a submitted request: librbd's result, the request's
 	// op (opRead, opWrite), length and done function, and the batch of
 	// the completion reader. Set once, before the first submit.
@@ -99,7 +202,6 @@ type aio struct {
 
 type aioSlot struct {
 	done chan int64
-	comp C.rbd_completion_t
 	pin  runtime.Pinner // the buffer librbd holds until completion
 	// A submitted request's (submit): its completion runs the aio's
 	// callback with them instead of waking a caller through done.
@@ -119,8 +221,8 @@ func imageHandle(img *gorbd.Image) unsafe.Pointer {
 	return *(*unsafe.Pointer)(unsafe.Pointer(f.UnsafeAddr()))
 }
 
-// newAIO starts the completion reader for img; nil, nil if go-ceph's
-// handle is not reachable.
+// newAIO starts the submission thread and the completion reader for img;
+// nil, nil if go-ceph's handle is not reachable.
 func newAIO(img *gorbd.Image) (*aio, error) {
 	h := imageHandle(img)
 	if h == nil {
@@ -131,13 +233,26 @@ func newAIO(img *gorbd.Image) (*aio, error) {
 		return nil, fmt.Errorf("completion pipe: %w", err)
 	}
 	// The read end goes to Go's poller; the write end stays blocking for
-	// gl_done (it never fills: at most aioSlots messages of 16 bytes wait).
+	// gl_report (it never fills: at most aioSlots messages of 16 bytes wait).
 	if err := unix.SetNonblock(p[0], true); err != nil {
 		unix.Close(p[0])
 		unix.Close(p[1])
 		return nil, err
 	}
-	a := &aio{img: C.rbd_image_t(h), r: os.NewFile(uintptr(p[0]), "rbd-completions"), wfd: p[1], free: make(chan uint32, aioSlots)}
+	r := os.NewFile(uintptr(p[0]), "rbd-completions")
+	rc, err := r.SyscallConn()
+	if err != nil {
+		r.Close()
+		unix.Close(p[1])
+		return nil, fmt.Errorf("completion pipe: %w", err)
+	}
+	q := C.gl_open(C.rbd_image_t(h), C.int(p[1]))
+	if q == nil {
+		r.Close()
+		unix.Close(p[1])
+		return nil, errors.New("starting the submission thread failed")
+	}
+	a := &aio{q: q, r: r, rc: rc, wfd: p[1], free: make(chan uint32, aioSlots)}
 	for i := range a.slots {
 		a.slots[i].done = make(chan int64, 1)
 		a.free <- uint32(i)
@@ -155,10 +270,27 @@ func (a *aio) complete() {
 	var (
 		buf   [64 * 16]byte
 		batch block.Batch
+		have  int
+		n     int
+		errno syscall.Errno
 	)
-	have := 0
+	read := func(fd uintptr) bool {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[have])), uintptr(len(buf)-have))
+		if e == syscall.EAGAIN {
+			return false
+		}
+		n, errno = int(r), e
+		if e == syscall.EINTR {
+			n, errno = 0, 0
+		}
+		return true
+	}
 	for {
-		n, err := a.r.Read(buf[have:])
+		n, errno = 0, 0
+		err := a.rc.Read(read)
+		if err == nil && errno == 0 && n == 0 {
+			err = errors.New("closed") // the write end: close
+		}
 		have += n
 		k := 0
 		for ; have-k >= 16; k += 16 {
@@ -174,23 +306,58 @@ func (a *aio) complete() {
 			}
 			op, n, fn := s.op, s.n, s.fn
 			s.fn = nil
-			C.rbd_aio_release(s.comp)
 			s.pin.Unpin()
 			a.free <- uint32(slot)
 			a.cb(ret, op, n, fn, &batch)
 		}
 		have = copy(buf[:], buf[k:have])
 		batch.Run()
-		if err != nil {
-			return // closed
+		if err != nil || errno != 0 {
+			return
 		}
 	}
 }
 
-// submit starts one read or write and returns at once: a.cb runs on the
-// completion reader with librbd's result and fn. False, with nothing
-// started, when every slot is taken or librbd refuses the request at once.
-func (a *aio) submit(op C.int, off int64, p []byte, fn func(error, *block.Batch)) bool {
+// enqueue puts slot's request on the submission thread's queue; push
+// wakes the thread for it.
+func (a *aio) enqueue(slot uint32, op int, off int64, p []byte) {
+	r := &a.q.req[slot]
+	r.off, r.len, r.op, r.buf = C.uint64_t(off), C.uint64_t(len(p)), C.int32_t(op), nil
+	if len(p) > 0 {
+		r.buf = (*C.char)(unsafe.Pointer(&p[0]))
+	}
+	a.mu.Lock()
+	a.q.ring[a.tail%aioSlots] = C.uint32_t(slot)
+	a.tail++
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&a.q.tail)), a.tail)
+	a.mu.Unlock()
+}
+
+// push wakes the submission thread if it sleeps and requests were queued
+// since the last push: a futex wake, made raw (it cannot block), so the Go
+// runtime does not see it.
+func (a *aio) push() {
+	a.mu.Lock()
+	if a.pushed == a.tail {
+		a.mu.Unlock()
+		return
+	}
+	a.pushed = a.tail
+	a.mu.Unlock()
+	a.wake()
+}
+
+func (a *aio) wake() {
+	w := (*uint32)(unsafe.Pointer(&a.q.sleeping))
+	if atomic.LoadUint32(w) == 1 && atomic.CompareAndSwapUint32(w, 1, 0) {
+		syscall.RawSyscall6(syscall.SYS_FUTEX, uintptr(unsafe.Pointer(w)), futexWakePrivate, 1, 0, 0, 0)
+	}
+}
+
+// submit queues one read or write and returns at once: a.cb runs on the
+// completion reader with librbd's result and fn. Nothing starts before
+// push. False, with nothing queued, when every slot is taken.
+func (a *aio) submit(op int, off int64, p []byte, fn func(error, *block.Batch)) bool {
 	var slot uint32
 	select {
 	case slot = <-a.free:
@@ -199,35 +366,28 @@ func (a *aio) submit(op C.int, off int64, p []byte, fn func(error, *block.Batch)
 	}
 	s := &a.slots[slot]
 	s.pin.Pin(&p[0])
-	s.op, s.n, s.fn = int(op), len(p), fn
-	arg := C.uintptr_t(uint64(a.wfd)<<32 | uint64(slot))
-	if r := C.gl_submit(a.img, op, C.uint64_t(off), C.size_t(len(p)), (*C.char)(unsafe.Pointer(&p[0])), arg, &s.comp); r < 0 {
-		s.fn = nil
-		s.pin.Unpin()
-		a.free <- slot
-		return false
-	}
+	s.op, s.n, s.fn = op, len(p), fn
+	a.enqueue(slot, op, off, p)
 	return true
 }
 
 // do runs one request and returns librbd's result (bytes, or -errno).
-func (a *aio) do(op C.int, off int64, p []byte) int64 {
-	slot := <-a.free
+// Requests submitted and not yet pushed go with it.
+func (a *aio) do(op int, off int64, p []byte) int64 {
+	var slot uint32
+	select {
+	case slot = <-a.free:
+	default:
+		a.push() // the slots may be held by requests not yet pushed
+		slot = <-a.free
+	}
 	s := &a.slots[slot]
-	var buf *C.char
 	if len(p) > 0 {
 		s.pin.Pin(&p[0])
-		buf = (*C.char)(unsafe.Pointer(&p[0]))
 	}
-	arg := C.uintptr_t(uint64(a.wfd)<<32 | uint64(slot))
-	r := C.gl_submit(a.img, op, C.uint64_t(off), C.size_t(len(p)), buf, arg, &s.comp)
-	var ret int64
-	if r < 0 {
-		ret = int64(r)
-	} else {
-		ret = <-s.done
-		C.rbd_aio_release(s.comp)
-	}
+	a.enqueue(slot, op, off, p)
+	a.push()
+	ret := <-s.done
 	s.pin.Unpin()
 	a.free <- slot
 	return ret
@@ -238,13 +398,21 @@ func (a *aio) do(op C.int, off int64, p []byte) int64 {
 // has arrived). Then no callback of librbd's can write to the pipe any
 // more, whose descriptor close frees for reuse.
 func (a *aio) quiesce() {
+	a.push()
 	for range aioSlots {
 		<-a.free
 	}
 }
 
-// close stops the completion reader, after quiesce.
+// close stops the submission thread and the completion reader, after
+// quiesce.
 func (a *aio) close() {
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&a.q.stop)), 1)
+	w := (*uint32)(unsafe.Pointer(&a.q.sleeping))
+	atomic.StoreUint32(w, 0)
+	syscall.RawSyscall6(syscall.SYS_FUTEX, uintptr(unsafe.Pointer(w)), futexWakePrivate, 1, 0, 0, 0)
+	C.gl_close(a.q)
+	a.q = nil
 	unix.Close(a.wfd)
 	a.wg.Wait()
 	a.r.Close()

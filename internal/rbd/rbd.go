@@ -183,8 +183,13 @@ func (i *Image) SubmitWriteAt(p []byte, off int64, fua bool, done func(error, *b
 	return i.aio.submit(opWrite, off, p, done)
 }
 
-// Push: librbd starts each request at its submission.
-func (i *Image) Push() {}
+// Push starts the requests submitted since the last Push (the aio's
+// submission thread is woken once for them).
+func (i *Image) Push() {
+	if i.aio != nil {
+		i.aio.push()
+	}
+}
 
 // completed turns a submitted request's result into done's error, as
 // ReadAt and WriteAt do theirs (the aio's callback, bound once at Open).
