@@ -71,6 +71,8 @@ check:
 # race detector. On a fresh machine `vault` builds Vault once (10-20 min).
 test: deps check build vault
 	GOLDILOCKS_BIN=$(CURDIR)/$(BIN) GOLDILOCKS_VAULT_BIN=$(CURDIR)/bin/vault $(GO) test -race -count=1 -timeout 20m $(PKGS)
+	@if [ -n "$(CEPH_TAGS)" ]; then echo "internal/rbd with -tags '$(CEPH_TAGS)': librbd's asynchronous path on a cluster of its own"; \
+		$(GO) test -race -count=1 -timeout 5m -tags "$(CEPH_TAGS)" ./internal/rbd/; fi
 	$(MAKE) --no-print-directory fuzz-brief
 
 # bench: Go hot-path benchmarks, then the peer comparison (bench/README.md).

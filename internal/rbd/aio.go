@@ -7,6 +7,7 @@ package rbd
 #include <errno.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -16,10 +17,16 @@ package rbd
 #define GL_SLOTS 256
 
 // One request a slot holds: op 0 read, 1 write, 2 flush.
+//
+// buf is an integer, not a pointer: Go stores a Go buffer's address there
+// (the buffer pinned until the request completes), and a store of a
+// pointer type would have Go's write barrier read the field's previous
+// value, the address of a buffer that may have been freed since, as a
+// pointer ("found bad pointer in Go heap").
 struct gl_req {
 	uint64_t off;
 	uint64_t len;
-	char *buf;
+	uintptr_t buf;
 	int32_t op;
 	int32_t pad;
 };
@@ -81,8 +88,8 @@ static void gl_start(struct gl_q *q, uint32_t s) {
 		return;
 	}
 	switch (r->op) {
-	case 0: ret = rbd_aio_read(q->img, r->off, r->len, r->buf, c); break;
-	case 1: ret = rbd_aio_write(q->img, r->off, r->len, r->buf, c); break;
+	case 0: ret = rbd_aio_read(q->img, r->off, r->len, (char *)r->buf, c); break;
+	case 1: ret = rbd_aio_write(q->img, r->off, r->len, (const char *)r->buf, c); break;
 	default: ret = rbd_aio_flush(q->img, c); break;
 	}
 	if (ret < 0) {
@@ -98,6 +105,9 @@ static void gl_start(struct gl_q *q, uint32_t s) {
 static void *gl_run(void *arg) {
 	struct gl_q *q = arg;
 	uint32_t h = 0;
+	sigset_t all;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL); // signals are for Go's threads
 	for (;;) {
 		uint32_t t = __atomic_load_n(&q->tail, __ATOMIC_ACQUIRE);
 		if (h != t) {
@@ -190,8 +200,12 @@ type aio struct {
 	slots [aioSlots]aioSlot
 	free  chan uint32
 	wg    sync.WaitGroup // the completion reader
-	mu    sync.Mutex     // one producer at a time; guards tail, pushed
-	tail  uint32         // Go's copy of q.tail
+	mu    sync.Mutex     // one producer at a time; guards pushed, stores to tail
+	// tail is Go's copy of q.tail. complete loads it, for the race
+	// detector, which sees neither C memory nor the C thread: what a
+	// submitter wrote before it queued a request happens before the
+	// request's completion is handled.
+	tail atomic.Uint32
 	// pushed is the tail the thread was last woken for (push).
 	pushed uint32
 	// cb completes a submitted request: librbd's result, the request's
@@ -291,6 +305,7 @@ func (a *aio) complete() {
 		if err == nil && errno == 0 && n == 0 {
 			err = errors.New("closed") // the write end: close
 		}
+		a.tail.Load() // (for the race detector: see tail)
 		have += n
 		k := 0
 		for ; have-k >= 16; k += 16 {
@@ -322,14 +337,15 @@ func (a *aio) complete() {
 // wakes the thread for it.
 func (a *aio) enqueue(slot uint32, op int, off int64, p []byte) {
 	r := &a.q.req[slot]
-	r.off, r.len, r.op, r.buf = C.uint64_t(off), C.uint64_t(len(p)), C.int32_t(op), nil
+	r.off, r.len, r.op, r.buf = C.uint64_t(off), C.uint64_t(len(p)), C.int32_t(op), 0
 	if len(p) > 0 {
-		r.buf = (*C.char)(unsafe.Pointer(&p[0]))
+		r.buf = C.uintptr_t(uintptr(unsafe.Pointer(&p[0])))
 	}
 	a.mu.Lock()
-	a.q.ring[a.tail%aioSlots] = C.uint32_t(slot)
-	a.tail++
-	atomic.StoreUint32((*uint32)(unsafe.Pointer(&a.q.tail)), a.tail)
+	t := a.tail.Load()
+	a.q.ring[t%aioSlots] = C.uint32_t(slot)
+	a.tail.Store(t + 1)
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&a.q.tail)), t+1)
 	a.mu.Unlock()
 }
 
@@ -338,11 +354,11 @@ func (a *aio) enqueue(slot uint32, op int, off int64, p []byte) {
 // runtime does not see it.
 func (a *aio) push() {
 	a.mu.Lock()
-	if a.pushed == a.tail {
+	if a.pushed == a.tail.Load() {
 		a.mu.Unlock()
 		return
 	}
-	a.pushed = a.tail
+	a.pushed = a.tail.Load()
 	a.mu.Unlock()
 	a.wake()
 }
