@@ -469,8 +469,8 @@ func (s *Lease) Release() error {
 		// all: released on its version if the record is still ours.
 		cur, v, ok, rerr := s.l.read(ctx, s.volume)
 		switch {
-		case rerr != nil:
-			return fmt.Errorf("releasing the lease: %w", rerr)
+		case rerr != nil: // not released: renewed no more, it runs out
+			return fmt.Errorf("releasing the lease: the record changed and reading it back failed, so it is left to run out (another gateway takes it once it has stood for %v and a quarter): %w", s.l.ttl, rerr)
 		case ok && cur.Nonce == s.rec.Nonce && cur.State == leaseHeld:
 			_, err = s.l.write(ctx, s.volume, rec, v)
 		default: // not ours (a CAS refusal is no question of the token's rights)

@@ -5,7 +5,12 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -355,5 +360,77 @@ func TestVaultLeaseStopsPromptly(t *testing.T) {
 	defer other.abandon()
 	if el := time.Since(start); el > ttl/2 {
 		t.Errorf("the released lease was taken after %v, want at once", el.Round(time.Millisecond))
+	}
+}
+
+// TestVaultLeaseReleaseReadBackFails: when Release's check-and-set is
+// refused (a renewal cut short by the stop was applied after all) and
+// reading the record back fails too, Release says so, and the lease is
+// not handed on at once: it still runs out, and another gateway takes it
+// after the record has stood for its TTL. (Vault answers 503 to reads
+// through a proxy in front of the real server, as a standby that lost
+// its active node does.)
+func TestVaultLeaseReleaseReadBackFails(t *testing.T) {
+	srv := vaulttest.Start(t, vaulttest.Options{})
+	useGatewayToken(t, srv)
+	target, err := url.Parse(srv.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var failReads atomic.Bool
+	fwd := httputil.NewSingleHostReverseProxy(target)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if failReads.Load() && r.Method == http.MethodGet {
+			http.Error(w, `{"errors":["Vault is sealed"]}`, http.StatusServiceUnavailable)
+			return
+		}
+		fwd.ServeHTTP(w, r)
+	}))
+	defer proxy.Close()
+
+	const ttl = 3 * time.Second
+	k, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k.c.SetAddress(proxy.URL); err != nil {
+		t.Fatal(err)
+	}
+	vol := [16]byte{0x57, 0x0d}
+	l := k.Lease(ttl)
+	held, err := l.Acquire(context.Background(), vol, "host-h:1:/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.mu.Lock()
+	version := held.version
+	held.mu.Unlock()
+	if _, err := l.write(context.Background(), vol, held.rec, version); err != nil { // the late renewal
+		t.Fatal(err)
+	}
+	failReads.Store(true)
+	err = held.Release()
+	if err == nil || !errors.Is(err, ErrVaultUnavailable) || !strings.Contains(err.Error(), "releasing the lease") {
+		t.Fatalf("release whose read-back failed: %v, want an error saying the release's read failed, ErrVaultUnavailable", err)
+	}
+	t.Logf("Release: %v", err)
+	if err := held.Check(); !errors.Is(err, ErrLeaseLost) {
+		t.Errorf("after a failed release the holder may still write: %v", err)
+	}
+
+	k2, err := NewVaultKEK(VaultConfig{Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*ttl)
+	defer cancel()
+	other, err := k2.Lease(ttl).Acquire(ctx, vol, "host-o:2:/o")
+	if err != nil {
+		t.Fatalf("the lease did not run out: %v", err)
+	}
+	defer other.abandon()
+	if el := time.Since(start); el < ttl {
+		t.Errorf("taken over after %v: a lease whose release failed was handed on before its TTL (%v)", el.Round(time.Millisecond), ttl)
 	}
 }

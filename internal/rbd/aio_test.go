@@ -163,6 +163,26 @@ func TestAIO(t *testing.T) {
 		}
 	})
 
+	// The request path allocates nothing: the slot, its pinner and the
+	// completion's callback are the aio's, bound once.
+	t.Run("a submitted read allocates nothing", func(t *testing.T) {
+		p := make([]byte, aioBlock)
+		errc := make(chan error, 1)
+		done := func(err error, _ *block.Batch) { errc <- err }
+		allocs := testing.AllocsPerRun(200, func() {
+			if !img.SubmitReadAt(p, 0, done) {
+				t.Fatal("declined with nothing in flight")
+			}
+			img.Push()
+			if err := <-errc; err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs != 0 {
+			t.Errorf("%.1f allocations per submitted read, want 0", allocs)
+		}
+	})
+
 	// librbd's refusal, and a failure it reports on completion, reach the
 	// caller as errors (a read past the image's end: the range checks of
 	// ReadAt are bypassed here on purpose).
