@@ -100,7 +100,13 @@ func (v *Volume) rlockRange(first uint64, idx []int) []int {
 	}
 	slices.Sort(idx)
 	for _, i := range idx {
-		v.locks[i].RLock()
+		if !v.locks[i].TryRLock() {
+			// A writer holds the chunk or waits for it, and it may be
+			// waiting on a read this goroutine submitted that the store
+			// starts only at Push (block.Submitter): start them first.
+			v.Push()
+			v.locks[i].RLock()
+		}
 	}
 	return idx
 }

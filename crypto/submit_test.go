@@ -5,9 +5,11 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"goldilocks/internal/block"
 )
@@ -202,5 +204,94 @@ func BenchmarkSubmitRead4K(b *testing.B) {
 		if failed != nil {
 			b.Fatal(failed)
 		}
+	}
+}
+
+// heldStore holds submitted reads until Push, as RBD's submission queue
+// and an upstream device's send buffer do.
+type heldStore struct {
+	*countDev
+	mu   sync.Mutex
+	held []func()
+}
+
+func (d *heldStore) Caps() block.Caps { return block.CanSubmit }
+
+func (d *heldStore) SubmitReadAt(p []byte, off int64, done func(error, *block.Batch)) bool {
+	d.mu.Lock()
+	d.held = append(d.held, func() { _, err := d.ReadAt(p, off); done(err, nil) })
+	d.mu.Unlock()
+	return true
+}
+
+func (d *heldStore) SubmitWriteAt([]byte, int64, bool, func(error, *block.Batch)) bool {
+	return false
+}
+
+func (d *heldStore) Push() {
+	d.mu.Lock()
+	held := d.held
+	d.held = nil
+	d.mu.Unlock()
+	for _, f := range held {
+		go f()
+	}
+}
+
+// A reader that submitted a read of chunk X, not yet pushed, and then
+// submits one of a chunk that shares X's lock while a writer waits for
+// X: the writer waits on the first read, which the store starts only at
+// Push, so the second submission must push before it waits for the lock
+// (it waited for good).
+func TestSubmitReadAtPushesBeforeWaiting(t *testing.T) {
+	const size = 8 << 20
+	dev := &heldStore{countDev: &countDev{size: int64(LayoutFor(size).End)}}
+	v := formatOn(t, dev, size)
+	old := make([]byte, size)
+	for i := range old {
+		old[i] = byte(i / ChunkSize)
+	}
+	if _, err := v.WriteAt(old, 0); err != nil || v.Flush() != nil {
+		t.Fatal(err)
+	}
+	x := uint64(5)
+	y := x + uint64(len(v.locks)) // the same lock as x
+	errs := make(chan error, 3)
+	px := make([]byte, ChunkSize)
+	if !v.SubmitReadAt(px, int64(x*ChunkSize), func(err error, _ *block.Batch) { errs <- err }) {
+		t.Fatal("the read of chunk x was declined")
+	}
+	go func() { // the writer: waits for x's lock, held by the read
+		_, err := v.WriteAt(bytes.Repeat([]byte{0xee}, ChunkSize), int64(x*ChunkSize))
+		errs <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the writer is waiting for the lock by now
+	py := make([]byte, ChunkSize)
+	submitted := make(chan bool, 1)
+	go func() {
+		submitted <- v.SubmitReadAt(py, int64(y*ChunkSize), func(err error, _ *block.Batch) { errs <- err })
+	}()
+	select {
+	case ok := <-submitted:
+		if !ok {
+			t.Fatal("the read of chunk y was declined")
+		}
+	case <-time.After(10 * time.Second):
+		dev.Push() // (lets the test end)
+		t.Fatal("the read of chunk y waited for its lock without pushing the read the writer waits on: deadlock")
+	}
+	v.Push()
+	for range 3 {
+		select {
+		case err := <-errs:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a request did not complete")
+		}
+	}
+	if !bytes.Equal(px, old[x*ChunkSize:(x+1)*ChunkSize]) || !bytes.Equal(py, old[y*ChunkSize:(y+1)*ChunkSize]) {
+		t.Error("the reads returned other bytes than were written before them")
 	}
 }

@@ -105,9 +105,13 @@ static void gl_start(struct gl_q *q, uint32_t s) {
 static void *gl_run(void *arg) {
 	struct gl_q *q = arg;
 	uint32_t h = 0;
-	sigset_t all;
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, NULL); // signals are for Go's threads
+	sigset_t set; // signals are for Go's threads, but a fault here is this thread's
+	sigfillset(&set);
+	sigdelset(&set, SIGSEGV);
+	sigdelset(&set, SIGBUS);
+	sigdelset(&set, SIGFPE);
+	sigdelset(&set, SIGILL);
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	for (;;) {
 		uint32_t t = __atomic_load_n(&q->tail, __ATOMIC_ACQUIRE);
 		if (h != t) {
@@ -289,15 +293,20 @@ func (a *aio) complete() {
 		errno syscall.Errno
 	)
 	read := func(fd uintptr) bool {
-		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[have])), uintptr(len(buf)-have))
-		if e == syscall.EAGAIN {
-			return false
+		for {
+			r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[have])), uintptr(len(buf)-have))
+			switch e {
+			case 0:
+				n, errno = int(r), 0 // 0 bytes: the write end was closed
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				return false // nothing yet: the poller waits
+			default:
+				n, errno = 0, e
+			}
+			return true
 		}
-		n, errno = int(r), e
-		if e == syscall.EINTR {
-			n, errno = 0, 0
-		}
-		return true
 	}
 	for {
 		n, errno = 0, 0
