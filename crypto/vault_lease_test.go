@@ -338,17 +338,7 @@ func TestVaultLeaseStopsPromptly(t *testing.T) {
 		t.Fatal(err)
 	}
 	vol := [16]byte{0x57, 0x0c}
-	l := k.Lease(ttl)
-	held, err = l.Acquire(context.Background(), vol, "host-h:1:/h")
-	if err != nil {
-		t.Fatal(err)
-	}
-	held.mu.Lock()
-	version := held.version
-	held.mu.Unlock()
-	if _, err := l.write(context.Background(), vol, held.rec, version); err != nil { // the late renewal
-		t.Fatal(err)
-	}
+	held = acquireRenewedLate(t, k.Lease(ttl), vol)
 	if err := held.Release(); err != nil {
 		t.Fatalf("release after a renewal it did not see answered: %v", err)
 	}
@@ -361,6 +351,24 @@ func TestVaultLeaseStopsPromptly(t *testing.T) {
 	if el := time.Since(start); el > ttl/2 {
 		t.Errorf("the released lease was taken after %v, want at once", el.Round(time.Millisecond))
 	}
+}
+
+// acquireRenewedLate takes vol's lease as host-h and then writes a renewal
+// of it that the holder never saw answered (one the stop cut short, applied
+// after all): the record stands one version past the holder's.
+func acquireRenewedLate(t *testing.T, l *VaultLease, vol [16]byte) *Lease {
+	t.Helper()
+	held, err := l.Acquire(context.Background(), vol, "host-h:1:/h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.mu.Lock()
+	version := held.version
+	held.mu.Unlock()
+	if _, err := l.write(context.Background(), vol, held.rec, version); err != nil {
+		t.Fatal(err)
+	}
+	return held
 }
 
 // TestVaultLeaseReleaseReadBackFails: when Release's check-and-set is
@@ -397,17 +405,7 @@ func TestVaultLeaseReleaseReadBackFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	vol := [16]byte{0x57, 0x0d}
-	l := k.Lease(ttl)
-	held, err := l.Acquire(context.Background(), vol, "host-h:1:/h")
-	if err != nil {
-		t.Fatal(err)
-	}
-	held.mu.Lock()
-	version := held.version
-	held.mu.Unlock()
-	if _, err := l.write(context.Background(), vol, held.rec, version); err != nil { // the late renewal
-		t.Fatal(err)
-	}
+	held := acquireRenewedLate(t, k.Lease(ttl), vol)
 	failReads.Store(true)
 	err = held.Release()
 	if err == nil || !errors.Is(err, ErrVaultUnavailable) || !strings.Contains(err.Error(), "releasing the lease") {

@@ -191,7 +191,7 @@ const aioSlots = C.GL_SLOTS
 // the process was idle wakes the runtime's sysmon thread, which then polls
 // every 20 µs until the process is idle again: at a few thousand requests
 // a second that was an eighth of the gateway's CPU (bench/README.md,
-// "What the RBD cells measure"). So requests go through a queue in C
+// "What the RBD cells measure" and "librbd submissions from a C thread"). So requests go through a queue in C
 // memory to a thread of C's own (gl_run), which calls librbd and sleeps on
 // a futex that Go wakes with a raw system call (push); librbd's callback
 // releases the completion itself and writes the result to a pipe, which
@@ -289,33 +289,30 @@ func (a *aio) complete() {
 		buf   [64 * 16]byte
 		batch block.Batch
 		have  int
-		n     int
-		errno syscall.Errno
+		got   int           // what the last read returned: 0 at the end
+		rerr  syscall.Errno // and its error
 	)
 	read := func(fd uintptr) bool {
 		for {
 			r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[have])), uintptr(len(buf)-have))
 			switch e {
 			case 0:
-				n, errno = int(r), 0 // 0 bytes: the write end was closed
+				got, rerr = int(r), 0 // 0 bytes: the write end was closed
 			case syscall.EINTR:
 				continue
 			case syscall.EAGAIN:
 				return false // nothing yet: the poller waits
 			default:
-				n, errno = 0, e
+				got, rerr = 0, e
 			}
 			return true
 		}
 	}
 	for {
-		n, errno = 0, 0
+		got, rerr = 0, 0
 		err := a.rc.Read(read)
-		if err == nil && errno == 0 && n == 0 {
-			err = errors.New("closed") // the write end: close
-		}
 		a.tail.Load() // (for the race detector: see tail)
-		have += n
+		have += got
 		k := 0
 		for ; have-k >= 16; k += 16 {
 			slot := binary.NativeEndian.Uint64(buf[k:])
@@ -336,8 +333,8 @@ func (a *aio) complete() {
 		}
 		have = copy(buf[:], buf[k:have])
 		batch.Run()
-		if err != nil || errno != 0 {
-			return
+		if err != nil || rerr != 0 || got == 0 {
+			return // closed (at the end of close)
 		}
 	}
 }
