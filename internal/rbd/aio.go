@@ -200,7 +200,7 @@ type aio struct {
 	q     *C.struct_gl_q
 	r     *os.File // completions: slot u64, result i64
 	rc    syscall.RawConn
-	wfd   int // the pipe's write end, used by gl_done
+	wfd   int // the pipe's write end, which gl_report writes
 	slots [aioSlots]aioSlot
 	free  chan uint32
 	wg    sync.WaitGroup // the completion reader

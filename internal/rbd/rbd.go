@@ -164,9 +164,10 @@ func (i *Image) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// SubmitReadAt starts a read through librbd's aio; done runs on the
-// completion reader (block.Submitter). False (use ReadAt) for a range
-// out of bounds, or when every aio slot is taken.
+// SubmitReadAt queues a read for librbd's aio, started at the next Push
+// (or by a ReadAt, WriteAt or Flush meanwhile); done runs on the
+// completion reader (block.Submitter). False (use ReadAt) for a range out
+// of bounds, or when every aio slot is taken.
 func (i *Image) SubmitReadAt(p []byte, off int64, done func(error, *block.Batch)) bool {
 	if i.aio == nil || len(p) == 0 || !block.CheckRange(i.size, off, int64(len(p))) {
 		return false
